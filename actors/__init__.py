@@ -1,0 +1,1 @@
+"""Runtime actors: one package per inference runtime, each a small class on the Dalston SDK."""

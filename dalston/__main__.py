@@ -1,0 +1,3 @@
+from dalston.cli import main
+
+raise SystemExit(main())

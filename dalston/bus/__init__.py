@@ -1,0 +1,1 @@
+"""The NATS layer: the embedded server, connections, and the JetStream layout."""

@@ -1,0 +1,76 @@
+"""One connection to NATS with the handles every service uses."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from dalston.bus.layout import ensure_layout
+from dalston.config import Settings
+from dalston.contracts import ARTIFACTS_BUCKET, JOBS_BUCKET, Contract, encode
+from dalston.logs import get_logger
+
+log = get_logger("dalston.bus")
+CONNECT_ATTEMPTS = 60
+
+
+@dataclass
+class Bus:
+    nc: Client
+    js: JetStreamContext
+    jobs: KeyValue
+    artifacts: ObjectStore
+
+    async def publish(self, subject: str, message: Contract, *, msg_id: str | None = None,
+                      msg_ttl: float | None = None) -> None:
+        """Publish to a stream and wait for its ack; `msg_id` makes a retry a no-op."""
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        await self.js.publish(subject, encode(message), headers=headers, msg_ttl=msg_ttl)
+
+    async def read_object(self, name: str) -> bytes:
+        # writeinto avoids nats-py's quadratic concatenation of chunks (nats.py issue 703).
+        buffer = io.BytesIO()
+        await self.artifacts.get(name, writeinto=buffer)
+        return buffer.getvalue()
+
+    async def read_object_to(self, name: str, path: Path) -> None:
+        with path.open("wb") as file:
+            await self.artifacts.get(name, writeinto=file)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -> Bus:
+    """Connect (retrying until NATS answers, reconnecting forever) and make sure the layout exists."""
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", error=repr(exc))
+
+    auth = {"user": settings.nats_user, "password": settings.nats_password} if settings.nats_user else {}
+    # nats-py does not retry a first connect; services often start before NATS is ready.
+    for attempt in range(CONNECT_ATTEMPTS):
+        try:
+            nc = await nats.connect(
+                servers=settings.nats_servers, name=name, max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True,
+                error_cb=on_error, **auth)
+            break
+        except (OSError, nats.errors.NoServersError) as exc:
+            if attempt == CONNECT_ATTEMPTS - 1:
+                raise ConnectionError(f"cannot reach NATS at {', '.join(settings.nats_servers)}: {exc}") from None
+            await asyncio.sleep(0.5)
+    js = nc.jetstream(timeout=10)
+    if apply_layout:
+        await ensure_layout(js, settings)
+    jobs = await js.key_value(JOBS_BUCKET)
+    artifacts = await js.object_store(ARTIFACTS_BUCKET)
+    return Bus(nc=nc, js=js, jobs=jobs, artifacts=artifacts)

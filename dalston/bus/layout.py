@@ -1,0 +1,80 @@
+"""Applies `nats/streams.yaml` to a JetStream account, idempotently.
+
+Every Dalston process calls `ensure_layout` at start-up; whichever comes first creates the
+streams, buckets and consumers, the others find them in place. No manual step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from nats.js import JetStreamContext
+from nats.js import api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from dalston.config import Settings
+from dalston.contracts import TASKS_STREAM, task_consumer, task_subject
+from dalston.resources import data_dir
+
+_ENUMS = {
+    "retention": api.RetentionPolicy,
+    "storage": api.StorageType,
+    "discard": api.DiscardPolicy,
+}
+
+
+def load_layout(path: Path | None = None) -> dict:
+    return yaml.safe_load((path or data_dir("nats") / "streams.yaml").read_text())
+
+
+def _stream_config(name: str, spec: dict, replicas: int) -> api.StreamConfig:
+    fields = {k: (_ENUMS[k](v) if k in _ENUMS else v) for k, v in spec.items()}
+    return api.StreamConfig(name=name, num_replicas=replicas, **fields)
+
+
+async def ensure_layout(js: JetStreamContext, settings: Settings) -> None:
+    layout = load_layout()
+    replicas = settings.nats_replicas
+    for name, spec in layout["streams"].items():
+        config = _stream_config(name, spec, replicas)
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                continue
+            except BadRequestError as exc:
+                if exc.err_code != 10058:  # created by a concurrent starter: fine
+                    raise
+        await js.update_stream(config)
+    for bucket, spec in layout["key_value"].items():
+        await js.create_key_value(api.KeyValueConfig(
+            bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
+            history=spec.get("history", 1), description=spec.get("description")))
+    for bucket, spec in layout["object_stores"].items():
+        await js.create_object_store(bucket, api.ObjectStoreConfig(
+            bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
+            ttl=settings.retention_hours * 3600, description=spec.get("description")))
+    for stream, consumers in layout["consumers"].items():
+        for durable, spec in consumers.items():
+            await js.add_consumer(stream, api.ConsumerConfig(
+                durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT,
+                num_replicas=replicas, **spec))
+
+
+async def ensure_task_consumer(js: JetStreamContext, settings: Settings, runtime: str,
+                               runtime_model_id: str | None) -> str:
+    """The shared pull consumer for one (runtime, model); creating it again is a no-op."""
+    durable = task_consumer(runtime, runtime_model_id)
+    await js.add_consumer(TASKS_STREAM, api.ConsumerConfig(
+        durable_name=durable,
+        filter_subject=task_subject(runtime, runtime_model_id),
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=settings.task_ack_wait,
+        # Deliveries are counted by the engine, which fails the task with a reason; the server
+        # must never drop it silently first.
+        max_deliver=-1,
+        num_replicas=settings.nats_replicas,
+    ))
+    return durable

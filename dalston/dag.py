@@ -1,0 +1,128 @@
+"""A job's DAG: prepare -> transcribe (one task per distinct channel) -> merge.
+
+Pure functions over a `JobRecord`: what happens when an event arrives and which tasks are ready.
+The orchestrator does the I/O; every decision about a job's progress is made here, so it can be
+replayed after a crash with the same result.
+"""
+
+from __future__ import annotations
+
+from dalston.contracts import (
+    TERMINAL, Failure, JobRecord, Task, TaskEvent, TaskRecord, now,
+)
+
+PREPARE = "prepare"
+MERGE = "merge"
+PREPARE_RUNTIME = "audio-prepare"
+MERGE_RUNTIME = "merge"
+
+
+def transcribe_key(channel: int) -> str:
+    return f"transcribe-{channel}"
+
+
+def task_id(job_id: str, key: str, attempt: int) -> str:
+    return f"{job_id}-{key}-{attempt}"
+
+
+def _new_task(job: JobRecord, key: str, stage: str, runtime: str, channel: int | None = None) -> None:
+    job.tasks[key] = TaskRecord(id=task_id(job.id, key, 1), stage=stage, runtime=runtime,
+                                channel=channel, attempt=1)
+
+
+def start(job: JobRecord) -> None:
+    """The first task of a new job."""
+    _new_task(job, PREPARE, "prepare", PREPARE_RUNTIME)
+
+
+def apply_event(job: JobRecord, event: TaskEvent, max_attempts: int) -> bool:
+    """Fold one task event into the job; False when it is stale or a duplicate."""
+    key = next((k for k, t in job.tasks.items() if t.id == event.task_id), None)
+    if key is None or job.status in TERMINAL:
+        return False
+    task = job.tasks[key]
+    if task.status in TERMINAL:
+        return False
+    if event.kind == "started":
+        task.status, task.engine, task.started_at = "running", event.engine, event.at
+    elif event.kind == "completed":
+        task.status, task.outputs, task.finished_at = "completed", event.outputs, event.at
+        task.engine = event.engine
+        if key == PREPARE:
+            job.channels, job.duration = event.channels, event.duration
+        elif event.language and not job.language:
+            job.language = event.language
+    else:
+        failure = event.failure or Failure(code="internal", message="task failed without a reason")
+        if failure.retryable and task.attempt < max_attempts:
+            # A fresh attempt under a new id: reports of the old one become stale.
+            task.attempt += 1
+            task.id = task_id(job.id, key, task.attempt)
+            task.status, task.engine, task.started_at = "pending", None, None
+            task.failure = failure
+        else:
+            task.status, task.failure, task.finished_at = "failed", failure, event.at
+    return True
+
+
+def advance(job: JobRecord) -> list[str]:
+    """Grow the DAG as inputs appear, settle the job's status, and return the keys of tasks
+    that are ready to publish (marked queued)."""
+    if job.status in TERMINAL:
+        return []
+    failed = next((t for t in job.tasks.values() if t.status == "failed"), None)
+    if failed is not None:
+        finish(job, "failed", failed.failure)
+        return []
+    prepare = job.tasks[PREPARE]
+    if prepare.status == "completed" and not any(t.stage == "transcribe" for t in job.tasks.values()):
+        for channel in range(job.channels or 1):
+            _new_task(job, transcribe_key(channel), "transcribe", job.runtime, channel)
+    transcribes = [t for t in job.tasks.values() if t.stage == "transcribe"]
+    if transcribes and all(t.status == "completed" for t in transcribes) and MERGE not in job.tasks:
+        _new_task(job, MERGE, "merge", MERGE_RUNTIME)
+    merge = job.tasks.get(MERGE)
+    if merge is not None and merge.status == "completed":
+        job.transcript_object = merge.outputs[0] if merge.outputs else None
+        finish(job, "completed")
+        return []
+    ready = [k for k, t in job.tasks.items() if t.status == "pending"]
+    stamp = now()
+    for key in ready:
+        job.tasks[key].status = "queued"
+        job.tasks[key].queued_at = stamp
+    if any(t.status in ("running", "completed") for t in job.tasks.values()):
+        job.status = "running"
+    return ready
+
+
+def finish(job: JobRecord, status: str, failure: Failure | None = None) -> None:
+    """End the job; tasks still open are cancelled."""
+    job.status = status
+    job.failure = failure
+    job.finished_at = job.updated_at = now()
+    for task in job.tasks.values():
+        if task.status not in TERMINAL:
+            task.status = "cancelled"
+
+
+def task_message(job: JobRecord, key: str) -> Task:
+    """The message that asks an engine to run task `key` of `job`."""
+    record = job.tasks[key]
+    base = f"jobs/{job.id}"
+    if record.stage == "prepare":
+        inputs, output = [job.audio_object], f"{base}/prepared"
+    elif record.stage == "transcribe":
+        inputs = [job.tasks[PREPARE].outputs[record.channel]]
+        output = f"{base}/transcribe/ch{record.channel}.json"
+    else:
+        channels = sorted((t for t in job.tasks.values() if t.stage == "transcribe"),
+                          key=lambda t: t.channel)
+        inputs, output = [t.outputs[0] for t in channels], f"{base}/transcript.json"
+    transcribing = record.stage == "transcribe"
+    return Task(
+        id=record.id, job_id=job.id, stage=record.stage, runtime=record.runtime,
+        model=job.model if record.stage != "prepare" else None,
+        runtime_model_id=job.runtime_model_id if transcribing else None,
+        inputs=inputs, output=output, channel=record.channel, options=job.options,
+        attempt=record.attempt)

@@ -1,0 +1,57 @@
+"""Live engines, as their heartbeats tell: shared by the orchestrator, gateway and dashboard."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from dalston.contracts import HEARTBEATS_STREAM, ContractError, Heartbeat, decode
+
+# An engine that missed this many beats is gone, whether or not its TTL marker arrived yet.
+MISSED_BEATS = 3
+
+
+class EngineWatch:
+    """The last heartbeat of every engine, kept current by a last-per-subject subscription."""
+
+    def __init__(self, on_change: Callable[[str, Heartbeat | None], None] | None = None) -> None:
+        self._beats: dict[str, Heartbeat] = {}
+        self._on_change = on_change
+        self._subscription = None
+
+    async def start(self, js: JetStreamContext) -> None:
+        self._subscription = await js.subscribe(
+            "heartbeat.>", stream=HEARTBEATS_STREAM, cb=self._receive, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.unsubscribe()
+
+    async def _receive(self, msg: Msg) -> None:
+        # An empty message with Nats-Marker-Reason is the server saying the beat expired.
+        if not msg.data or (msg.headers or {}).get("Nats-Marker-Reason"):
+            beat = None
+        else:
+            try:
+                beat = decode(msg.data, Heartbeat)
+            except ContractError:
+                return
+        if beat is None:
+            self._beats.pop(msg.subject, None)
+        else:
+            self._beats[msg.subject] = beat
+        if self._on_change:
+            self._on_change(msg.subject, beat)
+
+    def live(self, runtime: str | None = None) -> list[Heartbeat]:
+        cutoff = time.time()
+        return sorted(
+            (b for b in self._beats.values()
+             if b.sent_at + MISSED_BEATS * b.interval >= cutoff and b.status != "stopping"
+             and (runtime is None or b.runtime == runtime)),
+            key=lambda b: (b.runtime, b.engine))

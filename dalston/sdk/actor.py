@@ -1,0 +1,106 @@
+"""What a runtime actor is: the code that runs one kind of task.
+
+An `Actor` handles a task; a `ModelActor` is an actor whose runtime serves models, and only
+says how to load, unload and run one. Everything else (the task loop, acks, heartbeats, swaps,
+the store) lives in `Engine`, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+import numpy as np
+
+from dalston.audio import from_bytes
+from dalston.contracts import ChannelTranscript, Task, TranscribeOptions, encode
+
+if TYPE_CHECKING:
+    from dalston.bus.connection import Bus
+    from dalston.config import Settings
+
+
+class TaskFailed(Exception):
+    """A task that cannot succeed as asked; `code` and message reach the user."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclass
+class TaskResult:
+    outputs: list[str] = field(default_factory=list)
+    channels: int | None = None
+    duration: float | None = None
+    language: str | None = None
+
+
+@dataclass
+class TaskContext:
+    """What a handler may touch: the task's artifacts in the object store."""
+
+    bus: "Bus"
+    settings: "Settings"
+
+    async def read(self, name: str) -> bytes:
+        return await self.bus.read_object(name)
+
+    async def read_to(self, name: str, path: Path) -> None:
+        await self.bus.read_object_to(name, path)
+
+    async def read_struct(self, name: str, kind: type) -> Any:
+        return msgspec.json.decode(await self.read(name), type=kind)
+
+    async def write(self, name: str, data: bytes) -> str:
+        await self.bus.artifacts.put(name, data)
+        return name
+
+
+class Actor:
+    """Runs tasks of one runtime. Subclasses implement `handle`."""
+
+    runtime: ClassVar[str]
+
+    def __init__(self, settings: "Settings") -> None:
+        self.settings = settings
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    async def handle(self, task: Task, ctx: TaskContext) -> TaskResult:
+        raise NotImplementedError
+
+
+class ModelActor(Actor):
+    """A transcription runtime: load, unload and transcribe; the engine does the rest."""
+
+    def load(self, runtime_model_id: str, path: Path) -> Any:
+        """Load the model stored at `path`; return a handle (blocking, runs in a thread)."""
+        raise NotImplementedError
+
+    def unload(self, handle: Any) -> None:
+        """Drop what `load` built; the engine collects memory afterwards."""
+
+    def transcribe(self, handle: Any, audio: np.ndarray, options: TranscribeOptions) -> ChannelTranscript:
+        """Transcribe 16 kHz mono float32 audio (blocking, runs in a thread)."""
+        raise NotImplementedError
+
+    async def handle(self, task: Task, ctx: TaskContext) -> TaskResult:
+        raise AssertionError("the engine runs model tasks through run_model_task")
+
+    async def run_model_task(self, task: Task, ctx: TaskContext, handle: Any) -> TaskResult:
+        if not task.inputs:
+            raise TaskFailed("bad_task", "a transcribe task needs its prepared audio as input")
+        audio = from_bytes(await ctx.read(task.inputs[0]))
+        result = await asyncio.to_thread(self.transcribe, handle, audio, task.options)
+        result.channel = task.channel or 0
+        result.model = task.model or ""
+        name = await ctx.write(task.output, encode(result))
+        return TaskResult(outputs=[name], duration=result.duration, language=result.language)

@@ -1,0 +1,320 @@
+"""The engine: runs one actor against NATS.
+
+It takes tasks from its runtime's shared pull consumers (one per model; the consumer of a model
+it already holds first), keeps the task's ack deadline fresh while the actor works, reports the
+outcome on `events.task.<job>`, and publishes its state on `heartbeat.<runtime>.<engine>`.
+Malformed messages are dead-lettered and terminated; a task that keeps killing engines is
+failed after `DALSTON_TASK_MAX_DELIVER` deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from dalston import __version__
+from dalston.bus.connection import Bus, connect
+from dalston.bus.layout import ensure_task_consumer
+from dalston.catalog import Catalog, UnknownModel
+from dalston.config import Settings
+from dalston.contracts import (
+    DEADLETTER_SUBJECT, HEARTBEAT_SUBJECT, NO_MODEL, PULL_PROGRESS_SUBJECT, TASK_EVENT_SUBJECT, TASKS_STREAM,
+    ContractError, DeadLetter, EngineStatus, Failure, Heartbeat, PullProgress, Task, TaskEvent,
+    decode, encode, now, subject_token, task_consumer, task_consumer_prefix,
+)
+from dalston.logs import get_logger
+from dalston.pull import PullError, pull
+from dalston.sdk import memory
+from dalston.sdk.actor import Actor, ModelActor, TaskContext, TaskFailed, TaskResult
+from dalston.sdk.models import ModelManager
+from dalston.store import ModelStore
+
+log = get_logger("dalston.engine")
+
+# How long an idle engine waits for a doorbell before it looks at the backlog anyway.
+IDLE_POLL_SECONDS = 2.0
+FETCH_TIMEOUT_SECONDS = 0.5
+
+
+class Engine:
+    def __init__(self, actor: Actor, settings: Settings, catalog: Catalog | None = None) -> None:
+        self.actor = actor
+        self.settings = settings
+        self.catalog = catalog or Catalog.load()
+        self.runtime = actor.runtime
+        self.runtime_spec = self.catalog.runtime(self.runtime)
+        self.name = subject_token(settings.engine_name)
+        self.store = ModelStore(settings.models_path)
+        self.status: EngineStatus = "starting"
+        self.current_task: str | None = None
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self.error: str | None = None
+        self.started_at = now()
+        self.models: ModelManager | None = None
+        if isinstance(actor, ModelActor):
+            self.models = ModelManager(
+                load=actor.load, unload=actor.unload, locate=self._locate,
+                on_change=self._status_changed, max_loaded=settings.max_loaded_models,
+                keep_alive=settings.keep_alive)
+        self._bus: Bus | None = None
+        self._stopping = asyncio.Event()
+        self._doorbell = asyncio.Event()
+        self._subscriptions: dict[str, object] = {}
+        self._known_consumers: set[str] = set()
+        self._current_msg: Msg | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._bus = await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
+        prefix = f"tasks.{subject_token(self.runtime)}"
+        await self._bus.nc.subscribe(f"{prefix}.*", cb=self._ring)
+        background = [asyncio.create_task(self._beat_forever())]
+        if self.models and self.models.keep_alive >= 0:
+            background.append(asyncio.create_task(self._expire_forever()))
+        log.info("engine started", runtime=self.runtime, engine=self.name)
+        try:
+            await self._preload()
+            self._set_status("idle")
+            await self._work()
+        finally:
+            for job in background:
+                job.cancel()
+            self.status = "stopping"
+            await self._beat(ttl=1)
+            if self._current_msg is not None:
+                # Hand the task straight to another engine rather than waiting out ack_wait.
+                await self._current_msg.nak()
+            await self._bus.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._doorbell.set()
+
+    async def _preload(self) -> None:
+        if self.models and self.settings.preload_model:
+            spec = self.catalog.model(self.settings.preload_model)
+            await self.models.acquire(spec.id, spec.runtime_model_id, pin=True)
+
+    # --- taking tasks ----------------------------------------------------------------------
+
+    async def _ring(self, msg: Msg) -> None:
+        # A task was published for this runtime: make sure its model's consumer exists (a
+        # third-party publisher may have invented the subject), then wake the task loop.
+        model_token = msg.subject.rsplit(".", 1)[-1]
+        await self._ensure_consumer(model_token)
+        self._doorbell.set()
+
+    async def _ensure_consumer(self, model_token: str) -> str:
+        durable = task_consumer(self.runtime, model_token)
+        if durable not in self._known_consumers:
+            await ensure_task_consumer(self._bus.js, self.settings, self.runtime, model_token)
+            self._known_consumers.add(durable)
+        return durable
+
+    async def _pending(self) -> dict[str, int]:
+        """Consumers of this runtime with undelivered tasks, and how many."""
+        prefix = task_consumer_prefix(self.runtime)
+        infos = await self._bus.js.consumers_info(TASKS_STREAM)
+        return {i.name: i.num_pending for i in infos if i.name.startswith(prefix) and i.num_pending}
+
+    def _preference(self, pending: dict[str, int]) -> list[str]:
+        """Models already held first (most recently used first), then the longest backlog."""
+        held = []
+        if self.models:
+            held = [task_consumer(self.runtime, r.runtime_model_id)
+                    for r in reversed(self.models.resident.values())]
+        first = [name for name in held if name in pending]
+        rest = sorted((n for n in pending if n not in first), key=lambda n: -pending[n])
+        return first + rest
+
+    async def _next_message(self) -> Msg | None:
+        while not self._stopping.is_set():
+            self._doorbell.clear()
+            for durable in self._preference(await self._pending()):
+                subscription = self._subscriptions.get(durable)
+                if subscription is None:
+                    subscription = await self._bus.js.pull_subscribe_bind(durable, stream=TASKS_STREAM)
+                    self._subscriptions[durable] = subscription
+                try:
+                    return (await subscription.fetch(1, timeout=FETCH_TIMEOUT_SECONDS))[0]
+                except nats.errors.TimeoutError:
+                    continue  # another engine took it first
+            try:
+                await asyncio.wait_for(self._doorbell.wait(), IDLE_POLL_SECONDS)
+            except TimeoutError:
+                pass
+        return None
+
+    async def _work(self) -> None:
+        if self.models is None:
+            # Model-less runtimes have exactly one consumer; model runtimes get one per model.
+            await self._ensure_consumer(NO_MODEL)
+        while (msg := await self._next_message()) is not None:
+            self._current_msg = msg
+            try:
+                await self._process(msg)
+            finally:
+                self._current_msg = None
+
+    # --- running one task --------------------------------------------------------------------
+
+    async def _process(self, msg: Msg) -> None:
+        try:
+            task = decode(msg.data, Task)
+        except ContractError as exc:
+            await self._dead_letter(msg, str(exc))
+            return
+        deliveries = msg.metadata.num_delivered
+        if task.runtime != self.runtime:
+            await self._finish(msg, task, failure=Failure(
+                code="wrong_runtime",
+                message=f"task for runtime {task.runtime!r} was published to a {self.runtime} subject"))
+            return
+        if deliveries > self.settings.task_max_deliver:
+            await self._finish(msg, task, failure=Failure(
+                code="engine_crashed",
+                message=f"engines stopped {deliveries - 1} times while running this task; giving up"))
+            return
+        self.current_task = task.id
+        self._set_status("busy")
+        await self._event(task, "started")
+        keep_fresh = asyncio.create_task(self._keep_in_progress(msg))
+        failure = result = None
+        started = time.monotonic()
+        try:
+            result = await self._run(task)
+        except TaskFailed as exc:
+            failure = Failure(code=exc.code, message=exc.message, retryable=exc.retryable)
+        except Exception as exc:  # noqa: BLE001 - any other error is reported, the engine lives on
+            log.exception("task crashed", task=task.id)
+            failure = Failure(code="internal", message=f"{type(exc).__name__}: {exc}", retryable=True)
+        finally:
+            keep_fresh.cancel()
+            self.current_task = None
+        log.info("task done", task=task.id, ok=failure is None,
+                 seconds=round(time.monotonic() - started, 3))
+        await self._finish(msg, task, result=result, failure=failure)
+        self._set_status("idle")
+
+    async def _run(self, task: Task) -> TaskResult:
+        ctx = TaskContext(bus=self._bus, settings=self.settings)
+        if self.models is None:
+            return await self.actor.handle(task, ctx)
+        runtime_model_id = task.runtime_model_id or self.settings.default_model_id
+        try:
+            spec = self.catalog.by_runtime_model_id(self.runtime, runtime_model_id)
+        except UnknownModel as exc:
+            raise TaskFailed("unknown_model", str(exc)) from None
+        handle = await self.models.acquire(spec.id, spec.runtime_model_id)
+        return await self.actor.run_model_task(task, ctx, handle)
+
+    async def _keep_in_progress(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(max(0.2, self.settings.task_ack_wait / 3))
+            await msg.in_progress()
+
+    async def _finish(self, msg: Msg, task: Task, *, result: TaskResult | None = None,
+                      failure: Failure | None = None) -> None:
+        """Report, then ack: a crash in between re-runs the task, and the orchestrator ignores
+        the duplicate report."""
+        if failure is None:
+            self.tasks_done += 1
+            await self._event(task, "completed", result=result)
+        else:
+            self.tasks_failed += 1
+            log.warning("task failed", task=task.id, code=failure.code, reason=failure.message)
+            await self._event(task, "failed", failure=failure)
+        await msg.ack_sync()
+
+    async def _event(self, task: Task, kind: str, *, result: TaskResult | None = None,
+                     failure: Failure | None = None) -> None:
+        event = TaskEvent(task_id=task.id, job_id=task.job_id, kind=kind, engine=self.name,
+                          failure=failure, attempt=task.attempt, at=now())
+        if result is not None:
+            event.outputs = result.outputs
+            event.channels = result.channels
+            event.duration = result.duration
+            event.language = result.language
+        await self._bus.publish(TASK_EVENT_SUBJECT.format(job_id=task.job_id), event,
+                                msg_id=f"{task.id}:{kind}")
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        log.warning("malformed task dead-lettered", subject=msg.subject, reason=reason)
+        await self._bus.publish(DEADLETTER_SUBJECT.format(source="tasks"), DeadLetter(
+            subject=msg.subject, reason=reason, payload=msg.data, at=now()))
+        await msg.term()
+
+    # --- models on disk ------------------------------------------------------------------------
+
+    async def _locate(self, model: str, runtime_model_id: str) -> Path:
+        """The model's directory in the store, pulled first if it is not there."""
+        spec = self.catalog.model(model)
+        path = self.store.path(self.runtime_spec.store_dir, runtime_model_id)
+        if self.store.is_installed(self.runtime_spec, runtime_model_id):
+            return path
+        self._set_status("downloading")
+        loop = asyncio.get_running_loop()
+
+        def report(progress: PullProgress) -> None:
+            loop.call_soon_threadsafe(asyncio.ensure_future, self._bus.nc.publish(
+                PULL_PROGRESS_SUBJECT.format(model=subject_token(model)), encode(progress)))
+
+        try:
+            return await asyncio.to_thread(pull, spec, self.runtime_spec, self.store, report)
+        except PullError as exc:
+            self.error = str(exc)
+            raise TaskFailed("model_unavailable", str(exc), retryable=False) from None
+
+    # --- heartbeats ---------------------------------------------------------------------------
+
+    def _set_status(self, status: EngineStatus) -> None:
+        if status != self.status:
+            self.status = status
+            if self._bus is not None:
+                asyncio.ensure_future(self._beat())
+
+    def _status_changed(self, change: str) -> None:
+        # Loading is a status of its own; an unload changes what the heartbeat lists.
+        if change == "loading":
+            self._set_status("loading")
+        elif self._bus is not None:
+            asyncio.ensure_future(self._beat())
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            runtime=self.runtime, engine=self.name, host=socket.gethostname(),
+            status=self.status, version=__version__, device=self.actor.device,
+            loaded_models=self.models.loaded() if self.models else [],
+            models_on_disk=self.store.installed(self.runtime_spec.store_dir, self.runtime_spec.required_files)
+            if self.models else [],
+            current_task=self.current_task, tasks_done=self.tasks_done,
+            tasks_failed=self.tasks_failed,
+            model_loads=self.models.loads if self.models else 0,
+            swaps=self.models.swaps if self.models else 0,
+            rss_bytes=memory.rss_bytes(), vram_bytes=memory.vram_bytes(), error=self.error,
+            interval=self.settings.heartbeat_interval, started_at=self.started_at, sent_at=now())
+
+    async def _beat(self, ttl: float | None = None) -> None:
+        ttl = ttl or max(1, round(3 * self.settings.heartbeat_interval))
+        try:
+            await self._bus.publish(HEARTBEAT_SUBJECT.format(runtime=self.runtime, engine=self.name),
+                                    self.heartbeat(), msg_ttl=ttl)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("heartbeat not sent", error=repr(exc))
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await self._beat()
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.models.keep_alive / 4))
+            await self.models.expire()

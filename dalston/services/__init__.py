@@ -1,0 +1,1 @@
+"""Dalston's services: gateway, orchestrator, and the `dalston up` supervisor."""

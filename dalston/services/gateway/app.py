@@ -1,0 +1,241 @@
+"""The Litestar app: `/v1/audio/transcriptions` (OpenAI-compatible), `/v1/jobs`, models,
+engines, health. Every route is a thin translation between HTTP and NATS."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from litestar import Litestar, Request, Response, delete, get, post
+from litestar.datastructures import UploadFile
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_202_ACCEPTED
+
+from dalston import __version__
+from dalston.bus.connection import Bus, connect
+from dalston.catalog import Catalog, UnknownModel
+from dalston.config import Settings
+from dalston.contracts import JOBS_STREAM, TASKS_STREAM, JobRecord, TranscribeOptions
+from dalston.engines import EngineWatch
+from dalston.logs import get_logger
+from dalston.services.gateway.jobs import JobNotFound, JobService
+from dalston.transcript import FORMATS, render
+
+log = get_logger("dalston.gateway")
+
+# What a failed job's code means over HTTP: the user's fault (4xx) or ours (5xx).
+FAILURE_STATUS = {
+    "invalid_audio": 400, "no_audio": 400, "unsupported_language": 400, "bad_task": 400,
+    "unknown_model": 404, "cancelled": 409, "no_engine": 503, "model_unavailable": 503,
+}
+TIMESTAMP_GRANULARITIES = ("segment", "word")
+
+
+class ApiError(HTTPException):
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(status_code=status, detail=message)
+        self.code = code
+        self.param = param
+
+
+def _error_response(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    message = getattr(exc, "detail", "") or str(exc) or "internal error"
+    if status == 413:
+        message = (f"the upload is larger than the limit of "
+                   f"{request.app.state.settings.max_upload_mb:g} MB (DALSTON_MAX_UPLOAD_MB)")
+    if status >= 500:
+        log.error("request failed", path=request.url.path, error=repr(exc))
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return Response({"error": {"message": message, "type": kind, "param": getattr(exc, "param", None),
+                               "code": getattr(exc, "code", None)}}, status_code=status)
+
+
+def _jobs(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+async def _read_request(request: Request) -> tuple[UploadFile, str, TranscribeOptions, dict[str, Any]]:
+    form = await request.form()
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(400, "the multipart field `file` (the audio) is missing", param="file")
+    catalog: Catalog = request.app.state.catalog
+    settings: Settings = request.app.state.settings
+    model_name = str(form.get("model") or settings.default_model)
+    try:
+        model = catalog.model(model_name, default=settings.default_model)
+    except UnknownModel as exc:
+        raise ApiError(404, str(exc), code="model_not_found", param="model") from None
+    granularities = form.getall("timestamp_granularities[]") if "timestamp_granularities[]" in form else []
+    granularities += form.getall("timestamp_granularities") if "timestamp_granularities" in form else []
+    unknown = set(granularities) - set(TIMESTAMP_GRANULARITIES)
+    if unknown:
+        raise ApiError(400, f"unknown timestamp_granularities {sorted(unknown)}; use segment or word",
+                       param="timestamp_granularities[]")
+    response_format = str(form.get("response_format") or "json")
+    if response_format not in FORMATS:
+        raise ApiError(400, f"response_format must be one of {', '.join(FORMATS)}", param="response_format")
+    try:
+        temperature = float(form.get("temperature") or 0.0)
+    except ValueError:
+        raise ApiError(400, "temperature must be a number", param="temperature") from None
+    options = TranscribeOptions(
+        language=str(form.get("language") or "") or None, prompt=str(form.get("prompt") or "") or None,
+        temperature=temperature, word_timestamps="word" in granularities)
+    # The upload is already spooled (memory or a temp file): measuring it is cheap.
+    size = upload.file.seek(0, 2)
+    upload.file.seek(0)
+    if size == 0:
+        raise ApiError(400, "the uploaded file is empty", code="invalid_audio", param="file")
+    return upload, model.id, options, {"response_format": response_format, "words": "word" in granularities}
+
+
+def _raise_for_failure(record: JobRecord) -> None:
+    if record.status == "completed":
+        return
+    failure = record.failure
+    code = failure.code if failure else "internal"
+    message = failure.message if failure else f"job ended {record.status}"
+    raise ApiError(FAILURE_STATUS.get(code, 500), message, code=code)
+
+
+@post("/v1/audio/transcriptions", status_code=200, summary="Transcribe audio (OpenAI-compatible)")
+async def create_transcription(request: Request) -> Response:
+    upload, model, options, shape = await _read_request(request)
+    settings: Settings = request.app.state.settings
+    try:
+        record = await _jobs(request).run(upload.file, upload.filename, model, options,
+                                          timeout=settings.request_timeout)
+    except TimeoutError:
+        raise ApiError(504, f"transcription did not finish within {settings.request_timeout:g} s "
+                            "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
+    _raise_for_failure(record)
+    transcript = await _jobs(request).transcript(record)
+    body, media_type = render(transcript, shape["response_format"], words=shape["words"])
+    return Response(body, media_type=media_type)
+
+
+@post("/v1/jobs", status_code=HTTP_202_ACCEPTED, summary="Submit a transcription job")
+async def submit_job(request: Request) -> dict[str, Any]:
+    upload, model, options, _ = await _read_request(request)
+    job_id = await _jobs(request).submit(upload.file, upload.filename, model, options)
+    return {"id": job_id, "status": "queued", "model": model}
+
+
+async def _record(request: Request, job_id: str) -> JobRecord:
+    try:
+        return await _jobs(request).get(job_id)
+    except JobNotFound as exc:
+        raise NotFoundException(str(exc)) from None
+
+
+@get("/v1/jobs/{job_id:str}", summary="A job's status, stages and error")
+async def get_job(request: Request, job_id: str) -> JobRecord:
+    return await _record(request, job_id)
+
+
+@get("/v1/jobs", summary="Recent jobs, newest first")
+async def list_jobs(request: Request, limit: int = 50) -> dict[str, Any]:
+    return {"object": "list", "data": await _jobs(request).list(limit)}
+
+
+@delete("/v1/jobs/{job_id:str}", status_code=HTTP_202_ACCEPTED, summary="Cancel a job")
+async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    try:
+        await _jobs(request).cancel(job_id)
+    except JobNotFound as exc:
+        raise NotFoundException(str(exc)) from None
+    return {"id": job_id, "status": "cancelling"}
+
+
+@get("/v1/jobs/{job_id:str}/transcript", summary="A finished job's transcript")
+async def get_transcript(request: Request, job_id: str, format: str = "json") -> Response:
+    if format not in FORMATS:
+        raise ApiError(400, f"format must be one of {', '.join(FORMATS)}", param="format")
+    record = await _record(request, job_id)
+    if record.status not in ("completed", "failed", "cancelled"):
+        raise ApiError(409, f"job {job_id} is {record.status}; the transcript is not ready", code="not_ready")
+    _raise_for_failure(record)
+    body, media_type = render(await _jobs(request).transcript(record), format, words=True)
+    return Response(body, media_type=media_type)
+
+
+@get("/v1/engines", summary="Live engines, from their heartbeats")
+async def list_engines(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": request.app.state.engines.live()}
+
+
+@get("/v1/models", summary="The model catalog (OpenAI list shape)")
+async def list_models(request: Request) -> dict[str, Any]:
+    catalog: Catalog = request.app.state.catalog
+    return {"object": "list", "data": [_model_entry(m) for m in catalog.models.values()]}
+
+
+@get("/v1/models/{model_id:str}", summary="One model of the catalog")
+async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    try:
+        return _model_entry(request.app.state.catalog.model(model_id))
+    except UnknownModel as exc:
+        raise ApiError(404, str(exc), code="model_not_found") from None
+
+
+def _model_entry(model) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": 0, "owned_by": model.runtime,
+            "runtime": model.runtime, "runtime_model_id": model.runtime_model_id}
+
+
+@get("/healthz", summary="The gateway process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok", "version": __version__}
+
+
+@get("/readyz", summary="NATS is connected and the streams exist")
+async def readyz(request: Request) -> Response:
+    bus: Bus = request.app.state.bus
+    problems = []
+    if not bus.nc.is_connected:
+        problems.append("not connected to NATS")
+    else:
+        for stream in (JOBS_STREAM, TASKS_STREAM):
+            try:
+                await bus.js.stream_info(stream)
+            except Exception as exc:  # noqa: BLE001 - any failure means not ready
+                problems.append(f"stream {stream}: {exc!r}")
+    status = 503 if problems else 200
+    return Response({"status": "unavailable" if problems else "ready", "problems": problems},
+                    status_code=status)
+
+
+def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
+    catalog = catalog or Catalog.load()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        bus = await connect(settings, name="dalston-gateway")
+        engines = EngineWatch()
+        await engines.start(bus.js)
+        app.state.bus = bus
+        app.state.engines = engines
+        app.state.jobs = JobService(bus)
+        try:
+            yield
+        finally:
+            await engines.stop()
+            await bus.close()
+
+    app = Litestar(
+        route_handlers=[create_transcription, submit_job, get_job, list_jobs, cancel_job,
+                        get_transcript, list_engines, list_models, get_model, healthz, readyz],
+        lifespan=[lifespan],
+        exception_handlers={HTTPException: _error_response, Exception: _error_response},
+        request_max_body_size=int(settings.max_upload_mb * 1024 * 1024),
+        logging_config=None,  # ours (dalston.logs), configured by the runner
+        openapi_config=OpenAPIConfig(title="Dalston", version=__version__, path="/openapi"),
+    )
+    app.state.settings = settings
+    app.state.catalog = catalog
+    return app

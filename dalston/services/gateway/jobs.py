@@ -1,0 +1,78 @@
+"""Jobs as the gateway sees them: submit an upload, wait for it, read its record and result."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import IO
+
+from nats.js.errors import KeyNotFoundError, NoKeysError
+
+from dalston.bus.connection import Bus
+from dalston.contracts import (
+    CANCEL_SUBJECT, JOB_EVENT_SUBJECT, SUBMIT_SUBJECT, TERMINAL, CancelRequest, JobEvent,
+    JobRecord, JobRequest, Transcript, TranscribeOptions, decode, now,
+)
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r}")
+
+
+class JobService:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def submit(self, audio: IO[bytes], filename: str, model: str,
+                     options: TranscribeOptions, job_id: str | None = None) -> str:
+        """Store the audio (streamed in chunks) and publish the job; returns its id."""
+        job_id = job_id or uuid.uuid4().hex
+        audio_object = f"jobs/{job_id}/audio"
+        await self.bus.artifacts.put(audio_object, audio)
+        await self.bus.publish(SUBMIT_SUBJECT, JobRequest(
+            id=job_id, model=model, audio_object=audio_object, filename=filename,
+            options=options, submitted_at=now()), msg_id=job_id)
+        return job_id
+
+    async def run(self, audio: IO[bytes], filename: str, model: str,
+                  options: TranscribeOptions, timeout: float) -> JobRecord:
+        """Submit and wait until the job ends (TimeoutError past `timeout`)."""
+        job_id = uuid.uuid4().hex
+        ended = asyncio.Event()
+
+        async def on_event(msg) -> None:
+            if decode(msg.data, JobEvent).status in TERMINAL:
+                ended.set()
+
+        # Subscribe before submitting, so the end of a fast job cannot be missed.
+        subscription = await self.bus.nc.subscribe(JOB_EVENT_SUBJECT.format(job_id=job_id), cb=on_event)
+        try:
+            await self.submit(audio, filename, model, options, job_id=job_id)
+            await asyncio.wait_for(ended.wait(), timeout)
+        finally:
+            await subscription.unsubscribe()
+        return await self.get(job_id)
+
+    async def get(self, job_id: str) -> JobRecord:
+        try:
+            entry = await self.bus.jobs.get(job_id)
+        except (KeyNotFoundError, ValueError):
+            raise JobNotFound(job_id) from None
+        return decode(entry.value, JobRecord)
+
+    async def list(self, limit: int = 50) -> list[JobRecord]:
+        try:
+            keys = await self.bus.jobs.keys()
+        except NoKeysError:
+            return []
+        records = await asyncio.gather(*(self.get(k) for k in keys), return_exceptions=True)
+        jobs = [r for r in records if isinstance(r, JobRecord)]
+        return sorted(jobs, key=lambda r: r.created_at, reverse=True)[:limit]
+
+    async def transcript(self, record: JobRecord) -> Transcript:
+        return decode(await self.bus.read_object(record.transcript_object), Transcript)
+
+    async def cancel(self, job_id: str) -> None:
+        await self.get(job_id)
+        await self.bus.publish(CANCEL_SUBJECT, CancelRequest(id=job_id))

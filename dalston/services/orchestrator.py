@@ -1,0 +1,246 @@
+"""The orchestrator: owns job state and drives each job's DAG.
+
+It consumes `jobs.submit` and `events.task.>` through durable consumers, keeps every job in the
+`jobs` KV bucket (compare-and-set, so several orchestrators can run), and publishes tasks with
+message ids, so a replay after a crash publishes nothing twice. Restartable at any moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+
+from dalston import dag
+from dalston.bus.connection import Bus, connect
+from dalston.bus.layout import ensure_task_consumer
+from dalston.catalog import Catalog, UnknownModel
+from dalston.config import Settings
+from dalston.contracts import (
+    CANCEL_SUBJECT, DEADLETTER_SUBJECT, EVENTS_STREAM, JOB_EVENT_SUBJECT, JOBS_STREAM, TERMINAL,
+    CancelRequest, ContractError, DeadLetter, Failure, JobEvent, JobRecord, JobRequest,
+    TaskEvent, decode, encode, now, task_subject,
+)
+from dalston.engines import EngineWatch
+from dalston.logs import get_logger
+
+log = get_logger("dalston.orchestrator")
+
+SWEEP_SECONDS = 2.0
+
+
+class Orchestrator:
+    def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+        self.settings = settings
+        self.catalog = catalog or Catalog.load()
+        self.engines = EngineWatch()
+        self._bus: Bus | None = None
+        self._consumers: set[str] = set()
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        self._bus = await connect(self.settings, name="dalston-orchestrator")
+        await self.engines.start(self._bus.js)
+        loops = [
+            self._consume(JOBS_STREAM, "orchestrator-jobs", self._on_job_message),
+            self._consume(EVENTS_STREAM, "orchestrator-events", self._on_task_event),
+            self._sweep_forever(),
+        ]
+        log.info("orchestrator started")
+        tasks = [asyncio.create_task(loop) for loop in loops]
+        try:
+            await self._stopping.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.engines.stop()
+            await self._bus.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _consume(self, stream: str, durable: str, handler) -> None:
+        subscription = await self._bus.js.pull_subscribe_bind(durable, stream=stream)
+        while True:
+            try:
+                messages = await subscription.fetch(32, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in messages:
+                try:
+                    await handler(msg)
+                    await msg.ack()
+                except ContractError as exc:
+                    await self._dead_letter(msg, str(exc))
+                except Exception:  # noqa: BLE001 - NATS redelivers; the loop must live on
+                    log.exception("message not handled; it will be redelivered", subject=msg.subject)
+                    await msg.nak(delay=1)
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        log.warning("malformed message dead-lettered", subject=msg.subject, reason=reason)
+        await self._bus.publish(DEADLETTER_SUBJECT.format(source=msg.subject.split(".")[0]),
+                                DeadLetter(subject=msg.subject, reason=reason, payload=msg.data, at=now()))
+        await msg.term()
+
+    # --- job state in KV ------------------------------------------------------------------------
+
+    async def _load(self, job_id: str) -> tuple[JobRecord, int] | None:
+        try:
+            entry = await self._bus.jobs.get(job_id)
+        except KeyNotFoundError:
+            return None
+        return decode(entry.value, JobRecord), entry.revision
+
+    async def _update(self, job_id: str, change) -> JobRecord | None:
+        """Apply `change(record) -> bool` with compare-and-set, retrying on a concurrent write."""
+        while True:
+            loaded = await self._load(job_id)
+            if loaded is None:
+                return None
+            record, revision = loaded
+            before = record.status
+            if not change(record):
+                return record
+            ready = dag.advance(record)
+            record.updated_at = now()
+            await self._publish_tasks(record, ready)
+            try:
+                await self._bus.jobs.update(job_id, encode(record), last=revision)
+            except KeyWrongLastSequenceError:
+                continue
+            if record.status != before:
+                await self._job_event(record)
+            return record
+
+    async def _publish_tasks(self, record: JobRecord, keys: list[str]) -> None:
+        for key in keys:
+            task = dag.task_message(record, key)
+            durable = await self._ensure_consumer(task.runtime, task.runtime_model_id)
+            log.debug("task published", task=task.id, consumer=durable)
+            await self._bus.publish(task_subject(task.runtime, task.runtime_model_id), task,
+                                    msg_id=task.id)
+
+    async def _ensure_consumer(self, runtime: str, runtime_model_id: str | None) -> str:
+        key = f"{runtime}/{runtime_model_id}"
+        if key not in self._consumers:
+            await ensure_task_consumer(self._bus.js, self.settings, runtime, runtime_model_id)
+            self._consumers.add(key)
+        return key
+
+    async def _job_event(self, record: JobRecord) -> None:
+        await self._bus.publish(
+            JOB_EVENT_SUBJECT.format(job_id=record.id),
+            JobEvent(job_id=record.id, status=record.status, failure=record.failure,
+                     transcript_object=record.transcript_object, at=now()),
+            msg_id=f"{record.id}:{record.status}")
+
+    # --- handlers ----------------------------------------------------------------------------------
+
+    async def _on_job_message(self, msg: Msg) -> None:
+        if msg.subject == CANCEL_SUBJECT:
+            await self._cancel(decode(msg.data, CancelRequest))
+        else:
+            await self._submit(decode(msg.data, JobRequest))
+
+    async def _submit(self, request: JobRequest) -> None:
+        if await self._load(request.id) is None:
+            record = await self._new_record(request)
+            try:
+                await self._bus.jobs.create(request.id, encode(record))
+            except KeyWrongLastSequenceError:
+                pass  # a redelivered submission: the record exists, carry on from it
+            else:
+                if record.status in TERMINAL:
+                    await self._job_event(record)
+                    return
+        # Publishing is idempotent (message ids), so a redelivered submit just re-drives the job.
+        await self._update(request.id, lambda r: True)
+
+    async def _new_record(self, request: JobRequest) -> JobRecord:
+        created = request.submitted_at or now()
+        try:
+            model = self.catalog.model(request.model or self.settings.default_model,
+                                       default=self.settings.default_model)
+        except UnknownModel as exc:
+            return self._rejected(request, created, Failure(code="unknown_model", message=str(exc)))
+        audio_object = request.audio_object or f"jobs/{request.id}/audio"
+        if request.audio is not None:
+            await self._bus.artifacts.put(audio_object, request.audio)
+        elif not request.audio_object:
+            return self._rejected(request, created, Failure(
+                code="no_audio", message="the job carries neither `audio` nor `audio_object`"))
+        else:
+            try:
+                await self._bus.artifacts.get_info(audio_object)
+            except NotFoundError:
+                return self._rejected(request, created, Failure(
+                    code="no_audio", message=f"audio object {audio_object!r} is not in the object store"))
+        record = JobRecord(id=request.id, model=model.id, runtime=model.runtime,
+                           runtime_model_id=model.runtime_model_id, options=request.options,
+                           audio_object=audio_object, filename=request.filename,
+                           created_at=created, updated_at=now())
+        dag.start(record)
+        return record
+
+    def _rejected(self, request: JobRequest, created: float, failure: Failure) -> JobRecord:
+        record = JobRecord(id=request.id, model=request.model, runtime="", runtime_model_id="",
+                           audio_object=request.audio_object or "", filename=request.filename,
+                           created_at=created)
+        dag.finish(record, "failed", failure)
+        return record
+
+    async def _on_task_event(self, msg: Msg) -> None:
+        event = decode(msg.data, TaskEvent)
+        await self._update(event.job_id,
+                           lambda r: dag.apply_event(r, event, self.settings.task_max_attempts))
+
+    async def _cancel(self, request: CancelRequest) -> None:
+        def cancel(record: JobRecord) -> bool:
+            if record.status in TERMINAL:
+                return False
+            dag.finish(record, "cancelled", Failure(code="cancelled", message=request.reason))
+            return True
+
+        await self._update(request.id, cancel)
+
+    # --- timeouts -----------------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                await self._sweep()
+            except Exception:  # noqa: BLE001
+                log.exception("sweep failed")
+
+    async def _sweep(self) -> None:
+        """Fail jobs whose tasks have waited past `engine_wait` for a runtime with no engine."""
+        try:
+            keys = await self._bus.jobs.keys()
+        except nats.js.errors.NoKeysError:
+            return
+        deadline = time.time() - self.settings.engine_wait
+        for job_id in keys:
+            loaded = await self._load(job_id)
+            if loaded is None or loaded[0].status in TERMINAL:
+                continue
+            stuck = next((t for t in loaded[0].tasks.values() if t.status == "queued"
+                          and (t.queued_at or 0) < deadline and not self.engines.live(t.runtime)), None)
+            if stuck is None:
+                continue
+
+            def fail(record: JobRecord, runtime: str = stuck.runtime) -> bool:
+                if record.status in TERMINAL:
+                    return False
+                dag.finish(record, "failed", Failure(
+                    code="no_engine", retryable=True,
+                    message=f"no {runtime} engine is running: the task waited "
+                            f"{self.settings.engine_wait:.0f} s (start one, e.g. "
+                            f"`dalston up --runtimes {runtime}`)"))
+                return True
+
+            await self._update(job_id, fail)

@@ -1,0 +1,51 @@
+"""Runs one service in this process until SIGINT or SIGTERM: gateway, orchestrator, or an
+engine of one runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+
+from dalston.catalog import Catalog
+from dalston.config import Settings
+from dalston.logs import configure, get_logger
+
+log = get_logger("dalston.service")
+
+
+async def _until_signalled(service) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, service.stop)
+    await service.run()
+
+
+def actor_class(catalog: Catalog, runtime: str):
+    """The actor class a runtime's catalog entry names (`module:Class`)."""
+    module, _, name = catalog.runtime(runtime).actor.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def serve(service: str, settings: Settings, runtime: str | None = None) -> None:
+    configure(settings.log_level, settings.log_format)
+    if service == "gateway":
+        import uvicorn
+
+        from dalston.services.gateway.app import create_app
+
+        uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
+                    log_level="warning", access_log=False)
+    elif service == "orchestrator":
+        from dalston.services.orchestrator import Orchestrator
+
+        asyncio.run(_until_signalled(Orchestrator(settings)))
+    elif service == "engine":
+        from dalston.sdk.engine import Engine
+
+        catalog = Catalog.load()
+        runtime = runtime or settings.runtime
+        actor = actor_class(catalog, runtime)(settings)
+        asyncio.run(_until_signalled(Engine(actor, settings, catalog)))
+    else:
+        raise ValueError(f"unknown service {service!r}")

@@ -1,0 +1,152 @@
+"""Merging per-channel transcripts into one, and rendering it in OpenAI's response formats."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import msgspec
+
+from dalston.contracts import ChannelTranscript, Segment, Transcript
+
+# response_format -> media type of the body.
+FORMATS: dict[str, str] = {
+    "json": "application/json",
+    "text": "text/plain; charset=utf-8",
+    "srt": "application/x-subrip; charset=utf-8",
+    "vtt": "text/vtt; charset=utf-8",
+    "verbose_json": "application/json",
+}
+
+# Whisper's language codes -> the names OpenAI's verbose_json reports ("_" stands for a space).
+LANGUAGE_NAMES: dict[str, str] = {
+    code: name.replace("_", " ")
+    for code, name in (pair.split(":") for pair in """
+    en:english zh:chinese de:german es:spanish ru:russian ko:korean fr:french ja:japanese
+    pt:portuguese tr:turkish pl:polish ca:catalan nl:dutch ar:arabic sv:swedish it:italian
+    id:indonesian hi:hindi fi:finnish vi:vietnamese he:hebrew uk:ukrainian el:greek ms:malay
+    cs:czech ro:romanian da:danish hu:hungarian ta:tamil no:norwegian th:thai ur:urdu
+    hr:croatian bg:bulgarian lt:lithuanian la:latin mi:maori ml:malayalam cy:welsh sk:slovak
+    te:telugu fa:persian lv:latvian bn:bengali sr:serbian az:azerbaijani sl:slovenian
+    kn:kannada et:estonian mk:macedonian br:breton eu:basque is:icelandic hy:armenian
+    ne:nepali mn:mongolian bs:bosnian kk:kazakh sq:albanian sw:swahili gl:galician
+    mr:marathi pa:punjabi si:sinhala km:khmer sn:shona yo:yoruba so:somali af:afrikaans
+    oc:occitan ka:georgian be:belarusian tg:tajik sd:sindhi gu:gujarati am:amharic
+    yi:yiddish lo:lao uz:uzbek fo:faroese ht:haitian_creole ps:pashto tk:turkmen nn:nynorsk
+    mt:maltese sa:sanskrit lb:luxembourgish my:myanmar bo:tibetan tl:tagalog mg:malagasy
+    as:assamese tt:tatar haw:hawaiian ln:lingala ha:hausa ba:bashkir jw:javanese
+    su:sundanese yue:cantonese
+    """.split())
+}
+
+_json = msgspec.json.Encoder()
+
+
+def merge(job_id: str, model: str, parts: list[ChannelTranscript]) -> Transcript:
+    """One transcript from the channels' transcripts, segments interleaved by start time."""
+    parts = sorted(parts, key=lambda part: part.channel)
+    multichannel = len(parts) > 1
+    tagged = [
+        msgspec.structs.replace(segment, channel=part.channel if multichannel else None)
+        for part in parts
+        for segment in part.segments
+    ]
+    # sorted() is stable: segments starting together keep channel order.
+    segments = [
+        msgspec.structs.replace(segment, id=i)
+        for i, segment in enumerate(sorted(tagged, key=lambda segment: segment.start))
+    ]
+    languages = Counter(part.language for part in parts if part.language)
+    return Transcript(
+        job_id=job_id,
+        text=" ".join(text for segment in segments if (text := segment.text.strip())),
+        # Most common language; ties go to the lowest channel (Counter keeps first-seen order).
+        language=languages.most_common(1)[0][0] if languages else None,
+        duration=max((part.duration for part in parts), default=0.0),
+        channels=max(len(parts), 1),
+        model=model,
+        segments=segments,
+    )
+
+
+def render(
+    transcript: Transcript, fmt: str, *, words: bool = False, segments: bool = True
+) -> tuple[str | bytes, str]:
+    """`transcript` as OpenAI's `response_format` `fmt`: (body, media type).
+
+    `words` and `segments` are the timestamp granularities; only verbose_json uses them.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown response_format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if fmt == "json":
+        body: str | bytes = _json.encode({"text": transcript.text})
+    elif fmt == "text":
+        # OpenAI ends its plain-text response with a newline.
+        body = transcript.text + "\n"
+    elif fmt == "srt":
+        body = "".join(
+            f"{n}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{text}\n\n"
+            for n, (s, text) in enumerate(_cues(transcript), start=1)
+        )
+    elif fmt == "vtt":
+        body = "WEBVTT\n\n" + "".join(
+            f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{text}\n\n"
+            for s, text in _cues(transcript)
+        )
+    else:
+        body = _json.encode(_verbose(transcript, words=words, segments=segments))
+    return body, FORMATS[fmt]
+
+
+def _verbose(transcript: Transcript, *, words: bool, segments: bool) -> dict[str, Any]:
+    """OpenAI's TranscriptionVerbose shape."""
+    code = transcript.language
+    result: dict[str, Any] = {
+        "task": "transcribe",
+        "language": LANGUAGE_NAMES.get(code, code) if code else "unknown",
+        "duration": transcript.duration,
+        "text": transcript.text,
+    }
+    if segments:
+        result["segments"] = [_verbose_segment(s) for s in transcript.segments]
+    if words:
+        all_words = sorted((w for s in transcript.segments for w in s.words),
+                           key=lambda w: w.start)
+        result["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end}
+                           for w in all_words]
+    return result
+
+
+def _verbose_segment(segment: Segment) -> dict[str, Any]:
+    result = {
+        "id": segment.id,
+        # Whisper's seek is the 10 ms frame offset; the start time is the nearest we have.
+        "seek": round(segment.start * 100),
+        "start": segment.start,
+        "end": segment.end,
+        "text": segment.text,
+        "tokens": segment.tokens,
+        # OpenAI's client requires numbers here; engines that do not report them give 0.
+        "temperature": segment.temperature or 0.0,
+        "avg_logprob": segment.avg_logprob or 0.0,
+        "compression_ratio": segment.compression_ratio or 0.0,
+        "no_speech_prob": segment.no_speech_prob or 0.0,
+    }
+    # Dalston's addition for multi-channel audio; OpenAI clients ignore unknown fields.
+    if segment.channel is not None:
+        result["channel"] = segment.channel
+    return result
+
+
+def _cues(transcript: Transcript) -> list[tuple[Segment, str]]:
+    """Segments with their stripped text, skipping empty ones (an empty cue is invalid)."""
+    return [(s, text) for s in transcript.segments if (text := s.text.strip())]
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+    """HH:MM:SS<separator>mmm, rounded to the millisecond."""
+    ms = max(round(seconds * 1000), 0)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"

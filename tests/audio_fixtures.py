@@ -1,0 +1,107 @@
+"""Test audio: the shared speech files, and variants of them made with ffmpeg and espeak-ng.
+
+Every maker writes into the `tmp_dir` it is given and returns the new file's path; it skips
+the calling test (pytest.skip) when the tool it needs is not installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+# The shared test audio lies beside the checkout (../shared/audio), in CI too.
+AUDIO_DIR = Path(os.environ.get("DALSTON_TEST_AUDIO",
+                                Path(__file__).resolve().parents[2] / "shared" / "audio"))
+DIALOGUE = AUDIO_DIR / "dialogue.wav"
+DIALOGUE_STEREO = AUDIO_DIR / "dialogue_stereo.wav"
+INVALID_FILES = sorted((AUDIO_DIR / "invalid").glob("*"))
+DIALOGUE_TEXT = (
+    "That was hilarious, I can't believe you said that. "
+    "What do you mean? I was really serious about it."
+)
+
+# Name -> (suffix, convert() keywords) of the dialogue's variants in other formats.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "mp3": (".mp3", {"codec": "libmp3lame"}),
+    "flac": (".flac", {"codec": "flac"}),
+    "opus": (".ogg", {"codec": "libopus"}),
+    "wav8k": (".wav", {"rate": 8000}),
+}
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+
+
+def convert(
+    src: Path,
+    suffix: str,
+    tmp_dir: Path,
+    *,
+    rate: int | None = None,
+    channels: int | None = None,
+    codec: str | None = None,
+    args: Sequence[str] = (),
+) -> Path:
+    """`src` re-encoded by ffmpeg into `tmp_dir` (format from `suffix`, e.g. ".mp3").
+
+    `args` are extra ffmpeg output options, e.g. ("-af", "pan=stereo|c0=c0|c1=c0").
+    """
+    options = [*(["-ar", str(rate)] if rate else []), *(["-ac", str(channels)] if channels else []),
+               *(["-c:a", codec] if codec else []), *args]
+    # The options are part of the name, so variants of one source do not overwrite each other.
+    digest = hashlib.sha1(" ".join(options).encode()).hexdigest()[:8]
+    dst = Path(tmp_dir) / f"{Path(src).stem}-{digest}{suffix}"
+    if not dst.exists():
+        _run([_tool("ffmpeg"), "-nostdin", "-loglevel", "error", "-y", "-i", str(src),
+              *options, str(dst)])
+    return dst
+
+
+def variant(name: str, tmp_dir: Path) -> Path:
+    """The dialogue as one of `VARIANTS` ("mp3", "flac", "opus", "wav8k")."""
+    suffix, options = VARIANTS[name]
+    return convert(DIALOGUE, suffix, tmp_dir, **options)
+
+
+def duplicated_stereo(tmp_dir: Path, suffix: str = ".wav") -> Path:
+    """The mono dialogue copied onto both channels of a stereo file."""
+    return convert(DIALOGUE, suffix, tmp_dir, channels=2)
+
+
+def silent_video(tmp_dir: Path) -> Path:
+    """A one-second black video with no audio stream."""
+    dst = Path(tmp_dir) / "no_audio.mp4"
+    if not dst.exists():
+        _run([_tool("ffmpeg"), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi",
+              "-i", "color=c=black:s=32x32:d=1", "-c:v", "mpeg4", str(dst)])
+    return dst
+
+
+def speak(text: str, voice: str, tmp_dir: Path) -> Path:
+    """`text` spoken by espeak-ng's `voice` (e.g. "de") into a WAV file in `tmp_dir`."""
+    digest = hashlib.sha1(f"{voice}\0{text}".encode()).hexdigest()[:8]
+    dst = Path(tmp_dir) / f"speech-{voice}-{digest}.wav"
+    if not dst.exists():
+        _run([_tool("espeak-ng"), "-v", voice, "-w", str(dst), text])
+    return dst
+
+
+def german_clip(tmp_dir: Path) -> Path:
+    """A short German sentence, spoken by espeak-ng."""
+    return speak("Guten Morgen, wie geht es Ihnen heute?", "de", tmp_dir)

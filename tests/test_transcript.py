@@ -1,0 +1,124 @@
+"""dalston.transcript: merging channels and every OpenAI response format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai.types.audio import Transcription, TranscriptionVerbose
+
+from dalston.contracts import ChannelTranscript, Segment, Transcript, Word
+from dalston.transcript import FORMATS, merge, render
+
+
+def _segment(start: float, end: float, text: str, **fields) -> Segment:
+    return Segment(start=start, end=end, text=text, **fields)
+
+
+def _two_channels() -> list[ChannelTranscript]:
+    # Given out of channel order, to show merge does not depend on it.
+    return [
+        ChannelTranscript(channel=1, language="en", duration=6.1, segments=[
+            _segment(2.5, 5.0, " What do you mean?",
+                     words=[Word(start=2.5, end=2.8, word=" What"),
+                            Word(start=2.8, end=3.0, word=" do")]),
+        ]),
+        ChannelTranscript(channel=0, language="en", duration=6.0, segments=[
+            _segment(0.0, 2.4, " That was hilarious.", avg_logprob=-0.2, tokens=[1, 2],
+                     words=[Word(start=0.0, end=0.4, word=" That")]),
+            _segment(5.0, 6.0, " Really?"),
+        ]),
+    ]
+
+
+@pytest.fixture
+def stereo() -> Transcript:
+    return merge("job1", "whisper-tiny", _two_channels())
+
+
+def test_merge_interleaves_channels_by_time(stereo):
+    assert [(s.id, s.start, s.channel) for s in stereo.segments] == [
+        (0, 0.0, 0), (1, 2.5, 1), (2, 5.0, 0)]
+    assert stereo.text == "That was hilarious. What do you mean? Really?"
+    assert (stereo.job_id, stereo.model, stereo.channels) == ("job1", "whisper-tiny", 2)
+    assert stereo.language == "en" and stereo.duration == 6.1
+
+
+def test_merge_single_channel_has_no_channel_tags():
+    part = _two_channels()[1]
+    transcript = merge("job2", "m", [part])
+    assert transcript.channels == 1
+    assert all(s.channel is None for s in transcript.segments)
+    assert [s.id for s in transcript.segments] == [0, 1]
+
+
+def test_merge_ties_keep_channel_order_and_most_common_language():
+    parts = [ChannelTranscript(channel=c, language=lang, segments=[_segment(1.0, 2.0, f"c{c}")])
+             for c, lang in [(2, "de"), (0, "fr"), (1, "de")]]
+    transcript = merge("job3", "m", parts)
+    assert [s.channel for s in transcript.segments] == [0, 1, 2]
+    assert transcript.language == "de"
+
+
+def test_json_is_openai_transcription(stereo):
+    body, media_type = render(stereo, "json")
+    assert media_type == "application/json"
+    assert json.loads(body) == {"text": stereo.text}
+    assert Transcription.model_validate_json(body).text == stereo.text
+
+
+def test_text(stereo):
+    assert render(stereo, "text") == (stereo.text + "\n", "text/plain; charset=utf-8")
+
+
+def test_verbose_json_is_openai_transcription_verbose(stereo):
+    body, _ = render(stereo, "verbose_json", words=True)
+    verbose = TranscriptionVerbose.model_validate_json(body)
+    assert (verbose.language, verbose.duration, verbose.text) == ("english", 6.1, stereo.text)
+    assert [s.id for s in verbose.segments] == [0, 1, 2]
+    first = verbose.segments[0]
+    assert (first.start, first.end, first.text, first.tokens, first.avg_logprob) == (
+        0.0, 2.4, " That was hilarious.", [1, 2], -0.2)
+    assert [(w.word, w.start) for w in verbose.words] == [("That", 0.0), ("What", 2.5), ("do", 2.8)]
+    assert json.loads(body)["task"] == "transcribe"
+
+
+def test_verbose_json_granularities(stereo):
+    plain = json.loads(render(stereo, "verbose_json")[0])
+    assert "segments" in plain and "words" not in plain
+    words_only = json.loads(render(stereo, "verbose_json", words=True, segments=False)[0])
+    assert "segments" not in words_only and len(words_only["words"]) == 3
+
+
+def test_srt_and_vtt_timestamps():
+    transcript = Transcript(job_id="j", text="Late. Later.", segments=[
+        _segment(3661.5, 3662.0015, " Late."), _segment(0.25, 1.0, "  "),
+        _segment(36000.0, 36001.999, "Later.")])
+    srt, srt_type = render(transcript, "srt")
+    assert srt == ("1\n01:01:01,500 --> 01:01:02,002\nLate.\n\n"
+                   "2\n10:00:00,000 --> 10:00:01,999\nLater.\n\n")
+    assert srt_type.startswith("application/x-subrip")
+    vtt, vtt_type = render(transcript, "vtt")
+    assert vtt == ("WEBVTT\n\n01:01:01.500 --> 01:01:02.002\nLate.\n\n"
+                   "10:00:00.000 --> 10:00:01.999\nLater.\n\n")
+    assert vtt_type.startswith("text/vtt")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_transcript_renders(fmt):
+    empty = merge("j", "m", [ChannelTranscript(duration=3.0)])
+    body, media_type = render(empty, fmt, words=True)
+    assert media_type == FORMATS[fmt]
+    if fmt == "json":
+        Transcription.model_validate_json(body)
+    elif fmt == "verbose_json":
+        verbose = TranscriptionVerbose.model_validate_json(body)
+        assert verbose.segments == [] and verbose.words == [] and verbose.duration == 3.0
+    else:
+        assert body == {"text": "\n", "srt": "", "vtt": "WEBVTT\n\n"}[fmt]
+
+
+def test_unknown_format_lists_valid_ones(stereo):
+    with pytest.raises(ValueError, match="verbose_json") as caught:
+        render(stereo, "docx")
+    assert "'docx'" in str(caught.value)
