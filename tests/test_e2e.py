@@ -78,9 +78,9 @@ def test_silence_is_not_hallucinated(client):
 
 @pytest.mark.parametrize("name, reason", [
     ("empty.wav", "empty"),
-    ("truncated_header.wav", "not"),
-    ("text_as_wav.wav", "not"),
-    ("random_bytes.mp3", "not"),
+    ("truncated_header.wav", "truncated"),
+    ("text_as_wav.wav", "text, not audio"),
+    ("random_bytes.mp3", "not in an audio format"),
 ])
 def test_invalid_audio_is_a_clear_400(client, name, reason):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -46,14 +46,16 @@ class FasterWhisperActor(ModelActor):
             temperature=options.temperature or [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
             beam_size=options.beam_size, vad_filter=options.vad,
             word_timestamps=options.word_timestamps)
+        # With word timestamps faster-whisper hands out numpy scalars: the wire wants floats.
         return ChannelTranscript(
-            language=info.language, language_probability=info.language_probability,
+            language=info.language, language_probability=float(info.language_probability),
             duration=info.duration,
             segments=[
-                Segment(id=s.id, start=s.start, end=s.end, text=s.text.strip(),
+                Segment(id=s.id, start=float(s.start), end=float(s.end), text=s.text.strip(),
                         avg_logprob=s.avg_logprob, no_speech_prob=s.no_speech_prob,
                         temperature=s.temperature, compression_ratio=s.compression_ratio,
                         tokens=list(s.tokens),
-                        words=[Word(start=w.start, end=w.end, word=w.word, probability=w.probability)
+                        words=[Word(start=float(w.start), end=float(w.end), word=w.word,
+                                    probability=float(w.probability))
                                for w in (s.words or [])])
                 for s in segments])

@@ -39,6 +39,8 @@ log = get_logger("dalston.engine")
 # How long an idle engine waits for a doorbell before it looks at the backlog anyway.
 IDLE_POLL_SECONDS = 2.0
 FETCH_TIMEOUT_SECONDS = 0.5
+# A short look for tasks due for redelivery (their engine died); mostly there are none.
+REDELIVERY_PROBE_SECONDS = 0.05
 
 
 class Engine:
@@ -118,11 +120,13 @@ class Engine:
             self._known_consumers.add(durable)
         return durable
 
-    async def _pending(self) -> dict[str, int]:
-        """Consumers of this runtime with undelivered tasks, and how many."""
+    async def _backlog(self) -> tuple[dict[str, int], list[str]]:
+        """This runtime's consumers with undelivered tasks (and how many), and those whose
+        delivered tasks are unacked: a dead engine's task comes back there after ack_wait."""
         prefix = task_consumer_prefix(self.runtime)
-        infos = await self._bus.js.consumers_info(TASKS_STREAM)
-        return {i.name: i.num_pending for i in infos if i.name.startswith(prefix) and i.num_pending}
+        infos = [i for i in await self._bus.js.consumers_info(TASKS_STREAM) if i.name.startswith(prefix)]
+        return ({i.name: i.num_pending for i in infos if i.num_pending},
+                [i.name for i in infos if i.num_ack_pending])
 
     def _preference(self, pending: dict[str, int]) -> list[str]:
         """Models already held first (most recently used first), then the longest backlog."""
@@ -134,18 +138,29 @@ class Engine:
         rest = sorted((n for n in pending if n not in first), key=lambda n: -pending[n])
         return first + rest
 
+    async def _fetch(self, durable: str, timeout: float) -> Msg | None:
+        subscription = self._subscriptions.get(durable)
+        if subscription is None:
+            subscription = await self._bus.js.pull_subscribe_bind(durable, stream=TASKS_STREAM)
+            self._subscriptions[durable] = subscription
+        try:
+            return (await subscription.fetch(1, timeout=timeout))[0]
+        except nats.errors.TimeoutError:
+            return None  # another engine took it first, or nothing is due for redelivery
+
     async def _next_message(self) -> Msg | None:
         while not self._stopping.is_set():
             self._doorbell.clear()
-            for durable in self._preference(await self._pending()):
-                subscription = self._subscriptions.get(durable)
-                if subscription is None:
-                    subscription = await self._bus.js.pull_subscribe_bind(durable, stream=TASKS_STREAM)
-                    self._subscriptions[durable] = subscription
-                try:
-                    return (await subscription.fetch(1, timeout=FETCH_TIMEOUT_SECONDS))[0]
-                except nats.errors.TimeoutError:
-                    continue  # another engine took it first
+            try:
+                pending, unacked = await self._backlog()
+                for durable in self._preference(pending):
+                    if msg := await self._fetch(durable, FETCH_TIMEOUT_SECONDS):
+                        return msg
+                for durable in unacked:
+                    if msg := await self._fetch(durable, REDELIVERY_PROBE_SECONDS):
+                        return msg
+            except Exception as exc:  # noqa: BLE001 - NATS restarting, a 409: look again shortly
+                log.warning("taking a task failed; retrying", error=repr(exc))
             try:
                 await asyncio.wait_for(self._doorbell.wait(), IDLE_POLL_SECONDS)
             except TimeoutError:

@@ -70,6 +70,10 @@ class Orchestrator:
                 messages = await subscription.fetch(32, timeout=5)
             except nats.errors.TimeoutError:
                 continue
+            except Exception as exc:  # noqa: BLE001 - a lost connection, a 409: try again
+                log.warning("fetch failed; retrying", stream=stream, error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
             for msg in messages:
                 try:
                     await handler(msg)

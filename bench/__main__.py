@@ -1,0 +1,14 @@
+"""Run every benchmark: `python -m bench` (or `make bench`)."""
+
+import tempfile
+from pathlib import Path
+
+from bench import latency
+
+BENCHMARKS = {"latency": latency.run}
+
+if __name__ == "__main__":
+    for name, run in BENCHMARKS.items():
+        with tempfile.TemporaryDirectory(prefix=f"dalston-bench-{name}-") as root:
+            for line in run(Path(root)):
+                print(line, flush=True)
