@@ -302,6 +302,17 @@ class LoadedModel(Contract, kw_only=True):
     pinned: bool = False
 
 
+class Unload(Contract, kw_only=True):
+    """What the engine's last unload handed back (memory read before and after)."""
+
+    model: str
+    at: float
+    rss_before: int
+    rss_after: int
+    vram_before: int | None = None
+    vram_after: int | None = None
+
+
 class Heartbeat(Contract, kw_only=True):
     """Published on `heartbeat.<runtime>.<engine>` every few seconds, with a TTL of three beats."""
 
@@ -318,6 +329,7 @@ class Heartbeat(Contract, kw_only=True):
     tasks_failed: int = 0
     model_loads: int = 0
     swaps: int = 0
+    last_unload: Unload | None = None
     rss_bytes: int = 0
     vram_bytes: int | None = None
     error: str | None = None

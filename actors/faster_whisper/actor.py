@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import ctranslate2
@@ -9,7 +10,7 @@ import numpy as np
 from faster_whisper import WhisperModel
 
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
-from dalston.sdk import ModelActor, TaskFailed
+from dalston.sdk import ModelActor, TaskCancelled, TaskFailed
 
 
 class FasterWhisperActor(ModelActor):
@@ -35,17 +36,22 @@ class FasterWhisperActor(ModelActor):
         # happen now even if a stray reference (a traceback, say) survives.
         handle.model.unload_model()
 
-    def transcribe(self, handle: WhisperModel, audio: np.ndarray,
-                   options: TranscribeOptions) -> ChannelTranscript:
+    def transcribe(self, handle: WhisperModel, audio: np.ndarray, options: TranscribeOptions,
+                   cancelled: threading.Event) -> ChannelTranscript:
         language = options.language
         if language and not handle.model.is_multilingual and language != "en":
             raise TaskFailed("unsupported_language",
                              f"this model only transcribes English, not {language!r}")
-        segments, info = handle.transcribe(
+        pieces, info = handle.transcribe(
             audio, language=language or None, initial_prompt=options.prompt or None,
             temperature=options.temperature or [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
             beam_size=options.beam_size, vad_filter=options.vad,
             word_timestamps=options.word_timestamps)
+        segments = []
+        for segment in pieces:  # decoded lazily, one 30 s window at a time
+            if cancelled.is_set():
+                raise TaskCancelled()
+            segments.append(segment)
         # With word timestamps faster-whisper hands out numpy scalars: the wire wants floats.
         return ChannelTranscript(
             language=info.language, language_probability=float(info.language_probability),

@@ -1,5 +1,7 @@
 """The actor SDK: what a runtime actor builds on."""
 
-from dalston.sdk.actor import Actor, ModelActor, TaskContext, TaskFailed, TaskResult
+from dalston.sdk.actor import (
+    Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult,
+)
 
-__all__ = ["Actor", "ModelActor", "TaskContext", "TaskFailed", "TaskResult"]
+__all__ = ["Actor", "ModelActor", "TaskCancelled", "TaskContext", "TaskFailed", "TaskResult"]

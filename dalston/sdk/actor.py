@@ -8,6 +8,7 @@ the store) lives in `Engine`, once.
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,6 +22,10 @@ from dalston.contracts import ChannelTranscript, Task, TranscribeOptions, encode
 if TYPE_CHECKING:
     from dalston.bus.connection import Bus
     from dalston.config import Settings
+
+
+class TaskCancelled(Exception):
+    """The task's job was cancelled while the task ran."""
 
 
 class TaskFailed(Exception):
@@ -47,6 +52,8 @@ class TaskContext:
 
     bus: "Bus"
     settings: "Settings"
+    # Set when the job is cancelled; long work checks it between steps.
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     async def read(self, name: str) -> bytes:
         return await self.bus.read_object(name)
@@ -88,8 +95,10 @@ class ModelActor(Actor):
     def unload(self, handle: Any) -> None:
         """Drop what `load` built; the engine collects memory afterwards."""
 
-    def transcribe(self, handle: Any, audio: np.ndarray, options: TranscribeOptions) -> ChannelTranscript:
-        """Transcribe 16 kHz mono float32 audio (blocking, runs in a thread)."""
+    def transcribe(self, handle: Any, audio: np.ndarray, options: TranscribeOptions,
+                   cancelled: threading.Event) -> ChannelTranscript:
+        """Transcribe 16 kHz mono float32 audio (blocking, runs in a thread); stop with
+        `TaskCancelled` soon after `cancelled` is set."""
         raise NotImplementedError
 
     async def handle(self, task: Task, ctx: TaskContext) -> TaskResult:
@@ -99,7 +108,7 @@ class ModelActor(Actor):
         if not task.inputs:
             raise TaskFailed("bad_task", "a transcribe task needs its prepared audio as input")
         audio = from_bytes(await ctx.read(task.inputs[0]))
-        result = await asyncio.to_thread(self.transcribe, handle, audio, task.options)
+        result = await asyncio.to_thread(self.transcribe, handle, audio, task.options, ctx.cancelled)
         result.channel = task.channel or 0
         result.model = task.model or ""
         name = await ctx.write(task.output, encode(result))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nats.errors
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
 
 from dalston import __version__
 from dalston.bus.connection import Bus, connect
@@ -23,14 +24,17 @@ from dalston.bus.layout import ensure_task_consumer
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
-    DEADLETTER_SUBJECT, HEARTBEAT_SUBJECT, NO_MODEL, PULL_PROGRESS_SUBJECT, TASK_EVENT_SUBJECT, TASKS_STREAM,
-    ContractError, DeadLetter, EngineStatus, Failure, Heartbeat, PullProgress, Task, TaskEvent,
+    DEADLETTER_SUBJECT, HEARTBEAT_SUBJECT, JOB_EVENT_SUBJECT, NO_MODEL, TERMINAL, PULL_PROGRESS_SUBJECT, TASK_EVENT_SUBJECT, TASKS_STREAM,
+    ContractError, DeadLetter, EngineStatus, Failure, Heartbeat, JobEvent, JobRecord, PullProgress,
+    Task, TaskEvent,
     decode, encode, now, subject_token, task_consumer, task_consumer_prefix,
 )
 from dalston.logs import get_logger
 from dalston.pull import PullError, pull
 from dalston.sdk import memory
-from dalston.sdk.actor import Actor, ModelActor, TaskContext, TaskFailed, TaskResult
+from dalston.sdk.actor import (
+    Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult,
+)
 from dalston.sdk.models import ModelManager
 from dalston.store import ModelStore
 
@@ -197,14 +201,22 @@ class Engine:
                 code="engine_crashed",
                 message=f"engines stopped {deliveries - 1} times while running this task; giving up"))
             return
+        if await self._job_ended(task.job_id):
+            await msg.ack()  # cancelled (or failed) while queued: nothing to do, nobody to tell
+            return
         self.current_task = task.id
         self._set_status("busy")
         await self._event(task, "started")
+        ctx = TaskContext(bus=self._bus, settings=self.settings)
         keep_fresh = asyncio.create_task(self._keep_in_progress(msg))
+        watch_cancel = await self._bus.nc.subscribe(
+            JOB_EVENT_SUBJECT.format(job_id=task.job_id), cb=self._cancel_on_event(ctx))
         failure = result = None
         started = time.monotonic()
         try:
-            result = await self._run(task)
+            result = await self._run(task, ctx)
+        except TaskCancelled:
+            failure = Failure(code="cancelled", message="the job was cancelled")
         except TaskFailed as exc:
             failure = Failure(code=exc.code, message=exc.message, retryable=exc.retryable)
         except Exception as exc:  # noqa: BLE001 - any other error is reported, the engine lives on
@@ -212,14 +224,31 @@ class Engine:
             failure = Failure(code="internal", message=f"{type(exc).__name__}: {exc}", retryable=True)
         finally:
             keep_fresh.cancel()
+            await watch_cancel.unsubscribe()
             self.current_task = None
         log.info("task done", task=task.id, ok=failure is None,
                  seconds=round(time.monotonic() - started, 3))
         await self._finish(msg, task, result=result, failure=failure)
         self._set_status("idle")
 
-    async def _run(self, task: Task) -> TaskResult:
-        ctx = TaskContext(bus=self._bus, settings=self.settings)
+    async def _job_ended(self, job_id: str) -> bool:
+        try:
+            entry = await self._bus.jobs.get(job_id)
+        except KeyNotFoundError:
+            return False  # a task without a job record (a third-party publisher): run it
+        return decode(entry.value, JobRecord).status in TERMINAL
+
+    @staticmethod
+    def _cancel_on_event(ctx: TaskContext):
+        async def on_event(msg: Msg) -> None:
+            try:
+                if decode(msg.data, JobEvent).status == "cancelled":
+                    ctx.cancelled.set()
+            except ContractError:
+                pass
+        return on_event
+
+    async def _run(self, task: Task, ctx: TaskContext) -> TaskResult:
         if self.models is None:
             return await self.actor.handle(task, ctx)
         runtime_model_id = task.runtime_model_id or self.settings.default_model_id
@@ -313,6 +342,7 @@ class Engine:
             tasks_failed=self.tasks_failed,
             model_loads=self.models.loads if self.models else 0,
             swaps=self.models.swaps if self.models else 0,
+            last_unload=self.models.last_unload if self.models else None,
             rss_bytes=memory.rss_bytes(), vram_bytes=memory.vram_bytes(), error=self.error,
             interval=self.settings.heartbeat_interval, started_at=self.started_at, sent_at=now())
 

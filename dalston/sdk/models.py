@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from dalston.contracts import LoadedModel
+from dalston.contracts import LoadedModel, Unload
 from dalston.logs import get_logger
 from dalston.sdk import memory
 
@@ -51,6 +51,7 @@ class ModelManager:
         self.resident: OrderedDict[str, Resident] = OrderedDict()
         self.loads = 0
         self.swaps = 0
+        self.last_unload: Unload | None = None
         self._lock = asyncio.Lock()
 
     def loaded(self) -> list[LoadedModel]:
@@ -87,12 +88,17 @@ class ModelManager:
             self.swaps += 1
 
     async def _evict(self, resident: Resident) -> None:
+        rss_before, vram_before = memory.rss_bytes(), memory.vram_bytes()
         del self.resident[resident.runtime_model_id]
         handle, resident.handle = resident.handle, None
         await asyncio.to_thread(self._unload, handle)
         del handle
         await asyncio.to_thread(memory.release)
-        log.info("model unloaded", model=resident.model)
+        self.last_unload = Unload(model=resident.model, at=time.time(), rss_before=rss_before,
+                                  rss_after=memory.rss_bytes(), vram_before=vram_before,
+                                  vram_after=memory.vram_bytes())
+        log.info("model unloaded", model=resident.model, rss_before=rss_before,
+                 rss_after=self.last_unload.rss_after, vram_after=self.last_unload.vram_after)
         self._on_change("unloaded")
 
     async def expire(self) -> None:

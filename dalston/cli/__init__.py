@@ -1,0 +1,30 @@
+"""The `dalston` command. Each module of this package registers one group of subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dalston.cli import service
+from dalston.config import ConfigError, load_settings
+
+# Each module has `register(subparsers)`; a subcommand sets `func(args, settings) -> int`.
+COMMAND_MODULES = [service]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalston", description="Self-hosted speech-to-text on NATS.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"dalston: {exc}", file=sys.stderr)
+        return 2
+    return args.func(args, settings)
