@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
 from dalston.contracts import Stage
 from dalston.resources import data_dir
+
+if TYPE_CHECKING:
+    from dalston.config import Settings
 
 # Ids become directory names, subject tokens and URL parts: a safe alphabet, no `..`.
 # `\Z` rather than `$`, which would let a trailing newline through.
@@ -189,6 +192,11 @@ class Catalog:
         models = _read_dir(root, "models", ModelSpec)
         _check_models(root, runtimes, models)
         return cls(runtimes, models)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Catalog:
+        """The catalog `DALSTON_CATALOG_DIR` names, else the bundled one."""
+        return cls.load(Path(settings.catalog_dir).expanduser() if settings.catalog_dir else None)
 
     def model(self, model_id: str, default: str | None = None) -> ModelSpec:
         """The model called `model_id`; an alias of the default (`whisper-1`) means `default`."""

@@ -32,7 +32,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_replicas: int = 1
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # The gateway the CLI talks to; empty means http://<http_host>:<http_port>.
+    server: str = ""
     models_dir: str = ""
+    # A catalog folder (runtimes/ and models/) to use instead of the bundled one.
+    catalog_dir: str = ""
     default_model: str = "faster-whisper-base"
     max_upload_mb: float = 1024.0
     # How long audio, results and finished jobs' events are kept.
@@ -58,8 +62,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cpu_threads: int = 0
     max_loaded_models: int = 1
     keep_alive: float = -1.0
-    # A model to load at start and keep (public id).
+    # A model to load at start (public id), and whether it stays loaded whatever comes.
     preload_model: str = ""
+    pin_preloaded: bool = False
+    # Idle engines take tasks for a model they hold first (off only to measure what it buys).
+    prefer_loaded: bool = True
     # The runtime model id a task that names none gets.
     default_model_id: str = ""
 

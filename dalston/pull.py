@@ -86,7 +86,7 @@ def pull(model: ModelSpec, runtime: RuntimeSpec, store: ModelStore,
                 path = _pull_from(source, model, runtime, store, reporter)
             except Exception as exc:  # any failure of one source is a reason to try the next
                 failures.append((source.label, _reason(exc)))
-                log.warning("pull source failed", model=model.id, source=source.label,
+                log.info("pull source failed", model=model.id, source=source.label,
                             reason=failures[-1][1])
                 continue
             reporter.emit("installed", source=source.label, completed_bytes=reporter.completed,

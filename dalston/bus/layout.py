@@ -1,7 +1,9 @@
 """Applies `nats/streams.yaml` to a JetStream account, idempotently.
 
 Every Dalston process calls `ensure_layout` at start-up; whichever comes first creates the
-streams, buckets and consumers, the others find them in place. No manual step.
+streams, buckets and consumers, the others find them in place. No manual step. It reads before it
+writes and writes only what is missing or differs, so a service whose NATS user may only read
+the layout (see nats/accounts.conf) starts once the orchestrator has created it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 import yaml
 from nats.js import JetStreamContext
 from nats.js import api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
 from dalston.config import Settings
 from dalston.contracts import TASKS_STREAM, task_consumer, task_subject
@@ -33,13 +35,17 @@ def _stream_config(name: str, spec: dict, replicas: int) -> api.StreamConfig:
     return api.StreamConfig(name=name, num_replicas=replicas, **fields)
 
 
+def _differs(current, wanted, fields) -> bool:
+    return any(getattr(current, field) != getattr(wanted, field) for field in fields)
+
+
 async def ensure_layout(js: JetStreamContext, settings: Settings) -> None:
     layout = load_layout()
     replicas = settings.nats_replicas
     for name, spec in layout["streams"].items():
         config = _stream_config(name, spec, replicas)
         try:
-            await js.stream_info(name)
+            current = (await js.stream_info(name)).config
         except NotFoundError:
             try:
                 await js.add_stream(config)
@@ -47,20 +53,33 @@ async def ensure_layout(js: JetStreamContext, settings: Settings) -> None:
             except BadRequestError as exc:
                 if exc.err_code != 10058:  # created by a concurrent starter: fine
                     raise
-        await js.update_stream(config)
+            current = (await js.stream_info(name)).config
+        if _differs(current, config, [*spec, "num_replicas"]):
+            await js.update_stream(config)
     for bucket, spec in layout["key_value"].items():
-        await js.create_key_value(api.KeyValueConfig(
-            bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
-            history=spec.get("history", 1), description=spec.get("description")))
+        try:
+            await js.key_value(bucket)
+        except BucketNotFoundError:
+            await js.create_key_value(api.KeyValueConfig(
+                bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
+                history=spec.get("history", 1), description=spec.get("description")))
     for bucket, spec in layout["object_stores"].items():
-        await js.create_object_store(bucket, api.ObjectStoreConfig(
-            bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
-            ttl=settings.retention_hours * 3600, description=spec.get("description")))
+        try:
+            await js.object_store(bucket)
+        except BucketNotFoundError:
+            await js.create_object_store(bucket, api.ObjectStoreConfig(
+                bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
+                ttl=settings.retention_hours * 3600, description=spec.get("description")))
     for stream, consumers in layout["consumers"].items():
         for durable, spec in consumers.items():
-            await js.add_consumer(stream, api.ConsumerConfig(
-                durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT,
-                num_replicas=replicas, **spec))
+            config = api.ConsumerConfig(durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT,
+                                        num_replicas=replicas, **spec)
+            try:
+                current = (await js.consumer_info(stream, durable)).config
+            except NotFoundError:
+                current = None
+            if current is None or _differs(current, config, [*spec, "num_replicas"]):
+                await js.add_consumer(stream, config)
 
 
 async def ensure_task_consumer(js: JetStreamContext, settings: Settings, runtime: str,

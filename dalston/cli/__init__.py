@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dalston.cli import service
+from dalston.cli import dashboard, jobs, models, service, status, transcribe
+from dalston.cli.output import CliError, error
 from dalston.config import ConfigError, load_settings
 
 # Each module has `register(subparsers)`; a subcommand sets `func(args, settings) -> int`.
-COMMAND_MODULES = [service]
+COMMAND_MODULES = [service, transcribe, jobs, models, status, dashboard]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,4 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dalston: {exc}", file=sys.stderr)
         return 2
-    return args.func(args, settings)
+    try:
+        return args.func(args, settings)
+    except CliError as exc:
+        error(exc.message)
+        return exc.code

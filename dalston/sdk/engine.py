@@ -10,6 +10,7 @@ failed after `DALSTON_TASK_MAX_DELIVER` deliveries.
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from pathlib import Path
@@ -43,15 +44,15 @@ log = get_logger("dalston.engine")
 # How long an idle engine waits for a doorbell before it looks at the backlog anyway.
 IDLE_POLL_SECONDS = 2.0
 FETCH_TIMEOUT_SECONDS = 0.5
-# A short look for tasks due for redelivery (their engine died); mostly there are none.
-REDELIVERY_PROBE_SECONDS = 0.05
+# A short look where a task may be: just rung for, or due for redelivery after its engine died.
+PROBE_SECONDS = 0.05
 
 
 class Engine:
     def __init__(self, actor: Actor, settings: Settings, catalog: Catalog | None = None) -> None:
         self.actor = actor
         self.settings = settings
-        self.catalog = catalog or Catalog.load()
+        self.catalog = catalog or Catalog.from_settings(settings)
         self.runtime = actor.runtime
         self.runtime_spec = self.catalog.runtime(self.runtime)
         self.name = subject_token(settings.engine_name)
@@ -71,6 +72,7 @@ class Engine:
         self._bus: Bus | None = None
         self._stopping = asyncio.Event()
         self._doorbell = asyncio.Event()
+        self._rung: set[str] = set()  # consumers the doorbell rang for since the last look
         self._subscriptions: dict[str, object] = {}
         self._known_consumers: set[str] = set()
         self._current_msg: Msg | None = None
@@ -106,7 +108,10 @@ class Engine:
     async def _preload(self) -> None:
         if self.models and self.settings.preload_model:
             spec = self.catalog.model(self.settings.preload_model)
-            await self.models.acquire(spec.id, spec.runtime_model_id, pin=True)
+            try:
+                await self.models.acquire(spec.id, spec.runtime_model_id, pin=self.settings.pin_preloaded)
+            except TaskFailed as exc:  # the engine still serves other models
+                log.warning("preload failed", model=spec.id, reason=exc.message)
 
     # --- taking tasks ----------------------------------------------------------------------
 
@@ -114,7 +119,7 @@ class Engine:
         # A task was published for this runtime: make sure its model's consumer exists (a
         # third-party publisher may have invented the subject), then wake the task loop.
         model_token = msg.subject.rsplit(".", 1)[-1]
-        await self._ensure_consumer(model_token)
+        self._rung.add(await self._ensure_consumer(model_token))
         self._doorbell.set()
 
     async def _ensure_consumer(self, model_token: str) -> str:
@@ -132,8 +137,15 @@ class Engine:
         return ({i.name: i.num_pending for i in infos if i.num_pending},
                 [i.name for i in infos if i.num_ack_pending])
 
+    def _held_consumers(self) -> set[str]:
+        if self.models is None:
+            return {task_consumer(self.runtime, NO_MODEL)}
+        return {task_consumer(self.runtime, rid) for rid in self.models.resident}
+
     def _preference(self, pending: dict[str, int]) -> list[str]:
         """Models already held first (most recently used first), then the longest backlog."""
+        if not self.settings.prefer_loaded:
+            return random.sample(list(pending), len(pending))
         held = []
         if self.models:
             held = [task_consumer(self.runtime, r.runtime_model_id)
@@ -149,19 +161,24 @@ class Engine:
             self._subscriptions[durable] = subscription
         try:
             return (await subscription.fetch(1, timeout=timeout))[0]
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
             return None  # another engine took it first, or nothing is due for redelivery
 
     async def _next_message(self) -> Msg | None:
         while not self._stopping.is_set():
             self._doorbell.clear()
+            rung, self._rung = self._rung, set()
             try:
+                # Fast path: a new task for a model this engine holds needs no backlog survey.
+                for durable in rung & self._held_consumers():
+                    if msg := await self._fetch(durable, PROBE_SECONDS):
+                        return msg
                 pending, unacked = await self._backlog()
                 for durable in self._preference(pending):
                     if msg := await self._fetch(durable, FETCH_TIMEOUT_SECONDS):
                         return msg
                 for durable in unacked:
-                    if msg := await self._fetch(durable, REDELIVERY_PROBE_SECONDS):
+                    if msg := await self._fetch(durable, PROBE_SECONDS):
                         return msg
             except Exception as exc:  # noqa: BLE001 - NATS restarting, a 409: look again shortly
                 log.warning("taking a task failed; retrying", error=repr(exc))

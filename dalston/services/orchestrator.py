@@ -35,7 +35,7 @@ SWEEP_SECONDS = 2.0
 class Orchestrator:
     def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
         self.settings = settings
-        self.catalog = catalog or Catalog.load()
+        self.catalog = catalog or Catalog.from_settings(settings)
         self.engines = EngineWatch()
         self._bus: Bus | None = None
         self._consumers: set[str] = set()
@@ -68,7 +68,8 @@ class Orchestrator:
         while True:
             try:
                 messages = await subscription.fetch(32, timeout=5)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                # nats-py raises either, depending on where in the fetch the deadline passed.
                 continue
             except Exception as exc:  # noqa: BLE001 - a lost connection, a 409: try again
                 log.warning("fetch failed; retrying", stream=stream, error=repr(exc))

@@ -43,7 +43,7 @@ def serve(service: str, settings: Settings, runtime: str | None = None) -> None:
     elif service == "engine":
         from dalston.sdk.engine import Engine
 
-        catalog = Catalog.load()
+        catalog = Catalog.from_settings(settings)
         runtime = runtime or settings.runtime
         actor = actor_class(catalog, runtime)(settings)
         asyncio.run(_until_signalled(Engine(actor, settings, catalog)))

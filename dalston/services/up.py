@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from dalston.bus.server import EmbeddedNats, HomeLock
+from dalston.catalog import Catalog
 from dalston.config import Settings
 from dalston.logs import get_logger
 
@@ -64,9 +65,14 @@ class Stack:
             nats_url = self.nats.url
         self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url)))
         self.children.append(Child("orchestrator", ["serve", "orchestrator"], self._child_env(nats_url)))
+        default = Catalog.load().model(self.settings.default_model)
         for runtime in [*PIPELINE_RUNTIMES, *self.runtimes]:
+            # The engine that serves the default model pulls and loads it at start, so the
+            # first request does not wait for a download.
+            preload = {"DALSTON_PRELOAD_MODEL": default.id} if runtime == default.runtime else {}
             self.children.append(Child(runtime, ["serve", "engine", runtime], self._child_env(
-                nats_url, DALSTON_RUNTIME=runtime, DALSTON_ENGINE_ID=f"{runtime}-{os.getpid()}")))
+                nats_url, DALSTON_RUNTIME=runtime, DALSTON_ENGINE_ID=f"{runtime}-{os.getpid()}",
+                **preload)))
         for child in self.children:
             child.start()
 

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 from litestar import Litestar, Request, Response, delete, get, post
+from litestar.response import Stream
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import OpenAPIConfig
@@ -14,12 +15,13 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 
 from dalston import __version__
 from dalston.bus.connection import Bus, connect
-from dalston.catalog import Catalog, UnknownModel
+from dalston.catalog import Catalog, ModelSpec, UnknownModel
 from dalston.config import Settings
-from dalston.contracts import JOBS_STREAM, TASKS_STREAM, JobRecord, TranscribeOptions
+from dalston.contracts import JOBS_STREAM, TASKS_STREAM, JobRecord, TranscribeOptions, encode
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.services.gateway.jobs import JobNotFound, JobService
+from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.transcript import FORMATS, render
 
 log = get_logger("dalston.gateway")
@@ -169,23 +171,54 @@ async def list_engines(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": request.app.state.engines.live()}
 
 
-@get("/v1/models", summary="The model catalog (OpenAI list shape)")
-async def list_models(request: Request) -> dict[str, Any]:
-    catalog: Catalog = request.app.state.catalog
-    return {"object": "list", "data": [_model_entry(m) for m in catalog.models.values()]}
+def _models(request: Request) -> ModelService:
+    return request.app.state.models
 
 
-@get("/v1/models/{model_id:str}", summary="One model of the catalog")
-async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+def _catalog_model(request: Request, model_id: str) -> ModelSpec:
     try:
-        return _model_entry(request.app.state.catalog.model(model_id))
+        return request.app.state.catalog.model(model_id)
     except UnknownModel as exc:
         raise ApiError(404, str(exc), code="model_not_found") from None
 
 
-def _model_entry(model) -> dict[str, Any]:
-    return {"id": model.id, "object": "model", "created": 0, "owned_by": model.runtime,
-            "runtime": model.runtime, "runtime_model_id": model.runtime_model_id}
+@get("/v1/models", summary="The model catalog with installed and loaded state (OpenAI list shape)")
+async def list_models(request: Request) -> dict[str, Any]:
+    catalog: Catalog = request.app.state.catalog
+    return {"object": "list", "data": [_models(request).describe(m) for m in catalog.models.values()]}
+
+
+@get("/v1/models/{model_id:str}", summary="One model of the catalog")
+async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    return _models(request).describe(_catalog_model(request, model_id))
+
+
+@post("/v1/models/{model_id:str}/pull", status_code=HTTP_202_ACCEPTED, opt={"admin": True},
+      summary="Pull a model into the store; stream=true streams progress as NDJSON")
+async def pull_model(request: Request, model_id: str, stream: bool = False,
+                     force: bool = False) -> Response | Stream:
+    model = _catalog_model(request, model_id)
+    service = _models(request)
+    service.start_pull(model, force=force)
+    if not stream:
+        return Response({"id": model.id, "status": "pulling"}, status_code=HTTP_202_ACCEPTED)
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for progress in service.follow(model):
+            yield encode(progress) + b"\n"
+
+    return Stream(lines(), media_type="application/x-ndjson", status_code=200)
+
+
+@delete("/v1/models/{model_id:str}", status_code=200, opt={"admin": True},
+        summary="Remove a model from the store (refused while loaded unless force)")
+async def delete_model(request: Request, model_id: str, force: bool = False) -> dict[str, Any]:
+    model = _catalog_model(request, model_id)
+    try:
+        deleted = _models(request).remove(model, force)
+    except ModelLoaded as exc:
+        raise ApiError(409, str(exc), code="model_loaded") from None
+    return {"id": model.id, "deleted": deleted}
 
 
 @get("/healthz", summary="The gateway process is up")
@@ -211,7 +244,7 @@ async def readyz(request: Request) -> Response:
 
 
 def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
-    catalog = catalog or Catalog.load()
+    catalog = catalog or Catalog.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -221,6 +254,8 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
         app.state.bus = bus
         app.state.engines = engines
         app.state.jobs = JobService(bus)
+        app.state.models = ModelService(bus, settings, catalog, engines)
+        await app.state.models.start()
         try:
             yield
         finally:
@@ -229,7 +264,8 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
 
     app = Litestar(
         route_handlers=[create_transcription, submit_job, get_job, list_jobs, cancel_job,
-                        get_transcript, list_engines, list_models, get_model, healthz, readyz],
+                        get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
+                        healthz, readyz],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
         request_max_body_size=int(settings.max_upload_mb * 1024 * 1024),

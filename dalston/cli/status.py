@@ -1,0 +1,97 @@
+"""`dalston engines` and `dalston status`: what runs where."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from dalston.cli.client import Client, add_server_option, connect, server_url
+from dalston.cli.output import add_json_option, ago, print_json, size, table
+from dalston.config import Settings
+from dalston.contracts import JOBS_STREAM
+
+# The orchestrator's durable consumer of job submissions (nats/streams.yaml): while one runs,
+# its long-poll fetch is waiting there.
+ORCHESTRATOR_CONSUMER = "orchestrator-jobs"
+NATS_TIMEOUT = 2.0
+
+
+def register(commands) -> None:
+    engines = commands.add_parser("engines", help="live engines: status, loaded models, memory")
+    add_server_option(engines)
+    add_json_option(engines)
+    engines.set_defaults(func=_engines)
+    status = commands.add_parser("status", help="what runs where: NATS, gateway, orchestrator, engines")
+    add_server_option(status)
+    add_json_option(status)
+    status.set_defaults(func=_status)
+
+
+def _engines(args, settings: Settings) -> int:
+    beats = connect(args, settings).get("/v1/engines")["data"]
+    if args.json:
+        print_json(beats)
+    else:
+        print(_engine_table(beats))
+    return 0
+
+
+def _engine_table(beats: list[dict[str, Any]]) -> str:
+    return table(["engine", "runtime", "status", "loaded", "device", "memory", "tasks", "last seen"], [
+        (b["engine"], b["runtime"], b["status"],
+         ",".join(m["model"] for m in b.get("loaded_models", [])) or "-", b.get("device", "cpu"),
+         size(b.get("rss_bytes")), b.get("tasks_done", 0), ago(b.get("sent_at")))
+        for b in beats])
+
+
+def _status(args, settings: Settings) -> int:
+    url, _ = server_url(args, settings)
+    gateway = _gateway(Client(url))
+    beats = gateway.pop("engines")
+    report = {"gateway": gateway, "nats": asyncio.run(_nats(settings)), "engines": beats}
+    if args.json:
+        print_json(report)
+    else:
+        nats = report["nats"]
+        print(table(["service", "where", "state"], [
+            ("gateway", url, gateway["status"] + "".join(f"; {p}" for p in gateway["problems"])),
+            ("nats", ",".join(settings.nats_servers), "reachable" if nats["reachable"] else nats["error"]),
+            ("orchestrator", ORCHESTRATOR_CONSUMER,
+             {True: "running", False: "not seen", None: "unknown"}[nats["orchestrator"]]),
+            *((f"engine {b['engine']}", f"{b['runtime']} on {b.get('host', '?')}", b["status"]) for b in beats),
+        ]))
+    return 0 if gateway["status"] == "ready" else 1
+
+
+def _gateway(client: Client) -> dict[str, Any]:
+    try:
+        ready = client.http.get("/readyz", timeout=NATS_TIMEOUT)
+        answer = ready.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"url": client.url, "status": "unreachable", "problems": [str(exc)], "engines": []}
+    engines = client.get("/v1/engines")["data"] if ready.status_code == 200 else []
+    return {"url": client.url, "status": answer.get("status", "unknown"),
+            "problems": answer.get("problems", []), "engines": engines}
+
+
+async def _nats(settings: Settings) -> dict[str, Any]:
+    """Whether NATS answers here, and whether an orchestrator is fetching jobs from it."""
+    import nats
+
+    auth = {"user": settings.nats_user, "password": settings.nats_password} if settings.nats_user else {}
+    try:
+        nc = await nats.connect(servers=settings.nats_servers, connect_timeout=NATS_TIMEOUT,
+                                allow_reconnect=False, max_reconnect_attempts=0, **auth)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the answer
+        return {"servers": settings.nats_servers, "reachable": False, "error": f"unreachable ({exc})",
+                "orchestrator": None}
+    try:
+        info = await nc.jetstream(timeout=NATS_TIMEOUT).consumer_info(JOBS_STREAM, ORCHESTRATOR_CONSUMER)
+        orchestrator = bool(info.num_waiting)
+    except Exception:  # noqa: BLE001 - no layout yet, or no permission to look
+        orchestrator = None
+    finally:
+        await nc.close()
+    return {"servers": settings.nats_servers, "reachable": True, "error": None, "orchestrator": orchestrator}

@@ -1,0 +1,87 @@
+"""`dalston transcribe FILE...`: submit each file as a job, wait, print (or write) the transcripts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dalston.cli.client import SUBMIT_GRACE, Client, add_server_option, connect
+from dalston.cli.output import CliError, StatusLine, error, stages
+from dalston.config import Settings
+from dalston.contracts import JobRecord
+from dalston.transcript import FORMATS
+
+SUFFIX = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt", "verbose_json": ".json"}
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("transcribe", help="transcribe audio files",
+                                 description="Transcribe audio files; starts Dalston here if none runs.")
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    parser.add_argument("-m", "--model", default="", help="a model id of `dalston models` (default: the server's)")
+    parser.add_argument("-l", "--language", default="", help="language code, e.g. en (default: detect)")
+    parser.add_argument("-f", "--format", default="text", choices=list(FORMATS))
+    parser.add_argument("-o", "--output", type=Path, metavar="OUT",
+                        help="write here instead of stdout: a file, or a folder for several inputs")
+    add_server_option(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args, settings: Settings) -> int:
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        raise CliError(f"no such file: {', '.join(missing)}", code=2)
+    client = connect(args, settings, start=True)
+    # All submitted first, so the server works on them together.
+    jobs = [(path, _submit(client, path, args)) for path in args.files]
+    failed = 0
+    try:
+        for path, job_id in jobs:
+            failed += not _finish(client, path, job_id, args, several=len(jobs) > 1)
+    except KeyboardInterrupt:
+        for _, job_id in jobs:
+            client.request("DELETE", f"/v1/jobs/{job_id}")
+        error("interrupted; jobs cancelled")
+        return 130
+    return 1 if failed else 0
+
+
+def _submit(client: Client, path: Path, args) -> str:
+    with path.open("rb") as audio:
+        response = client.request("POST", "/v1/jobs", files={"file": (path.name, audio)},
+                                  data={"model": args.model, "language": args.language})
+    return response.json()["id"]
+
+
+def _finish(client: Client, path: Path, job_id: str, args, several: bool) -> bool:
+    """Wait for one job and deliver its transcript; False (reason on stderr) if it failed."""
+    with StatusLine() as line:
+        record = client.wait(job_id, lambda r: line.show(f"{path.name}: {r.status} {stages(r)}"),
+                             unrecorded_grace=SUBMIT_GRACE)
+    if record.status != "completed":
+        error(f"{path}: {_reason(record)}")
+        return False
+    body = client.transcript(job_id, args.format)
+    if not body.endswith("\n"):
+        body += "\n"
+    if args.output is None:
+        if several:
+            print(f"==> {path} <==")
+        sys.stdout.write(body)
+        sys.stdout.flush()
+    else:
+        target = _target(args.output, path, args.format, several)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(body)
+    return True
+
+
+def _target(output: Path, source: Path, fmt: str, several: bool) -> Path:
+    """OUT itself for one input; OUT/<name>.<format suffix> for several, or when OUT is a folder."""
+    if several or output.is_dir():
+        return output / (source.stem + SUFFIX[fmt])
+    return output
+
+
+def _reason(record: JobRecord) -> str:
+    return record.failure.message if record.failure else f"the job ended {record.status}"

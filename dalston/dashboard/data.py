@@ -1,0 +1,160 @@
+"""What the dashboard shows, read straight from NATS: engines from their heartbeats (last beat
+per engine, then live), model pulls from `models.progress.*`, jobs from a watch on the `jobs`
+key-value bucket. No gateway needed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+from nats.js.kv import KV_DEL, KV_PURGE
+
+from dalston.bus.connection import Bus, connect
+from dalston.catalog import Catalog, ModelSpec
+from dalston.config import Settings
+from dalston.contracts import (
+    PULL_PROGRESS_SUBJECT, PULL_SUBJECT, ContractError, Heartbeat, JobRecord, PullProgress,
+    PullRequest, Transcript, decode, encode, now, subject_token,
+)
+from dalston.engines import MISSED_BEATS, EngineWatch
+from dalston.store import ModelStore
+
+# Jobs kept in view, newest first.
+JOB_LIMIT = 200
+PULL_ENDED = ("installed", "failed")
+
+
+@dataclass
+class EngineView:
+    beat: Heartbeat
+    # When the engine went silent (or said it stops); None while it is alive.
+    gone_at: float | None = None
+
+    @property
+    def status(self) -> str:
+        return "gone" if self.gone_at is not None else self.beat.status
+
+
+@dataclass
+class ModelView:
+    spec: ModelSpec
+    installed: bool
+    loaded_on: list[str]
+    # The latest progress of a pull under way (or just ended).
+    pull: PullProgress | None
+
+
+class DashboardData:
+    """Live state, updated by NATS callbacks; `on_change` is called after every update."""
+
+    def __init__(self, settings: Settings, on_change: Callable[[], None] = lambda: None,
+                 forget_after: float = 60.0) -> None:
+        self.settings = settings
+        self.catalog = Catalog.load()
+        self.store = ModelStore(settings.models_path)
+        self.forget_after = forget_after
+        self.engines: dict[str, EngineView] = {}
+        self.pulls: dict[str, PullProgress] = {}
+        self.jobs: dict[str, JobRecord] = {}
+        self.bus: Bus | None = None
+        self._on_change = on_change
+        self._watch = EngineWatch(on_change=self._on_beat)
+        self._jobs_task: asyncio.Task | None = None
+        self._jobs_watch = None
+
+    async def start(self) -> None:
+        # The layout is the services' business: a dashboard only reads it.
+        self.bus = await connect(self.settings, name="dalston-dashboard", apply_layout=False)
+        await self._watch.start(self.bus.js)
+        await self.bus.nc.subscribe(PULL_PROGRESS_SUBJECT.format(model="*"), cb=self._on_progress)
+        self._jobs_watch = await self.bus.jobs.watchall()
+        self._jobs_task = asyncio.create_task(self._follow_jobs())
+
+    async def stop(self) -> None:
+        if self._jobs_task is not None:
+            self._jobs_task.cancel()
+            await self._jobs_watch.stop()
+        await self._watch.stop()
+        if self.bus is not None:
+            await self.bus.close()
+
+    # --- engines ------------------------------------------------------------------------------
+
+    def _on_beat(self, subject: str, beat: Heartbeat | None) -> None:
+        if beat is not None:
+            self.engines[subject] = EngineView(beat)
+        elif subject in self.engines and self.engines[subject].gone_at is None:
+            self.engines[subject].gone_at = time.time()  # the server expired its last beat
+        self._on_change()
+
+    def expire(self) -> None:
+        """Mark engines that missed their beats as gone; forget those gone for a while."""
+        moment = time.time()
+        for subject, view in list(self.engines.items()):
+            beat = view.beat
+            silent = beat.sent_at + MISSED_BEATS * beat.interval < moment
+            if view.gone_at is None and (silent or beat.status == "stopping"):
+                view.gone_at = moment
+            elif view.gone_at is not None and moment - view.gone_at > self.forget_after:
+                del self.engines[subject]
+
+    def live_engines(self) -> list[Heartbeat]:
+        return [v.beat for v in self.engines.values() if v.gone_at is None]
+
+    # --- models -------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelView]:
+        live = self.live_engines()
+        views = []
+        for spec in self.catalog.models.values():
+            pull = self.pulls.get(spec.id)
+            runtime = self.catalog.runtime(spec.runtime)
+            # This machine's store, what engines (on any host) report on disk, or a pull just done.
+            installed = (self.store.is_installed(runtime, spec.runtime_model_id)
+                         or any(spec.runtime_model_id in b.models_on_disk for b in live if b.runtime == spec.runtime)
+                         or (pull is not None and pull.status == "installed"))
+            loaded_on = [b.engine for b in live if any(m.model == spec.id for m in b.loaded_models)]
+            views.append(ModelView(spec, installed, loaded_on, pull))
+        return views
+
+    def _on_progress(self, msg: Msg) -> None:
+        try:
+            progress = decode(msg.data, PullProgress)
+        except ContractError:
+            return
+        self.pulls[progress.model] = progress
+        self._on_change()
+
+    async def request_pull(self, model_id: str) -> None:
+        """Ask the gateway (any that listens) to pull `model_id` into the store."""
+        self.pulls[model_id] = PullProgress(model=model_id, status="started", message="requested", at=now())
+        await self.bus.nc.publish(PULL_SUBJECT.format(model=subject_token(model_id)),
+                                  encode(PullRequest(model=model_id)))
+        self._on_change()
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    async def _follow_jobs(self) -> None:
+        async for entry in self._jobs_watch:
+            if entry is None:  # the watch delivered every existing job; live updates follow
+                continue
+            if entry.operation in (KV_DEL, KV_PURGE):
+                self.jobs.pop(entry.key, None)
+            else:
+                try:
+                    self.jobs[entry.key] = decode(entry.value, JobRecord)
+                except ContractError:
+                    continue
+                if len(self.jobs) > JOB_LIMIT:
+                    oldest = min(self.jobs.values(), key=lambda r: r.created_at)
+                    del self.jobs[oldest.id]
+            self._on_change()
+
+    def recent_jobs(self) -> list[JobRecord]:
+        return sorted(self.jobs.values(), key=lambda r: r.created_at, reverse=True)
+
+    async def transcript(self, record: JobRecord) -> Transcript:
+        return decode(await self.bus.read_object(record.transcript_object), Transcript)

@@ -1,0 +1,134 @@
+"""Models as the gateway serves them: the catalog joined with what is installed and loaded,
+and pulls into the shared model store (the same `dalston.pull` the CLI and engines use)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import msgspec
+from nats.aio.msg import Msg
+
+from dalston.bus.connection import Bus
+from dalston.catalog import Catalog, ModelSpec
+from dalston.config import Settings
+from dalston.contracts import (
+    PULL_PROGRESS_SUBJECT, PULL_SUBJECT, ContractError, PullProgress, PullRequest, decode,
+    encode, now, subject_token,
+)
+from dalston.engines import EngineWatch
+from dalston.logs import get_logger
+from dalston.pull import PullError, pull
+from dalston.store import ModelStore
+
+log = get_logger("dalston.gateway.models")
+
+PULL_ENDED = ("installed", "failed")
+
+
+class ModelLoaded(RuntimeError):
+    def __init__(self, model: str, engines: list[str]) -> None:
+        super().__init__(f"{model} is loaded on {', '.join(engines)}; unload it first or force the delete")
+
+
+class ModelService:
+    def __init__(self, bus: Bus, settings: Settings, catalog: Catalog, engines: EngineWatch) -> None:
+        self.bus = bus
+        self.catalog = catalog
+        self.engines = engines
+        self.store = ModelStore(settings.models_path)
+        self.progress: dict[str, PullProgress] = {}
+        self._pulls: dict[str, asyncio.Task] = {}
+        self._watchers: dict[str, set[asyncio.Queue]] = {}
+
+    async def start(self) -> None:
+        # Any NATS client (the dashboard, say) may ask for a pull; one gateway takes each ask.
+        await self.bus.nc.subscribe(PULL_SUBJECT.format(model="*"), queue="gateway", cb=self._on_request)
+
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            request = decode(msg.data, PullRequest)
+            self.start_pull(self.catalog.model(request.model), force=request.force)
+        except (ContractError, LookupError) as exc:
+            log.warning("pull request refused", subject=msg.subject, reason=str(exc))
+
+    # --- what is there ----------------------------------------------------------------------
+
+    def loaded_on(self, model: ModelSpec) -> list[str]:
+        return [beat.engine for beat in self.engines.live(model.runtime)
+                if any(m.model == model.id for m in beat.loaded_models)]
+
+    def installed(self, model: ModelSpec) -> bool:
+        runtime = self.catalog.runtime(model.runtime)
+        if self.store.is_installed(runtime, model.runtime_model_id):
+            return True
+        # Engines on other hosts may have their own stores: trust what they report.
+        return any(model.runtime_model_id in beat.models_on_disk for beat in self.engines.live(model.runtime))
+
+    def describe(self, model: ModelSpec) -> dict[str, Any]:
+        """The OpenAI model object, plus what Dalston knows of the model."""
+        progress = self.progress.get(model.id)
+        return {
+            "id": model.id, "object": "model", "created": 0, "owned_by": model.runtime,
+            "runtime": model.runtime, "runtime_model_id": model.runtime_model_id,
+            "name": model.name, "description": model.description, "languages": model.languages,
+            "size_bytes": model.size_bytes, "installed": self.installed(model),
+            "loaded_on": self.loaded_on(model),
+            "pull": None if progress is None else msgspec.to_builtins(progress),
+        }
+
+    # --- pulls --------------------------------------------------------------------------------
+
+    def start_pull(self, model: ModelSpec, force: bool = False) -> None:
+        """Start pulling `model` unless a pull of it is already under way (then share it)."""
+        running = self._pulls.get(model.id)
+        if running is None or running.done():
+            self._pulls[model.id] = asyncio.create_task(self._pull(model, force))
+
+    async def _pull(self, model: ModelSpec, force: bool) -> None:
+        loop = asyncio.get_running_loop()
+
+        def report(progress: PullProgress) -> None:
+            loop.call_soon_threadsafe(self._record, progress)
+
+        try:
+            path = await asyncio.to_thread(pull, model, self.catalog.runtime(model.runtime),
+                                           self.store, report, force)
+        except PullError as exc:
+            self._record(PullProgress(model=model.id, status="failed", message=str(exc), at=now()))
+        else:
+            # Said even when nothing was downloaded (already installed), so followers finish.
+            self._record(PullProgress(model=model.id, status="installed", message=str(path), at=now()))
+
+    def _record(self, progress: PullProgress) -> None:
+        self.progress[progress.model] = progress
+        for queue in self._watchers.get(progress.model, ()):
+            queue.put_nowait(progress)
+        asyncio.ensure_future(self.bus.nc.publish(
+            PULL_PROGRESS_SUBJECT.format(model=subject_token(progress.model)), encode(progress)))
+
+    async def follow(self, model: ModelSpec) -> AsyncIterator[PullProgress]:
+        """Progress of the pull of `model`, until it is installed or failed."""
+        queue: asyncio.Queue[PullProgress] = asyncio.Queue()
+        self._watchers.setdefault(model.id, set()).add(queue)
+        try:
+            last = self.progress.get(model.id)
+            if last is not None and last.status in PULL_ENDED and self._pulls[model.id].done():
+                yield last
+                return
+            while True:
+                progress = await queue.get()
+                yield progress
+                if progress.status in PULL_ENDED:
+                    return
+        finally:
+            self._watchers[model.id].discard(queue)
+
+    # --- removal ------------------------------------------------------------------------------
+
+    def remove(self, model: ModelSpec, force: bool) -> bool:
+        engines = self.loaded_on(model)
+        if engines and not force:
+            raise ModelLoaded(model.id, engines)
+        runtime = self.catalog.runtime(model.runtime)
+        return self.store.remove(runtime.store_dir, model.runtime_model_id)
