@@ -38,7 +38,9 @@ def submit(stack, path, model=MODEL) -> str:
 
 
 def job(stack, job_id) -> dict:
-    return httpx.get(f"{stack.url}/v1/jobs/{job_id}").json()
+    """The job's record; empty until the orchestrator has taken the submission."""
+    response = httpx.get(f"{stack.url}/v1/jobs/{job_id}")
+    return {"status": None, "tasks": {}} if response.status_code == 404 else response.json()
 
 
 async def wait_job(stack, job_id, timeout=90.0) -> dict:
