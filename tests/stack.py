@@ -31,6 +31,8 @@ def free_port() -> int:
 class TestStack:
     """NATS plus whichever services a test starts, each a real `dalston serve` process."""
 
+    __test__ = False  # a helper, not a test class
+
     def __init__(self, root: Path, **env: str) -> None:
         self.root = root
         self.nats = EmbeddedNats(root / "nats", -1)

