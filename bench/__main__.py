@@ -3,9 +3,9 @@
 import tempfile
 from pathlib import Path
 
-from bench import latency
+from bench import latency, models
 
-BENCHMARKS = {"latency": latency.run}
+BENCHMARKS = {"latency": latency.run, "models": models.run}
 
 if __name__ == "__main__":
     for name, run in BENCHMARKS.items():

@@ -31,6 +31,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Replicas of every stream: 1 on one server, 3 on a cluster.
     nats_replicas: int = 1
     http_host: str = "127.0.0.1"
+    # Demand API keys even on loopback (beyond loopback they are always demanded).
+    require_auth: bool = False
     http_port: int = 8000
     # The gateway the CLI talks to; empty means http://<http_host>:<http_port>.
     server: str = ""

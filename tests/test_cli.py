@@ -12,14 +12,15 @@ import time
 import httpx
 import pytest
 
-from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, words
+from tests.stack import AUDIO, DIALOGUE_WORDS, words
+from tests.stack import TestStack as Stack
 
 MODEL = "faster-whisper-tiny.en"
 
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    stack = TestStack(tmp_path_factory.mktemp("cli"))
+    stack = Stack(tmp_path_factory.mktemp("cli"))
     stack.start_nats()
     stack.start_pipeline()
     stack.start_engine("faster-whisper", "fw")
@@ -28,7 +29,7 @@ def system(tmp_path_factory):
     stack.close()
 
 
-def dalston(system: TestStack, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+def dalston(system: Stack, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     """`dalston ARGS` as a separate process, talking to the test stack's gateway."""
     return subprocess.run([sys.executable, "-m", "dalston", *args], capture_output=True, text=True,
                           timeout=timeout, env={**system.env, "DALSTON_SERVER": system.url, **env})
@@ -82,6 +83,7 @@ def test_models_engines_jobs_and_status(system):
     engines = {e["engine"]: e for e in json.loads(ok(dalston(system, "engines", "--json")))}
     assert {"audio-prepare", "merge", "fw"} <= set(engines)
     assert [m["model"] for m in engines["fw"]["loaded_models"]] == [MODEL]
+    assert "fw" in ok(dalston(system, "engines"))
 
     jobs = json.loads(ok(dalston(system, "jobs", "--json")))
     newest = jobs[0]

@@ -62,7 +62,7 @@ class NemoActor(ModelActor):
             kind = type(model).__name__
             self.unload(model)
             raise TaskFailed("invalid_model",
-                             f"{runtime_model_id}: model.nemo holds a {kind}, not a speech recognition model")
+                             f"{runtime_model_id}: model.nemo holds {kind}, not a speech recognition model")
         return model.eval()
 
     def unload(self, handle: ASRModel) -> None:
@@ -77,9 +77,7 @@ class NemoActor(ModelActor):
         for start, window in _windows(audio):
             if cancelled.is_set():
                 raise TaskCancelled()
-            result = handle.transcribe([window], batch_size=1, timestamps=True, verbose=False)
-            # RNNT models of some NeMo versions answer (best, all) rather than a list.
-            hypothesis = (result[0] if isinstance(result, tuple) else result)[0]
+            hypothesis = handle.transcribe([window], batch_size=1, timestamps=True, verbose=False)[0]
             segments += _segments(hypothesis.timestamp, start / SAMPLE_RATE, duration,
                                   options.word_timestamps)
         for number, segment in enumerate(segments):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dalston.cli import dashboard, jobs, models, service, status, transcribe
+from dalston.cli import dashboard, jobs, keys, models, service, status, transcribe
 from dalston.cli.output import CliError, error
 from dalston.config import ConfigError, load_settings
 
 # Each module has `register(subparsers)`; a subcommand sets `func(args, settings) -> int`.
-COMMAND_MODULES = [service, transcribe, jobs, models, status, dashboard]
+COMMAND_MODULES = [service, transcribe, jobs, models, status, dashboard, keys]
 
 
 def build_parser() -> argparse.ArgumentParser:

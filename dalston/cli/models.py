@@ -12,7 +12,7 @@ from typing import Any
 
 from dalston.catalog import Catalog, ModelSpec, UnknownModel, is_model_id
 from dalston.cli.client import add_server_option, probe
-from dalston.cli.output import CliError, StatusLine, add_json_option, percent, print_json, size, table
+from dalston.cli.output import CliError, StatusLine, add_json_option, bar, percent, print_json, size, table
 from dalston.config import Settings
 from dalston.contracts import PullProgress
 from dalston.store import IncompleteModel, InvalidModelId, ModelStore, store_dir_of
@@ -90,8 +90,8 @@ def _pull(args, settings: Settings) -> int:
     model = _model(catalog, args.id)
     with StatusLine() as line:
         def show(progress: PullProgress) -> None:
-            line.show(f"{model.id}: {progress.status} "
-                      f"{percent(progress.completed_bytes, progress.total_bytes)} {progress.source}")
+            line.show(f"{model.id} {progress.status} {bar(progress.completed_bytes, progress.total_bytes)}"
+                      f"  {progress.source}")
 
         try:
             path = pull(model, catalog.runtime(model.runtime), ModelStore(settings.models_path), show,

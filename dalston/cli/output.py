@@ -72,6 +72,14 @@ def percent(completed: int, total: int | None) -> str:
     return f"{100 * completed / total:.0f}%" if total else size(completed)
 
 
+def bar(completed: int, total: int | None, width: int = 24) -> str:
+    """`[#########.........]  45%  66.5 MB / 147.9 MB`, or just the bytes when the total is unknown."""
+    if not total:
+        return size(completed)
+    filled = min(width, width * completed // total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {percent(completed, total):>4}  {size(completed)} / {size(total)}"
+
+
 def stages(record: JobRecord) -> str:
     """A job's tasks in DAG order, e.g. `prepare:completed transcribe-0:running(fw-a)`."""
     return " ".join(f"{key}:{task.status}" + (f"({task.engine})" if task.status == "running" and task.engine else "")

@@ -12,7 +12,7 @@ from dalston.contracts import JobRecord
 from dalston.dashboard.data import PULL_ENDED, DashboardData, EngineView, ModelView
 from dalston.dashboard.widgets import JobScreen, JobsTable, LiveTable, ModelsTable
 
-ENGINE_COLUMNS = ("runtime", "instance", "status", "loaded", "device", "memory", "tasks", "last seen")
+ENGINE_COLUMNS = ("runtime", "instance", "status", "loaded", "device", "memory", "tasks", "seen")
 MODEL_COLUMNS = ("model", "runtime", "languages", "size", "installed", "loaded on")
 JOB_COLUMNS = ("job", "status", "model", "file", "stages", "created")
 TASK_MARKS = {"completed": "✓", "running": "▶", "failed": "✗", "cancelled": "-"}
@@ -129,7 +129,8 @@ def _engine_row(view: EngineView) -> tuple[str, ...]:
 def _model_row(view: ModelView) -> tuple[str, ...]:
     spec, pull = view.spec, view.pull
     if pull is not None and pull.status not in PULL_ENDED:
-        installed = f"{pull.status} {percent(pull.completed_bytes, pull.total_bytes)}"
+        installed = f"{pull.status} {percent(pull.completed_bytes, pull.total_bytes)}" if pull.total_bytes \
+            else pull.message or pull.status
     elif pull is not None and pull.status == "failed" and not view.installed:
         installed = "pull failed"
     else:

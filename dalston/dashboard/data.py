@@ -120,7 +120,7 @@ class DashboardData:
             views.append(ModelView(spec, installed, loaded_on, pull))
         return views
 
-    def _on_progress(self, msg: Msg) -> None:
+    async def _on_progress(self, msg: Msg) -> None:
         try:
             progress = decode(msg.data, PullProgress)
         except ContractError:

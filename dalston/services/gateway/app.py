@@ -20,6 +20,7 @@ from dalston.config import Settings
 from dalston.contracts import JOBS_STREAM, TASKS_STREAM, JobRecord, TranscribeOptions, encode
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
+from dalston.services.gateway.auth import require_key
 from dalston.services.gateway.jobs import JobNotFound, JobService
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.transcript import FORMATS, render
@@ -268,6 +269,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
                         healthz, readyz],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
+        guards=[require_key],
         request_max_body_size=int(settings.max_upload_mb * 1024 * 1024),
         logging_config=None,  # ours (dalston.logs), configured by the runner
         openapi_config=OpenAPIConfig(title="Dalston", version=__version__, path="/openapi"),

@@ -1,0 +1,64 @@
+"""API keys at the gateway's door: a guard on every route.
+
+Keys are demanded whenever the gateway listens beyond loopback, or with DALSTON_REQUIRE_AUTH=true;
+a gateway on loopback alone is one user's, as Ollama's is. A key comes as `Authorization: Bearer
+<key>` (OpenAI clients) or `xi-api-key: <key>` (ElevenLabs clients). Health checks stay open;
+routes marked `opt={"admin": True}` need an admin key. Keys are never logged.
+"""
+
+from __future__ import annotations
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException
+from litestar.handlers import BaseRouteHandler
+
+from dalston.config import Settings
+from dalston.keys import ApiKey, KeyStore
+
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class AuthError(HTTPException):
+    """401 or 403 with an OpenAI error code (the app renders it in OpenAI's error shape)."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(status_code=status, detail=message)
+        self.code = code
+
+
+def auth_required(settings: Settings) -> bool:
+    return settings.require_auth or settings.http_host not in LOOPBACK
+
+
+def presented_key(connection: ASGIConnection) -> str | None:
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return connection.headers.get("xi-api-key", "").strip() or None
+
+
+async def _keys(connection: ASGIConnection) -> KeyStore:
+    # Opened on first use: the NATS connection comes up in the app's lifespan.
+    state = connection.app.state
+    if "api_keys" not in state:
+        state.api_keys = await KeyStore.open(state.bus.js)
+    return state.api_keys
+
+
+async def require_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """Litestar guard: lets the request through, or raises 401 or 403."""
+    settings: Settings = connection.app.state.settings
+    if not auth_required(settings) or connection.url.path in OPEN_PATHS:
+        return
+    key = presented_key(connection)
+    if key is None:
+        raise AuthError(401, "an API key is required: send `Authorization: Bearer <key>` "
+                             "or `xi-api-key: <key>` (create one with `dalston keys create`)",
+                        "missing_api_key")
+    record: ApiKey | None = await (await _keys(connection)).verify(key)
+    if record is None:
+        raise AuthError(401, "the API key is not valid", "invalid_api_key")
+    if handler.opt.get("admin") and record.role != "admin":
+        raise AuthError(403, f"this needs an admin key; key {record.name!r} is a {record.role} key",
+                        "admin_required")

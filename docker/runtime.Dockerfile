@@ -1,0 +1,28 @@
+# One transcription runtime's engine, chosen at build time:
+#   docker build -f docker/runtime.Dockerfile --build-arg RUNTIME=faster-whisper .
+#   docker build -f docker/runtime.Dockerfile --build-arg RUNTIME=nemo --build-arg EXTRAS=nemo .
+# No weights are baked in: the engine pulls a model into /models (a shared volume) on first use.
+# faster-whisper on CUDA also needs cuBLAS and cuDNN 9, e.g.
+#   --build-arg PACKAGES="nvidia-cublas-cu12 nvidia-cudnn-cu12==9.*"
+FROM python:3.11-slim
+
+ARG RUNTIME=faster-whisper
+ARG EXTRAS=""
+ARG PACKAGES=""
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN useradd --create-home --uid 1000 dalston && mkdir /models && chown dalston /models
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY dalston dalston
+COPY actors actors
+COPY catalog catalog
+COPY nats nats
+RUN pip install ".${EXTRAS:+[$EXTRAS]}" $PACKAGES && rm -rf /src
+
+WORKDIR /home/dalston
+USER dalston
+ENV DALSTON_RUNTIME=${RUNTIME} DALSTON_MODELS_DIR=/models
+# Exec form: the engine is PID 1, which its health check relies on (compose.yaml).
+ENTRYPOINT ["dalston", "serve", "engine"]

@@ -1,0 +1,24 @@
+# The gateway, the orchestrator and the model-less engines (audio-prepare, merge): compose.yaml
+# picks the service with `command`. Audio decoding needs no system ffmpeg: the PyAV wheel
+# carries its own libraries.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# An unprivileged user; /models is created here so a fresh named volume mounted on it is
+# writable by that user.
+RUN useradd --create-home --uid 1000 dalston && mkdir /models && chown dalston /models
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY dalston dalston
+COPY actors actors
+COPY catalog catalog
+COPY nats nats
+RUN pip install . && rm -rf /src
+
+WORKDIR /home/dalston
+USER dalston
+ENV DALSTON_MODELS_DIR=/models
+ENTRYPOINT ["dalston"]
+CMD ["serve", "gateway"]

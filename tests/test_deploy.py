@@ -1,0 +1,109 @@
+"""compose.yaml agrees with the code: settings, runtimes, the model store, images, health checks.
+
+No Docker engine runs here, so the file is read, not run; the NATS configs it mounts are
+started for real in test_nats_permissions.py and test_cluster.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+import yaml
+
+from dalston.catalog import Catalog
+from dalston.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+SERVICES = COMPOSE["services"]
+# Dalston's own services are the ones built from this repository; nats is an upstream image.
+DALSTON = {name: spec for name, spec in SERVICES.items() if "build" in spec}
+ENGINES = {name: spec for name, spec in DALSTON.items() if "DALSTON_RUNTIME" in spec["environment"]}
+SETTINGS_VARS = {f"DALSTON_{f.encode_name.upper()}" for f in msgspec.structs.fields(Settings)}
+
+
+def test_every_service_is_there():
+    assert {"nats", "gateway", "orchestrator", "audio-prepare", "merge", "faster-whisper", "nemo"} <= set(SERVICES)
+    assert set(ENGINES) == {"audio-prepare", "merge", "faster-whisper", "nemo"}
+
+
+@pytest.mark.parametrize("name", sorted(DALSTON))
+def test_environment_is_settings(name):
+    env = DALSTON[name]["environment"]
+    unknown = {var for var in env if var.startswith("DALSTON_")} - SETTINGS_VARS
+    assert not unknown, f"{name}: not fields of dalston.config.Settings: {unknown}"
+    assert env["DALSTON_NATS_URL"] == "nats://nats:4222"
+    assert "DALSTON_NATS_REPLICAS" in env
+    # Each service its own NATS user, whose password the nats service knows.
+    user = env["DALSTON_NATS_USER"]
+    assert user == ("engine" if name in ENGINES else name)
+    assert env["DALSTON_NATS_PASSWORD"] == SERVICES["nats"]["environment"][f"DALSTON_NATS_{user.upper()}_PASSWORD"]
+
+
+def test_engine_runtimes_are_in_the_catalog():
+    runtimes = Catalog.load().runtimes
+    for name, spec in ENGINES.items():
+        assert spec["environment"]["DALSTON_RUNTIME"] in runtimes, name
+
+
+@pytest.mark.parametrize("name", ["gateway", *sorted(ENGINES)])
+def test_models_volume_is_the_store(name):
+    spec = DALSTON[name]
+    store = spec["environment"]["DALSTON_MODELS_DIR"]
+    assert f"models:{store}" in spec["volumes"]
+    assert "models" in COMPOSE["volumes"]
+
+
+def test_dockerfiles_exist_and_take_the_runtime():
+    for name, spec in DALSTON.items():
+        dockerfile = ROOT / spec["build"]["context"] / spec["build"]["dockerfile"]
+        assert dockerfile.is_file(), f"{name}: {dockerfile} is missing"
+        args = spec["build"].get("args", {})
+        if "RUNTIME" in args:
+            assert args["RUNTIME"] == spec["environment"]["DALSTON_RUNTIME"]
+    runtime_dockerfile = (ROOT / "docker/runtime.Dockerfile").read_text()
+    assert "ARG RUNTIME" in runtime_dockerfile and "python:3.11-slim" in runtime_dockerfile
+
+
+def test_faster_whisper_scales():
+    spec = SERVICES["faster-whisper"]
+    assert "container_name" not in spec and "ports" not in spec
+
+
+def test_nemo_reserves_a_gpu_behind_a_profile():
+    spec = SERVICES["nemo"]
+    assert spec["profiles"] == ["nemo"]
+    devices = spec["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d["capabilities"] for d in devices)
+    assert spec["build"]["args"]["EXTRAS"] == "nemo"
+
+
+def test_gateway_listens_beyond_loopback():
+    # ... which makes API keys mandatory (dalston/services/gateway/auth.py).
+    env = SERVICES["gateway"]["environment"]
+    assert env["DALSTON_HTTP_HOST"] == "0.0.0.0"
+    assert SERVICES["gateway"]["ports"] == [f"{env['DALSTON_HTTP_PORT']}:{env['DALSTON_HTTP_PORT']}"]
+
+
+@pytest.mark.parametrize("name", ["nats", "gateway", *sorted(ENGINES)])
+def test_health_checks(name):
+    test = SERVICES[name]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    if name == "nats":
+        assert "http://127.0.0.1:8222/healthz?js-enabled-only=true" in test
+    elif name == "gateway":
+        assert any("/readyz" in part for part in test)
+    else:
+        assert any("HEARTBEAT" in part for part in test)
+
+
+def test_nats_mounts_its_config_and_keeps_jetstream():
+    spec = SERVICES["nats"]
+    assert "./nats:/etc/nats:ro" in spec["volumes"]
+    config = spec["command"][spec["command"].index("-c") + 1]
+    assert (ROOT / "nats" / Path(config).name).is_file()
+    data = spec["command"][spec["command"].index("-sd") + 1]
+    assert f"nats-data:{data}" in spec["volumes"]
+    assert "include accounts.conf" in (ROOT / "nats/compose.conf").read_text()

@@ -1,0 +1,146 @@
+"""nats/accounts.conf, as compose runs it: each service's NATS user can do its job, and is refused
+where it would overstep into another service's."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import httpx
+import nats
+import nats.errors
+import pytest
+import yaml
+
+from tests.nats_nodes import NATS_DIR, NatsNode
+from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, words
+
+USERS = ("admin", "orchestrator", "gateway", "engine")
+PASSWORDS = {user: f"pw-{user}-7f3a" for user in USERS}
+
+
+def credentials(user: str) -> dict[str, str]:
+    return {"DALSTON_NATS_USER": user, "DALSTON_NATS_PASSWORD": PASSWORDS[user]}
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory):
+    """nats-server with compose's config, and a TestStack whose default user is admin."""
+    root = tmp_path_factory.mktemp("locked")
+    node = NatsNode(root, "nats", NATS_DIR / "compose.conf",
+                    {f"DALSTON_NATS_{u.upper()}_PASSWORD": p for u, p in PASSWORDS.items()})
+    node.start()
+    node.wait_healthy()
+    system = TestStack(root / "stack", DALSTON_NATS_URL=node.url, **credentials("admin"))
+    yield system
+    system.close()
+    node.stop()
+
+
+async def connect_as(system: TestStack, user: str, errors: list[str]) -> nats.aio.client.Client:
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+
+    return await nats.connect(system.env["DALSTON_NATS_URL"], user=user, password=PASSWORDS[user],
+                              error_cb=on_error, allow_reconnect=False)
+
+
+async def until_error(errors: list[str], timeout: float = 3.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not errors and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return " ".join(errors)
+
+
+# (user, publish or subscribe, subject, what it would let the user do)
+REFUSED = [
+    ("gateway", "publish", "tasks.faster-whisper.base", "queue a task past the orchestrator"),
+    ("gateway", "publish", "$JS.API.CONSUMER.MSG.NEXT.TASKS.tasks-faster-whisper-base", "take a task"),
+    ("gateway", "subscribe", "tasks.>", "see every task"),
+    ("gateway", "publish", "$KV.jobs.some-job", "rewrite a job record"),
+    ("gateway", "publish", "$KV.apikeys.some-digest", "mint itself an API key"),
+    ("gateway", "publish", "$JS.API.STREAM.DELETE.JOBS", "drop every queued job"),
+    ("engine", "publish", "jobs.submit", "submit jobs"),
+    ("engine", "publish", "$KV.jobs.some-job", "rewrite a job record"),
+    ("engine", "publish", "$KV.apikeys.some-digest", "mint an API key"),
+    ("engine", "publish", "$JS.API.STREAM.PURGE.TASKS", "empty the task queue"),
+    ("engine", "publish", "events.job.some-job", "announce a job done"),
+    ("orchestrator", "publish", "$KV.apikeys.some-digest", "mint an API key"),
+]
+
+
+@pytest.mark.parametrize("user,action,subject,why", REFUSED, ids=[f"{u}-{w}" for u, _, _, w in REFUSED])
+async def test_refused(locked, user, action, subject, why):
+    errors: list[str] = []
+    nc = await connect_as(locked, user, errors)
+    try:
+        if action == "publish":
+            await nc.publish(subject, b"{}")
+        else:
+            await nc.subscribe(subject)
+        await nc.flush()
+        error = await until_error(errors)
+    finally:
+        await nc.close()
+    assert f'permissions violation for {"publish to" if action == "publish" else "subscription to"} "{subject.lower()}"' in error
+
+
+async def test_refused_task_never_reaches_the_queue(locked):
+    bus = await locked.bus()  # admin: creates the layout
+    try:
+        errors: list[str] = []
+        nc = await connect_as(locked, "gateway", errors)
+        await nc.publish("tasks.faster-whisper.base", b"{}")
+        await nc.flush()
+        await until_error(errors)
+        await nc.close()
+        assert (await bus.js.stream_info("TASKS")).state.messages == 0
+    finally:
+        await bus.close()
+
+
+async def test_wrong_password_is_refused(locked):
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(locked.env["DALSTON_NATS_URL"], user="gateway", password=PASSWORDS["engine"],
+                           allow_reconnect=False, max_reconnect_attempts=0)
+
+
+def test_every_service_does_its_job_with_its_own_user(locked):
+    """The orchestrator creates the layout; the others, which may only read it, then start and
+    run a job end to end without one permission violation."""
+    locked.start("orchestrator", "orchestrator", **credentials("orchestrator"))
+    deadline = time.monotonic() + 30
+    while "orchestrator started" not in locked.log_text("orchestrator"):
+        assert time.monotonic() < deadline, locked.log_text("orchestrator")
+        time.sleep(0.1)
+    locked.start("gateway", "gateway", **credentials("gateway"))
+    for runtime in ("audio-prepare", "merge", "faster-whisper"):
+        locked.start_engine(runtime, **credentials("engine"))
+    locked.wait_http()
+    locked.wait_engines("audio-prepare", "merge", "faster-whisper")
+
+    with (AUDIO / "dialogue.wav").open("rb") as audio:
+        response = httpx.post(f"{locked.url}/v1/audio/transcriptions", files={"file": audio},
+                              data={"model": "faster-whisper-tiny.en"}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert words(response.json()["text"]) == DIALOGUE_WORDS
+    assert httpx.get(f"{locked.url}/v1/jobs").status_code == 200
+
+    for name in ("orchestrator", "gateway", "audio-prepare", "merge", "faster-whisper"):
+        assert "violation" not in locked.log_text(name).lower(), name
+
+
+def test_compose_engine_health_check_passes_as_the_engine_user(locked):
+    """The health check compose runs in an engine container, against a live engine (started by
+    the test above) with the engine's NATS user."""
+    if "faster-whisper" not in locked.processes:
+        pytest.skip("needs the running system of the test above")
+    check = yaml.safe_load((NATS_DIR.parent / "compose.yaml").read_text())["x-engine-healthcheck"]["test"]
+    env = {**locked.env, **credentials("engine"), "DALSTON_RUNTIME": "faster-whisper",
+           "DALSTON_ENGINE_ID": "faster-whisper"}
+    assert subprocess.run([sys.executable, *check[2:]], env=env, timeout=30).returncode == 0
+    env["DALSTON_ENGINE_ID"] = "no-such-engine"
+    assert subprocess.run([sys.executable, *check[2:]], env=env, timeout=30,
+                          capture_output=True).returncode != 0
