@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.audio_fixtures import AUDIO_DIR as AUDIO
+from tests.audio_fixtures import AUDIO_DIR as AUDIO  # noqa: F401 - for the tests
 
 from dalston.bus.connection import Bus, connect
 from dalston.bus.server import EmbeddedNats
@@ -53,6 +53,17 @@ class TestStack:
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def running(cls, root: Path, *engines: str, **env: str) -> "TestStack":
+        """NATS, the pipeline and one faster-whisper engine per name in `engines`, all ready."""
+        stack = cls(root, **env)
+        stack.start_nats()
+        stack.start_pipeline()
+        for name in engines:
+            stack.start_engine("faster-whisper", name)
+        stack.wait_engines("audio-prepare", "merge", *engines)
+        return stack
 
     @property
     def url(self) -> str:
@@ -140,6 +151,28 @@ def words(text: str) -> list[str]:
 
 DIALOGUE_WORDS = words("That was hilarious, I can't believe you said that. "
                        "What do you mean? I was really serious about it.")
+
+
+def submit(stack: TestStack, path: Path, model: str) -> str:
+    """POST /v1/jobs; the new job's id."""
+    with open(path, "rb") as audio:
+        response = httpx.post(f"{stack.url}/v1/jobs", files={"file": audio}, data={"model": model})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def job(stack: TestStack, job_id: str) -> dict:
+    """The job's record; empty until the orchestrator has taken the submission."""
+    response = httpx.get(f"{stack.url}/v1/jobs/{job_id}")
+    return {"status": None, "tasks": {}} if response.status_code == 404 else response.json()
+
+
+async def wait_job(stack: TestStack, job_id: str, timeout: float = 90.0) -> dict:
+    """The job's record once it has ended."""
+    async def ended():
+        record = job(stack, job_id)
+        return record if record["status"] in ("completed", "failed", "cancelled") else None
+    return await wait_for(ended, timeout)
 
 
 async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):

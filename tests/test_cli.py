@@ -20,11 +20,7 @@ MODEL = "faster-whisper-tiny.en"
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("cli"))
-    stack.start_nats()
-    stack.start_pipeline()
-    stack.start_engine("faster-whisper", "fw")
-    stack.wait_engines("audio-prepare", "merge", "fw")
+    stack = Stack.running(tmp_path_factory.mktemp("cli"), "fw")
     yield stack
     stack.close()
 

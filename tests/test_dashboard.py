@@ -23,11 +23,7 @@ FORGET_AFTER = 3.0
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("dashboard"))
-    stack.start_nats()
-    stack.start_pipeline()
-    stack.start_engine("faster-whisper", "fw")
-    stack.wait_engines("audio-prepare", "merge", "fw")
+    stack = Stack.running(tmp_path_factory.mktemp("dashboard"), "fw")
     yield stack
     stack.close()
 

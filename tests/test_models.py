@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 
 from dalston.contracts import Task, encode
 from tests.audio_fixtures import german_clip
-from tests.stack import AUDIO, TestStack, heartbeat, wait_for
+from tests.stack import AUDIO, TestStack, heartbeat, submit, wait_for, wait_job
 
 TINY, BASE = "faster-whisper-tiny.en", "faster-whisper-base"
 
@@ -34,27 +33,6 @@ def run_job(stack: TestStack, path, model: str, **form) -> dict:
                               data={"model": model, **form}, timeout=120)
     assert response.status_code == 200, response.text
     return response.json() if form.get("response_format", "json").endswith("json") else response.text
-
-
-def submit(stack: TestStack, path, model: str) -> str:
-    with open(path, "rb") as audio:
-        response = httpx.post(f"{stack.url}/v1/jobs", files={"file": audio}, data={"model": model})
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def wait_jobs(stack: TestStack, ids: list[str], timeout: float = 240) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    pending, done = set(ids), {}
-    while pending:
-        assert time.monotonic() < deadline, f"{len(pending)} jobs unfinished"
-        for job_id in list(pending):
-            record = httpx.get(f"{stack.url}/v1/jobs/{job_id}").json()
-            if record.get("status") in ("completed", "failed", "cancelled"):
-                done[job_id] = record
-                pending.discard(job_id)
-        time.sleep(0.3)
-    return [done[i] for i in ids]
 
 
 async def test_one_engine_swaps_between_models_on_demand(system, tmp_path):
@@ -98,7 +76,7 @@ async def test_two_engines_mixed_traffic_few_loads(system):
     system.wait_engines("mix-a", "mix-b")
     try:
         ids = [submit(system, AUDIO / "speaker1.wav", TINY if n % 2 == 0 else BASE) for n in range(40)]
-        records = wait_jobs(system, ids)
+        records = [await wait_job(system, job_id, 240) for job_id in ids]
         assert all(r["status"] == "completed" for r in records)
         bus = await system.bus()
         try:
@@ -141,8 +119,9 @@ def test_models_api_shows_catalog_installed_and_loaded(system):
 
 
 def test_pull_through_the_api_streams_progress(system):
-    with httpx.stream("POST", f"{system.url}/v1/models/{BASE}/pull", params={"stream": True},
-                      timeout=120) as response:
+    # force: an earlier test may have installed it already; this pull must download.
+    with httpx.stream("POST", f"{system.url}/v1/models/{BASE}/pull",
+                      params={"stream": True, "force": True}, timeout=120) as response:
         assert response.status_code == 200
         progress = [json.loads(line) for line in response.iter_lines() if line]
     assert progress[-1]["status"] == "installed", progress[-1]

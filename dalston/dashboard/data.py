@@ -53,7 +53,7 @@ class DashboardData:
     def __init__(self, settings: Settings, on_change: Callable[[], None] = lambda: None,
                  forget_after: float = 60.0) -> None:
         self.settings = settings
-        self.catalog = Catalog.load()
+        self.catalog = Catalog.from_settings(settings)
         self.store = ModelStore(settings.models_path)
         self.forget_after = forget_after
         self.engines: dict[str, EngineView] = {}

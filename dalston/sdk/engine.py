@@ -45,7 +45,7 @@ log = get_logger("dalston.engine")
 
 # An engine swaps to a model other engines hold only when its backlog exceeds this many tasks
 # per holder.
-SWAP_BACKLOG_PER_HOLDER = 2
+SWAP_BACKLOG_PER_HOLDER = 1
 # How long an idle engine waits for a doorbell before it looks at the backlog anyway.
 IDLE_POLL_SECONDS = 2.0
 FETCH_TIMEOUT_SECONDS = 0.5
@@ -55,6 +55,7 @@ PROBE_SECONDS = 0.05
 
 class Engine:
     def __init__(self, actor: Actor, settings: Settings, catalog: Catalog | None = None) -> None:
+        memory.limit_malloc_arenas()
         self.actor = actor
         self.settings = settings
         self.catalog = catalog or Catalog.from_settings(settings)

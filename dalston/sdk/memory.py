@@ -28,6 +28,19 @@ def vram_bytes() -> int | None:
     return int(cuda.memory_allocated()) if cuda else None
 
 
+_M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Few malloc arenas, set before any worker thread starts: with one arena per thread (the
+    glibc default) each swap leaves freed model memory stranded in some thread's arena, and RSS
+    creeps up swap after swap (measured: 152 -> 248 MB over 12 swaps; with 2 arenas, flat)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):
+        pass
+
+
 def release() -> None:
     """After dropping a model's references: collect, hand CUDA blocks and free heap back."""
     gc.collect()

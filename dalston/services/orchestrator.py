@@ -39,11 +39,14 @@ class Orchestrator:
         self.engines = EngineWatch()
         self._bus: Bus | None = None
         self._consumers: set[str] = set()
+        # Jobs not yet ended, for the timeout sweep: filled from KV at start, then kept current.
+        self._active: set[str] = set()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
         self._bus = await connect(self.settings, name="dalston-orchestrator")
         await self.engines.start(self._bus.js)
+        await self._load_active()
         loops = [
             self._consume(JOBS_STREAM, "orchestrator-jobs", self._on_job_message),
             self._consume(EVENTS_STREAM, "orchestrator-events", self._on_task_event),
@@ -119,6 +122,7 @@ class Orchestrator:
                 continue
             if record.status != before:
                 await self._job_event(record)
+            self._track(record)
             return record
 
     async def _publish_tasks(self, record: JobRecord, keys: list[str]) -> None:
@@ -222,16 +226,29 @@ class Orchestrator:
             except Exception:  # noqa: BLE001
                 log.exception("sweep failed")
 
-    async def _sweep(self) -> None:
-        """Fail jobs whose tasks have waited past `engine_wait` for a runtime with no engine."""
+    def _track(self, record: JobRecord) -> None:
+        if record.status in TERMINAL:
+            self._active.discard(record.id)
+        else:
+            self._active.add(record.id)
+
+    async def _load_active(self) -> None:
         try:
             keys = await self._bus.jobs.keys()
         except nats.js.errors.NoKeysError:
             return
-        deadline = time.time() - self.settings.engine_wait
         for job_id in keys:
             loaded = await self._load(job_id)
+            if loaded is not None:
+                self._track(loaded[0])
+
+    async def _sweep(self) -> None:
+        """Fail jobs whose tasks have waited past `engine_wait` for a runtime with no engine."""
+        deadline = time.time() - self.settings.engine_wait
+        for job_id in list(self._active):
+            loaded = await self._load(job_id)
             if loaded is None or loaded[0].status in TERMINAL:
+                self._active.discard(job_id)
                 continue
             stuck = next((t for t in loaded[0].tasks.values() if t.status == "queued"
                           and (t.queued_at or 0) < deadline and not self.engines.live(t.runtime)), None)

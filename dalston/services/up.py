@@ -65,7 +65,7 @@ class Stack:
             nats_url = self.nats.url
         self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url)))
         self.children.append(Child("orchestrator", ["serve", "orchestrator"], self._child_env(nats_url)))
-        default = Catalog.load().model(self.settings.default_model)
+        default = Catalog.from_settings(self.settings).model(self.settings.default_model)
         for runtime in [*PIPELINE_RUNTIMES, *self.runtimes]:
             # The engine that serves the default model pulls and loads it at start, so the
             # first request does not wait for a download.

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from typing import IO
 
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from dalston.bus.connection import Bus
 from dalston.contracts import (
@@ -58,8 +58,18 @@ class JobService:
         try:
             entry = await self.bus.jobs.get(job_id)
         except (KeyNotFoundError, ValueError):
-            raise JobNotFound(job_id) from None
+            return await self._submitted(job_id)
         return decode(entry.value, JobRecord)
+
+    async def _submitted(self, job_id: str) -> JobRecord:
+        """A job whose audio is stored but which no orchestrator has recorded yet: queued."""
+        audio_object = f"jobs/{job_id}/audio"
+        try:
+            await self.bus.artifacts.get_info(audio_object)
+        except (NotFoundError, ValueError):
+            raise JobNotFound(job_id) from None
+        return JobRecord(id=job_id, status="queued", model="", runtime="", runtime_model_id="",
+                         audio_object=audio_object)
 
     async def list(self, limit: int = 50) -> list[JobRecord]:
         try:
