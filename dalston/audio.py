@@ -15,7 +15,8 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from dalston.pcm import SAMPLE_RATE
+
 
 # Two channels are "the same" when the energy of their difference is below 1% (-20 dB) of
 # their mean energy. Identical channels give 0, unrelated equal-level channels about 2; lossy
@@ -189,15 +190,3 @@ def _unreadable(head: bytes) -> str:
     if text is not None and all(c.isprintable() or c.isspace() for c in text):
         return "the file contains text, not audio"
     return "the file is not in an audio format that can be read (unrecognised or corrupt data)"
-
-
-def to_bytes(channel: np.ndarray) -> bytes:
-    """Raw little-endian float32 samples, as stored between stages."""
-    return np.asarray(channel, dtype="<f4").tobytes()
-
-
-def from_bytes(data: bytes) -> np.ndarray:
-    """The inverse of `to_bytes`: a writable float32 array."""
-    if len(data) % 4:
-        raise ValueError(f"raw float32 audio must be a multiple of 4 bytes, got {len(data)}")
-    return np.frombuffer(data, dtype="<f4").astype(np.float32)

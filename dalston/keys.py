@@ -83,8 +83,8 @@ class KeyStore:
             return None
         wanted = digest(key)
         record = await self._record(wanted)
-        # The lookup matched the digest already; the constant-time compare guards against a
-        # record stored under the wrong name rather than against timing.
+        # Lookup time can only tell about the digest, never the key; the record must still
+        # hold that very digest (compared in constant time), not merely be filed under it.
         if record is None or not hmac.compare_digest(record.digest, wanted):
             return None
         return record

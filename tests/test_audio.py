@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalston.audio import SAMPLE_RATE, InvalidAudio, decode, from_bytes, to_bytes
+from dalston.audio import SAMPLE_RATE, InvalidAudio, decode
+from dalston.pcm import from_bytes, to_bytes
 from tests.audio_fixtures import (
     DIALOGUE, DIALOGUE_STEREO, DIALOGUE_TEXT, INVALID_FILES, VARIANTS, convert,
     duplicated_stereo, german_clip, silent_video, variant,

@@ -6,7 +6,8 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from dalston.audio import InvalidAudio, decode, to_bytes
+from dalston.audio import InvalidAudio, decode
+from dalston.pcm import to_bytes
 from dalston.contracts import Task
 from dalston.sdk import Actor, TaskContext, TaskFailed, TaskResult
 

@@ -14,7 +14,7 @@ import torch
 from nemo.collections.asr.models import ASRModel
 from nemo.utils import logging as nemo_logging
 
-from dalston.audio import SAMPLE_RATE
+from dalston.pcm import SAMPLE_RATE
 from dalston.config import Settings
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
 from dalston.sdk import ModelActor, TaskCancelled, TaskFailed

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgspec
 import numpy as np
 
-from dalston.audio import from_bytes
+from dalston.pcm import from_bytes
 from dalston.contracts import ChannelTranscript, Task, TranscribeOptions, encode
 
 if TYPE_CHECKING:
