@@ -1,8 +1,8 @@
 """The engine: runs one actor against NATS.
 
-It takes tasks from its runtime's shared pull consumers (one per model; the consumer of a model
-it already holds first), keeps the task's ack deadline fresh while the actor works, reports the
-outcome on `events.task.<job>`, and publishes its state on `heartbeat.<runtime>.<engine>`.
+It takes tasks through its `TaskIntake` (the consumer of a model it already holds first), keeps
+the task's ack deadline fresh while the actor works, reports the outcome on
+`events.task.<job>`, and publishes its state on `heartbeat.<runtime>.<engine>`.
 Malformed messages are dead-lettered and terminated; a task that keeps killing engines is
 failed after `DALSTON_TASK_MAX_DELIVER` deliveries.
 """
@@ -10,8 +10,6 @@ failed after `DALSTON_TASK_MAX_DELIVER` deliveries.
 from __future__ import annotations
 
 import asyncio
-import random
-from collections import Counter
 import socket
 import time
 from pathlib import Path
@@ -22,35 +20,25 @@ from nats.js.errors import KeyNotFoundError
 
 from dalston import __version__
 from dalston.bus.connection import Bus, connect
-from dalston.bus.layout import ensure_task_consumer
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
-from dalston.engines import EngineWatch
 from dalston.contracts import (
-    DEADLETTER_SUBJECT, HEARTBEAT_SUBJECT, JOB_EVENT_SUBJECT, NO_MODEL, TERMINAL, PULL_PROGRESS_SUBJECT, TASK_EVENT_SUBJECT, TASKS_STREAM,
-    ContractError, DeadLetter, EngineStatus, Failure, Heartbeat, JobEvent, JobRecord, PullProgress,
-    Task, TaskEvent,
-    decode, encode, now, subject_token, task_consumer, task_consumer_prefix,
+    DEADLETTER_SUBJECT, HEARTBEAT_SUBJECT, JOB_EVENT_SUBJECT, NO_MODEL, PULL_PROGRESS_SUBJECT,
+    TASK_EVENT_SUBJECT, TERMINAL, ContractError, DeadLetter, EngineStatus, Failure, Heartbeat,
+    JobEvent, JobRecord, PullProgress, Task, TaskEvent, decode, encode, now, subject_token,
 )
+from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.pull import PullError, pull
 from dalston.sdk import memory
 from dalston.sdk.actor import (
     Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult,
 )
+from dalston.sdk.intake import TaskIntake
 from dalston.sdk.models import ModelManager
 from dalston.store import ModelStore
 
 log = get_logger("dalston.engine")
-
-# An engine swaps to a model other engines hold only when its backlog exceeds this many tasks
-# per holder.
-SWAP_BACKLOG_PER_HOLDER = 1
-# How long an idle engine waits for a doorbell before it looks at the backlog anyway.
-IDLE_POLL_SECONDS = 2.0
-FETCH_TIMEOUT_SECONDS = 0.5
-# A short look where a task may be: just rung for, or due for redelivery after its engine died.
-PROBE_SECONDS = 0.05
 
 
 class Engine:
@@ -77,11 +65,8 @@ class Engine:
                 keep_alive=settings.keep_alive)
         self._bus: Bus | None = None
         self.peers = EngineWatch()  # what the other engines hold, for the choice of backlog
+        self.intake = TaskIntake(settings, self.runtime, self.name, self._held_models, self.peers)
         self._stopping = asyncio.Event()
-        self._doorbell = asyncio.Event()
-        self._rung: set[str] = set()  # consumers the doorbell rang for since the last look
-        self._subscriptions: dict[str, object] = {}
-        self._known_consumers: set[str] = set()
         self._current_ctx: TaskContext | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -89,8 +74,6 @@ class Engine:
     async def run(self) -> None:
         self._bus = await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
         await self.peers.start(self._bus.js)
-        prefix = f"tasks.{subject_token(self.runtime)}"
-        await self._bus.nc.subscribe(f"{prefix}.*", cb=self._ring)
         background = [asyncio.create_task(self._beat_forever())]
         if self.models and self.models.keep_alive >= 0:
             background.append(asyncio.create_task(self._expire_forever()))
@@ -110,7 +93,7 @@ class Engine:
     def stop(self) -> None:
         """Stop taking tasks; a task under way is handed back to the queue for another engine."""
         self._stopping.set()
-        self._doorbell.set()
+        self.intake.wake()
         if self._current_ctx is not None:
             self._current_ctx.cancelled.set()
 
@@ -122,93 +105,15 @@ class Engine:
             except TaskFailed as exc:  # the engine still serves other models
                 log.warning("preload failed", model=spec.id, reason=exc.message)
 
-    # --- taking tasks ----------------------------------------------------------------------
-
-    async def _ring(self, msg: Msg) -> None:
-        # A task was published for this runtime: make sure its model's consumer exists (a
-        # third-party publisher may have invented the subject), then wake the task loop.
-        model_token = msg.subject.rsplit(".", 1)[-1]
-        self._rung.add(await self._ensure_consumer(model_token))
-        self._doorbell.set()
-
-    async def _ensure_consumer(self, model_token: str) -> str:
-        durable = task_consumer(self.runtime, model_token)
-        if durable not in self._known_consumers:
-            await ensure_task_consumer(self._bus.js, self.settings, self.runtime, model_token)
-            self._known_consumers.add(durable)
-        return durable
-
-    async def _backlog(self) -> tuple[dict[str, int], list[str]]:
-        """This runtime's consumers with undelivered tasks (and how many), and those whose
-        delivered tasks are unacked: a dead engine's task comes back there after ack_wait."""
-        prefix = task_consumer_prefix(self.runtime)
-        infos = [i for i in await self._bus.js.consumers_info(TASKS_STREAM) if i.name.startswith(prefix)]
-        return ({i.name: i.num_pending for i in infos if i.num_pending},
-                [i.name for i in infos if i.num_ack_pending])
-
-    def _held_consumers(self) -> set[str]:
+    def _held_models(self) -> list[str]:
+        """The runtime model ids this engine holds, most recently used first."""
         if self.models is None:
-            return {task_consumer(self.runtime, NO_MODEL)}
-        return {task_consumer(self.runtime, rid) for rid in self.models.resident}
-
-    def _preference(self, pending: dict[str, int]) -> list[str]:
-        """Which backlogs to serve, best first: models this engine holds (most recently used
-        first); then models no other engine holds, or whose backlog is more than their holders
-        can soon clear, longest backlog first. A backlog another engine is already working
-        through is left to it: taking it would cost a swap here for little gain."""
-        if not self.settings.prefer_loaded:
-            return random.sample(list(pending), len(pending))
-        held = []
-        if self.models:
-            held = [task_consumer(self.runtime, r.runtime_model_id)
-                    for r in reversed(self.models.resident.values())]
-        first = [name for name in held if name in pending]
-        holders = Counter(task_consumer(self.runtime, m.runtime_model_id)
-                          for beat in self.peers.live(self.runtime) if beat.engine != self.name
-                          for m in beat.loaded_models)
-        rest = [name for name in pending if name not in first
-                and pending[name] > SWAP_BACKLOG_PER_HOLDER * holders[name]]
-        return first + sorted(rest, key=lambda n: -pending[n])
-
-    async def _fetch(self, durable: str, timeout: float) -> Msg | None:
-        subscription = self._subscriptions.get(durable)
-        if subscription is None:
-            subscription = await self._bus.js.pull_subscribe_bind(durable, stream=TASKS_STREAM)
-            self._subscriptions[durable] = subscription
-        try:
-            return (await subscription.fetch(1, timeout=timeout))[0]
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
-            return None  # another engine took it first, or nothing is due for redelivery
-
-    async def _next_message(self) -> Msg | None:
-        while not self._stopping.is_set():
-            self._doorbell.clear()
-            rung, self._rung = self._rung, set()
-            try:
-                # Fast path: a new task for a model this engine holds needs no backlog survey.
-                for durable in rung & self._held_consumers():
-                    if msg := await self._fetch(durable, PROBE_SECONDS):
-                        return msg
-                pending, unacked = await self._backlog()
-                for durable in self._preference(pending):
-                    if msg := await self._fetch(durable, FETCH_TIMEOUT_SECONDS):
-                        return msg
-                for durable in unacked:
-                    if msg := await self._fetch(durable, PROBE_SECONDS):
-                        return msg
-            except Exception as exc:  # noqa: BLE001 - NATS restarting, a 409: look again shortly
-                log.warning("taking a task failed; retrying", error=repr(exc))
-            try:
-                await asyncio.wait_for(self._doorbell.wait(), IDLE_POLL_SECONDS)
-            except TimeoutError:
-                pass
-        return None
+            return [NO_MODEL]  # model-less runtimes have exactly one queue
+        return [r.runtime_model_id for r in reversed(self.models.resident.values())]
 
     async def _work(self) -> None:
-        if self.models is None:
-            # Model-less runtimes have exactly one consumer; model runtimes get one per model.
-            await self._ensure_consumer(NO_MODEL)
-        while (msg := await self._next_message()) is not None:
+        await self.intake.start(self._bus)
+        while (msg := await self.intake.next_message(self._stopping)) is not None:
             await self._process(msg)
 
     # --- running one task --------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""How an engine takes its next task: which of its runtime's queues, and when.
+
+Every engine of a runtime shares one durable pull consumer per model (`tasks.<runtime>.<model>`).
+A core subscription on the same subjects is the doorbell: it wakes an idle engine the moment a
+task is published. The engine then surveys the backlog (one `consumers_info` request) and pulls
+one task from the best queue: the model it holds first, so mixed traffic does not make every
+engine swap on every task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from typing import Callable
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from dalston.bus.connection import Bus
+from dalston.bus.layout import ensure_task_consumer
+from dalston.config import Settings
+from dalston.contracts import NO_MODEL, TASKS_STREAM, subject_token, task_consumer, task_consumer_prefix
+from dalston.engines import EngineWatch
+from dalston.logs import get_logger
+
+log = get_logger("dalston.engine.intake")
+
+# An engine swaps to a model other engines hold only when its backlog exceeds this many tasks
+# per holder: measured on 24 mixed jobs, 2 engines (bench/models.py), 1 gave 3 loads and the
+# shortest makespan, 2 gave 4 loads and a longer one.
+SWAP_BACKLOG_PER_HOLDER = 1
+# How long an idle engine waits for the doorbell before it surveys the backlog anyway.
+IDLE_POLL_SECONDS = 2.0
+FETCH_TIMEOUT_SECONDS = 0.5
+# A short look where a task may be: just rung for, or due for redelivery after its engine died.
+PROBE_SECONDS = 0.05
+
+
+class TaskIntake:
+    def __init__(self, settings: Settings, runtime: str, engine: str,
+                 held_models: Callable[[], list[str]], peers: EngineWatch) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.engine = engine
+        self._held_models = held_models  # runtime model ids, most recently used first
+        self._peers = peers
+        self._bus: Bus | None = None
+        self._doorbell = asyncio.Event()
+        self._rung: set[str] = set()  # consumers the doorbell rang for since the last look
+        self._subscriptions: dict[str, object] = {}
+        self._known_consumers: set[str] = set()
+
+    async def start(self, bus: Bus) -> None:
+        self._bus = bus
+        await bus.nc.subscribe(f"tasks.{subject_token(self.runtime)}.*", cb=self._ring)
+        if self._held_models() == [NO_MODEL]:
+            await self._ensure_consumer(NO_MODEL)
+
+    def wake(self) -> None:
+        self._doorbell.set()
+
+    async def _ring(self, msg: Msg) -> None:
+        # A task was published for this runtime: make sure its model's consumer exists (a
+        # third-party publisher may have invented the subject), then wake the task loop.
+        model_token = msg.subject.rsplit(".", 1)[-1]
+        self._rung.add(await self._ensure_consumer(model_token))
+        self._doorbell.set()
+
+    async def _ensure_consumer(self, model_token: str) -> str:
+        durable = task_consumer(self.runtime, model_token)
+        if durable not in self._known_consumers:
+            await ensure_task_consumer(self._bus.js, self.settings, self.runtime, model_token)
+            self._known_consumers.add(durable)
+        return durable
+
+    async def next_message(self, stopping: asyncio.Event) -> Msg | None:
+        """The next task for this engine, or None once `stopping` is set."""
+        while not stopping.is_set():
+            self._doorbell.clear()
+            rung, self._rung = self._rung, set()
+            try:
+                # Fast path: a new task for a model this engine holds needs no backlog survey.
+                for durable in rung & self._held_consumers():
+                    if msg := await self._fetch(durable, PROBE_SECONDS):
+                        return msg
+                pending, unacked = await self._backlog()
+                for durable in self._preference(pending):
+                    if msg := await self._fetch(durable, FETCH_TIMEOUT_SECONDS):
+                        return msg
+                for durable in unacked:
+                    if msg := await self._fetch(durable, PROBE_SECONDS):
+                        return msg
+            except Exception as exc:  # noqa: BLE001 - NATS restarting, a 409: look again shortly
+                log.warning("taking a task failed; retrying", error=repr(exc))
+            try:
+                await asyncio.wait_for(self._doorbell.wait(), IDLE_POLL_SECONDS)
+            except TimeoutError:
+                pass
+        return None
+
+    async def _backlog(self) -> tuple[dict[str, int], list[str]]:
+        """This runtime's consumers with undelivered tasks (and how many), and those whose
+        delivered tasks are unacked: a dead engine's task comes back there after ack_wait."""
+        prefix = task_consumer_prefix(self.runtime)
+        infos = [i for i in await self._bus.js.consumers_info(TASKS_STREAM) if i.name.startswith(prefix)]
+        return ({i.name: i.num_pending for i in infos if i.num_pending},
+                [i.name for i in infos if i.num_ack_pending])
+
+    def _held_consumers(self) -> set[str]:
+        return {task_consumer(self.runtime, rid) for rid in self._held_models()}
+
+    def _preference(self, pending: dict[str, int]) -> list[str]:
+        """Which backlogs to serve, best first: models this engine holds (most recently used
+        first); then models no other engine holds, or whose backlog is more than their holders
+        can soon clear, longest backlog first. A backlog another engine is already working
+        through is left to it: taking it would cost a swap here for little gain."""
+        if not self.settings.prefer_loaded:
+            return random.sample(list(pending), len(pending))
+        held = [task_consumer(self.runtime, rid) for rid in self._held_models()]
+        first = [name for name in held if name in pending]
+        holders = Counter(task_consumer(self.runtime, m.runtime_model_id)
+                          for beat in self._peers.live(self.runtime) if beat.engine != self.engine
+                          for m in beat.loaded_models)
+        rest = [name for name in pending if name not in first
+                and pending[name] > SWAP_BACKLOG_PER_HOLDER * holders[name]]
+        return first + sorted(rest, key=lambda n: -pending[n])
+
+    async def _fetch(self, durable: str, timeout: float) -> Msg | None:
+        subscription = self._subscriptions.get(durable)
+        if subscription is None:
+            subscription = await self._bus.js.pull_subscribe_bind(durable, stream=TASKS_STREAM)
+            self._subscriptions[durable] = subscription
+        try:
+            return (await subscription.fetch(1, timeout=timeout))[0]
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            return None  # another engine took it first, or nothing is due for redelivery
