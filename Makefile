@@ -1,25 +1,33 @@
 # Two commands on a fresh machine: `make up` runs Dalston with its default model, `make test`
-# runs the test suite. Both create .venv on first use.
+# runs the test suite. Both create .venv on first use; the tests add the test and NeMo extras.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q
 
 .PHONY: up test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,nemo]'
+	$(PIP) --upgrade pip
 	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.created
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.created
+	$(PIP) -e '.[test,nemo]'
+	touch $@ $(VENV)/.installed
 
 up: $(VENV)/.installed
 	$(VENV)/bin/dalston up
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	scripts/system-deps
 	$(PY) -m pytest
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-test
 	scripts/system-deps
 	$(PY) -m bench
 

@@ -92,6 +92,12 @@ def test_invalid_audio_is_a_clear_400(client, name, reason):
         words("What do you mean? I was really serious about it.")
 
 
+def test_a_language_the_model_lacks_is_a_clear_400(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        transcribe(client, AUDIO / "speaker1.wav", language="de")
+    assert "faster-whisper-tiny.en transcribes en, not 'de'" in caught.value.body["message"]
+
+
 def test_unknown_model_is_404_listing_valid_ids(client):
     with pytest.raises(openai.NotFoundError) as caught:
         transcribe(client, AUDIO / "speaker1.wav", model="whisper-9000")

@@ -10,7 +10,7 @@ import numpy as np
 from faster_whisper import WhisperModel
 
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
-from dalston.sdk import ModelActor, TaskCancelled, TaskFailed
+from dalston.sdk import ModelActor, TaskCancelled
 
 
 class FasterWhisperActor(ModelActor):
@@ -38,12 +38,8 @@ class FasterWhisperActor(ModelActor):
 
     def transcribe(self, handle: WhisperModel, audio: np.ndarray, options: TranscribeOptions,
                    cancelled: threading.Event) -> ChannelTranscript:
-        language = options.language
-        if language and not handle.model.is_multilingual and language != "en":
-            raise TaskFailed("unsupported_language",
-                             f"this model only transcribes English, not {language!r}")
         pieces, info = handle.transcribe(
-            audio, language=language or None, initial_prompt=options.prompt or None,
+            audio, language=options.language or None, initial_prompt=options.prompt or None,
             temperature=options.temperature or [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
             beam_size=options.beam_size, vad_filter=options.vad,
             word_timestamps=options.word_timestamps)

@@ -176,6 +176,12 @@ class Orchestrator:
                                        default=self.settings.default_model)
         except UnknownModel as exc:
             return self._rejected(request, created, Failure(code="unknown_model", message=str(exc)))
+        language = request.options.language
+        if language and model.languages and language not in model.languages:
+            return self._rejected(request, created, Failure(
+                code="unsupported_language",
+                message=f"{model.id} transcribes {', '.join(model.languages)}, not {language!r}; "
+                        "pick a multilingual model"))
         audio_object = request.audio_object or f"jobs/{request.id}/audio"
         if request.audio is not None:
             await self._bus.artifacts.put(audio_object, request.audio)
