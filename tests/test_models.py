@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import time
 import uuid
 
 import httpx
@@ -182,3 +184,17 @@ def test_a_job_for_a_runtime_with_no_engine_fails_naming_it(system):
                               data={"model": "parakeet-tdt-0.6b-v2"}, timeout=60)
     assert response.status_code == 503
     assert "no nemo engine" in response.json()["error"]["message"]
+
+
+def test_a_silent_engine_drops_out_within_three_beats(system):
+    system.start_engine("faster-whisper", "doomed")
+    system.wait_engines("doomed")
+    system.stop("doomed", signal.SIGKILL)  # no goodbye beat: it just goes silent
+    killed = time.monotonic()
+
+    async def gone():
+        engines = httpx.get(f"{system.url}/v1/engines").json()["data"]
+        return "doomed" not in [e["engine"] for e in engines]
+    asyncio.run(wait_for(gone, 10, 0.1))
+    interval = system.settings.heartbeat_interval
+    assert time.monotonic() - killed <= 3 * interval + 1.0  # a beat may have just been sent
