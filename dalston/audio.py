@@ -17,7 +17,6 @@ import numpy as np
 
 from dalston.pcm import SAMPLE_RATE
 
-
 # Two channels are "the same" when the energy of their difference is below 1% (-20 dB) of
 # their mean energy. Identical channels give 0, unrelated equal-level channels about 2; lossy
 # joint-stereo coding or dithering of a duplicated mono signal stays far below 0.01.

@@ -8,7 +8,13 @@ replayed after a crash with the same result.
 from __future__ import annotations
 
 from dalston.contracts import (
-    TERMINAL, Failure, JobRecord, Task, TaskEvent, TaskRecord, now,
+    TERMINAL,
+    Failure,
+    JobRecord,
+    Task,
+    TaskEvent,
+    TaskRecord,
+    now,
 )
 
 PREPARE = "prepare"

@@ -24,16 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The packs are installed; asking the Hub first would only wait for its timeout offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from dalston.catalog import Catalog  # noqa: E402
-from dalston.config import load_settings  # noqa: E402
-from dalston.contracts import TranscribeOptions  # noqa: E402
-from dalston.pull import pull  # noqa: E402
-from dalston.sdk import memory  # noqa: E402
-from dalston.sdk.actor import ModelActor  # noqa: E402
-from dalston.store import ModelStore  # noqa: E402
+from dalston.catalog import Catalog
+from dalston.config import load_settings
+from dalston.contracts import TranscribeOptions
+from dalston.pull import pull
+from dalston.sdk import memory
+from dalston.sdk.actor import ModelActor
+from dalston.store import ModelStore
 
 SWAPS = 10
 MiB = 1 << 20

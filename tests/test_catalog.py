@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dalston.catalog import (Catalog, CatalogError, UnknownModel, UnknownRuntime, is_model_id,
-                             is_runtime_model_id)
+from dalston.catalog import (
+    Catalog,
+    CatalogError,
+    UnknownModel,
+    UnknownRuntime,
+    is_model_id,
+    is_runtime_model_id,
+)
 from dalston.resources import data_dir
 
 FASTER_WHISPER = ["tiny", "tiny.en", "base", "base.en", "small", "medium", "large-v3",

@@ -11,10 +11,9 @@ import httpx
 import pytest
 from textual.widgets import Static
 
+from dalston.dashboard.app import DashboardApp
 from tests.stack import AUDIO, DIALOGUE_WORDS, words
 from tests.stack import TestStack as Stack
-
-from dalston.dashboard.app import DashboardApp
 
 # The README's screenshot is this test's: it is rewritten only when asked, so test runs leave
 # the checkout clean.

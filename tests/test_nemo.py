@@ -13,12 +13,21 @@ import pytest
 from dalston.catalog import Catalog
 from dalston.resources import data_dir
 from dalston.store import ModelStore
-from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, heartbeat, submit, wait_for, wait_job, words
+from tests.stack import (
+    AUDIO,
+    DIALOGUE_WORDS,
+    TestStack,
+    heartbeat,
+    submit,
+    wait_for,
+    wait_job,
+    words,
+)
 
 if os.environ.get("DALSTON_SKIP_NEMO") == "1":
     pytest.importorskip("nemo.collections.asr")
 # Otherwise a missing nemo_toolkit is an error here, not a skip: CI installs it.
-from tests import nemo_models  # noqa: E402
+from tests import nemo_models
 
 # Test model id -> its `.nemo` of `nemo_models.build_set`, served as runtime model `test/<name>`.
 TINY = {"nemo-tiny-a": "tiny-a", "nemo-tiny-b": "tiny-b"}

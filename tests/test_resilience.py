@@ -13,7 +13,14 @@ import pytest
 from nats.js.api import DeliverPolicy
 
 from dalston.contracts import (
-    DEADLETTER_STREAM, TERMINAL, DeadLetter, JobEvent, JobRequest, Task, Transcript, decode,
+    DEADLETTER_STREAM,
+    TERMINAL,
+    DeadLetter,
+    JobEvent,
+    JobRequest,
+    Task,
+    Transcript,
+    decode,
     encode,
 )
 from tests.stack import AUDIO, DIALOGUE_WORDS, job, submit, wait_for, wait_job, words
@@ -45,7 +52,7 @@ async def job_events(bus, job_id) -> list[JobEvent]:
     try:
         while True:
             events.append(decode((await subscription.next_msg(timeout=1)).data, JobEvent))
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         return events
     finally:
         await subscription.unsubscribe()

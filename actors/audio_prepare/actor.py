@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 from dalston.audio import InvalidAudio, decode
-from dalston.pcm import to_bytes
 from dalston.contracts import Task
+from dalston.pcm import to_bytes
 from dalston.sdk import Actor, TaskContext, TaskFailed, TaskResult
 
 

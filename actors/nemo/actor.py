@@ -14,9 +14,9 @@ import torch
 from nemo.collections.asr.models import ASRModel
 from nemo.utils import logging as nemo_logging
 
-from dalston.pcm import SAMPLE_RATE
 from dalston.config import Settings
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
+from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import ModelActor, TaskCancelled, TaskFailed
 
 # Audio goes to the model in windows of this length, so memory stays bounded on long files

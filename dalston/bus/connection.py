@@ -8,13 +8,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+import nats
 from dalston.bus.layout import ensure_layout
 from dalston.config import Settings
 from dalston.contracts import ARTIFACTS_BUCKET, JOBS_BUCKET, Contract, encode

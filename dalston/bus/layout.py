@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from nats.js import JetStreamContext
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
 from dalston.config import Settings

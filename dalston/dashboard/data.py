@@ -16,8 +16,18 @@ from dalston.bus.connection import Bus, connect
 from dalston.catalog import Catalog, ModelSpec
 from dalston.config import Settings
 from dalston.contracts import (
-    PULL_PROGRESS_SUBJECT, PULL_SUBJECT, ContractError, Heartbeat, JobRecord, PullProgress,
-    PullRequest, Transcript, decode, encode, now, subject_token,
+    PULL_PROGRESS_SUBJECT,
+    PULL_SUBJECT,
+    ContractError,
+    Heartbeat,
+    JobRecord,
+    PullProgress,
+    PullRequest,
+    Transcript,
+    decode,
+    encode,
+    now,
+    subject_token,
 )
 from dalston.engines import MISSED_BEATS, EngineWatch
 from dalston.store import ModelStore

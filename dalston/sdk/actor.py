@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgspec
 import numpy as np
 
-from dalston.pcm import from_bytes
 from dalston.contracts import ChannelTranscript, Task, TranscribeOptions, encode
+from dalston.pcm import from_bytes
 
 if TYPE_CHECKING:
     from dalston.bus.connection import Bus
@@ -50,8 +50,8 @@ class TaskResult:
 class TaskContext:
     """What a handler may touch: the task's artifacts in the object store."""
 
-    bus: "Bus"
-    settings: "Settings"
+    bus: Bus
+    settings: Settings
     # Set when the job is cancelled; long work checks it between steps.
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -74,7 +74,7 @@ class Actor:
 
     runtime: ClassVar[str]
 
-    def __init__(self, settings: "Settings") -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     @property

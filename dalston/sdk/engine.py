@@ -23,16 +23,39 @@ from dalston.bus.connection import Bus, connect
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
-    DEADLETTER_SUBJECT, HEARTBEAT_SUBJECT, JOB_EVENT_SUBJECT, NO_MODEL, PULL_PROGRESS_SUBJECT,
-    TASK_EVENT_SUBJECT, TERMINAL, ContractError, DeadLetter, EngineStatus, Failure, Heartbeat,
-    JobEvent, JobRecord, PullProgress, Task, TaskEvent, decode, encode, now, subject_token,
+    DEADLETTER_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    JOB_EVENT_SUBJECT,
+    NO_MODEL,
+    PULL_PROGRESS_SUBJECT,
+    TASK_EVENT_SUBJECT,
+    TERMINAL,
+    ContractError,
+    DeadLetter,
+    EngineStatus,
+    Failure,
+    Heartbeat,
+    JobEvent,
+    JobRecord,
+    PullProgress,
+    Task,
+    TaskEvent,
+    decode,
+    encode,
+    now,
+    subject_token,
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.pull import PullError, pull
 from dalston.sdk import memory
 from dalston.sdk.actor import (
-    Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult,
+    Actor,
+    ModelActor,
+    TaskCancelled,
+    TaskContext,
+    TaskFailed,
+    TaskResult,
 )
 from dalston.sdk.intake import TaskIntake
 from dalston.sdk.models import ModelManager
@@ -153,7 +176,7 @@ class Engine:
             failure = Failure(code="cancelled", message="the job was cancelled")
         except TaskFailed as exc:
             failure = Failure(code=exc.code, message=exc.message, retryable=exc.retryable)
-        except Exception as exc:  # noqa: BLE001 - any other error is reported, the engine lives on
+        except Exception as exc:
             log.exception("task crashed", task=task.id)
             failure = Failure(code="internal", message=f"{type(exc).__name__}: {exc}", retryable=True)
         finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -20,7 +20,13 @@ from nats.aio.msg import Msg
 from dalston.bus.connection import Bus
 from dalston.bus.layout import ensure_task_consumer
 from dalston.config import Settings
-from dalston.contracts import NO_MODEL, TASKS_STREAM, subject_token, task_consumer, task_consumer_prefix
+from dalston.contracts import (
+    NO_MODEL,
+    TASKS_STREAM,
+    subject_token,
+    task_consumer,
+    task_consumer_prefix,
+)
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 
@@ -133,5 +139,5 @@ class TaskIntake:
             self._subscriptions[durable] = subscription
         try:
             return (await subscription.fetch(1, timeout=timeout))[0]
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.TimeoutError):
             return None  # another engine took it first, or nothing is due for redelivery

@@ -20,9 +20,24 @@ from dalston.bus.layout import ensure_task_consumer
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
-    CANCEL_SUBJECT, DEADLETTER_SUBJECT, EVENTS_STREAM, JOB_EVENT_SUBJECT, JOBS_STREAM, TERMINAL,
-    CancelRequest, ContractError, DeadLetter, Failure, JobEvent, JobRecord, JobRequest,
-    TaskEvent, decode, encode, now, task_subject,
+    CANCEL_SUBJECT,
+    DEADLETTER_SUBJECT,
+    EVENTS_STREAM,
+    JOB_EVENT_SUBJECT,
+    JOBS_STREAM,
+    TERMINAL,
+    CancelRequest,
+    ContractError,
+    DeadLetter,
+    Failure,
+    JobEvent,
+    JobRecord,
+    JobRequest,
+    TaskEvent,
+    decode,
+    encode,
+    now,
+    task_subject,
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
@@ -71,7 +86,7 @@ class Orchestrator:
         while True:
             try:
                 messages = await subscription.fetch(32, timeout=5)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 # nats-py raises either, depending on where in the fetch the deadline passed.
                 continue
             except Exception as exc:  # noqa: BLE001 - a lost connection, a 409: try again
@@ -84,7 +99,7 @@ class Orchestrator:
                     await msg.ack()
                 except ContractError as exc:
                     await self._dead_letter(msg, str(exc))
-                except Exception:  # noqa: BLE001 - NATS redelivers; the loop must live on
+                except Exception:
                     log.exception("message not handled; it will be redelivered", subject=msg.subject)
                     await msg.nak(delay=1)
 
@@ -229,7 +244,7 @@ class Orchestrator:
             await asyncio.sleep(SWEEP_SECONDS)
             try:
                 await self._sweep()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("sweep failed")
 
     def _track(self, record: JobRecord) -> None:

@@ -10,8 +10,18 @@ from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from dalston.bus.connection import Bus
 from dalston.contracts import (
-    CANCEL_SUBJECT, JOB_EVENT_SUBJECT, SUBMIT_SUBJECT, TERMINAL, CancelRequest, JobEvent,
-    JobRecord, JobRequest, Transcript, TranscribeOptions, decode, now,
+    CANCEL_SUBJECT,
+    JOB_EVENT_SUBJECT,
+    SUBMIT_SUBJECT,
+    TERMINAL,
+    CancelRequest,
+    JobEvent,
+    JobRecord,
+    JobRequest,
+    TranscribeOptions,
+    Transcript,
+    decode,
+    now,
 )
 
 

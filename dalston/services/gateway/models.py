@@ -4,7 +4,8 @@ and pulls into the shared model store (the same `dalston.pull` the CLI and engin
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -13,8 +14,15 @@ from dalston.bus.connection import Bus
 from dalston.catalog import Catalog, ModelSpec
 from dalston.config import Settings
 from dalston.contracts import (
-    PULL_PROGRESS_SUBJECT, PULL_SUBJECT, ContractError, PullProgress, PullRequest, decode,
-    encode, now, subject_token,
+    PULL_PROGRESS_SUBJECT,
+    PULL_SUBJECT,
+    ContractError,
+    PullProgress,
+    PullRequest,
+    decode,
+    encode,
+    now,
+    subject_token,
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
