@@ -7,15 +7,7 @@ replayed after a crash with the same result.
 
 from __future__ import annotations
 
-from dalston.contracts import (
-    TERMINAL,
-    Failure,
-    JobRecord,
-    Task,
-    TaskEvent,
-    TaskRecord,
-    now,
-)
+from dalston.contracts import TERMINAL, Failure, JobRecord, Task, TaskEvent, TaskRecord, now
 
 PREPARE = "prepare"
 MERGE = "merge"

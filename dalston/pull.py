@@ -28,14 +28,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import filter_repo_objects
 from tqdm import tqdm
 
-from dalston.catalog import (
-    HfSource,
-    LocalSource,
-    ModelSpec,
-    PypiSource,
-    RuntimeSpec,
-    Source,
-)
+from dalston.catalog import HfSource, LocalSource, ModelSpec, PypiSource, RuntimeSpec, Source
 from dalston.contracts import PullProgress, now
 from dalston.logs import get_logger
 from dalston.store import IncompleteModel, ModelStore, copy_into, store_dir_of

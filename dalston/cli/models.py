@@ -12,16 +12,7 @@ from typing import Any
 
 from dalston.catalog import Catalog, ModelSpec, UnknownModel, is_model_id
 from dalston.cli.client import add_server_option, probe
-from dalston.cli.output import (
-    CliError,
-    StatusLine,
-    add_json_option,
-    bar,
-    percent,
-    print_json,
-    size,
-    table,
-)
+from dalston.cli.output import CliError, StatusLine, add_json_option, bar, percent, print_json, size, table
 from dalston.config import Settings
 from dalston.contracts import PullProgress
 from dalston.store import IncompleteModel, InvalidModelId, ModelStore, store_dir_of

@@ -49,14 +49,7 @@ from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.pull import PullError, pull
 from dalston.sdk import memory
-from dalston.sdk.actor import (
-    Actor,
-    ModelActor,
-    TaskCancelled,
-    TaskContext,
-    TaskFailed,
-    TaskResult,
-)
+from dalston.sdk.actor import Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult
 from dalston.sdk.intake import TaskIntake
 from dalston.sdk.models import ModelManager
 from dalston.store import ModelStore

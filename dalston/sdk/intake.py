@@ -20,13 +20,7 @@ from nats.aio.msg import Msg
 from dalston.bus.connection import Bus
 from dalston.bus.layout import ensure_task_consumer
 from dalston.config import Settings
-from dalston.contracts import (
-    NO_MODEL,
-    TASKS_STREAM,
-    subject_token,
-    task_consumer,
-    task_consumer_prefix,
-)
+from dalston.contracts import NO_MODEL, TASKS_STREAM, subject_token, task_consumer, task_consumer_prefix
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 
