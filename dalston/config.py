@@ -36,6 +36,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_port: int = 8000
     # The gateway the CLI talks to; empty means http://<http_host>:<http_port>.
     server: str = ""
+    # The API key the CLI sends (`dalston keys create`), where the gateway demands one.
+    api_key: str = ""
     models_dir: str = ""
     # A catalog folder (runtimes/ and models/) to use instead of the bundled one.
     catalog_dir: str = ""

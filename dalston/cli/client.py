@@ -52,9 +52,10 @@ class ApiError(CliError):
 class Client:
     """Calls to the gateway; every failure becomes a `CliError` with the server's own words."""
 
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, api_key: str = "", timeout: float = 60.0) -> None:
         self.url = url
-        self.http = httpx.Client(base_url=url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url, timeout=timeout, headers=headers)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -107,14 +108,14 @@ def _api_message(response: httpx.Response) -> str:
 
 def probe(args, settings: Settings) -> Client | None:
     """The gateway if one answers now, else None (for commands that manage without one)."""
-    client = Client(server_url(args, settings)[0])
+    client = Client(server_url(args, settings)[0], settings.api_key)
     return client if client.ready() else None
 
 
 def connect(args, settings: Settings, *, start: bool = False) -> Client:
     """A gateway that answers; with `start`, the local one is started if it is not running."""
     url, named = server_url(args, settings)
-    client = Client(url)
+    client = Client(url, settings.api_key)
     if client.ready():
         return client
     if named or not start:

@@ -48,7 +48,7 @@ def _engine_table(beats: list[dict[str, Any]]) -> str:
 
 def _status(args, settings: Settings) -> int:
     url, _ = server_url(args, settings)
-    gateway = _gateway(Client(url))
+    gateway = _gateway(Client(url, settings.api_key))
     beats = gateway.pop("engines")
     report = {"gateway": gateway, "nats": asyncio.run(_nats(settings)), "engines": beats}
     if args.json:
