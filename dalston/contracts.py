@@ -64,8 +64,9 @@ class ContractError(ValueError):
     """A message that does not fit its contract; the text says which field and why."""
 
 
-class Contract(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=False):
-    """Base of every wire message."""
+class Contract(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """Base of every wire message. Every field is always written, defaults too, so a reader
+    in any language sees the whole shape (a queued job says `"status": "queued"`)."""
 
 
 T = TypeVar("T", bound=Contract)

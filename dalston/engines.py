@@ -26,7 +26,10 @@ class EngineWatch:
     async def start(self, js: JetStreamContext) -> None:
         self._subscription = await js.subscribe(
             "heartbeat.>", stream=HEARTBEATS_STREAM, cb=self._receive, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            # The consumer lives on one node: a missed idle beat after 2 s recreates it
+            # elsewhere, so a cluster node's death hides engines for seconds, not ~15 s.
+            idle_heartbeat=1.0)
 
     async def stop(self) -> None:
         if self._subscription is not None:

@@ -9,11 +9,11 @@ import sys
 import time
 
 import httpx
-import nats
 import nats.errors
 import pytest
 import yaml
 
+import nats
 from tests.nats_nodes import NATS_DIR, NatsNode
 from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, words
 

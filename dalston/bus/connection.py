@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -98,8 +98,10 @@ async def _ensure_layout_patiently(js: JetStreamContext, settings: Settings) -> 
         try:
             await ensure_layout(js, settings)
             return
-        except (nats.errors.TimeoutError, ServiceUnavailableError) as exc:
-            if attempt == CONNECT_ATTEMPTS - 1:
+        except (nats.errors.TimeoutError, ServiceUnavailableError, BadRequestError) as exc:
+            # 10005: a new cluster's nodes have not all joined JetStream yet.
+            transient = not isinstance(exc, BadRequestError) or exc.err_code == 10005
+            if not transient or attempt == CONNECT_ATTEMPTS - 1:
                 raise
             log.warning("JetStream layout not ready; retrying", error=repr(exc))
             await asyncio.sleep(0.5)

@@ -130,7 +130,11 @@ class Engine:
     async def _work(self) -> None:
         await self.intake.start(self._bus)
         while (msg := await self.intake.next_message(self._stopping)) is not None:
-            await self._process(msg)
+            try:
+                await self._process(msg)
+            except Exception:  # noqa: BLE001 - NATS failing over, say: the task comes back
+                log.exception("task not settled; NATS redelivers it after ack_wait")
+                self._set_status("idle")
 
     # --- running one task --------------------------------------------------------------------
 

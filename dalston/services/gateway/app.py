@@ -7,10 +7,10 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 from litestar import Litestar, Request, Response, delete, get, post
-from litestar.response import Stream
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import OpenAPIConfig
+from litestar.response import Stream
 from litestar.status_codes import HTTP_202_ACCEPTED
 
 from dalston import __version__
