@@ -138,3 +138,15 @@ def test_keys_never_reach_the_logs(gateway, keys):
     logs = "".join(path.read_text(errors="replace") for path in gateway.logs.glob("*.log"))
     for secret in [*keys.values(), "dsk_wrong-key-in-a-log"]:
         assert secret not in logs
+
+
+def test_the_cli_sends_its_key(gateway, keys):
+    env = {**gateway.env, "DALSTON_SERVER": gateway.url}
+    done = subprocess.run([sys.executable, "-m", "dalston", "engines", "--json"],
+                          env={**env, "DALSTON_API_KEY": keys["user"]},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+    denied = subprocess.run([sys.executable, "-m", "dalston", "engines"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert denied.returncode != 0 and "dalston keys create" in denied.stderr
