@@ -103,6 +103,7 @@ def test_models_api_shows_catalog_installed_and_loaded(system):
         entry = asyncio.run(wait_for(loaded, 20))
         assert entry["installed"] and entry["runtime"] == "faster-whisper"
         assert entry["runtime_model_id"] == "tiny.en" and entry["languages"] == ["en"]
+        assert entry["capabilities"]["word_timestamps"] is True and entry["hardware"]["cpu"] is True
         listed = {m["id"]: m for m in httpx.get(f"{system.url}/v1/models").json()["data"]}
         assert {"faster-whisper-large-v3", "parakeet-tdt-1.1b", TINY, BASE} <= set(listed)
         assert listed["faster-whisper-large-v3"]["installed"] is False

@@ -68,7 +68,6 @@ class EmbeddedNats:
         self.port = port
         self.host = host
         self.log_file = log_file
-        self.monitor_port: int | None = None
         self.process: subprocess.Popen | None = None
 
     @property
@@ -109,7 +108,6 @@ class EmbeddedNats:
             monitor = ports["monitoring"][0]
             self.port = int(ports["nats"][0].rsplit(":", 1)[1])
             with urllib.request.urlopen(f"{monitor}/healthz?js-enabled-only=true", timeout=1) as r:
-                self.monitor_port = int(monitor.rsplit(":", 1)[1])
                 return r.status == 200
         except (OSError, ValueError, KeyError, IndexError):
             return False

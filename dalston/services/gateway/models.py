@@ -80,6 +80,8 @@ class ModelService:
             "id": model.id, "object": "model", "created": 0, "owned_by": model.runtime,
             "runtime": model.runtime, "runtime_model_id": model.runtime_model_id,
             "name": model.name, "description": model.description, "languages": model.languages,
+            "capabilities": msgspec.to_builtins(model.capabilities),
+            "hardware": msgspec.to_builtins(model.hardware),
             "size_bytes": model.size_bytes, "installed": self.installed(model),
             "loaded_on": self.loaded_on(model),
             "pull": None if progress is None else msgspec.to_builtins(progress),
