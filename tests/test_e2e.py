@@ -153,3 +153,12 @@ def test_health_and_openapi(stack):
     assert httpx.get(f"{stack.url}/readyz").json()["status"] == "ready"
     schema = httpx.get(f"{stack.url}/openapi/openapi.json").json()
     assert "/v1/audio/transcriptions" in schema["paths"]
+
+
+def test_metrics_show_engines_and_queues(stack, client):
+    transcribe(client, AUDIO / "speaker1.wav")
+    text = httpx.get(f"{stack.url}/metrics").text
+    assert 'dalston_engine_up{runtime="faster-whisper",engine="fw-a",status="idle"} 1' in text
+    done = [line for line in text.splitlines() if line.startswith("dalston_engine_tasks_done_total")]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in done) > 0
+    assert "# TYPE dalston_tasks_queued gauge" in text

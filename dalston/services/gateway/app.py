@@ -22,6 +22,7 @@ from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.services.gateway.auth import require_key
 from dalston.services.gateway.jobs import JobNotFound, JobService
+from dalston.services.gateway.metrics import render_metrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.transcript import FORMATS, render
 
@@ -222,6 +223,12 @@ async def delete_model(request: Request, model_id: str, force: bool = False) -> 
     return {"id": model.id, "deleted": deleted}
 
 
+@get("/metrics", summary="Prometheus metrics: engines and task queues", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    body = await render_metrics(request.app.state.bus, request.app.state.engines)
+    return Response(body, media_type="text/plain; version=0.0.4")
+
+
 @get("/healthz", summary="The gateway process is up")
 async def healthz() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
@@ -266,7 +273,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[create_transcription, submit_job, get_job, list_jobs, cancel_job,
                         get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
-                        healthz, readyz],
+                        metrics, healthz, readyz],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
         guards=[require_key],
