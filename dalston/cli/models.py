@@ -15,6 +15,7 @@ from dalston.cli.client import add_server_option, probe
 from dalston.cli.output import CliError, StatusLine, add_json_option, bar, percent, print_json, size, table
 from dalston.config import Settings
 from dalston.contracts import PullProgress
+from dalston.services.gateway.models import model_entry
 from dalston.store import IncompleteModel, InvalidModelId, ModelStore, store_dir_of
 
 
@@ -65,11 +66,8 @@ def _installed(entry: dict[str, Any]) -> str:
 def _local_entries(settings: Settings) -> list[dict[str, Any]]:
     """The gateway's model objects, as far as this machine knows without it."""
     catalog, store = Catalog.from_settings(settings), ModelStore(settings.models_path)
-    return [{"id": m.id, "object": "model", "created": 0, "owned_by": m.runtime, "runtime": m.runtime,
-             "runtime_model_id": m.runtime_model_id, "name": m.name, "description": m.description,
-             "languages": m.languages, "size_bytes": m.size_bytes,
-             "installed": store.is_installed(catalog.runtime(m.runtime), m.runtime_model_id),
-             "loaded_on": [], "pull": None}
+    return [model_entry(m, installed=store.is_installed(catalog.runtime(m.runtime), m.runtime_model_id),
+                        loaded_on=[])
             for m in catalog.models.values()]
 
 

@@ -74,18 +74,8 @@ class ModelService:
         return any(model.runtime_model_id in beat.models_on_disk for beat in self.engines.live(model.runtime))
 
     def describe(self, model: ModelSpec) -> dict[str, Any]:
-        """The OpenAI model object, plus what Dalston knows of the model."""
-        progress = self.progress.get(model.id)
-        return {
-            "id": model.id, "object": "model", "created": 0, "owned_by": model.runtime,
-            "runtime": model.runtime, "runtime_model_id": model.runtime_model_id,
-            "name": model.name, "description": model.description, "languages": model.languages,
-            "capabilities": msgspec.to_builtins(model.capabilities),
-            "hardware": msgspec.to_builtins(model.hardware),
-            "size_bytes": model.size_bytes, "installed": self.installed(model),
-            "loaded_on": self.loaded_on(model),
-            "pull": None if progress is None else msgspec.to_builtins(progress),
-        }
+        return model_entry(model, installed=self.installed(model), loaded_on=self.loaded_on(model),
+                           pull=self.progress.get(model.id))
 
     # --- pulls --------------------------------------------------------------------------------
 
@@ -142,3 +132,17 @@ class ModelService:
             raise ModelLoaded(model.id, engines)
         runtime = self.catalog.runtime(model.runtime)
         return self.store.remove(runtime.store_dir, model.runtime_model_id)
+
+
+def model_entry(model: ModelSpec, *, installed: bool, loaded_on: list[str],
+                pull: PullProgress | None = None) -> dict[str, Any]:
+    """The OpenAI model object, plus what Dalston knows of the model."""
+    return {
+        "id": model.id, "object": "model", "created": 0, "owned_by": model.runtime,
+        "runtime": model.runtime, "runtime_model_id": model.runtime_model_id,
+        "name": model.name, "description": model.description, "languages": model.languages,
+        "capabilities": msgspec.to_builtins(model.capabilities),
+        "hardware": msgspec.to_builtins(model.hardware),
+        "size_bytes": model.size_bytes, "installed": installed, "loaded_on": loaded_on,
+        "pull": None if pull is None else msgspec.to_builtins(pull),
+    }
