@@ -87,7 +87,7 @@ def pull(model: ModelSpec, runtime: RuntimeSpec, store: ModelStore,
             except Exception as exc:  # any failure of one source is a reason to try the next
                 failures.append((source.label, _reason(exc)))
                 log.info("pull source failed", model=model.id, source=source.label,
-                            reason=failures[-1][1])
+                         reason=failures[-1][1])
                 continue
             reporter.emit("installed", source=source.label, completed_bytes=reporter.completed,
                           total_bytes=reporter.total)
