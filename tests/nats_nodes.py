@@ -6,13 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
-
 from dalston.bus.server import nats_server_binary
-from tests.stack import free_port
+from tests.stack import free_port, wait_ok
 
 NATS_DIR = Path(__file__).resolve().parent.parent / "nats"
 
@@ -45,17 +42,9 @@ class NatsNode:
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
         """Until /healthz answers 200: in a cluster, JetStream has a meta leader by then."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server {self.name} exited; see {self.log}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.monitor_port}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"nats-server {self.name} not healthy; see {self.log}")
+        wait_ok(f"http://127.0.0.1:{self.monitor_port}/healthz",
+                f"nats-server {self.name} not healthy; see {self.log}", timeout,
+                alive=lambda: self.process.poll() is None)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process and self.process.poll() is None:

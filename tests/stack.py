@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -18,6 +19,23 @@ from dalston.bus.server import EmbeddedNats
 from dalston.config import Settings, load_settings
 from dalston.contracts import Heartbeat, decode
 from tests.audio_fixtures import AUDIO_DIR as AUDIO  # noqa: F401 - for the tests
+
+
+def wait_ok(url: str, failure: str, timeout: float = 30.0,
+            alive: Callable[[], bool] = lambda: True) -> None:
+    """Until GET `url` answers 200; TimeoutError(`failure`) after `timeout`, RuntimeError as soon
+    as `alive()` says the server died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(failure)
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(failure)
 
 
 def free_port() -> int:
@@ -96,15 +114,7 @@ class TestStack:
         self.wait_http()
 
     def wait_http(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"gateway not ready; see {self.logs}/gateway.log")
+        wait_ok(f"{self.url}/readyz", f"gateway not ready; see {self.logs}/gateway.log", timeout)
 
     def wait_engines(self, *names: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

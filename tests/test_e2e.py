@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.audio_fixtures import VARIANTS, convert
-from tests.stack import AUDIO, DIALOGUE_WORDS, free_port, words
+from tests.stack import AUDIO, DIALOGUE_WORDS, free_port, wait_ok, words
 
 MODEL = "faster-whisper-tiny.en"
 
@@ -109,15 +109,7 @@ def test_upload_over_the_limit_is_413(stack):
     port = free_port()
     stack.start("gateway-small", "gateway", DALSTON_HTTP_PORT=str(port), DALSTON_MAX_UPLOAD_MB="0.05")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    wait_ok(f"{url}/healthz", "the small gateway did not start", 20)
     with open(AUDIO / "dialogue.wav", "rb") as audio:  # 269 kB > 50 kB
         response = httpx.post(f"{url}/v1/audio/transcriptions", files={"file": audio},
                               data={"model": MODEL}, timeout=60)
