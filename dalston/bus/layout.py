@@ -96,3 +96,20 @@ async def ensure_task_consumer(js: JetStreamContext, settings: Settings, runtime
         num_replicas=settings.nats_replicas,
     ))
     return durable
+
+
+class TaskConsumers:
+    """The task consumers one process has made sure of: each is created (or found) once, so
+    publishing or taking a task costs no JetStream request for it after the first."""
+
+    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
+        self._js = js
+        self._settings = settings
+        self._known: set[str] = set()
+
+    async def ensure(self, runtime: str, runtime_model_id: str | None) -> str:
+        durable = task_consumer(runtime, runtime_model_id)
+        if durable not in self._known:
+            await ensure_task_consumer(self._js, self._settings, runtime, runtime_model_id)
+            self._known.add(durable)
+        return durable

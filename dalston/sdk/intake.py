@@ -18,7 +18,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from dalston.bus.connection import Bus
-from dalston.bus.layout import ensure_task_consumer
+from dalston.bus.layout import TaskConsumers
 from dalston.config import Settings
 from dalston.contracts import NO_MODEL, TASKS_STREAM, subject_token, task_consumer, task_consumer_prefix
 from dalston.engines import EngineWatch
@@ -49,13 +49,14 @@ class TaskIntake:
         self._doorbell = asyncio.Event()
         self._rung: set[str] = set()  # consumers the doorbell rang for since the last look
         self._subscriptions: dict[str, object] = {}
-        self._known_consumers: set[str] = set()
+        self._consumers: TaskConsumers | None = None
 
     async def start(self, bus: Bus) -> None:
         self._bus = bus
+        self._consumers = TaskConsumers(bus.js, self.settings)
         await bus.nc.subscribe(f"tasks.{subject_token(self.runtime)}.*", cb=self._ring)
         if self._held_models() == [NO_MODEL]:
-            await self._ensure_consumer(NO_MODEL)
+            await self._consumers.ensure(self.runtime, NO_MODEL)
 
     def wake(self) -> None:
         self._doorbell.set()
@@ -64,15 +65,8 @@ class TaskIntake:
         # A task was published for this runtime: make sure its model's consumer exists (a
         # third-party publisher may have invented the subject), then wake the task loop.
         model_token = msg.subject.rsplit(".", 1)[-1]
-        self._rung.add(await self._ensure_consumer(model_token))
+        self._rung.add(await self._consumers.ensure(self.runtime, model_token))
         self._doorbell.set()
-
-    async def _ensure_consumer(self, model_token: str) -> str:
-        durable = task_consumer(self.runtime, model_token)
-        if durable not in self._known_consumers:
-            await ensure_task_consumer(self._bus.js, self.settings, self.runtime, model_token)
-            self._known_consumers.add(durable)
-        return durable
 
     async def next_message(self, stopping: asyncio.Event) -> Msg | None:
         """The next task for this engine, or None once `stopping` is set."""

@@ -16,7 +16,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 
 from dalston import dag
 from dalston.bus.connection import Bus, connect
-from dalston.bus.layout import ensure_task_consumer
+from dalston.bus.layout import TaskConsumers
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
@@ -53,13 +53,14 @@ class Orchestrator:
         self.catalog = catalog or Catalog.from_settings(settings)
         self.engines = EngineWatch()
         self._bus: Bus | None = None
-        self._consumers: set[str] = set()
+        self._consumers: TaskConsumers | None = None
         # Jobs not yet ended, for the timeout sweep: filled from KV at start, then kept current.
         self._active: set[str] = set()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
         self._bus = await connect(self.settings, name="dalston-orchestrator")
+        self._consumers = TaskConsumers(self._bus.js, self.settings)
         await self.engines.start(self._bus.js)
         await self._load_active()
         loops = [
@@ -143,17 +144,10 @@ class Orchestrator:
     async def _publish_tasks(self, record: JobRecord, keys: list[str]) -> None:
         for key in keys:
             task = dag.task_message(record, key)
-            durable = await self._ensure_consumer(task.runtime, task.runtime_model_id)
+            durable = await self._consumers.ensure(task.runtime, task.runtime_model_id)
             log.debug("task published", task=task.id, consumer=durable)
             await self._bus.publish(task_subject(task.runtime, task.runtime_model_id), task,
                                     msg_id=task.id)
-
-    async def _ensure_consumer(self, runtime: str, runtime_model_id: str | None) -> str:
-        key = f"{runtime}/{runtime_model_id}"
-        if key not in self._consumers:
-            await ensure_task_consumer(self._bus.js, self.settings, runtime, runtime_model_id)
-            self._consumers.add(key)
-        return key
 
     async def _job_event(self, record: JobRecord) -> None:
         await self._bus.publish(
