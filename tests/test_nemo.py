@@ -1,5 +1,6 @@
-"""The NeMo runtime in a running system: tiny NeMo models swapped through the gateway, NeMo and
-faster-whisper jobs side by side, and broken `.nemo` archives failing their job alone."""
+"""The NeMo runtime in a running system: a tiny CTC model and a tiny Parakeet-TDT-shaped one
+swapped through the gateway, NeMo and faster-whisper jobs side by side, and broken `.nemo`
+archives failing their job alone."""
 
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ async def settled(bus, tasks_done: int):
 
 
 async def test_swapping_between_two_nemo_models(nemo_stack):
+    """CTC and TDT alternately on one engine: both decode to timed words, and memory is handed
+    back at every unload."""
     bus = await nemo_stack.bus()
     try:
         done = (await heartbeat(bus, "nemo", "nemo")).tasks_done

@@ -56,19 +56,25 @@ async def ensure_layout(js: JetStreamContext, settings: Settings) -> None:
         if _differs(current, config, [*spec, "num_replicas"]):
             await js.update_stream(config)
     for bucket, spec in layout["key_value"].items():
+        ttl = _ttl(spec, settings)
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:
             await js.create_key_value(api.KeyValueConfig(
                 bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
-                history=spec.get("history", 1), description=spec.get("description")))
+                history=spec.get("history", 1), ttl=ttl, description=spec.get("description")))
+        else:
+            await _ensure_max_age(js, f"KV_{bucket}", ttl)
     for bucket, spec in layout["object_stores"].items():
+        ttl = _ttl(spec, settings)
         try:
             await js.object_store(bucket)
         except BucketNotFoundError:
             await js.create_object_store(bucket, api.ObjectStoreConfig(
                 bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
-                ttl=settings.retention_hours * 3600, description=spec.get("description")))
+                ttl=ttl, description=spec.get("description")))
+        else:
+            await _ensure_max_age(js, f"OBJ_{bucket}", ttl)
     for stream, consumers in layout["consumers"].items():
         for durable, spec in consumers.items():
             config = api.ConsumerConfig(durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT,
@@ -79,6 +85,21 @@ async def ensure_layout(js: JetStreamContext, settings: Settings) -> None:
                 current = None
             if current is None or _differs(current, config, [*spec, "num_replicas"]):
                 await js.add_consumer(stream, config)
+
+
+def _ttl(spec: dict, settings: Settings) -> float | None:
+    """Seconds a bucket keeps an entry: the job retention for job data, else forever."""
+    return settings.retention_hours * 3600 if spec.get("expires") == "retention" else None
+
+
+async def _ensure_max_age(js: JetStreamContext, stream: str, ttl: float | None) -> None:
+    """A bucket made under another DALSTON_RETENTION_HOURS (or before buckets expired) takes the
+    current one, so job records and their artifacts always expire together."""
+    config = (await js.stream_info(stream)).config
+    wanted = ttl or 0.0
+    if (config.max_age or 0.0) != wanted:
+        config.max_age = wanted
+        await js.update_stream(config)
 
 
 async def ensure_task_consumer(js: JetStreamContext, settings: Settings, runtime: str,
