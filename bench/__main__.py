@@ -3,9 +3,9 @@
 import tempfile
 from pathlib import Path
 
-from bench import latency, models
+from bench import latency, memory, models
 
-BENCHMARKS = {"latency": latency.run, "models": models.run}
+BENCHMARKS = {"latency": latency.run, "models": models.run, "memory": memory.run}
 
 if __name__ == "__main__":
     for name, run in BENCHMARKS.items():

@@ -268,8 +268,12 @@ class Engine:
             loop.call_soon_threadsafe(asyncio.ensure_future, self._bus.nc.publish(
                 PULL_PROGRESS_SUBJECT.format(model=subject_token(model)), encode(progress)))
 
+        def pull_mapped() -> Path:
+            with memory.large_blocks_mapped():
+                return pull(spec, self.runtime_spec, self.store, report)
+
         try:
-            return await asyncio.to_thread(pull, spec, self.runtime_spec, self.store, report)
+            return await asyncio.to_thread(pull_mapped)
         except PullError as exc:
             self.error = str(exc)
             raise TaskFailed("model_unavailable", str(exc), retryable=False) from None

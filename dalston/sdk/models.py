@@ -70,7 +70,7 @@ class ModelManager:
                 await self._make_room()
                 self._on_change("loading")
                 started = time.monotonic()
-                handle = await asyncio.to_thread(self._load, runtime_model_id, path)
+                handle = await asyncio.to_thread(self._load_mapped, runtime_model_id, path)
                 resident = Resident(model=model, runtime_model_id=runtime_model_id, handle=handle)
                 self.resident[runtime_model_id] = resident
                 self.loads += 1
@@ -79,6 +79,10 @@ class ModelManager:
             resident.last_used = time.time()
             self.resident.move_to_end(runtime_model_id)
             return resident.handle
+
+    def _load_mapped(self, runtime_model_id: str, path: Path) -> Any:
+        with memory.large_blocks_mapped():
+            return self._load(runtime_model_id, path)
 
     async def _make_room(self) -> None:
         while len(self.resident) >= self.max_loaded:
