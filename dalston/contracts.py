@@ -326,6 +326,9 @@ class Heartbeat(Contract, kw_only=True):
     loaded_models: list[LoadedModel] = []
     models_on_disk: list[str] = []
     current_task: str | None = None
+    # The runtime model id that task needs: peers count this engine as its holder while it
+    # loads it, so two idle engines do not both load the same model for one backlog.
+    current_model: str | None = None
     tasks_done: int = 0
     tasks_failed: int = 0
     model_loads: int = 0

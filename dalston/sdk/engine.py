@@ -69,6 +69,7 @@ class Engine:
         self.store = ModelStore(settings.models_path)
         self.status: EngineStatus = "starting"
         self.current_task: str | None = None
+        self.current_model: str | None = None
         self.tasks_done = 0
         self.tasks_failed = 0
         self.error: str | None = None
@@ -159,6 +160,8 @@ class Engine:
             await msg.ack()  # cancelled (or failed) while queued: nothing to do, nobody to tell
             return
         self.current_task = task.id
+        if self.models is not None:
+            self.current_model = task.runtime_model_id or self.settings.default_model_id
         self._set_status("busy")
         await self._event(task, "started")
         ctx = self._current_ctx = TaskContext(bus=self._bus, settings=self.settings)
@@ -179,7 +182,7 @@ class Engine:
         finally:
             keep_fresh.cancel()
             await watch_cancel.unsubscribe()
-            self.current_task = self._current_ctx = None
+            self.current_task = self.current_model = self._current_ctx = None
         if self._stopping.is_set() and failure is not None and failure.code == "cancelled":
             # Stopped, not cancelled by the user: another engine runs it from the start now.
             await msg.nak()
@@ -300,7 +303,8 @@ class Engine:
             loaded_models=self.models.loaded() if self.models else [],
             models_on_disk=self.store.installed(self.runtime_spec.store_dir, self.runtime_spec.required_files)
             if self.models else [],
-            current_task=self.current_task, tasks_done=self.tasks_done,
+            current_task=self.current_task, current_model=self.current_model,
+            tasks_done=self.tasks_done,
             tasks_failed=self.tasks_failed,
             model_loads=self.models.loads if self.models else 0,
             swaps=self.models.swaps if self.models else 0,

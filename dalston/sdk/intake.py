@@ -20,7 +20,14 @@ from nats.aio.msg import Msg
 from dalston.bus.connection import Bus
 from dalston.bus.layout import TaskConsumers
 from dalston.config import Settings
-from dalston.contracts import NO_MODEL, TASKS_STREAM, subject_token, task_consumer, task_consumer_prefix
+from dalston.contracts import (
+    NO_MODEL,
+    TASKS_STREAM,
+    Heartbeat,
+    subject_token,
+    task_consumer,
+    task_consumer_prefix,
+)
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 
@@ -79,8 +86,12 @@ class TaskIntake:
                     if msg := await self._fetch(durable, PROBE_SECONDS):
                         return msg
                 pending, unacked = await self._backlog()
+                held = self._held_consumers()
                 for durable in self._preference(pending):
-                    if msg := await self._fetch(durable, FETCH_TIMEOUT_SECONDS):
+                    # Wait a little for a task only where it costs no swap; elsewhere, a task
+                    # taken first by a peer means the peer is loading that model: look again.
+                    wait = FETCH_TIMEOUT_SECONDS if durable in held else PROBE_SECONDS
+                    if msg := await self._fetch(durable, wait):
                         return msg
                 for durable in unacked:
                     if msg := await self._fetch(durable, PROBE_SECONDS):
@@ -113,9 +124,9 @@ class TaskIntake:
             return random.sample(list(pending), len(pending))
         held = [task_consumer(self.runtime, rid) for rid in self._held_models()]
         first = [name for name in held if name in pending]
-        holders = Counter(task_consumer(self.runtime, m.runtime_model_id)
+        holders = Counter(task_consumer(self.runtime, model)
                           for beat in self._peers.live(self.runtime) if beat.engine != self.engine
-                          for m in beat.loaded_models)
+                          for model in _models_held(beat))
         rest = [name for name in pending if name not in first
                 and pending[name] > SWAP_BACKLOG_PER_HOLDER * holders[name]]
         return first + sorted(rest, key=lambda n: -pending[n])
@@ -129,3 +140,8 @@ class TaskIntake:
             return (await subscription.fetch(1, timeout=timeout))[0]
         except (TimeoutError, nats.errors.TimeoutError):
             return None  # another engine took it first, or nothing is due for redelivery
+
+
+def _models_held(beat: Heartbeat) -> set[str]:
+    """What a peer holds for the backlog's sake: its loaded models and the one it is loading."""
+    return {m.runtime_model_id for m in beat.loaded_models} | ({beat.current_model} - {None})
