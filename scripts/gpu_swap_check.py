@@ -58,7 +58,8 @@ def swap(actor: ModelActor, models: list[tuple[str, Path]]) -> list[dict]:
     rows = []
     for number in range(1, SWAPS + 1):
         name, path = models[number % 2]
-        handle = actor.load(name, path)
+        with memory.large_blocks_mapped():  # as the engine's ModelManager loads
+            handle = actor.load(name, path)
         actor.transcribe(handle, AUDIO, TranscribeOptions(word_timestamps=True), threading.Event())
         actor.unload(handle)
         del handle
@@ -123,6 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtimes", default=",".join(RUNS), help="comma-separated: nemo, faster-whisper")
     settings = load_settings()
+    memory.limit_malloc_arenas()  # as every engine does at start
     if torch.cuda.is_available():
         torch.cuda.init()
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")

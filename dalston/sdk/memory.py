@@ -39,7 +39,7 @@ _M_ARENA_MAX = -8
 # glibc raises its threshold to 32 MiB after the first large free and puts the next model's
 # weights on the heap among small long-lived blocks, where trimming cannot free them. Inference
 # keeps its large working buffers on the heap: mapping each of them costs about 25% in speed.
-# `python -m bench` (bench/memory.py) measures the whole: RSS after ten unloads spreads 17-30%
+# `python -m bench` (bench/memory.py) measures the whole: RSS after ten unloads spreads 17-37%
 # on glibc's defaults, 3-4% with these settings, at the same speed.
 LOAD_MMAP_THRESHOLD = 128 * 1024
 RUN_MMAP_THRESHOLD = 32 * 1024 * 1024
