@@ -58,6 +58,18 @@ class HomeLock:
             self._file.close()
             self._file = None
 
+    def holder(self) -> int | None:
+        """The pid of the `dalston up` holding this home, or None if none does."""
+        if not self.path.exists():
+            return None
+        with self.path.open() as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = file.read().strip()
+                return int(owner.removeprefix("pid ")) if owner.startswith("pid ") else None
+            return None  # lockable: nobody holds it (the file outlives its `up`)
+
 
 class EmbeddedNats:
     """nats-server with JetStream on disk under `store_dir`, listening on loopback."""

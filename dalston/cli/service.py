@@ -1,10 +1,16 @@
-"""`dalston up`, `dalston serve`, `dalston schemas`: running Dalston itself."""
+"""`dalston up`, `dalston down`, `dalston serve`, `dalston schemas`: running Dalston itself."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 
 from dalston.config import Settings
+
+# `up` stops its services, then NATS: give it as long as it gives them.
+DOWN_TIMEOUT = 60.0
 
 
 def register(commands) -> None:
@@ -12,6 +18,9 @@ def register(commands) -> None:
     up.add_argument("--runtimes", default="faster-whisper",
                     help="comma-separated transcription runtimes to start (default: faster-whisper)")
     up.set_defaults(func=_up)
+
+    down = commands.add_parser("down", help="stop the `dalston up` of this machine (DALSTON_HOME)")
+    down.set_defaults(func=_down)
 
     serve = commands.add_parser("serve", help="run one service in the foreground")
     serve.add_argument("service", choices=["gateway", "orchestrator", "engine"])
@@ -31,6 +40,34 @@ def _up(args, settings: Settings) -> int:
     except AlreadyRunning as exc:
         print(f"dalston: {exc}", file=sys.stderr)
         return 1
+
+
+def _down(args, settings: Settings) -> int:
+    from dalston.bus.server import HomeLock
+
+    lock = HomeLock(settings.home)
+    pid = lock.holder()
+    if pid is None:
+        print(f"Dalston is not running on {settings.home}", file=sys.stderr)
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + DOWN_TIMEOUT
+    while lock.holder() is not None or _alive(pid):
+        if time.monotonic() > deadline:
+            print(f"dalston: pid {pid} still running after {DOWN_TIMEOUT:.0f} s", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print(f"Dalston stopped (pid {pid})", file=sys.stderr)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _serve(args, settings: Settings) -> int:
