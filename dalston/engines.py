@@ -20,6 +20,9 @@ class EngineWatch:
 
     def __init__(self, on_change: Callable[[str, Heartbeat | None], None] | None = None) -> None:
         self._beats: dict[str, Heartbeat] = {}
+        # When each last beat arrived, by this process's clock: an engine's own clock (sent_at)
+        # may be off by more than three beats on another host.
+        self._heard: dict[str, float] = {}
         self._on_change = on_change
         self._subscription = None
 
@@ -48,13 +51,19 @@ class EngineWatch:
             self._beats.pop(msg.subject, None)
         else:
             self._beats[msg.subject] = beat
+            self._heard[msg.subject] = time.monotonic()
         if self._on_change:
             self._on_change(msg.subject, beat)
 
+    def silent(self, subject: str) -> bool:
+        """Whether the engine beating on `subject` missed its last beats, or its beat expired.
+        (The server's expiry marker usually says so first; this covers a lost marker.)"""
+        beat = self._beats.get(subject)
+        return beat is None or self._heard[subject] + MISSED_BEATS * beat.interval < time.monotonic()
+
     def live(self, runtime: str | None = None) -> list[Heartbeat]:
-        cutoff = time.time()
         return sorted(
-            (b for b in self._beats.values()
-             if b.sent_at + MISSED_BEATS * b.interval >= cutoff and b.status != "stopping"
+            (b for subject, b in self._beats.items()
+             if not self.silent(subject) and b.status != "stopping"
              and (runtime is None or b.runtime == runtime)),
             key=lambda b: (b.runtime, b.engine))

@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from dalston.contracts import Task, encode
+from dalston.contracts import Heartbeat, Task, encode
 from tests.audio_fixtures import german_clip
 from tests.stack import AUDIO, TestStack, heartbeat, submit, wait_for, wait_job
 
@@ -185,6 +185,30 @@ def test_a_job_for_a_runtime_with_no_engine_fails_naming_it(system):
                               data={"model": "parakeet-tdt-0.6b-v2"}, timeout=60)
     assert response.status_code == 503
     assert "no nemo engine" in response.json()["error"]["message"]
+
+
+async def test_an_engine_on_a_host_with_a_slow_clock_stays_live(system):
+    """Liveness is judged by when beats arrive, not by the sender's clock: an engine whose
+    clock is an hour behind is live while it beats, and drops out when it stops."""
+    bus = await system.bus()
+    beat = Heartbeat(runtime="faster-whisper", engine="skewed", host="elsewhere", status="idle",
+                     version="test", interval=1.0)
+
+    def listed() -> bool:
+        return "skewed" in [e["engine"] for e in httpx.get(f"{system.url}/v1/engines").json()["data"]]
+
+    async def gone() -> bool:
+        return not listed()
+
+    try:
+        for _ in range(4):
+            beat.sent_at = time.time() - 3600
+            await bus.publish("heartbeat.faster-whisper.skewed", beat, msg_ttl=3)
+            await asyncio.sleep(0.5)
+            assert listed()
+        await wait_for(gone, 10, 0.1)
+    finally:
+        await bus.close()
 
 
 def test_a_silent_engine_drops_out_within_three_beats(system):

@@ -29,7 +29,7 @@ from dalston.contracts import (
     now,
     subject_token,
 )
-from dalston.engines import MISSED_BEATS, EngineWatch
+from dalston.engines import EngineWatch
 from dalston.store import ModelStore
 
 # Jobs kept in view, newest first.
@@ -104,9 +104,7 @@ class DashboardData:
         """Mark engines that missed their beats as gone; forget those gone for a while."""
         moment = time.time()
         for subject, view in list(self.engines.items()):
-            beat = view.beat
-            silent = beat.sent_at + MISSED_BEATS * beat.interval < moment
-            if view.gone_at is None and (silent or beat.status == "stopping"):
+            if view.gone_at is None and (self._watch.silent(subject) or view.beat.status == "stopping"):
                 view.gone_at = moment
             elif view.gone_at is not None and moment - view.gone_at > self.forget_after:
                 del self.engines[subject]
