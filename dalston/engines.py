@@ -49,6 +49,7 @@ class EngineWatch:
                 return
         if beat is None:
             self._beats.pop(msg.subject, None)
+            self._heard.pop(msg.subject, None)
         else:
             self._beats[msg.subject] = beat
             self._heard[msg.subject] = time.monotonic()

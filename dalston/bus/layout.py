@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from dalston.config import Settings
 from dalston.contracts import TASKS_STREAM, task_consumer, task_subject
@@ -57,24 +57,16 @@ async def ensure_layout(js: JetStreamContext, settings: Settings) -> None:
             await js.update_stream(config)
     for bucket, spec in layout["key_value"].items():
         ttl = _ttl(spec, settings)
-        try:
-            await js.key_value(bucket)
-        except BucketNotFoundError:
+        if not await _keep_for(js, f"KV_{bucket}", ttl):
             await js.create_key_value(api.KeyValueConfig(
                 bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
                 history=spec.get("history", 1), ttl=ttl, description=spec.get("description")))
-        else:
-            await _ensure_max_age(js, f"KV_{bucket}", ttl)
     for bucket, spec in layout["object_stores"].items():
         ttl = _ttl(spec, settings)
-        try:
-            await js.object_store(bucket)
-        except BucketNotFoundError:
+        if not await _keep_for(js, f"OBJ_{bucket}", ttl):
             await js.create_object_store(bucket, api.ObjectStoreConfig(
                 bucket=bucket, replicas=replicas, storage=api.StorageType(spec["storage"]),
                 ttl=ttl, description=spec.get("description")))
-        else:
-            await _ensure_max_age(js, f"OBJ_{bucket}", ttl)
     for stream, consumers in layout["consumers"].items():
         for durable, spec in consumers.items():
             config = api.ConsumerConfig(durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT,
@@ -92,14 +84,19 @@ def _ttl(spec: dict, settings: Settings) -> float | None:
     return settings.retention_hours * 3600 if spec.get("expires") == "retention" else None
 
 
-async def _ensure_max_age(js: JetStreamContext, stream: str, ttl: float | None) -> None:
-    """A bucket made under another DALSTON_RETENTION_HOURS (or before buckets expired) takes the
+async def _keep_for(js: JetStreamContext, stream: str, ttl: float | None) -> bool:
+    """Whether the bucket behind `stream` exists; if it does, it now keeps entries for `ttl`.
+    A bucket made under another DALSTON_RETENTION_HOURS (or before buckets expired) takes the
     current one, so job records and their artifacts always expire together."""
-    config = (await js.stream_info(stream)).config
+    try:
+        config = (await js.stream_info(stream)).config
+    except NotFoundError:
+        return False
     wanted = ttl or 0.0
     if (config.max_age or 0.0) != wanted:
         config.max_age = wanted
         await js.update_stream(config)
+    return True
 
 
 async def ensure_task_consumer(js: JetStreamContext, settings: Settings, runtime: str,
