@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-# The shared test audio lies beside the checkout (../shared/audio), in CI too.
-AUDIO_DIR = Path(os.environ.get("DALSTON_TEST_AUDIO",
-                                Path(__file__).resolve().parents[2] / "shared" / "audio"))
+# The speech files the tests use ship with the repository (tests/data/audio, Apache-2.0: see
+# its README); DALSTON_TEST_AUDIO points elsewhere.
+AUDIO_DIR = Path(os.environ.get("DALSTON_TEST_AUDIO", Path(__file__).resolve().parent / "data" / "audio"))
 DIALOGUE = AUDIO_DIR / "dialogue.wav"
 DIALOGUE_STEREO = AUDIO_DIR / "dialogue_stereo.wav"
 INVALID_FILES = sorted((AUDIO_DIR / "invalid").glob("*"))
