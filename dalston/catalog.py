@@ -13,28 +13,26 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
-from dalston.contracts import Stage
+from dalston.contracts import (
+    MODEL_ID_PATTERN,
+    RUNTIME_MODEL_ID_PATTERN,
+    SAFE_NAME,
+    ModelId,
+    RuntimeModelId,
+    Stage,
+)
 from dalston.resources import data_dir
 
 if TYPE_CHECKING:
     from dalston.config import Settings
 
-# Ids become directory names, subject tokens and URL parts: a safe alphabet, no `..`.
-# `\Z` rather than `$`, which would let a trailing newline through.
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-MODEL_ID_PATTERN = rf"^(?!.*\.\.){_NAME}\Z"
-# A runtime's own model id may be `org/name` (a Hub repo); `--` is refused because the store
-# spells `/` as `--` on disk and must be able to read it back.
-RUNTIME_MODEL_ID_PATTERN = rf"^(?!.*\.\.)(?!.*--){_NAME}(?:/{_NAME})?\Z"
 # A file name inside a model directory, or a path inside a package (no `..`, not absolute).
-_FILE_NAME_PATTERN = rf"^(?!.*\.\.){_NAME}\Z"
-_PACKAGE_PATH_PATTERN = rf"^(?!.*\.\.){_NAME}(?:/{_NAME})*\Z"
+_FILE_NAME_PATTERN = rf"^(?!.*\.\.){SAFE_NAME}\Z"
+_PACKAGE_PATH_PATTERN = rf"^(?!.*\.\.){SAFE_NAME}(?:/{SAFE_NAME})*\Z"
 
-ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN)]
-RuntimeModelId = Annotated[str, msgspec.Meta(pattern=RUNTIME_MODEL_ID_PATTERN)]
 FileName = Annotated[str, msgspec.Meta(pattern=_FILE_NAME_PATTERN)]
 PackagePath = Annotated[str, msgspec.Meta(pattern=_PACKAGE_PATH_PATTERN)]
-RepoId = Annotated[str, msgspec.Meta(pattern=rf"^(?!.*\.\.){_NAME}/{_NAME}\Z")]
+RepoId = Annotated[str, msgspec.Meta(pattern=rf"^(?!.*\.\.){SAFE_NAME}/{SAFE_NAME}\Z")]
 ActorPath = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")]
 Device = Literal["cpu", "cuda"]
 

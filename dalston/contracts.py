@@ -33,6 +33,10 @@ EVENTS_STREAM = "EVENTS"
 HEARTBEATS_STREAM = "HEARTBEATS"
 DEADLETTER_STREAM = "DEADLETTER"
 JOBS_BUCKET = "jobs"
+# The orchestrators' durable consumers (nats/streams.yaml): while one runs, its long-poll fetch
+# waits on the first.
+ORCHESTRATOR_JOBS_CONSUMER = "orchestrator-jobs"
+ORCHESTRATOR_EVENTS_CONSUMER = "orchestrator-events"
 ARTIFACTS_BUCKET = "artifacts"
 
 # The model token of tasks whose runtime needs no model (audio-prepare, merge).
@@ -60,8 +64,50 @@ def task_consumer(runtime: str, runtime_model_id: str | None) -> str:
     return task_consumer_prefix(runtime) + subject_token(runtime_model_id or NO_MODEL)
 
 
+# --- identifiers -------------------------------------------------------------------------------
+# Every field that becomes part of a subject, a KV key, an object name or a directory keeps to a
+# safe alphabet, checked here where every service decodes it: no message can make a service
+# publish to a wildcard, read another bucket's key or write outside its job's objects.
+# `\Z` rather than `$`, which would let a trailing newline through.
+
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+MODEL_ID_PATTERN = rf"^(?!.*\.\.){SAFE_NAME}\Z"
+# A runtime's own model id may be `org/name` (a Hub repo); `--` is refused because the store
+# spells `/` as `--` on disk and must be able to read it back.
+RUNTIME_MODEL_ID_PATTERN = rf"^(?!.*\.\.)(?!.*--){SAFE_NAME}(?:/{SAFE_NAME})?\Z"
+_TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,128}\Z"
+
+# Job ids become subject tokens, KV keys and object names.
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}\Z"
+JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
+# Task ids, runtimes and engine names become subject tokens and message ids.
+Token = Annotated[str, msgspec.Meta(pattern=_TOKEN_PATTERN)]
+ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN)]
+RuntimeModelId = Annotated[str, msgspec.Meta(pattern=RUNTIME_MODEL_ID_PATTERN)]
+# What a client may name as the model: an id, an alias such as `whisper-1`, or nothing (default).
+ModelName = Annotated[str, msgspec.Meta(pattern=rf"^(?:{MODEL_ID_PATTERN[1:-2]})?\Z")]
+# Names in the artifacts object store: path-like, no `..`, not absolute.
+ObjectName = Annotated[str, msgspec.Meta(pattern=rf"^(?!.*\.\.){SAFE_NAME}(?:/{SAFE_NAME})*\Z", max_length=512)]
+# Free text a user supplied (filenames, reasons): bounded, so no message grows past max_payload.
+ShortText = Annotated[str, msgspec.Meta(max_length=1024)]
+
+# Whisper reads at most 224 prompt tokens (half its 448-token context); 2048 characters is more
+# than that in any language, and keeps a job message small.
+MAX_PROMPT_CHARS = 2048
+
+
 class ContractError(ValueError):
     """A message that does not fit its contract; the text says which field and why."""
+
+    @property
+    def field(self) -> str | None:
+        """The offending field's path (`options.prompt`), where msgspec named one."""
+        found = re.search(r"at `\$\.([^`]+)`", str(self))
+        return found.group(1) if found else None
+
+
+def is_job_id(value: str) -> bool:
+    return re.search(JOB_ID_PATTERN, value) is not None
 
 
 class Contract(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
@@ -84,6 +130,14 @@ def decode(data: bytes, kind: type[T]) -> T:
         raise ContractError(f"not a valid {kind.__name__}: {exc}") from None
 
 
+def convert(value: Any, kind: type[T]) -> T:
+    """`value` (a dict built from a form, say) as `kind`, checked as a decoded message is."""
+    try:
+        return msgspec.convert(value, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ContractError(f"not a valid {kind.__name__}: {exc}") from None
+
+
 def now() -> float:
     return time.time()
 
@@ -95,20 +149,18 @@ TaskStatus = Literal["pending", "queued", "running", "completed", "failed", "can
 Stage = Literal["prepare", "transcribe", "merge"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
-# Job ids become subject tokens and object names, so they are kept to a safe alphabet.
-JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-
-
 class TranscribeOptions(Contract, kw_only=True):
     """What the user asked of the transcription; travels unchanged to the engine."""
 
-    language: str | None = None
-    prompt: str | None = None
-    temperature: float = 0.0
+    # ISO 639-1 or 639-3, optionally with a region or script (`en`, `yue`, `zh-Hant`).
+    language: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})?\Z")] | None = None
+    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] | None = None
+    # OpenAI's range; NaN and infinities fail it.
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
     word_timestamps: bool = False
     # Voice activity detection: on by default, so silence is not hallucinated into words.
     vad: bool = True
-    beam_size: int = 5
+    beam_size: Annotated[int, msgspec.Meta(ge=1, le=16)] = 5
 
 
 class JobRequest(Contract, kw_only=True):
@@ -120,10 +172,10 @@ class JobRequest(Contract, kw_only=True):
     """
 
     id: JobId
-    model: str = ""
+    model: ModelName = ""
     audio: bytes | None = None
-    audio_object: str | None = None
-    filename: str = ""
+    audio_object: ObjectName | None = None
+    filename: ShortText = ""
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     submitted_at: float = 0.0
 
@@ -132,7 +184,7 @@ class CancelRequest(Contract, kw_only=True):
     """Published on `jobs.cancel`."""
 
     id: JobId
-    reason: str = "cancelled by user"
+    reason: ShortText = "cancelled by user"
 
 
 class Failure(Contract, kw_only=True):
@@ -185,7 +237,7 @@ class JobRecord(Contract, kw_only=True):
 class JobEvent(Contract, kw_only=True):
     """Published on `events.job.<id>` whenever a job changes status."""
 
-    job_id: str
+    job_id: JobId
     status: JobStatus
     transcript_object: str | None = None
     failure: Failure | None = None
@@ -198,16 +250,16 @@ class JobEvent(Contract, kw_only=True):
 class Task(Contract, kw_only=True):
     """One unit of work on `tasks.<runtime>.<model>`, for any engine of that runtime."""
 
-    id: str
-    job_id: str
+    id: Token
+    job_id: JobId
     stage: Stage
-    runtime: str
+    runtime: Token
     # The model the engine must hold (None for runtimes without models).
-    model: str | None = None
-    runtime_model_id: str | None = None
-    inputs: list[str] = []
+    model: ModelId | None = None
+    runtime_model_id: RuntimeModelId | None = None
+    inputs: list[ObjectName] = []
     # Object-store name prefix for what the task writes.
-    output: str
+    output: ObjectName
     channel: int | None = None
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     attempt: int = 1
@@ -219,11 +271,11 @@ TaskEventKind = Literal["started", "completed", "failed"]
 class TaskEvent(Contract, kw_only=True):
     """Published on `events.task.<job_id>` by the engine that runs a task."""
 
-    task_id: str
-    job_id: str
+    task_id: Token
+    job_id: JobId
     kind: TaskEventKind
-    engine: str
-    outputs: list[str] = []
+    engine: Token
+    outputs: list[ObjectName] = []
     # Facts the orchestrator needs to build the rest of the DAG (channels, duration, language).
     channels: int | None = None
     duration: float | None = None
@@ -234,12 +286,25 @@ class TaskEvent(Contract, kw_only=True):
 
 
 class DeadLetter(Contract, kw_only=True):
-    """A message nobody could process, kept with the reason (stream DEADLETTER)."""
+    """A message nobody could process, kept with the reason (stream DEADLETTER).
+
+    Only the head of the payload is kept (`payload_size` says how much there was), so a dead
+    letter always fits in a message whatever was published."""
 
     subject: str
     reason: str
     payload: bytes
+    payload_size: int = 0
     at: float = 0.0
+
+
+# Enough of a bad message to see what it was; base64 makes it a third larger.
+DEAD_LETTER_EXCERPT = 4096
+
+
+def dead_letter(subject: str, reason: str, payload: bytes) -> DeadLetter:
+    return DeadLetter(subject=subject[:256], reason=reason[:2048], payload=payload[:DEAD_LETTER_EXCERPT],
+                      payload_size=len(payload), at=now())
 
 
 # --- artifacts (object store) ------------------------------------------------------------------
@@ -317,8 +382,8 @@ class Unload(Contract, kw_only=True):
 class Heartbeat(Contract, kw_only=True):
     """Published on `heartbeat.<runtime>.<engine>` every few seconds, with a TTL of three beats."""
 
-    runtime: str
-    engine: str
+    runtime: Token
+    engine: Token
     host: str
     status: EngineStatus
     version: str
@@ -346,7 +411,7 @@ class Heartbeat(Contract, kw_only=True):
 
 
 class PullRequest(Contract, kw_only=True):
-    model: str
+    model: ModelId
     force: bool = False
 
 

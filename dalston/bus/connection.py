@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
 from nats.js.kv import KeyValue
@@ -17,7 +18,15 @@ from nats.js.object_store import ObjectStore
 import nats
 from dalston.bus.layout import ensure_layout
 from dalston.config import Settings
-from dalston.contracts import ARTIFACTS_BUCKET, JOBS_BUCKET, Contract, encode
+from dalston.contracts import (
+    ARTIFACTS_BUCKET,
+    DEADLETTER_SUBJECT,
+    JOBS_BUCKET,
+    Contract,
+    dead_letter,
+    encode,
+    subject_token,
+)
 from dalston.logs import get_logger
 
 log = get_logger("dalston.bus")
@@ -48,6 +57,22 @@ class Bus:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
+
+    async def dead_letter(self, msg: Msg, reason: str) -> None:
+        """Keep a message nobody can process (with the reason and its head) in DEADLETTER, and
+        terminate it. Terminated even when keeping it fails: one bad message must never stall a
+        consumer by coming back forever."""
+        source = subject_token(msg.subject.split(".", 1)[0])
+        log.warning("message dead-lettered", subject=msg.subject[:256], reason=reason[:512])
+        try:
+            await self.js.publish(DEADLETTER_SUBJECT.format(source=source),
+                                  encode(dead_letter(msg.subject, reason, msg.data)))
+        except Exception as exc:  # noqa: BLE001 - the message goes either way
+            log.error("dead letter not kept", subject=msg.subject[:256], error=repr(exc))
+        try:
+            await msg.term()
+        except Exception as exc:  # noqa: BLE001 - the connection is down: it comes back later
+            log.error("dead letter not terminated", subject=msg.subject[:256], error=repr(exc))
 
     async def read_object(self, name: str) -> bytes:
         # writeinto avoids nats-py's quadratic concatenation of chunks (nats.py issue 703).

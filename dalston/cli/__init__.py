@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -23,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # `dalston models | head` ends quietly, as shell tools do.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default): with SIG_DFL a client that closes its socket
+    # early would kill `dalston serve`. A closed stdout is a BrokenPipeError instead, below.
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
@@ -36,3 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         error(exc.message)
         return exc.code
+    except BrokenPipeError:
+        # `dalston models | head` ends quietly, as shell tools do; stdout is pointed at
+        # /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

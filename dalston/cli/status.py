@@ -10,11 +10,8 @@ import httpx
 from dalston.cli.client import Client, add_server_option, connect, server_url
 from dalston.cli.output import add_json_option, ago, print_json, size, table
 from dalston.config import Settings
-from dalston.contracts import JOBS_STREAM
+from dalston.contracts import JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER
 
-# The orchestrator's durable consumer of job submissions (nats/streams.yaml): while one runs,
-# its long-poll fetch is waiting there.
-ORCHESTRATOR_CONSUMER = "orchestrator-jobs"
 NATS_TIMEOUT = 2.0
 
 
@@ -58,7 +55,7 @@ def _status(args, settings: Settings) -> int:
         print(table(["service", "where", "state"], [
             ("gateway", url, gateway["status"] + "".join(f"; {p}" for p in gateway["problems"])),
             ("nats", ",".join(settings.nats_servers), "reachable" if nats["reachable"] else nats["error"]),
-            ("orchestrator", ORCHESTRATOR_CONSUMER,
+            ("orchestrator", ORCHESTRATOR_JOBS_CONSUMER,
              {True: "running", False: "not seen", None: "unknown"}[nats["orchestrator"]]),
             *((f"engine {b['engine']}", f"{b['runtime']} on {b.get('host', '?')}", b["status"]) for b in beats),
         ]))
@@ -88,7 +85,7 @@ async def _nats(settings: Settings) -> dict[str, Any]:
         return {"servers": settings.nats_servers, "reachable": False, "error": f"unreachable ({exc})",
                 "orchestrator": None}
     try:
-        info = await nc.jetstream(timeout=NATS_TIMEOUT).consumer_info(JOBS_STREAM, ORCHESTRATOR_CONSUMER)
+        info = await nc.jetstream(timeout=NATS_TIMEOUT).consumer_info(JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER)
         orchestrator = bool(info.num_waiting)
     except Exception:  # noqa: BLE001 - no layout yet, or no permission to look
         orchestrator = None

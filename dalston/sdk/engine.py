@@ -23,7 +23,6 @@ from dalston.bus.connection import Bus, connect
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
-    DEADLETTER_SUBJECT,
     HEARTBEAT_SUBJECT,
     JOB_EVENT_SUBJECT,
     NO_MODEL,
@@ -31,7 +30,6 @@ from dalston.contracts import (
     TASK_EVENT_SUBJECT,
     TERMINAL,
     ContractError,
-    DeadLetter,
     EngineStatus,
     Failure,
     Heartbeat,
@@ -143,7 +141,7 @@ class Engine:
         try:
             task = decode(msg.data, Task)
         except ContractError as exc:
-            await self._dead_letter(msg, str(exc))
+            await self._bus.dead_letter(msg, str(exc))
             return
         deliveries = msg.metadata.num_delivered
         if task.runtime != self.runtime:
@@ -249,12 +247,6 @@ class Engine:
             event.language = result.language
         await self._bus.publish(TASK_EVENT_SUBJECT.format(job_id=task.job_id), event,
                                 msg_id=f"{task.id}:{kind}")
-
-    async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        log.warning("malformed task dead-lettered", subject=msg.subject, reason=reason)
-        await self._bus.publish(DEADLETTER_SUBJECT.format(source="tasks"), DeadLetter(
-            subject=msg.subject, reason=reason, payload=msg.data, at=now()))
-        await msg.term()
 
     # --- models on disk ------------------------------------------------------------------------
 

@@ -16,19 +16,19 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 
 from dalston import dag
 from dalston.bus.connection import Bus, connect
-from dalston.bus.layout import TaskConsumers
+from dalston.bus.layout import TaskConsumers, load_layout
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
     CANCEL_SUBJECT,
-    DEADLETTER_SUBJECT,
     EVENTS_STREAM,
     JOB_EVENT_SUBJECT,
     JOBS_STREAM,
+    ORCHESTRATOR_EVENTS_CONSUMER,
+    ORCHESTRATOR_JOBS_CONSUMER,
     TERMINAL,
     CancelRequest,
     ContractError,
-    DeadLetter,
     Failure,
     JobEvent,
     JobRecord,
@@ -64,18 +64,24 @@ class Orchestrator:
         await self.engines.start(self._bus.js)
         await self._load_active()
         loops = [
-            self._consume(JOBS_STREAM, "orchestrator-jobs", self._on_job_message),
-            self._consume(EVENTS_STREAM, "orchestrator-events", self._on_task_event),
+            self._consume(JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, self._on_job_message),
+            self._consume(EVENTS_STREAM, ORCHESTRATOR_EVENTS_CONSUMER, self._on_task_event),
             self._sweep_forever(),
         ]
         log.info("orchestrator started")
         tasks = [asyncio.create_task(loop) for loop in loops]
+        stopping = asyncio.create_task(self._stopping.wait())
         try:
-            await self._stopping.wait()
+            done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if stopping not in done:
+                # A loop that ends would leave jobs queued forever behind a live process: exit
+                # instead, so the supervisor (`dalston up`, compose) starts a fresh orchestrator.
+                ended = done.pop()
+                raise RuntimeError(f"a consume loop ended: {ended.exception()!r}")
         finally:
-            for task in tasks:
+            for task in [*tasks, stopping]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, stopping, return_exceptions=True)
             await self.engines.stop()
             await self._bus.close()
 
@@ -84,6 +90,7 @@ class Orchestrator:
 
     async def _consume(self, stream: str, durable: str, handler) -> None:
         subscription = await self._bus.js.pull_subscribe_bind(durable, stream=stream)
+        max_deliver = load_layout()["consumers"][stream][durable]["max_deliver"]
         while True:
             try:
                 messages = await subscription.fetch(32, timeout=5)
@@ -95,20 +102,25 @@ class Orchestrator:
                 await asyncio.sleep(0.5)
                 continue
             for msg in messages:
-                try:
-                    await handler(msg)
-                    await msg.ack()
-                except ContractError as exc:
-                    await self._dead_letter(msg, str(exc))
-                except Exception:
-                    log.exception("message not handled; it will be redelivered", subject=msg.subject)
-                    await msg.nak(delay=1)
+                await self._handle(msg, handler, max_deliver)
 
-    async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        log.warning("malformed message dead-lettered", subject=msg.subject, reason=reason)
-        await self._bus.publish(DEADLETTER_SUBJECT.format(source=msg.subject.split(".")[0]),
-                                DeadLetter(subject=msg.subject, reason=reason, payload=msg.data, at=now()))
-        await msg.term()
+    async def _handle(self, msg: Msg, handler, max_deliver: int) -> None:
+        """Handle one message; whatever it holds, the loop goes on to the next."""
+        try:
+            await handler(msg)
+            await msg.ack()
+        except ContractError as exc:
+            await self._bus.dead_letter(msg, str(exc))
+        except Exception as exc:  # noqa: BLE001 - NATS failing over, say: it comes back
+            if msg.metadata.num_delivered >= max_deliver:
+                # The server would drop it silently after this delivery: keep it with the reason.
+                await self._bus.dead_letter(msg, f"not handled in {max_deliver} deliveries: {exc!r}")
+                return
+            log.exception("message not handled; it will be redelivered", subject=msg.subject[:256])
+            try:
+                await msg.nak(delay=1)
+            except Exception:  # noqa: BLE001 - no connection: redelivered after ack_wait
+                pass
 
     # --- job state in KV ------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ engines, health. Every route is a thin translation between HTTP and NATS."""
 
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -17,7 +18,16 @@ from dalston import __version__
 from dalston.bus.connection import Bus, connect
 from dalston.catalog import Catalog, ModelSpec, UnknownModel
 from dalston.config import Settings
-from dalston.contracts import JOBS_STREAM, TASKS_STREAM, JobRecord, TranscribeOptions, encode
+from dalston.contracts import (
+    JOBS_STREAM,
+    ORCHESTRATOR_JOBS_CONSUMER,
+    TASKS_STREAM,
+    ContractError,
+    JobRecord,
+    TranscribeOptions,
+    convert,
+    encode,
+)
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.services.gateway.auth import require_key
@@ -86,10 +96,17 @@ async def _read_request(request: Request) -> tuple[UploadFile, str, TranscribeOp
     try:
         temperature = float(form.get("temperature") or 0.0)
     except ValueError:
-        raise ApiError(400, "temperature must be a number", param="temperature") from None
-    options = TranscribeOptions(
-        language=str(form.get("language") or "") or None, prompt=str(form.get("prompt") or "") or None,
-        temperature=temperature, word_timestamps="word" in granularities)
+        temperature = math.nan
+    if not math.isfinite(temperature):
+        raise ApiError(400, "temperature must be a finite number from 0 to 1", param="temperature")
+    try:
+        # The contract bounds every field (prompt length, temperature range, language code).
+        options = convert({"language": str(form.get("language") or "") or None,
+                           "prompt": str(form.get("prompt") or "") or None,
+                           "temperature": temperature, "word_timestamps": "word" in granularities},
+                          TranscribeOptions)
+    except ContractError as exc:
+        raise ApiError(400, f"invalid {exc.field}: {str(exc).split(': ', 1)[-1]}", param=exc.field) from None
     # The upload is already spooled (memory or a temp file): measuring it is cheap.
     size = upload.file.seek(0, 2)
     upload.file.seek(0)
@@ -246,9 +263,24 @@ async def readyz(request: Request) -> Response:
                 await bus.js.stream_info(stream)
             except Exception as exc:  # noqa: BLE001 - any failure means not ready
                 problems.append(f"stream {stream}: {exc!r}")
+        if not problems:
+            problems += await _intake_problems(bus)
     status = 503 if problems else 200
     return Response({"status": "unavailable" if problems else "ready", "problems": problems},
                     status_code=status)
+
+
+async def _intake_problems(bus: Bus) -> list[str]:
+    """Submissions waiting while no orchestrator pulls them: accepting more would only queue
+    them behind a stalled intake. (An orchestrator between two fetches still has its batch
+    unacknowledged, so this is not raised by a busy one.)"""
+    try:
+        info = await bus.js.consumer_info(JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER)
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return [f"consumer {ORCHESTRATOR_JOBS_CONSUMER}: {exc!r}"]
+    if info.num_pending and not info.num_waiting and not info.num_ack_pending:
+        return [f"{info.num_pending} submitted jobs wait and no orchestrator is taking them"]
+    return []
 
 
 def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:

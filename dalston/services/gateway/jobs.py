@@ -21,13 +21,17 @@ from dalston.contracts import (
     TranscribeOptions,
     Transcript,
     decode,
+    is_job_id,
     now,
 )
+from dalston.logs import get_logger
+
+log = get_logger("dalston.gateway")
 
 
 class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job {job_id!r}")
+        super().__init__(f"no job {job_id[:80]!r}")
 
 
 class JobService:
@@ -40,10 +44,21 @@ class JobService:
         job_id = job_id or uuid.uuid4().hex
         audio_object = f"jobs/{job_id}/audio"
         await self.bus.artifacts.put(audio_object, audio)
-        await self.bus.publish(SUBMIT_SUBJECT, JobRequest(
-            id=job_id, model=model, audio_object=audio_object, filename=filename,
-            options=options, submitted_at=now()), msg_id=job_id)
+        try:
+            await self.bus.publish(SUBMIT_SUBJECT, JobRequest(
+                id=job_id, model=model, audio_object=audio_object, filename=filename[:255],
+                options=options, submitted_at=now()), msg_id=job_id)
+        except BaseException:
+            # No job will ever point at the upload: do not leave it behind.
+            await asyncio.shield(self._forget(audio_object))
+            raise
         return job_id
+
+    async def _forget(self, audio_object: str) -> None:
+        try:
+            await self.bus.artifacts.delete(audio_object)
+        except Exception as exc:  # noqa: BLE001 - retention removes it in the end
+            log.warning("orphaned upload not deleted", object=audio_object, error=repr(exc))
 
     async def run(self, audio: IO[bytes], filename: str, model: str,
                   options: TranscribeOptions, timeout: float) -> JobRecord:
@@ -65,9 +80,11 @@ class JobService:
         return await self.get(job_id)
 
     async def get(self, job_id: str) -> JobRecord:
+        if not is_job_id(job_id):
+            raise JobNotFound(job_id)  # never a key or subject: wildcards stay out of NATS
         try:
             entry = await self.bus.jobs.get(job_id)
-        except (KeyNotFoundError, ValueError):
+        except KeyNotFoundError:
             return await self._submitted(job_id)
         return decode(entry.value, JobRecord)
 
@@ -76,7 +93,7 @@ class JobService:
         audio_object = f"jobs/{job_id}/audio"
         try:
             await self.bus.artifacts.get_info(audio_object)
-        except (NotFoundError, ValueError):
+        except NotFoundError:
             raise JobNotFound(job_id) from None
         return JobRecord(id=job_id, status="queued", model="", runtime="", runtime_model_id="",
                          audio_object=audio_object)
