@@ -169,6 +169,11 @@ class JobRequest(Contract, kw_only=True):
     The audio is either inline (`audio`, base64 in JSON; small files) or an object already in
     the `artifacts` object store (`audio_object`). The client picks `id`, so it can subscribe to
     `events.job.<id>` before it publishes.
+
+    `owner` is the name of the API key the job belongs to: the gateway sets it from the key it
+    verified, and only that key (or an admin key) may see, read or cancel the job. A NATS client
+    sets it as it likes, so NATS permissions on `jobs.submit` guard who may claim an owner; a job
+    without one is visible to admin keys only (or to everyone where the gateway demands no keys).
     """
 
     id: JobId
@@ -178,6 +183,7 @@ class JobRequest(Contract, kw_only=True):
     filename: ShortText = ""
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     submitted_at: float = 0.0
+    owner: Annotated[str, msgspec.Meta(max_length=128)] | None = None
 
 
 class CancelRequest(Contract, kw_only=True):
@@ -232,6 +238,7 @@ class JobRecord(Contract, kw_only=True):
     created_at: float = 0.0
     updated_at: float = 0.0
     finished_at: float | None = None
+    owner: str | None = None  # the API key's name, from the JobRequest
 
 
 class JobEvent(Contract, kw_only=True):

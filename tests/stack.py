@@ -116,10 +116,11 @@ class TestStack:
     def wait_http(self, timeout: float = 30.0) -> None:
         wait_ok(f"{self.url}/readyz", f"gateway not ready; see {self.logs}/gateway.log", timeout)
 
-    def wait_engines(self, *names: str, timeout: float = 60.0) -> None:
+    def wait_engines(self, *names: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> None:
+        """Until the engines `names` are live; `headers` carry a key where the gateway demands one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            live = {e["engine"] for e in httpx.get(f"{self.url}/v1/engines").json()["data"]
+            live = {e["engine"] for e in httpx.get(f"{self.url}/v1/engines", headers=headers).json()["data"]
                     if e["status"] in ("idle", "busy")}
             if set(names) <= live:
                 return

@@ -1,11 +1,12 @@
 """API keys at the gateway: `dalston keys`, both header styles, admin routes, OpenAI's error
-shape, and keys kept out of the logs."""
+shape, keys kept out of the logs, and jobs kept to the key that submitted them."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -13,7 +14,11 @@ import pytest
 
 from dalston.config import load_settings
 from dalston.services.gateway.auth import auth_required
-from tests.stack import AUDIO, TestStack
+from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, words
+
+MODEL = "faster-whisper-tiny.en"
+# No nemo engine runs in these tests: a parakeet job waits for one (DALSTON_ENGINE_WAIT).
+WAITING_MODEL = "parakeet-ctc-0.6b"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +44,7 @@ def dalston(system: TestStack, *args: str) -> str:
 @pytest.fixture(scope="module")
 def keys(gateway) -> dict[str, str]:
     return {"user": dalston(gateway, "keys", "create", "alice").strip(),
+            "other user": dalston(gateway, "keys", "create", "bob").strip(),
             "admin": dalston(gateway, "keys", "create", "ops", "--admin").strip()}
 
 
@@ -68,7 +74,8 @@ def test_keys_are_required_beyond_loopback(env, required):
 def test_keys_look_right_and_list_without_secrets(gateway, keys):
     assert all(key.startswith("dsk_") and len(key) > 40 for key in keys.values())
     listed = dalston(gateway, "keys", "list", "--json")
-    assert {(k["name"], k["role"]) for k in json.loads(listed)} == {("alice", "user"), ("ops", "admin")}
+    assert {(k["name"], k["role"]) for k in json.loads(listed)} == {
+        ("alice", "user"), ("bob", "user"), ("ops", "admin")}
     assert not any(key in listed for key in keys.values())
 
 
@@ -150,3 +157,110 @@ def test_the_cli_sends_its_key(gateway, keys):
     denied = subprocess.run([sys.executable, "-m", "dalston", "engines"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert denied.returncode != 0 and "dalston keys create" in denied.stderr
+
+
+def test_a_job_not_yet_recorded_is_its_owners_alone(gateway, keys):
+    """No orchestrator runs here: a job is only its stored audio, and still its owner's alone."""
+    with (AUDIO / "dialogue.wav").open("rb") as audio:
+        job_id = httpx.post(f"{gateway.url}/v1/jobs", files={"file": audio},
+                            headers=bearer(keys["user"])).json()["id"]
+    job = f"{gateway.url}/v1/jobs/{job_id}"
+    assert httpx.get(job, headers=bearer(keys["other user"])).status_code == 404
+    assert httpx.delete(job, headers=bearer(keys["other user"])).status_code == 404
+    for key in (keys["user"], keys["admin"]):
+        response = httpx.get(job, headers=bearer(key))
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "queued" and response.json()["owner"] == "alice"
+
+
+@pytest.fixture(scope="module")
+def owners(tmp_path_factory):
+    """A whole Dalston that demands keys, one faster-whisper engine, and clients for the user keys
+    `alice` and `bob` and the admin key `ops`."""
+    system = TestStack(tmp_path_factory.mktemp("owners"), DALSTON_REQUIRE_AUTH="true",
+                       DALSTON_ENGINE_WAIT="600")
+    system.start_nats()
+    system.start_pipeline()
+    system.start_engine("faster-whisper", "fw")
+    clients = {name: httpx.Client(base_url=system.url, timeout=30, headers=bearer(
+        dalston(system, "keys", "create", name, *(["--admin"] if name == "ops" else [])).strip()))
+        for name in ("alice", "bob", "ops")}
+    system.wait_engines("audio-prepare", "merge", "fw", headers=clients["ops"].headers)
+    yield system, clients
+    for client in clients.values():
+        client.close()
+    system.close()
+
+
+def submit_as(client: httpx.Client, model: str) -> str:
+    with (AUDIO / "dialogue.wav").open("rb") as audio:
+        response = client.post("/v1/jobs", files={"file": audio}, data={"model": model})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def listed(client: httpx.Client) -> dict[str, dict]:
+    response = client.get("/v1/jobs", params={"limit": 1000})
+    assert response.status_code == 200, response.text
+    return {job["id"]: job for job in response.json()["data"]}
+
+
+def wait_status(client: httpx.Client, job_id: str, *statuses: str, timeout: float = 120) -> dict:
+    """The job's record once its status is one of `statuses` (a recorded job, not a submission)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(f"/v1/jobs/{job_id}")
+        if response.status_code == 200 and response.json()["status"] in statuses and response.json()["tasks"]:
+            return response.json()
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.2)
+
+
+def test_a_user_key_sees_reads_and_cancels_only_its_own_jobs(owners):
+    _, client = owners
+    alice, bob, ops = client["alice"], client["bob"], client["ops"]
+    finished, waiting = submit_as(alice, MODEL), submit_as(alice, WAITING_MODEL)
+    bobs_finished, bobs_waiting = submit_as(bob, MODEL), submit_as(bob, WAITING_MODEL)
+    for user, job_id in ((alice, waiting), (bob, bobs_waiting)):
+        wait_status(user, job_id, "queued", "running")
+    for user, job_id in ((alice, finished), (bob, bobs_finished)):
+        assert wait_status(user, job_id, "completed", "failed", "cancelled")["status"] == "completed"
+
+    # Bob finds nothing of Alice's: the same 404 as for a job that does not exist.
+    assert set(listed(bob)) >= {bobs_finished, bobs_waiting}
+    assert not set(listed(bob)) & {finished, waiting}
+    for job_id in (finished, waiting, "no-such-job"):
+        for response in (bob.get(f"/v1/jobs/{job_id}"), bob.get(f"/v1/jobs/{job_id}/transcript"),
+                         bob.delete(f"/v1/jobs/{job_id}")):
+            assert response.status_code == 404, response.text
+
+    # Alice has hers, and Bob's cancelling did not touch them.
+    assert {finished, waiting} <= set(listed(alice)) and not set(listed(alice)) & {bobs_finished, bobs_waiting}
+    assert all(job["owner"] == "alice" for job in listed(alice).values())
+    assert alice.get(f"/v1/jobs/{waiting}").json()["status"] in ("queued", "running")
+    assert words(alice.get(f"/v1/jobs/{finished}/transcript", params={"format": "text"}).text) == DIALOGUE_WORDS
+    assert alice.delete(f"/v1/jobs/{waiting}").status_code == 202
+    assert wait_status(alice, waiting, "completed", "failed", "cancelled")["status"] == "cancelled"
+
+    # The admin key sees, reads and cancels everyone's.
+    everyone = listed(ops)
+    assert {finished, waiting, bobs_finished, bobs_waiting} <= set(everyone)
+    assert everyone[bobs_finished]["owner"] == "bob" and everyone[finished]["owner"] == "alice"
+    for job_id in (finished, bobs_finished):
+        assert ops.get(f"/v1/jobs/{job_id}").status_code == 200
+        assert words(ops.get(f"/v1/jobs/{job_id}/transcript", params={"format": "text"}).text) == DIALOGUE_WORDS
+    assert ops.delete(f"/v1/jobs/{bobs_waiting}").status_code == 202
+    assert wait_status(bob, bobs_waiting, "completed", "failed", "cancelled")["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("name", ["alice", "bob"])
+def test_the_openai_endpoint_transcribes_as_the_key_that_asks(owners, name):
+    system, client = owners
+    before = set(listed(client[name]))
+    api = openai.OpenAI(base_url=f"{system.url}/v1", api_key=client[name].headers["authorization"].split()[1])
+    with (AUDIO / "dialogue.wav").open("rb") as audio:
+        assert words(api.audio.transcriptions.create(model=MODEL, file=audio).text) == DIALOGUE_WORDS
+    new = {job_id: job for job_id, job in listed(client[name]).items() if job_id not in before}
+    assert [(job["owner"], job["filename"]) for job in new.values()] == [(name, "dialogue.wav")]
+    other = client["bob" if name == "alice" else "alice"]
+    assert not set(new) & set(listed(other))

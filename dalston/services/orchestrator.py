@@ -218,14 +218,14 @@ class Orchestrator:
         record = JobRecord(id=request.id, model=model.id, runtime=model.runtime,
                            runtime_model_id=model.runtime_model_id, options=request.options,
                            audio_object=audio_object, filename=request.filename,
-                           created_at=created, updated_at=now())
+                           created_at=created, updated_at=now(), owner=request.owner)
         dag.start(record)
         return record
 
     def _rejected(self, request: JobRequest, created: float, failure: Failure) -> JobRecord:
         record = JobRecord(id=request.id, model=request.model, runtime="", runtime_model_id="",
                            audio_object=request.audio_object or "", filename=request.filename,
-                           created_at=created)
+                           created_at=created, owner=request.owner)
         dag.finish(record, "failed", failure)
         return record
 

@@ -30,7 +30,7 @@ from dalston.contracts import (
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
-from dalston.services.gateway.auth import require_key
+from dalston.services.gateway.auth import job_owner, require_key, visible_owner
 from dalston.services.gateway.jobs import JobNotFound, JobService
 from dalston.services.gateway.metrics import render_metrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
@@ -130,7 +130,7 @@ async def create_transcription(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     try:
         record = await _jobs(request).run(upload.file, upload.filename, model, options,
-                                          timeout=settings.request_timeout)
+                                          job_owner(request), timeout=settings.request_timeout)
     except TimeoutError:
         raise ApiError(504, f"transcription did not finish within {settings.request_timeout:g} s "
                             "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
@@ -143,13 +143,13 @@ async def create_transcription(request: Request) -> Response:
 @post("/v1/jobs", status_code=HTTP_202_ACCEPTED, summary="Submit a transcription job")
 async def submit_job(request: Request) -> dict[str, Any]:
     upload, model, options, _ = await _read_request(request)
-    job_id = await _jobs(request).submit(upload.file, upload.filename, model, options)
+    job_id = await _jobs(request).submit(upload.file, upload.filename, model, options, job_owner(request))
     return {"id": job_id, "status": "queued", "model": model}
 
 
 async def _record(request: Request, job_id: str) -> JobRecord:
     try:
-        return await _jobs(request).get(job_id)
+        return await _jobs(request).get(job_id, visible_owner(request))
     except JobNotFound as exc:
         raise NotFoundException(str(exc)) from None
 
@@ -161,13 +161,13 @@ async def get_job(request: Request, job_id: str) -> JobRecord:
 
 @get("/v1/jobs", summary="Recent jobs, newest first")
 async def list_jobs(request: Request, limit: int = 50) -> dict[str, Any]:
-    return {"object": "list", "data": await _jobs(request).list(limit)}
+    return {"object": "list", "data": await _jobs(request).list(visible_owner(request), limit)}
 
 
 @delete("/v1/jobs/{job_id:str}", status_code=HTTP_202_ACCEPTED, summary="Cancel a job")
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     try:
-        await _jobs(request).cancel(job_id)
+        await _jobs(request).cancel(job_id, visible_owner(request))
     except JobNotFound as exc:
         raise NotFoundException(str(exc)) from None
     return {"id": job_id, "status": "cancelling"}

@@ -4,6 +4,8 @@ Keys are demanded whenever the gateway listens beyond loopback, or with DALSTON_
 a gateway on loopback alone is one user's, as Ollama's is. A key comes as `Authorization: Bearer
 <key>` (OpenAI clients) or `xi-api-key: <key>` (ElevenLabs clients). Health checks stay open;
 routes marked `opt={"admin": True}` need an admin key. Keys are never logged.
+
+A job belongs to the key that submitted it: a user key sees only its own jobs, an admin key all.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dalston.keys import ApiKey, KeyStore
 
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+KEY_STATE = "api_key"  # where the guard leaves the verified key's record for the handlers
 
 
 class AuthError(HTTPException):
@@ -62,3 +65,26 @@ async def require_key(connection: ASGIConnection, handler: BaseRouteHandler) -> 
     if handler.opt.get("admin") and record.role != "admin":
         raise AuthError(403, f"this needs an admin key; key {record.name!r} is a {record.role} key",
                         "admin_required")
+    connection.state[KEY_STATE] = record
+
+
+def verified_key(connection: ASGIConnection) -> ApiKey | None:
+    """The key the guard let this request in with; None where the gateway demands no keys."""
+    return connection.state.get(KEY_STATE)
+
+
+def job_owner(connection: ASGIConnection) -> str | None:
+    """Whom the jobs this request submits belong to: its key's name (None where no key is demanded).
+
+    The name rather than the digest: names are unique among live keys and readable in a job's
+    record, and a key rotated under the same name (revoked, created again) keeps its jobs. The
+    price: a name revoked and then given to someone else gives them the old jobs too."""
+    key = verified_key(connection)
+    return key.name if key else None
+
+
+def visible_owner(connection: ASGIConnection) -> str | None:
+    """Whose jobs this request may see: a user key's own; everyone's (None) for an admin key,
+    and for anyone where no key is demanded."""
+    key = verified_key(connection)
+    return key.name if key and key.role != "admin" else None

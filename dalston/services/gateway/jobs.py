@@ -1,4 +1,8 @@
-"""Jobs as the gateway sees them: submit an upload, wait for it, read its record and result."""
+"""Jobs as the gateway sees them: submit an upload, wait for it, read its record and result.
+
+A job has an owner (an API key's name, or None). Every read takes `owner`, whose jobs the caller
+may see (None: everyone's); another owner's job is not found, so its existence is not revealed.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import uuid
 from typing import IO
 
+from nats.js.api import ObjectMeta
 from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 
 from dalston.bus.connection import Bus
@@ -28,6 +33,9 @@ from dalston.logs import get_logger
 
 log = get_logger("dalston.gateway")
 
+# The owner rides on the audio object too, so a job not yet recorded keeps to its owner.
+OWNER_HEADER = "Dalston-Owner"
+
 
 class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
@@ -38,16 +46,18 @@ class JobService:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
 
-    async def submit(self, audio: IO[bytes], filename: str, model: str,
-                     options: TranscribeOptions, job_id: str | None = None) -> str:
+    async def submit(self, audio: IO[bytes], filename: str, model: str, options: TranscribeOptions,
+                     owner: str | None, job_id: str | None = None) -> str:
         """Store the audio (streamed in chunks) and publish the job; returns its id."""
         job_id = job_id or uuid.uuid4().hex
         audio_object = f"jobs/{job_id}/audio"
-        await self.bus.artifacts.put(audio_object, audio)
+        # Object headers are lists of values, as in NATS's own clients.
+        headers = {OWNER_HEADER: [owner]} if owner else None
+        await self.bus.artifacts.put(audio_object, audio, meta=ObjectMeta(name=audio_object, headers=headers))
         try:
             await self.bus.publish(SUBMIT_SUBJECT, JobRequest(
                 id=job_id, model=model, audio_object=audio_object, filename=filename[:255],
-                options=options, submitted_at=now()), msg_id=job_id)
+                options=options, submitted_at=now(), owner=owner), msg_id=job_id)
         except BaseException:
             # No job will ever point at the upload: do not leave it behind.
             await asyncio.shield(self._forget(audio_object))
@@ -60,8 +70,8 @@ class JobService:
         except Exception as exc:  # noqa: BLE001 - retention removes it in the end
             log.warning("orphaned upload not deleted", object=audio_object, error=repr(exc))
 
-    async def run(self, audio: IO[bytes], filename: str, model: str,
-                  options: TranscribeOptions, timeout: float) -> JobRecord:
+    async def run(self, audio: IO[bytes], filename: str, model: str, options: TranscribeOptions,
+                  owner: str | None, timeout: float) -> JobRecord:
         """Submit and wait until the job ends (TimeoutError past `timeout`)."""
         job_id = uuid.uuid4().hex
         ended = asyncio.Event()
@@ -73,43 +83,49 @@ class JobService:
         # Subscribe before submitting, so the end of a fast job cannot be missed.
         subscription = await self.bus.nc.subscribe(JOB_EVENT_SUBJECT.format(job_id=job_id), cb=on_event)
         try:
-            await self.submit(audio, filename, model, options, job_id=job_id)
+            await self.submit(audio, filename, model, options, owner, job_id=job_id)
             await asyncio.wait_for(ended.wait(), timeout)
         finally:
             await subscription.unsubscribe()
-        return await self.get(job_id)
+        return await self.get(job_id, owner)
 
-    async def get(self, job_id: str) -> JobRecord:
+    async def get(self, job_id: str, owner: str | None) -> JobRecord:
         if not is_job_id(job_id):
             raise JobNotFound(job_id)  # never a key or subject: wildcards stay out of NATS
         try:
             entry = await self.bus.jobs.get(job_id)
         except KeyNotFoundError:
-            return await self._submitted(job_id)
-        return decode(entry.value, JobRecord)
+            record = await self._submitted(job_id)
+        else:
+            record = decode(entry.value, JobRecord)
+        if owner is not None and record.owner != owner:
+            raise JobNotFound(job_id)
+        return record
 
     async def _submitted(self, job_id: str) -> JobRecord:
         """A job whose audio is stored but which no orchestrator has recorded yet: queued."""
         audio_object = f"jobs/{job_id}/audio"
         try:
-            await self.bus.artifacts.get_info(audio_object)
+            info = await self.bus.artifacts.get_info(audio_object)
         except NotFoundError:
             raise JobNotFound(job_id) from None
+        owner = (info.headers or {}).get(OWNER_HEADER, [None])[0]
         return JobRecord(id=job_id, status="queued", model="", runtime="", runtime_model_id="",
-                         audio_object=audio_object)
+                         audio_object=audio_object, owner=owner)
 
-    async def list(self, limit: int = 50) -> list[JobRecord]:
+    async def list(self, owner: str | None, limit: int = 50) -> list[JobRecord]:
         try:
             keys = await self.bus.jobs.keys()
         except NoKeysError:
             return []
-        records = await asyncio.gather(*(self.get(k) for k in keys), return_exceptions=True)
+        # Another owner's job is not found: gathered as an exception and left out.
+        records = await asyncio.gather(*(self.get(k, owner) for k in keys), return_exceptions=True)
         jobs = [r for r in records if isinstance(r, JobRecord)]
         return sorted(jobs, key=lambda r: r.created_at, reverse=True)[:limit]
 
     async def transcript(self, record: JobRecord) -> Transcript:
         return decode(await self.bus.read_object(record.transcript_object), Transcript)
 
-    async def cancel(self, job_id: str) -> None:
-        await self.get(job_id)
+    async def cancel(self, job_id: str, owner: str | None) -> None:
+        await self.get(job_id, owner)
         await self.bus.publish(CANCEL_SUBJECT, CancelRequest(id=job_id))
