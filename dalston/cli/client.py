@@ -70,8 +70,16 @@ class Client:
         return self.request("GET", path, params=params).json()
 
     def ready(self) -> bool:
+        return self._ok("/readyz")
+
+    def answers(self) -> bool:
+        """A gateway runs there, ready or not (a stalled orchestrator makes it unready; the
+        commands still work, and say what they meet)."""
+        return self._ok("/healthz")
+
+    def _ok(self, path: str) -> bool:
         try:
-            return self.http.get("/readyz", timeout=2).status_code == 200
+            return self.http.get(path, timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -109,14 +117,14 @@ def _api_message(response: httpx.Response) -> str:
 def probe(args, settings: Settings) -> Client | None:
     """The gateway if one answers now, else None (for commands that manage without one)."""
     client = Client(server_url(args, settings)[0], settings.api_key)
-    return client if client.ready() else None
+    return client if client.answers() else None
 
 
 def connect(args, settings: Settings, *, start: bool = False) -> Client:
     """A gateway that answers; with `start`, the local one is started if it is not running."""
     url, named = server_url(args, settings)
     client = Client(url, settings.api_key)
-    if client.ready():
+    if client.answers():
         return client
     if named or not start:
         raise CliError(f"no Dalston server answers at {url}" + ("" if named else "; start one with `dalston up`"))
