@@ -84,7 +84,7 @@ def advance(job: JobRecord) -> list[str]:
         job.transcript_object = merge.outputs[0] if merge.outputs else None
         finish(job, "completed")
         return []
-    ready = [k for k, t in job.tasks.items() if t.status == "pending"]
+    ready = pending(job)
     stamp = now()
     for key in ready:
         job.tasks[key].status = "queued"
@@ -92,6 +92,29 @@ def advance(job: JobRecord) -> list[str]:
     if any(t.status in ("running", "completed") for t in job.tasks.values()):
         job.status = "running"
     return ready
+
+
+def pending(job: JobRecord) -> list[str]:
+    """The keys of tasks that `advance` will queue."""
+    return [k for k, t in job.tasks.items() if t.status == "pending"]
+
+
+def queued(job: JobRecord) -> list[str]:
+    """The keys of tasks published (or about to be) that no engine has reported on."""
+    return [k for k, t in job.tasks.items() if t.status == "queued"]
+
+
+def is_early(job: JobRecord, event: TaskEvent) -> bool:
+    """Whether `event` is about a task the job does not list yet: a later attempt, or a stage
+    not grown yet. (An earlier attempt's report is stale, not early.)"""
+    if job.status in TERMINAL:
+        return False
+    for key, task in job.tasks.items():
+        prefix = f"{job.id}-{key}-"
+        if event.task_id.startswith(prefix):
+            attempt = event.task_id.removeprefix(prefix)
+            return attempt.isdigit() and int(attempt) > task.attempt
+    return True
 
 
 def finish(job: JobRecord, status: str, failure: Failure | None = None) -> None:

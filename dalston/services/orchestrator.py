@@ -47,6 +47,10 @@ log = get_logger("dalston.orchestrator")
 SWEEP_SECONDS = 2.0
 
 
+class EarlyEvent(Exception):
+    """A report on a task that the job's committed record does not list yet."""
+
+
 class Orchestrator:
     def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
         self.settings = settings
@@ -116,7 +120,10 @@ class Orchestrator:
                 # The server would drop it silently after this delivery: keep it with the reason.
                 await self._bus.dead_letter(msg, f"not handled in {max_deliver} deliveries: {exc!r}")
                 return
-            log.exception("message not handled; it will be redelivered", subject=msg.subject[:256])
+            if isinstance(exc, EarlyEvent):
+                log.info("event before its task; it will be redelivered", reason=str(exc))
+            else:
+                log.exception("message not handled; it will be redelivered", subject=msg.subject[:256])
             try:
                 await msg.nak(delay=1)
             except Exception:  # noqa: BLE001 - no connection: redelivered after ack_wait
@@ -131,24 +138,34 @@ class Orchestrator:
             return None
         return decode(entry.value, JobRecord), entry.revision
 
-    async def _update(self, job_id: str, change) -> JobRecord | None:
-        """Apply `change(record) -> bool` with compare-and-set, retrying on a concurrent write."""
+    async def _update(self, job_id: str, change, *, redrive: bool = False) -> JobRecord | None:
+        """Apply `change(record) -> bool` with compare-and-set, retrying on a concurrent write.
+
+        The record is committed before the tasks it queues are published, so an engine can only
+        report on a task that the committed record lists (with several orchestrators, a report
+        on an uncommitted task would find no task to apply it to). `redrive` (the message that
+        led here came again: the last try may have died between commit and publish) publishes
+        the job's queued tasks and status again; message ids make that a no-op if they went out.
+        """
         while True:
             loaded = await self._load(job_id)
             if loaded is None:
                 return None
             record, revision = loaded
             before = record.status
-            if not change(record):
+            changed = change(record)
+            ready: list[str] = []
+            if changed:
+                ready = dag.advance(record)
+                record.updated_at = now()
+                try:
+                    await self._bus.jobs.update(job_id, encode(record), last=revision)
+                except KeyWrongLastSequenceError:
+                    continue
+            elif not redrive:
                 return record
-            ready = dag.advance(record)
-            record.updated_at = now()
-            await self._publish_tasks(record, ready)
-            try:
-                await self._bus.jobs.update(job_id, encode(record), last=revision)
-            except KeyWrongLastSequenceError:
-                continue
-            if record.status != before:
+            await self._publish_tasks(record, dag.queued(record) if redrive else ready)
+            if record.status != before or (redrive and record.status != "queued"):
                 await self._job_event(record)
             self._track(record)
             return record
@@ -179,16 +196,20 @@ class Orchestrator:
     async def _submit(self, request: JobRequest) -> None:
         if await self._load(request.id) is None:
             record = await self._new_record(request)
+            ready = dag.advance(record)
             try:
                 await self._bus.jobs.create(request.id, encode(record))
             except KeyWrongLastSequenceError:
                 pass  # a redelivered submission: the record exists, carry on from it
             else:
+                self._track(record)
                 if record.status in TERMINAL:
                     await self._job_event(record)
-                    return
-        # Publishing is idempotent (message ids), so a redelivered submit just re-drives the job.
-        await self._update(request.id, lambda r: True)
+                await self._publish_tasks(record, ready)
+                return
+        # A submission seen before re-drives its job (publishing is idempotent), in case the
+        # last try died between commit and publish.
+        await self._update(request.id, lambda r: bool(dag.pending(r)), redrive=True)
 
     async def _new_record(self, request: JobRequest) -> JobRecord:
         created = request.submitted_at or now()
@@ -231,8 +252,11 @@ class Orchestrator:
 
     async def _on_task_event(self, msg: Msg) -> None:
         event = decode(msg.data, TaskEvent)
-        await self._update(event.job_id,
-                           lambda r: dag.apply_event(r, event, self.settings.task_max_attempts))
+        record = await self._update(
+            event.job_id, lambda r: dag.apply_event(r, event, self.settings.task_max_attempts),
+            redrive=msg.metadata.num_delivered > 1)
+        if record is not None and dag.is_early(record, event):
+            raise EarlyEvent(f"job {record.id} does not list task {event.task_id} yet")
 
     async def _cancel(self, request: CancelRequest) -> None:
         def cancel(record: JobRecord) -> bool:

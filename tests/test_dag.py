@@ -1,0 +1,130 @@
+"""The job DAG as pure functions, and the order in which the orchestrator commits and publishes:
+no NATS, milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from nats.js.errors import KeyNotFoundError
+
+from dalston import dag
+from dalston.config import load_settings
+from dalston.contracts import Failure, JobRecord, TaskEvent, decode, encode
+from dalston.services.orchestrator import Orchestrator
+
+
+def new_job() -> JobRecord:
+    job = JobRecord(id="j1", model="faster-whisper-tiny.en", runtime="faster-whisper",
+                    runtime_model_id="tiny.en", audio_object="jobs/j1/audio")
+    dag.start(job)
+    return job
+
+
+def report(job: JobRecord, key: str, kind: str, **fields) -> bool:
+    event = TaskEvent(task_id=job.tasks[key].id, job_id=job.id, kind=kind, engine="e", **fields)
+    return dag.apply_event(job, event, max_attempts=3)
+
+
+def test_a_job_grows_from_prepare_to_one_transcribe_per_channel_to_merge():
+    job = new_job()
+    assert dag.advance(job) == ["prepare"]
+    assert dag.advance(job) == []  # queued once
+    assert report(job, "prepare", "completed", outputs=["a", "b"], channels=2, duration=3.0)
+    assert dag.advance(job) == ["transcribe-0", "transcribe-1"]
+    assert job.status == "running" and job.duration == 3.0
+    assert dag.task_message(job, "transcribe-1").inputs == ["b"]
+    assert report(job, "transcribe-0", "completed", outputs=["t0"], language="en")
+    assert dag.advance(job) == []  # merge waits for every channel
+    assert report(job, "transcribe-1", "completed", outputs=["t1"])
+    assert dag.advance(job) == ["merge"]
+    assert dag.task_message(job, "merge").inputs == ["t0", "t1"]
+    assert report(job, "merge", "completed", outputs=["jobs/j1/transcript.json"])
+    assert dag.advance(job) == [] and job.status == "completed"
+    assert job.transcript_object == "jobs/j1/transcript.json" and job.language == "en"
+
+
+def test_a_transient_failure_retries_under_a_new_id_and_stale_reports_are_ignored():
+    job = new_job()
+    dag.advance(job)
+    first = job.tasks["prepare"].id
+    assert report(job, "prepare", "failed", failure=Failure(code="internal", message="x", retryable=True))
+    assert dag.advance(job) == ["prepare"]
+    assert job.tasks["prepare"].id != first and job.tasks["prepare"].attempt == 2
+    stale = TaskEvent(task_id=first, job_id="j1", kind="completed", engine="e")
+    assert not dag.apply_event(job, stale, max_attempts=3)
+    assert not dag.is_early(job, stale)
+
+
+def test_a_user_error_fails_the_job_and_cancels_the_rest():
+    job = new_job()
+    dag.advance(job)
+    assert report(job, "prepare", "failed", failure=Failure(code="invalid_audio", message="not audio"))
+    dag.advance(job)
+    assert job.status == "failed" and job.failure.code == "invalid_audio"
+
+
+def test_reports_on_tasks_not_listed_yet_are_early():
+    job = new_job()
+    dag.advance(job)
+    later_attempt = TaskEvent(task_id="j1-prepare-2", job_id="j1", kind="started", engine="e")
+    later_stage = TaskEvent(task_id="j1-transcribe-0-1", job_id="j1", kind="started", engine="e")
+    assert dag.is_early(job, later_attempt) and dag.is_early(job, later_stage)
+    assert not dag.apply_event(job, later_stage, max_attempts=3)
+    listed = TaskEvent(task_id="j1-prepare-1", job_id="j1", kind="started", engine="e")
+    assert not dag.is_early(job, listed)
+
+
+class RecordingBus:
+    """The two things the orchestrator does with NATS, in the order it does them."""
+
+    def __init__(self, record: JobRecord) -> None:
+        self.calls: list[str] = []
+        self.value, self.revision = encode(record), 1
+        self.jobs = SimpleNamespace(get=self._get, update=self._update)
+
+    async def _get(self, key):
+        if self.value is None:
+            raise KeyNotFoundError
+        return SimpleNamespace(value=self.value, revision=self.revision)
+
+    async def _update(self, key, value, last):
+        self.calls.append("commit")
+        self.value, self.revision = value, self.revision + 1
+
+    async def publish(self, subject, message, msg_id=None, **_):
+        self.calls.append(f"publish {subject}")
+
+
+class KnownConsumers:
+    async def ensure(self, runtime, runtime_model_id):
+        return "durable"
+
+
+def orchestrator_on(bus: RecordingBus) -> Orchestrator:
+    orchestrator = Orchestrator(load_settings({}))
+    orchestrator._bus, orchestrator._consumers = bus, KnownConsumers()
+    return orchestrator
+
+
+def test_the_record_is_committed_before_its_tasks_are_published():
+    job = new_job()
+    dag.advance(job)
+    bus = RecordingBus(job)
+    event = TaskEvent(task_id=job.tasks["prepare"].id, job_id="j1", kind="completed", engine="e",
+                      outputs=["p0"], channels=1, duration=1.0)
+    asyncio.run(orchestrator_on(bus)._update(
+        "j1", lambda r: dag.apply_event(r, event, max_attempts=3)))
+    assert bus.calls[0] == "commit"
+    assert bus.calls[1] == "publish tasks.faster-whisper.tiny_en"
+    assert decode(bus.value, JobRecord).tasks["transcribe-0"].status == "queued"
+
+
+def test_a_redelivered_message_publishes_the_queued_tasks_again():
+    """The last try may have died between commit and publish: nothing changes, but the queued
+    task goes out again (its message id makes that a no-op if it had gone out)."""
+    job = new_job()
+    dag.advance(job)
+    bus = RecordingBus(job)
+    asyncio.run(orchestrator_on(bus)._update("j1", lambda r: False, redrive=True))
+    assert bus.calls == ["publish tasks.audio-prepare.none"]
