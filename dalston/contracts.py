@@ -193,10 +193,29 @@ class CancelRequest(Contract, kw_only=True):
     reason: ShortText = "cancelled by user"
 
 
+# Every reason a job or task fails, with the HTTP status the gateway answers for it: the user's
+# fault (4xx) or the service's (5xx).
+FAILURE_STATUS: dict[str, int] = {
+    "invalid_audio": 400,  # not audio, corrupt, or past a limit (length, channels)
+    "no_audio": 400,  # the job names no audio, or audio that is not stored
+    "unsupported_language": 400,  # the model does not speak the language asked for
+    "bad_task": 400,  # a task message that cannot be run as it stands
+    "wrong_runtime": 400,  # a task published to another runtime's subject
+    "unknown_model": 404,
+    "cancelled": 409,
+    "internal": 500,  # a bug, or a transient fault that outlived its retries
+    "engine_crashed": 500,  # the task kept killing the engines that ran it
+    "invalid_model": 503,  # the stored model cannot be loaded (an operator's import)
+    "model_unavailable": 503,  # the model could not be pulled
+    "no_engine": 503,  # no engine of the runtime is running
+}
+FailureCode = Literal[tuple(FAILURE_STATUS)]  # type: ignore[valid-type]
+
+
 class Failure(Contract, kw_only=True):
     """Why something failed, in words a user can act on."""
 
-    code: str  # invalid_audio, unknown_model, no_engine, model_unavailable, internal, ...
+    code: FailureCode
     message: str
     retryable: bool = False
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgspec
 import numpy as np
 
-from dalston.contracts import ChannelTranscript, Task, TranscribeOptions, encode
+from dalston.contracts import ChannelTranscript, FailureCode, Task, TranscribeOptions, encode
 from dalston.pcm import from_bytes
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ class TaskCancelled(Exception):
 class TaskFailed(Exception):
     """A task that cannot succeed as asked; `code` and message reach the user."""
 
-    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, code: FailureCode, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -176,7 +176,7 @@ class Engine:
             failure = Failure(code=exc.code, message=exc.message, retryable=exc.retryable)
         except Exception as exc:
             log.exception("task crashed", task=task.id)
-            failure = Failure(code="internal", message=f"{type(exc).__name__}: {exc}", retryable=True)
+            failure = Failure(code="internal", message=f"{type(exc).__name__}: {exc}"[:2000], retryable=True)
         finally:
             keep_fresh.cancel()
             await watch_cancel.unsubscribe()

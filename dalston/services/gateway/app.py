@@ -19,6 +19,7 @@ from dalston.bus.connection import Bus, connect
 from dalston.catalog import Catalog, ModelSpec, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
+    FAILURE_STATUS,
     JOBS_STREAM,
     ORCHESTRATOR_JOBS_CONSUMER,
     TASKS_STREAM,
@@ -38,11 +39,6 @@ from dalston.transcript import FORMATS, render
 
 log = get_logger("dalston.gateway")
 
-# What a failed job's code means over HTTP: the user's fault (4xx) or ours (5xx).
-FAILURE_STATUS = {
-    "invalid_audio": 400, "no_audio": 400, "unsupported_language": 400, "bad_task": 400,
-    "unknown_model": 404, "cancelled": 409, "no_engine": 503, "model_unavailable": 503,
-}
 TIMESTAMP_GRANULARITIES = ("segment", "word")
 
 
@@ -121,7 +117,7 @@ def _raise_for_failure(record: JobRecord) -> None:
     failure = record.failure
     code = failure.code if failure else "internal"
     message = failure.message if failure else f"job ended {record.status}"
-    raise ApiError(FAILURE_STATUS.get(code, 500), message, code=code)
+    raise ApiError(FAILURE_STATUS[code], message, code=code)
 
 
 @post("/v1/audio/transcriptions", status_code=200, summary="Transcribe audio (OpenAI-compatible)")
