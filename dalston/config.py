@@ -65,6 +65,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     compute_type: str = "default"
     cpu_threads: int = 0
     max_loaded_models: int = 1
+    # Seconds a model stays loaded after its last task ends (negative: forever, 0: unloaded at once).
     keep_alive: float = -1.0
     # A model to load at start (public id), and whether it stays loaded whatever comes.
     preload_model: str = ""

@@ -84,6 +84,15 @@ def duplicated_stereo(tmp_dir: Path, suffix: str = ".wav") -> Path:
     return convert(DIALOGUE, suffix, tmp_dir, channels=2)
 
 
+def looped_dialogue(times: int, tmp_dir: Path) -> Path:
+    """The dialogue `times` over in one WAV file (eight times: about 45 s)."""
+    dst = Path(tmp_dir) / f"dialogue-x{times}.wav"
+    if not dst.exists():
+        _run([_tool("ffmpeg"), "-nostdin", "-loglevel", "error", "-y", "-stream_loop", str(times - 1),
+              "-i", str(DIALOGUE), "-c", "copy", str(dst)])
+    return dst
+
+
 def silent_video(tmp_dir: Path) -> Path:
     """A one-second black video with no audio stream."""
     dst = Path(tmp_dir) / "no_audio.mp4"

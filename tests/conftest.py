@@ -4,6 +4,7 @@ import pytest
 
 from dalston.catalog import Catalog
 from dalston.store import ModelStore
+from tests.audio_fixtures import looped_dialogue
 from tests.stack import TestStack
 
 
@@ -24,3 +25,10 @@ def stack(tmp_path_factory):
     system = TestStack.running(tmp_path_factory.mktemp("stack"), "fw-a", "fw-b")
     yield system
     system.close()
+
+
+@pytest.fixture(scope="session")
+def long_audio(tmp_path_factory) -> Path:
+    """The dialogue eight times over (about 45 s): long enough to kill something mid-task, or
+    to outlast a short keep-alive."""
+    return looped_dialogue(8, tmp_path_factory.mktemp("long"))

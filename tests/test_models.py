@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from dalston.contracts import Heartbeat, Task, encode
+from dalston.contracts import Heartbeat, Task, decode, encode
 from tests.audio_fixtures import german_clip
 from tests.stack import AUDIO, TestStack, heartbeat, submit, wait_for, wait_job
 
@@ -91,6 +91,48 @@ async def test_two_engines_mixed_traffic_few_loads(system):
     finally:
         system.stop("mix-a")
         system.stop("mix-b")
+
+
+async def test_a_task_longer_than_keep_alive_keeps_its_model(system, long_audio):
+    """Keep-alive counts from the end of a model's last task: a transcription that outlasts
+    DALSTON_KEEP_ALIVE holds its model throughout (every beat while it runs lists it), and the
+    model is unloaded about keep-alive seconds after the task ends."""
+    keep_alive = 1.0
+    system.start_engine("faster-whisper", "keeper", DALSTON_KEEP_ALIVE=str(keep_alive))
+    system.wait_engines("keeper")
+    bus = await system.bus()
+    beats: list[Heartbeat] = []
+
+    async def on_beat(msg):
+        beats.append(decode(msg.data, Heartbeat))
+
+    async def unloaded():
+        beat = await heartbeat(bus, "faster-whisper", "keeper")
+        return beat if beat.last_unload and not beat.loaded_models else None
+
+    watch = await bus.nc.subscribe("heartbeat.faster-whisper.keeper", cb=on_beat)
+    try:
+        job_id = submit(system, long_audio, TINY)
+        record = await wait_job(system, job_id, 180)
+        assert record["status"] == "completed", record
+        task = record["tasks"]["transcribe-0"]
+        # Only a task that outlasts keep-alive tests anything.
+        assert task["finished_at"] - task["started_at"] > 2 * keep_alive, task
+        beat = await wait_for(unloaded, 30, 0.1)
+    finally:
+        await watch.unsubscribe()
+        await bus.close()
+        system.stop("keeper")
+    # The task's beats from the moment its model is loaded: every one still lists it.
+    during = [b for b in beats if (b.current_task or "").startswith(job_id)]
+    loaded = during[next(n for n, b in enumerate(during) if b.loaded_models):]
+    assert len(loaded) >= 2 and all([m.model for m in b.loaded_models] == [TINY] for b in loaded), \
+        [(b.status, [m.model for m in b.loaded_models]) for b in during]
+    assert beat.last_unload.model == TINY and beat.model_loads == 1
+    # Released just before the task's completion was stamped; unloaded keep-alive later (the
+    # upper bound is generous: a loaded CI box may be slow to run the unload).
+    idle_for = beat.last_unload.at - task["finished_at"]
+    assert keep_alive - 0.5 <= idle_for <= keep_alive + 10, idle_for
 
 
 def test_models_api_shows_catalog_installed_and_loaded(system):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
 import uuid
 
 import httpx
-import pytest
 from nats.js.api import DeliverPolicy
 
 from dalston.contracts import (
@@ -26,15 +24,6 @@ from dalston.contracts import (
 from tests.stack import AUDIO, DIALOGUE_WORDS, job, submit, wait_for, wait_job, words
 
 MODEL = "faster-whisper-tiny.en"
-
-
-@pytest.fixture(scope="module")
-def long_audio(tmp_path_factory):
-    """The dialogue eight times over (about 45 s): long enough to kill something mid-task."""
-    path = tmp_path_factory.mktemp("long") / "long.wav"
-    subprocess.run(["ffmpeg", "-v", "error", "-stream_loop", "7", "-i", str(AUDIO / "dialogue.wav"),
-                    "-c", "copy", str(path)], check=True)
-    return path
 
 
 async def wait_running(stack, job_id, stage_key="transcribe-0") -> str:

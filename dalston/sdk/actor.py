@@ -81,6 +81,11 @@ class Actor:
     def device(self) -> str:
         return "cpu"
 
+    async def run(self, task: Task, ctx: TaskContext, model: Any) -> TaskResult:
+        """What the engine calls, with the handle of the model the task leased (None here:
+        this runtime serves no model)."""
+        return await self.handle(task, ctx)
+
     async def handle(self, task: Task, ctx: TaskContext) -> TaskResult:
         raise NotImplementedError
 
@@ -101,10 +106,7 @@ class ModelActor(Actor):
         `TaskCancelled` soon after `cancelled` is set."""
         raise NotImplementedError
 
-    async def handle(self, task: Task, ctx: TaskContext) -> TaskResult:
-        raise AssertionError("the engine runs model tasks through run_model_task")
-
-    async def run_model_task(self, task: Task, ctx: TaskContext, handle: Any) -> TaskResult:
+    async def run(self, task: Task, ctx: TaskContext, handle: Any) -> TaskResult:
         if not task.inputs:
             raise TaskFailed("bad_task", "a transcribe task needs its prepared audio as input")
         audio = from_bytes(await ctx.read(task.inputs[0]))

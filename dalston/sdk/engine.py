@@ -25,7 +25,6 @@ from dalston.config import Settings
 from dalston.contracts import (
     HEARTBEAT_SUBJECT,
     JOB_EVENT_SUBJECT,
-    NO_MODEL,
     PULL_PROGRESS_SUBJECT,
     TASK_EVENT_SUBJECT,
     TERMINAL,
@@ -49,7 +48,7 @@ from dalston.pull import PullError, pull
 from dalston.sdk import memory
 from dalston.sdk.actor import Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult
 from dalston.sdk.intake import TaskIntake
-from dalston.sdk.models import ModelManager
+from dalston.sdk.models import ModelManager, NoModels
 from dalston.store import ModelStore
 
 log = get_logger("dalston.engine")
@@ -72,15 +71,13 @@ class Engine:
         self.tasks_failed = 0
         self.error: str | None = None
         self.started_at = now()
-        self.models: ModelManager | None = None
-        if isinstance(actor, ModelActor):
-            self.models = ModelManager(
-                load=actor.load, unload=actor.unload, locate=self._locate,
-                on_change=self._status_changed, max_loaded=settings.max_loaded_models,
-                keep_alive=settings.keep_alive)
+        self.models = ModelManager(
+            load=actor.load, unload=actor.unload, locate=self._locate,
+            on_change=self._status_changed, max_loaded=settings.max_loaded_models,
+            keep_alive=settings.keep_alive) if isinstance(actor, ModelActor) else NoModels()
         self._bus: Bus | None = None
         self.peers = EngineWatch()  # what the other engines hold, for the choice of backlog
-        self.intake = TaskIntake(settings, self.runtime, self.name, self._held_models, self.peers)
+        self.intake = TaskIntake(settings, self.runtime, self.name, self.models.held, self.peers)
         self._stopping = asyncio.Event()
         self._current_ctx: TaskContext | None = None
 
@@ -89,9 +86,8 @@ class Engine:
     async def run(self) -> None:
         self._bus = await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
         await self.peers.start(self._bus.js)
-        background = [asyncio.create_task(self._beat_forever())]
-        if self.models and self.models.keep_alive >= 0:
-            background.append(asyncio.create_task(self._expire_forever()))
+        background = [asyncio.create_task(self._beat_forever()),
+                      asyncio.create_task(self.models.expire_forever())]
         log.info("engine started", runtime=self.runtime, engine=self.name)
         try:
             await self._preload()
@@ -113,18 +109,12 @@ class Engine:
             self._current_ctx.cancelled.set()
 
     async def _preload(self) -> None:
-        if self.models and self.settings.preload_model:
+        if self.settings.preload_model:
             spec = self.catalog.model(self.settings.preload_model)
             try:
-                await self.models.acquire(spec.id, spec.runtime_model_id, pin=self.settings.pin_preloaded)
+                await self.models.preload(spec.runtime_model_id, pin=self.settings.pin_preloaded)
             except TaskFailed as exc:  # the engine still serves other models
                 log.warning("preload failed", model=spec.id, reason=exc.message)
-
-    def _held_models(self) -> list[str]:
-        """The runtime model ids this engine holds, most recently used first."""
-        if self.models is None:
-            return [NO_MODEL]  # model-less runtimes have exactly one queue
-        return [r.runtime_model_id for r in reversed(self.models.resident.values())]
 
     async def _work(self) -> None:
         await self.intake.start(self._bus)
@@ -158,8 +148,7 @@ class Engine:
             await msg.ack()  # cancelled (or failed) while queued: nothing to do, nobody to tell
             return
         self.current_task = task.id
-        if self.models is not None:
-            self.current_model = task.runtime_model_id or self.settings.default_model_id
+        self.current_model = task.runtime_model_id or self.settings.default_model_id or None
         self._set_status("busy")
         await self._event(task, "started")
         ctx = self._current_ctx = TaskContext(bus=self._bus, settings=self.settings)
@@ -208,15 +197,10 @@ class Engine:
         return on_event
 
     async def _run(self, task: Task, ctx: TaskContext) -> TaskResult:
-        if self.models is None:
-            return await self.actor.handle(task, ctx)
-        runtime_model_id = task.runtime_model_id or self.settings.default_model_id
-        try:
-            spec = self.catalog.by_runtime_model_id(self.runtime, runtime_model_id)
-        except UnknownModel as exc:
-            raise TaskFailed("unknown_model", str(exc)) from None
-        handle = await self.models.acquire(spec.id, spec.runtime_model_id)
-        return await self.actor.run_model_task(task, ctx, handle)
+        # The lease keeps the model loaded until the task ends, however long keep-alive is.
+        async with self.models.use(self.current_model) as model:
+            self._set_status("busy")  # again, after a load
+            return await self.actor.run(task, ctx, model)
 
     async def _keep_in_progress(self, msg: Msg) -> None:
         while True:
@@ -250,25 +234,28 @@ class Engine:
 
     # --- models on disk ------------------------------------------------------------------------
 
-    async def _locate(self, model: str, runtime_model_id: str) -> Path:
-        """The model's directory in the store, pulled first if it is not there."""
-        spec = self.catalog.model(model)
+    async def _locate(self, runtime_model_id: str) -> tuple[str, Path]:
+        """The model's public id and its directory in the store, pulled first if not there."""
+        try:
+            spec = self.catalog.by_runtime_model_id(self.runtime, runtime_model_id)
+        except UnknownModel as exc:
+            raise TaskFailed("unknown_model", str(exc)) from None
         path = self.store.path(self.runtime_spec.store_dir, runtime_model_id)
         if self.store.is_installed(self.runtime_spec, runtime_model_id):
-            return path
+            return spec.id, path
         self._set_status("downloading")
         loop = asyncio.get_running_loop()
 
         def report(progress: PullProgress) -> None:
             loop.call_soon_threadsafe(asyncio.ensure_future, self._bus.nc.publish(
-                PULL_PROGRESS_SUBJECT.format(model=subject_token(model)), encode(progress)))
+                PULL_PROGRESS_SUBJECT.format(model=subject_token(spec.id)), encode(progress)))
 
         def pull_mapped() -> Path:
             with memory.large_blocks_mapped():
                 return pull(spec, self.runtime_spec, self.store, report)
 
         try:
-            return await asyncio.to_thread(pull_mapped)
+            return spec.id, await asyncio.to_thread(pull_mapped)
         except PullError as exc:
             self.error = str(exc)
             raise TaskFailed("model_unavailable", str(exc), retryable=False) from None
@@ -292,15 +279,15 @@ class Engine:
         return Heartbeat(
             runtime=self.runtime, engine=self.name, host=socket.gethostname(),
             status=self.status, version=__version__, device=self.actor.device,
-            loaded_models=self.models.loaded() if self.models else [],
+            loaded_models=self.models.loaded(),
             models_on_disk=self.store.installed(self.runtime_spec.store_dir, self.runtime_spec.required_files)
-            if self.models else [],
+            if self.runtime_spec.store_dir else [],
             current_task=self.current_task, current_model=self.current_model,
             tasks_done=self.tasks_done,
             tasks_failed=self.tasks_failed,
-            model_loads=self.models.loads if self.models else 0,
-            swaps=self.models.swaps if self.models else 0,
-            last_unload=self.models.last_unload if self.models else None,
+            model_loads=self.models.loads,
+            swaps=self.models.swaps,
+            last_unload=self.models.last_unload,
             rss_bytes=memory.rss_bytes(), vram_bytes=memory.vram_bytes(), error=self.error,
             interval=self.settings.heartbeat_interval, started_at=self.started_at, sent_at=now())
 
@@ -316,8 +303,3 @@ class Engine:
         while True:
             await self._beat()
             await asyncio.sleep(self.settings.heartbeat_interval)
-
-    async def _expire_forever(self) -> None:
-        while True:
-            await asyncio.sleep(max(1.0, self.models.keep_alive / 4))
-            await self.models.expire()

@@ -20,14 +20,7 @@ from nats.aio.msg import Msg
 from dalston.bus.connection import Bus
 from dalston.bus.layout import TaskConsumers
 from dalston.config import Settings
-from dalston.contracts import (
-    NO_MODEL,
-    TASKS_STREAM,
-    Heartbeat,
-    subject_token,
-    task_consumer,
-    task_consumer_prefix,
-)
+from dalston.contracts import TASKS_STREAM, Heartbeat, subject_token, task_consumer, task_consumer_prefix
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 
@@ -46,11 +39,13 @@ PROBE_SECONDS = 0.05
 
 class TaskIntake:
     def __init__(self, settings: Settings, runtime: str, engine: str,
-                 held_models: Callable[[], list[str]], peers: EngineWatch) -> None:
+                 held_models: Callable[[], list[str | None]], peers: EngineWatch) -> None:
         self.settings = settings
         self.runtime = runtime
         self.engine = engine
-        self._held_models = held_models  # runtime model ids, most recently used first
+        # Runtime model ids, most recently used first; [None] for a runtime that serves no
+        # model, whose tasks all wait in the queue of tasks without one.
+        self._held_models = held_models
         self._peers = peers
         self._bus: Bus | None = None
         self._doorbell = asyncio.Event()
@@ -62,8 +57,8 @@ class TaskIntake:
         self._bus = bus
         self._consumers = TaskConsumers(bus.js, self.settings)
         await bus.nc.subscribe(f"tasks.{subject_token(self.runtime)}.*", cb=self._ring)
-        if self._held_models() == [NO_MODEL]:
-            await self._consumers.ensure(self.runtime, NO_MODEL)
+        for runtime_model_id in self._held_models():  # its first choices exist before it looks
+            await self._consumers.ensure(self.runtime, runtime_model_id)
 
     def wake(self) -> None:
         self._doorbell.set()

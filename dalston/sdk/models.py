@@ -1,16 +1,20 @@
-"""Which models an engine holds: load on demand, evict least recently used, unload when idle.
+"""Which models an engine holds: leased by tasks, loaded on demand, unloaded when idle.
 
-One place for each decision, as in Ollama's scheduler: `acquire` decides whether to reuse, pull,
-evict and load; `expire` decides what keep-alive unloads. The manager runs on the engine's event
-loop; the blocking work (pull, load, unload) goes to threads, one at a time.
+As in Ollama's scheduler, a task holds a lease on its model for as long as it runs (`use`), and
+a model's keep-alive counts from the end of its last lease: a model in use is never unloaded,
+neither by keep-alive nor to make room for another, and a swap waits for the lease to end.
+`_lease` decides whether to reuse, pull, evict and load; `expire` decides what keep-alive
+unloads. The manager runs on the engine's event loop; leases are granted in order, and the
+blocking work (pull, load, unload) goes to threads, one at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,8 @@ class Resident:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     pinned: bool = False
+    leases: int = 0
+    released: float = 0.0  # the manager's clock when the last lease ended
 
     def describe(self) -> LoadedModel:
         return LoadedModel(model=self.model, runtime_model_id=self.runtime_model_id,
@@ -37,16 +43,19 @@ class Resident:
 
 
 class ModelManager:
-    """Loaded models of one engine, at most `max_loaded`, least recently used first out."""
+    """Loaded models of one engine: at most `max_loaded`, the least recently used idle one out
+    first, each unloaded `keep_alive` seconds after its last lease ends (negative: never)."""
 
     def __init__(self, *, load: Callable[[str, Path], Any], unload: Callable[[Any], None],
-                 locate: Callable[[str, str], Awaitable[Path]],
+                 locate: Callable[[str], Awaitable[tuple[str, Path]]],
                  on_change: Callable[[str], None], max_loaded: int = 1,
-                 keep_alive: float = -1.0) -> None:
+                 keep_alive: float = -1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._load = load
         self._unload = unload
-        self._locate = locate  # finds the model on disk, pulling it if missing
+        # The model's public id and its directory on disk, pulled first if missing.
+        self._locate = locate
         self._on_change = on_change  # tells the engine its status changed (for heartbeats)
+        self._clock = clock  # for keep-alive; tests pass a fake one
         self.max_loaded = max(1, max_loaded)
         self.keep_alive = keep_alive
         self.resident: OrderedDict[str, Resident] = OrderedDict()
@@ -54,31 +63,53 @@ class ModelManager:
         self.swaps = 0
         self.last_unload: Unload | None = None
         self._lock = asyncio.Lock()
+        self._lease_ended = asyncio.Event()
 
     def loaded(self) -> list[LoadedModel]:
         return [r.describe() for r in self.resident.values()]
 
-    def holds(self, runtime_model_id: str) -> bool:
-        return runtime_model_id in self.resident
+    def held(self) -> list[str]:
+        """The runtime model ids held, most recently used first."""
+        return [r.runtime_model_id for r in reversed(self.resident.values())]
 
-    async def acquire(self, model: str, runtime_model_id: str, *, pin: bool = False) -> Any:
-        """The handle of a loaded model, loading it (and evicting others) if needed."""
+    @contextlib.asynccontextmanager
+    async def use(self, runtime_model_id: str, *, pin: bool = False) -> AsyncIterator[Any]:
+        """The loaded model's handle, leased until the block ends: loaded (evicting an idle
+        model, or waiting for one to become idle) if needed, and kept loaded meanwhile."""
+        resident = await self._lease(runtime_model_id, pin)
+        try:
+            yield resident.handle
+        finally:
+            resident.leases -= 1
+            resident.last_used = time.time()
+            resident.released = self._clock()
+            self._lease_ended.set()
+
+    async def preload(self, runtime_model_id: str, *, pin: bool = False) -> None:
+        """Load a model before any task asks for it; keep-alive counts from now."""
+        async with self.use(runtime_model_id, pin=pin):
+            pass
+
+    async def _lease(self, runtime_model_id: str, pin: bool) -> Resident:
         async with self._lock:
-            resident = self.resident.get(runtime_model_id)
-            if resident is None:
-                path = await self._locate(model, runtime_model_id)
-                await self._make_room()
-                self._on_change("loading")
-                started = time.monotonic()
-                handle = await asyncio.to_thread(self._load_mapped, runtime_model_id, path)
-                resident = Resident(model=model, runtime_model_id=runtime_model_id, handle=handle)
-                self.resident[runtime_model_id] = resident
-                self.loads += 1
-                log.info("model loaded", model=model, seconds=round(time.monotonic() - started, 2))
+            resident = self.resident.get(runtime_model_id) or await self._bring_in(runtime_model_id)
+            resident.leases += 1
             resident.pinned = resident.pinned or pin
             resident.last_used = time.time()
             self.resident.move_to_end(runtime_model_id)
-            return resident.handle
+            return resident
+
+    async def _bring_in(self, runtime_model_id: str) -> Resident:
+        model, path = await self._locate(runtime_model_id)
+        await self._make_room()
+        self._on_change("loading")
+        started = time.monotonic()
+        handle = await asyncio.to_thread(self._load_mapped, runtime_model_id, path)
+        resident = self.resident[runtime_model_id] = Resident(
+            model=model, runtime_model_id=runtime_model_id, handle=handle)
+        self.loads += 1
+        log.info("model loaded", model=model, seconds=round(time.monotonic() - started, 2))
+        return resident
 
     def _load_mapped(self, runtime_model_id: str, path: Path) -> Any:
         with memory.large_blocks_mapped():
@@ -86,9 +117,14 @@ class ModelManager:
 
     async def _make_room(self) -> None:
         while len(self.resident) >= self.max_loaded:
-            victim = next((r for r in self.resident.values() if not r.pinned), None)
-            if victim is None:
+            unpinned = [r for r in self.resident.values() if not r.pinned]
+            if not unpinned:
                 raise RuntimeError(f"all {self.max_loaded} model slots hold pinned models")
+            victim = next((r for r in unpinned if not r.leases), None)
+            if victim is None:  # every slot is in use: the swap waits for a task to end
+                self._lease_ended.clear()
+                await self._lease_ended.wait()
+                continue
             await self._evict(victim)
             self.swaps += 1
 
@@ -106,16 +142,57 @@ class ModelManager:
                  rss_after=self.last_unload.rss_after, vram_after=self.last_unload.vram_after)
         self._on_change("unloaded")
 
+    def _expires_at(self, resident: Resident) -> float | None:
+        """When keep-alive unloads `resident` (its clock), or None: never, or not while leased."""
+        if self.keep_alive < 0 or resident.pinned or resident.leases:
+            return None
+        return resident.released + self.keep_alive
+
     async def expire(self) -> None:
-        """Unload models idle for longer than keep-alive (negative: never)."""
+        """Unload the models whose keep-alive has run out since their last lease ended."""
+        async with self._lock:
+            now = self._clock()
+            for resident in list(self.resident.values()):
+                due = self._expires_at(resident)
+                if due is not None and due <= now:
+                    await self._evict(resident)
+
+    async def expire_forever(self) -> None:
+        """Unload each model as its keep-alive runs out (0: as soon as its lease ends)."""
         if self.keep_alive < 0:
             return
-        async with self._lock:
-            cutoff = time.time() - self.keep_alive
-            for resident in [r for r in self.resident.values() if not r.pinned and r.last_used < cutoff]:
-                await self._evict(resident)
+        while True:
+            self._lease_ended.clear()
+            due = min((at for r in self.resident.values() if (at := self._expires_at(r)) is not None),
+                      default=None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_ended.wait(),
+                                       None if due is None else max(0.0, due - self._clock()))
+            try:
+                await self.expire()
+            except Exception:  # noqa: BLE001 - the model is dropped all the same; keep watching
+                log.exception("unload failed")
 
-    async def unload_all(self) -> None:
-        async with self._lock:
-            for resident in list(self.resident.values()):
-                await self._evict(resident)
+
+class NoModels:
+    """The model manager of a runtime that serves no model (audio-prepare, merge): it holds
+    nothing, and its tasks, which name no model, are all it takes."""
+
+    loads = swaps = 0
+    last_unload: Unload | None = None
+
+    def loaded(self) -> list[LoadedModel]:
+        return []
+
+    def held(self) -> list[None]:
+        return [None]  # the runtime's one queue: tasks with no runtime model id
+
+    @contextlib.asynccontextmanager
+    async def use(self, runtime_model_id: str | None, *, pin: bool = False) -> AsyncIterator[None]:
+        yield None
+
+    async def preload(self, runtime_model_id: str, *, pin: bool = False) -> None:
+        pass
+
+    async def expire_forever(self) -> None:
+        pass
