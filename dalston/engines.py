@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-
+from dalston.bus.connection import Bus
+from dalston.bus.consumers import follow_last_per_subject
 from dalston.contracts import HEARTBEATS_STREAM, ContractError, Heartbeat, decode
 
 # An engine that missed this many beats is gone, whether or not its TTL marker arrived yet.
@@ -26,35 +24,31 @@ class EngineWatch:
         self._on_change = on_change
         self._subscription = None
 
-    async def start(self, js: JetStreamContext) -> None:
-        self._subscription = await js.subscribe(
-            "heartbeat.>", stream=HEARTBEATS_STREAM, cb=self._receive, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            # The consumer lives on one node: a missed idle beat after 2 s recreates it
-            # elsewhere, so a cluster node's death hides engines for seconds, not ~15 s.
-            idle_heartbeat=1.0)
+    async def start(self, bus: Bus) -> None:
+        self._subscription = await follow_last_per_subject(bus, HEARTBEATS_STREAM, "heartbeat.>",
+                                                           self._receive)
 
     async def stop(self) -> None:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
 
-    async def _receive(self, msg: Msg) -> None:
-        # An empty message with Nats-Marker-Reason is the server saying the beat expired.
-        if not msg.data or (msg.headers or {}).get("Nats-Marker-Reason"):
+    async def _receive(self, subject: str, data: bytes | None) -> None:
+        # No data: the server says the beat expired.
+        if data is None:
             beat = None
         else:
             try:
-                beat = decode(msg.data, Heartbeat)
+                beat = decode(data, Heartbeat)
             except ContractError:
                 return
         if beat is None:
-            self._beats.pop(msg.subject, None)
-            self._heard.pop(msg.subject, None)
+            self._beats.pop(subject, None)
+            self._heard.pop(subject, None)
         else:
-            self._beats[msg.subject] = beat
-            self._heard[msg.subject] = time.monotonic()
+            self._beats[subject] = beat
+            self._heard[subject] = time.monotonic()
         if self._on_change:
-            self._on_change(msg.subject, beat)
+            self._on_change(subject, beat)
 
     def silent(self, subject: str) -> bool:
         """Whether the engine beating on `subject` missed its last beats, or its beat expired.

@@ -14,10 +14,9 @@ import secrets
 from typing import Literal
 
 import msgspec
-from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
-from nats.js.kv import KeyValue
 
+from dalston.bus.buckets import Bucket
+from dalston.bus.connection import Bus
 from dalston.contracts import now
 
 BUCKET = "apikeys"
@@ -44,19 +43,15 @@ def digest(key: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> KeyStore:
-        return cls(await js.key_value(BUCKET))
+    async def open(cls, bus: Bus) -> KeyStore:
+        return cls(await bus.bucket(BUCKET))
 
     async def list(self) -> list[ApiKey]:
-        try:
-            names = await self.kv.keys()
-        except NoKeysError:
-            return []
-        records = [await self._record(name) for name in names]
+        records = [await self._record(name) for name in await self.bucket.keys()]
         return sorted((r for r in records if r), key=lambda r: r.created_at)
 
     async def create(self, name: str, role: Role = "user") -> str:
@@ -67,13 +62,13 @@ class KeyStore:
             raise KeyNameError(f"a key named {name!r} exists; revoke it first")
         key = PREFIX + secrets.token_urlsafe(32)
         record = ApiKey(name=name, role=role, digest=digest(key), created_at=now())
-        await self.kv.create(record.digest, msgspec.json.encode(record))
+        await self.bucket.create(record.digest, msgspec.json.encode(record))
         return key
 
     async def revoke(self, name: str) -> None:
         for record in await self.list():
             if record.name == name:
-                await self.kv.purge(record.digest)
+                await self.bucket.purge(record.digest)
                 return
         raise KeyNameError(f"no key named {name!r}")
 
@@ -90,8 +85,5 @@ class KeyStore:
         return record
 
     async def _record(self, key_digest: str) -> ApiKey | None:
-        try:
-            entry = await self.kv.get(key_digest)
-        except KeyNotFoundError:  # also deleted and purged keys
-            return None
-        return msgspec.json.decode(entry.value, type=ApiKey) if entry.value else None
+        found = await self.bucket.get(key_digest)
+        return None if found is None else msgspec.json.decode(found[0], type=ApiKey)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from nats.js.errors import KeyNotFoundError
-
 from dalston import dag
 from dalston.config import load_settings
 from dalston.contracts import Failure, JobRecord, TaskEvent, decode, encode
@@ -80,30 +78,28 @@ class RecordingBus:
 
     def __init__(self, record: JobRecord) -> None:
         self.calls: list[str] = []
-        self.value, self.revision = encode(record), 1
-        self.jobs = SimpleNamespace(get=self._get, update=self._update)
+        self.record, self.revision = record, 1
+        self.jobs = SimpleNamespace(load=self._load, update=self._update)
+        self.task_consumers = SimpleNamespace(ensure=self._ensure)
 
-    async def _get(self, key):
-        if self.value is None:
-            raise KeyNotFoundError
-        return SimpleNamespace(value=self.value, revision=self.revision)
+    async def _load(self, job_id):
+        return decode(encode(self.record), JobRecord), self.revision
 
-    async def _update(self, key, value, last):
+    async def _update(self, record, revision):
         self.calls.append("commit")
-        self.value, self.revision = value, self.revision + 1
+        self.record, self.revision = record, self.revision + 1
+        return True
+
+    async def _ensure(self, runtime, runtime_model_id):
+        return "durable"
 
     async def publish(self, subject, message, msg_id=None, **_):
         self.calls.append(f"publish {subject}")
 
 
-class KnownConsumers:
-    async def ensure(self, runtime, runtime_model_id):
-        return "durable"
-
-
 def orchestrator_on(bus: RecordingBus) -> Orchestrator:
     orchestrator = Orchestrator(load_settings({}))
-    orchestrator._bus, orchestrator._consumers = bus, KnownConsumers()
+    orchestrator._bus = bus
     return orchestrator
 
 
@@ -117,7 +113,7 @@ def test_the_record_is_committed_before_its_tasks_are_published():
         "j1", lambda r: dag.apply_event(r, event, max_attempts=3)))
     assert bus.calls[0] == "commit"
     assert bus.calls[1] == "publish tasks.faster-whisper.tiny_en"
-    assert decode(bus.value, JobRecord).tasks["transcribe-0"].status == "queued"
+    assert bus.record.tasks["transcribe-0"].status == "queued"
 
 
 def test_a_redelivered_message_publishes_the_queued_tasks_again():

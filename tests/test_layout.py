@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from nats.js.errors import KeyNotFoundError, ObjectNotFoundError
 
 from dalston.bus.connection import connect
 from dalston.bus.server import EmbeddedNats
 from dalston.config import load_settings
+from dalston.contracts import JobRecord
 
 
 @pytest.fixture
@@ -43,13 +43,14 @@ async def test_a_job_record_and_its_audio_expire(nats_url):
     settings = load_settings({"DALSTON_NATS_URL": nats_url, "DALSTON_RETENTION_HOURS": str(1 / 3600)})
     bus = await connect(settings, name="test")
     try:
-        await bus.jobs.put("job-1", b"{}")
+        record = JobRecord(id="job-1", model="m", runtime="r", runtime_model_id="r",
+                           audio_object="jobs/job-1/audio")
+        assert await bus.jobs.create(record)
         await bus.artifacts.put("jobs/job-1/audio", b"RIFF")
-        assert (await bus.jobs.get("job-1")).value == b"{}"
+        assert (await bus.jobs.get("job-1")).id == "job-1"
+        assert await bus.artifacts.exists("jobs/job-1/audio")
         await asyncio.sleep(2.5)
-        with pytest.raises(KeyNotFoundError):
-            await bus.jobs.get("job-1")
-        with pytest.raises(ObjectNotFoundError):
-            await bus.read_object("jobs/job-1/audio")
+        assert await bus.jobs.get("job-1") is None
+        assert not await bus.artifacts.exists("jobs/job-1/audio")
     finally:
         await bus.close()

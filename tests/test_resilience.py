@@ -149,7 +149,7 @@ async def test_a_job_published_straight_to_nats(stack):
         await bus.js.publish("jobs.submit", encode(request))
         event = await asyncio.wait_for(ended, 60)
         assert event.status == "completed"
-        transcript = decode(await bus.read_object(event.transcript_object), Transcript)
+        transcript = decode(await bus.artifacts.read(event.transcript_object), Transcript)
         assert words(transcript.text) == DIALOGUE_WORDS
     finally:
         await bus.close()

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
-from nats.js.kv import KeyValue
-from nats.js.object_store import ObjectStore
 
 import nats
-from dalston.bus.layout import ensure_layout
+from dalston.bus.buckets import Artifacts, Bucket, JobRecords
+from dalston.bus.layout import TaskConsumers, ensure_layout
 from dalston.config import Settings
 from dalston.contracts import (
     ARTIFACTS_BUCKET,
@@ -29,6 +28,7 @@ from dalston.contracts import (
 )
 from dalston.logs import get_logger
 
+__all__ = ["Bus", "Msg", "connect"]
 log = get_logger("dalston.bus")
 CONNECT_ATTEMPTS = 60
 PUBLISH_PATIENCE = 30.0
@@ -36,10 +36,20 @@ PUBLISH_PATIENCE = 30.0
 
 @dataclass
 class Bus:
+    """A service's connection to NATS. `nc` and `js` are nats-py's own handles, for this package
+    (and tests) alone: the rest of Dalston speaks through the typed operations here, in
+    `buckets` and in `consumers`."""
+
     nc: Client
     js: JetStreamContext
-    jobs: KeyValue
-    artifacts: ObjectStore
+    settings: Settings
+    jobs: JobRecords
+    artifacts: Artifacts
+    task_consumers: TaskConsumers
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
 
     async def publish(self, subject: str, message: Contract, *, msg_id: str | None = None,
                       msg_ttl: float | None = None) -> None:
@@ -58,6 +68,16 @@ class Bus:
                     raise
                 await asyncio.sleep(0.5)
 
+    async def announce(self, subject: str, message: Contract) -> None:
+        """Publish without keeping it (progress that only live listeners want)."""
+        await self.nc.publish(subject, encode(message))
+
+    async def subscribe(self, subject: str, handler: Callable[[Msg], Awaitable[None]], *,
+                        queue: str = "") -> Subscription:
+        """Call `handler` with every message on `subject` from now on (one member of `queue`
+        gets each, where a queue group is named)."""
+        return await self.nc.subscribe(subject, queue=queue, cb=handler)
+
     async def dead_letter(self, msg: Msg, reason: str) -> None:
         """Keep a message nobody can process (with the reason and its head) in DEADLETTER, and
         terminate it. Terminated even when keeping it fails: one bad message must never stall a
@@ -74,19 +94,31 @@ class Bus:
         except Exception as exc:  # noqa: BLE001 - the connection is down: it comes back later
             log.error("dead letter not terminated", subject=msg.subject[:256], error=repr(exc))
 
-    async def read_object(self, name: str) -> bytes:
-        # writeinto avoids nats-py's quadratic concatenation of chunks (nats.py issue 703).
-        buffer = io.BytesIO()
-        await self.artifacts.get(name, writeinto=buffer)
-        return buffer.getvalue()
+    async def bucket(self, name: str) -> Bucket:
+        """Another key-value bucket of the layout (the API keys')."""
+        return Bucket(await self.js.key_value(name))
 
-    async def read_object_to(self, name: str, path: Path) -> None:
-        with path.open("wb") as file:
-            await self.artifacts.get(name, writeinto=file)
+    async def stream_problem(self, stream: str) -> str | None:
+        """Why `stream` cannot be used now, or None when it answers."""
+        try:
+            await self.js.stream_info(stream)
+        except Exception as exc:  # noqa: BLE001 - any failure means not usable
+            return repr(exc)
+        return None
+
+    async def messages_by_subject(self, stream: str, subjects: str) -> dict[str, int]:
+        """How many messages `stream` holds on each subject matching `subjects`."""
+        info = await self.js.stream_info(stream, subjects_filter=subjects)
+        return dict(info.state.subjects or {})
 
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+def auth(settings: Settings) -> dict[str, str]:
+    """The credentials to connect with, where the server demands them."""
+    return {"user": settings.nats_user, "password": settings.nats_password} if settings.nats_user else {}
 
 
 async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -> Bus:
@@ -94,25 +126,26 @@ async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", error=repr(exc))
 
-    auth = {"user": settings.nats_user, "password": settings.nats_password} if settings.nats_user else {}
     # nats-py does not retry a first connect; services often start before NATS is ready.
     for attempt in range(CONNECT_ATTEMPTS):
         try:
             nc = await nats.connect(
                 servers=settings.nats_servers, name=name, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True, drain_timeout=5,
-                error_cb=on_error, **auth)
+                error_cb=on_error, **auth(settings))
             break
         except (OSError, nats.errors.NoServersError) as exc:
             if attempt == CONNECT_ATTEMPTS - 1:
                 raise ConnectionError(f"cannot reach NATS at {', '.join(settings.nats_servers)}: {exc}") from None
             await asyncio.sleep(0.5)
+        except nats.errors.Error as exc:  # refused (credentials), or a protocol error
+            raise ConnectionError(f"NATS at {', '.join(settings.nats_servers)} refused us: {exc}") from None
     js = nc.jetstream(timeout=10)
     if apply_layout:
         await _ensure_layout_patiently(js, settings)
-    jobs = await js.key_value(JOBS_BUCKET)
-    artifacts = await js.object_store(ARTIFACTS_BUCKET)
-    return Bus(nc=nc, js=js, jobs=jobs, artifacts=artifacts)
+    return Bus(nc=nc, js=js, settings=settings, jobs=JobRecords(await js.key_value(JOBS_BUCKET)),
+               artifacts=Artifacts(await js.object_store(ARTIFACTS_BUCKET)),
+               task_consumers=TaskConsumers(js, settings))
 
 
 async def _ensure_layout_patiently(js: JetStreamContext, settings: Settings) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import nats.errors
-
 from dalston.bus.connection import connect
 from dalston.cli.output import CliError, add_json_option, ago, print_json, table
 from dalston.config import Settings
@@ -32,10 +30,10 @@ def _with_store(settings: Settings, action):
     async def run():
         try:
             bus = await connect(settings, name="dalston-keys")
-        except (ConnectionError, nats.errors.Error) as exc:  # unreachable, or refused
+        except ConnectionError as exc:  # unreachable, or refused
             raise CliError(str(exc)) from None
         try:
-            return await action(await KeyStore.open(bus.js))
+            return await action(await KeyStore.open(bus))
         except KeyNameError as exc:
             raise CliError(str(exc)) from None
         finally:

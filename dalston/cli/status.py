@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from dalston.bus.consumers import consumer_state_at
 from dalston.cli.client import Client, add_server_option, connect, server_url
 from dalston.cli.output import add_json_option, ago, print_json, size, table
 from dalston.config import Settings
@@ -75,20 +76,10 @@ def _gateway(client: Client) -> dict[str, Any]:
 
 async def _nats(settings: Settings) -> dict[str, Any]:
     """Whether NATS answers here, and whether an orchestrator is fetching jobs from it."""
-    import nats
-
-    auth = {"user": settings.nats_user, "password": settings.nats_password} if settings.nats_user else {}
     try:
-        nc = await nats.connect(servers=settings.nats_servers, connect_timeout=NATS_TIMEOUT,
-                                allow_reconnect=False, max_reconnect_attempts=0, **auth)
-    except Exception as exc:  # noqa: BLE001 - any failure to connect is the answer
-        return {"servers": settings.nats_servers, "reachable": False, "error": f"unreachable ({exc})",
+        intake = await consumer_state_at(settings, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, NATS_TIMEOUT)
+    except ConnectionError as exc:
+        return {"servers": settings.nats_servers, "reachable": False, "error": str(exc),
                 "orchestrator": None}
-    try:
-        info = await nc.jetstream(timeout=NATS_TIMEOUT).consumer_info(JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER)
-        orchestrator = bool(info.num_waiting)
-    except Exception:  # noqa: BLE001 - no layout yet, or no permission to look
-        orchestrator = None
-    finally:
-        await nc.close()
-    return {"servers": settings.nats_servers, "reachable": True, "error": None, "orchestrator": orchestrator}
+    return {"servers": settings.nats_servers, "reachable": True, "error": None,
+            "orchestrator": None if intake is None else bool(intake.waiting)}

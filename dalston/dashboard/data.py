@@ -78,7 +78,7 @@ class DashboardData:
     async def start(self) -> None:
         # The layout is the services' business: a dashboard only reads it.
         self.bus = await connect(self.settings, name="dalston-dashboard", apply_layout=False)
-        await self._watch.start(self.bus.js)
+        await self._watch.start(self.bus)
         await self.bus.nc.subscribe(PULL_PROGRESS_SUBJECT.format(model="*"), cb=self._on_progress)
         self._jobs_watch = await self.bus.jobs.watchall()
         self._jobs_task = asyncio.create_task(self._follow_jobs())

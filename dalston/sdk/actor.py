@@ -11,7 +11,7 @@ import asyncio
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 import numpy as np
@@ -56,17 +56,17 @@ class TaskContext:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     async def read(self, name: str) -> bytes:
-        return await self.bus.read_object(name)
+        return await self.bus.artifacts.read(name)
 
     async def read_to(self, name: str, path: Path) -> None:
-        await self.bus.read_object_to(name, path)
+        await self.bus.artifacts.read_to(name, path)
 
     async def read_struct(self, name: str, kind: type) -> Any:
         return msgspec.json.decode(await self.read(name), type=kind)
 
-    async def write(self, name: str, data: bytes) -> str:
-        await self.bus.artifacts.put(name, data)
-        return name
+    async def write(self, name: str, data: bytes | IO[bytes]) -> str:
+        """Store `data` (bytes, or a file streamed in chunks) as `name`."""
+        return await self.bus.artifacts.put(name, data)
 
 
 class Actor:

@@ -14,12 +14,8 @@ import socket
 import time
 from pathlib import Path
 
-import nats.errors
-from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
-
 from dalston import __version__
-from dalston.bus.connection import Bus, connect
+from dalston.bus.connection import Bus, Msg, connect
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
@@ -33,12 +29,10 @@ from dalston.contracts import (
     Failure,
     Heartbeat,
     JobEvent,
-    JobRecord,
     PullProgress,
     Task,
     TaskEvent,
     decode,
-    encode,
     now,
     subject_token,
 )
@@ -85,7 +79,7 @@ class Engine:
 
     async def run(self) -> None:
         self._bus = await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
-        await self.peers.start(self._bus.js)
+        await self.peers.start(self._bus)
         background = [asyncio.create_task(self._beat_forever()),
                       asyncio.create_task(self.models.expire_forever())]
         log.info("engine started", runtime=self.runtime, engine=self.name)
@@ -153,8 +147,8 @@ class Engine:
         await self._event(task, "started")
         ctx = self._current_ctx = TaskContext(bus=self._bus, settings=self.settings)
         keep_fresh = asyncio.create_task(self._keep_in_progress(msg))
-        watch_cancel = await self._bus.nc.subscribe(
-            JOB_EVENT_SUBJECT.format(job_id=task.job_id), cb=self._cancel_on_event(ctx))
+        watch_cancel = await self._bus.subscribe(
+            JOB_EVENT_SUBJECT.format(job_id=task.job_id), self._cancel_on_event(ctx))
         failure = result = None
         started = time.monotonic()
         try:
@@ -180,11 +174,9 @@ class Engine:
         self._set_status("idle")
 
     async def _job_ended(self, job_id: str) -> bool:
-        try:
-            entry = await self._bus.jobs.get(job_id)
-        except KeyNotFoundError:
-            return False  # a task without a job record (a third-party publisher): run it
-        return decode(entry.value, JobRecord).status in TERMINAL
+        record = await self._bus.jobs.get(job_id)
+        # A task without a job record (a third-party publisher's) runs.
+        return record is not None and record.status in TERMINAL
 
     @staticmethod
     def _cancel_on_event(ctx: TaskContext):
@@ -247,8 +239,8 @@ class Engine:
         loop = asyncio.get_running_loop()
 
         def report(progress: PullProgress) -> None:
-            loop.call_soon_threadsafe(asyncio.ensure_future, self._bus.nc.publish(
-                PULL_PROGRESS_SUBJECT.format(model=subject_token(spec.id)), encode(progress)))
+            loop.call_soon_threadsafe(asyncio.ensure_future, self._bus.announce(
+                PULL_PROGRESS_SUBJECT.format(model=subject_token(spec.id)), progress))
 
         def pull_mapped() -> Path:
             with memory.large_blocks_mapped():
@@ -296,7 +288,7 @@ class Engine:
         try:
             await self._bus.publish(HEARTBEAT_SUBJECT.format(runtime=self.runtime, engine=self.name),
                                     self.heartbeat(), msg_ttl=ttl)
-        except (nats.errors.Error, TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - NATS away: the next beat tries again
             log.warning("heartbeat not sent", error=repr(exc))
 
     async def _beat_forever(self) -> None:

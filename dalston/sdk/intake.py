@@ -14,11 +14,8 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
-import nats.errors
-from nats.aio.msg import Msg
-
-from dalston.bus.connection import Bus
-from dalston.bus.layout import TaskConsumers
+from dalston.bus.connection import Bus, Msg
+from dalston.bus.consumers import PullQueue, consumer_states
 from dalston.config import Settings
 from dalston.contracts import TASKS_STREAM, Heartbeat, subject_token, task_consumer, task_consumer_prefix
 from dalston.engines import EngineWatch
@@ -50,15 +47,13 @@ class TaskIntake:
         self._bus: Bus | None = None
         self._doorbell = asyncio.Event()
         self._rung: set[str] = set()  # consumers the doorbell rang for since the last look
-        self._subscriptions: dict[str, object] = {}
-        self._consumers: TaskConsumers | None = None
+        self._queues: dict[str, PullQueue] = {}
 
     async def start(self, bus: Bus) -> None:
         self._bus = bus
-        self._consumers = TaskConsumers(bus.js, self.settings)
-        await bus.nc.subscribe(f"tasks.{subject_token(self.runtime)}.*", cb=self._ring)
+        await bus.subscribe(f"tasks.{subject_token(self.runtime)}.*", self._ring)
         for runtime_model_id in self._held_models():  # its first choices exist before it looks
-            await self._consumers.ensure(self.runtime, runtime_model_id)
+            await bus.task_consumers.ensure(self.runtime, runtime_model_id)
 
     def wake(self) -> None:
         self._doorbell.set()
@@ -67,7 +62,7 @@ class TaskIntake:
         # A task was published for this runtime: make sure its model's consumer exists (a
         # third-party publisher may have invented the subject), then wake the task loop.
         model_token = msg.subject.rsplit(".", 1)[-1]
-        self._rung.add(await self._consumers.ensure(self.runtime, model_token))
+        self._rung.add(await self._bus.task_consumers.ensure(self.runtime, model_token))
         self._doorbell.set()
 
     async def next_message(self, stopping: asyncio.Event) -> Msg | None:
@@ -102,10 +97,8 @@ class TaskIntake:
     async def _backlog(self) -> tuple[dict[str, int], list[str]]:
         """This runtime's consumers with undelivered tasks (and how many), and those whose
         delivered tasks are unacked: a dead engine's task comes back there after ack_wait."""
-        prefix = task_consumer_prefix(self.runtime)
-        infos = [i for i in await self._bus.js.consumers_info(TASKS_STREAM) if i.name.startswith(prefix)]
-        return ({i.name: i.num_pending for i in infos if i.num_pending},
-                [i.name for i in infos if i.num_ack_pending])
+        states = await consumer_states(self._bus, TASKS_STREAM, task_consumer_prefix(self.runtime))
+        return ({s.name: s.pending for s in states if s.pending}, [s.name for s in states if s.unacked])
 
     def _held_consumers(self) -> set[str]:
         return {task_consumer(self.runtime, rid) for rid in self._held_models()}
@@ -127,14 +120,11 @@ class TaskIntake:
         return first + sorted(rest, key=lambda n: -pending[n])
 
     async def _fetch(self, durable: str, timeout: float) -> Msg | None:
-        subscription = self._subscriptions.get(durable)
-        if subscription is None:
-            subscription = await self._bus.js.pull_subscribe_bind(durable, stream=TASKS_STREAM)
-            self._subscriptions[durable] = subscription
-        try:
-            return (await subscription.fetch(1, timeout=timeout))[0]
-        except (TimeoutError, nats.errors.TimeoutError):
-            return None  # another engine took it first, or nothing is due for redelivery
+        """A task from `durable`; None when another engine took it first, or nothing is due."""
+        queue = self._queues.get(durable)
+        if queue is None:
+            queue = self._queues[durable] = PullQueue(self._bus, TASKS_STREAM, durable)
+        return await queue.fetch(timeout)
 
 
 def _models_held(beat: Heartbeat) -> set[str]:

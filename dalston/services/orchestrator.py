@@ -10,13 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import nats.errors
-from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
-
 from dalston import dag
-from dalston.bus.connection import Bus, connect
-from dalston.bus.layout import TaskConsumers, load_layout
+from dalston.bus.connection import Bus, Msg, connect
+from dalston.bus.consumers import HandleLater, consume
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
@@ -28,14 +24,12 @@ from dalston.contracts import (
     ORCHESTRATOR_JOBS_CONSUMER,
     TERMINAL,
     CancelRequest,
-    ContractError,
     Failure,
     JobEvent,
     JobRecord,
     JobRequest,
     TaskEvent,
     decode,
-    encode,
     now,
     task_subject,
 )
@@ -47,7 +41,7 @@ log = get_logger("dalston.orchestrator")
 SWEEP_SECONDS = 2.0
 
 
-class EarlyEvent(Exception):
+class EarlyEvent(HandleLater):
     """A report on a task that the job's committed record does not list yet."""
 
 
@@ -57,19 +51,17 @@ class Orchestrator:
         self.catalog = catalog or Catalog.from_settings(settings)
         self.engines = EngineWatch()
         self._bus: Bus | None = None
-        self._consumers: TaskConsumers | None = None
         # Jobs not yet ended, for the timeout sweep: filled from KV at start, then kept current.
         self._active: set[str] = set()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
         self._bus = await connect(self.settings, name="dalston-orchestrator")
-        self._consumers = TaskConsumers(self._bus.js, self.settings)
-        await self.engines.start(self._bus.js)
+        await self.engines.start(self._bus)
         await self._load_active()
         loops = [
-            self._consume(JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, self._on_job_message),
-            self._consume(EVENTS_STREAM, ORCHESTRATOR_EVENTS_CONSUMER, self._on_task_event),
+            consume(self._bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, self._on_job_message),
+            consume(self._bus, EVENTS_STREAM, ORCHESTRATOR_EVENTS_CONSUMER, self._on_task_event),
             self._sweep_forever(),
         ]
         log.info("orchestrator started")
@@ -92,51 +84,7 @@ class Orchestrator:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _consume(self, stream: str, durable: str, handler) -> None:
-        subscription = await self._bus.js.pull_subscribe_bind(durable, stream=stream)
-        max_deliver = load_layout()["consumers"][stream][durable]["max_deliver"]
-        while True:
-            try:
-                messages = await subscription.fetch(32, timeout=5)
-            except (TimeoutError, nats.errors.TimeoutError):
-                # nats-py raises either, depending on where in the fetch the deadline passed.
-                continue
-            except Exception as exc:  # noqa: BLE001 - a lost connection, a 409: try again
-                log.warning("fetch failed; retrying", stream=stream, error=repr(exc))
-                await asyncio.sleep(0.5)
-                continue
-            for msg in messages:
-                await self._handle(msg, handler, max_deliver)
-
-    async def _handle(self, msg: Msg, handler, max_deliver: int) -> None:
-        """Handle one message; whatever it holds, the loop goes on to the next."""
-        try:
-            await handler(msg)
-            await msg.ack()
-        except ContractError as exc:
-            await self._bus.dead_letter(msg, str(exc))
-        except Exception as exc:  # noqa: BLE001 - NATS failing over, say: it comes back
-            if msg.metadata.num_delivered >= max_deliver:
-                # The server would drop it silently after this delivery: keep it with the reason.
-                await self._bus.dead_letter(msg, f"not handled in {max_deliver} deliveries: {exc!r}")
-                return
-            if isinstance(exc, EarlyEvent):
-                log.info("event before its task; it will be redelivered", reason=str(exc))
-            else:
-                log.exception("message not handled; it will be redelivered", subject=msg.subject[:256])
-            try:
-                await msg.nak(delay=1)
-            except Exception:  # noqa: BLE001 - no connection: redelivered after ack_wait
-                pass
-
     # --- job state in KV ------------------------------------------------------------------------
-
-    async def _load(self, job_id: str) -> tuple[JobRecord, int] | None:
-        try:
-            entry = await self._bus.jobs.get(job_id)
-        except KeyNotFoundError:
-            return None
-        return decode(entry.value, JobRecord), entry.revision
 
     async def _update(self, job_id: str, change, *, redrive: bool = False) -> JobRecord | None:
         """Apply `change(record) -> bool` with compare-and-set, retrying on a concurrent write.
@@ -148,7 +96,7 @@ class Orchestrator:
         the job's queued tasks and status again; message ids make that a no-op if they went out.
         """
         while True:
-            loaded = await self._load(job_id)
+            loaded = await self._bus.jobs.load(job_id)
             if loaded is None:
                 return None
             record, revision = loaded
@@ -158,10 +106,8 @@ class Orchestrator:
             if changed:
                 ready = dag.advance(record)
                 record.updated_at = now()
-                try:
-                    await self._bus.jobs.update(job_id, encode(record), last=revision)
-                except KeyWrongLastSequenceError:
-                    continue
+                if not await self._bus.jobs.update(record, revision):
+                    continue  # another orchestrator wrote first: apply the change to its record
             elif not redrive:
                 return record
             await self._publish_tasks(record, dag.queued(record) if redrive else ready)
@@ -173,7 +119,7 @@ class Orchestrator:
     async def _publish_tasks(self, record: JobRecord, keys: list[str]) -> None:
         for key in keys:
             task = dag.task_message(record, key)
-            durable = await self._consumers.ensure(task.runtime, task.runtime_model_id)
+            durable = await self._bus.task_consumers.ensure(task.runtime, task.runtime_model_id)
             log.debug("task published", task=task.id, consumer=durable)
             await self._bus.publish(task_subject(task.runtime, task.runtime_model_id), task,
                                     msg_id=task.id)
@@ -194,14 +140,11 @@ class Orchestrator:
             await self._submit(decode(msg.data, JobRequest))
 
     async def _submit(self, request: JobRequest) -> None:
-        if await self._load(request.id) is None:
+        if await self._bus.jobs.get(request.id) is None:
             record = await self._new_record(request)
             ready = dag.advance(record)
-            try:
-                await self._bus.jobs.create(request.id, encode(record))
-            except KeyWrongLastSequenceError:
-                pass  # a redelivered submission: the record exists, carry on from it
-            else:
+            # Not created: a redelivered submission, whose record exists; carry on from it.
+            if await self._bus.jobs.create(record):
                 self._track(record)
                 if record.status in TERMINAL:
                     await self._job_event(record)
@@ -230,12 +173,9 @@ class Orchestrator:
         elif not request.audio_object:
             return self._rejected(request, created, Failure(
                 code="no_audio", message="the job carries neither `audio` nor `audio_object`"))
-        else:
-            try:
-                await self._bus.artifacts.get_info(audio_object)
-            except NotFoundError:
-                return self._rejected(request, created, Failure(
-                    code="no_audio", message=f"audio object {audio_object!r} is not in the object store"))
+        elif not await self._bus.artifacts.exists(audio_object):
+            return self._rejected(request, created, Failure(
+                code="no_audio", message=f"audio object {audio_object!r} is not in the object store"))
         record = JobRecord(id=request.id, model=model.id, runtime=model.runtime,
                            runtime_model_id=model.runtime_model_id, options=request.options,
                            audio_object=audio_object, filename=request.filename,
@@ -284,24 +224,20 @@ class Orchestrator:
             self._active.add(record.id)
 
     async def _load_active(self) -> None:
-        try:
-            keys = await self._bus.jobs.keys()
-        except nats.js.errors.NoKeysError:
-            return
-        for job_id in keys:
-            loaded = await self._load(job_id)
-            if loaded is not None:
-                self._track(loaded[0])
+        for job_id in await self._bus.jobs.ids():
+            record = await self._bus.jobs.get(job_id)
+            if record is not None:
+                self._track(record)
 
     async def _sweep(self) -> None:
         """Fail jobs whose tasks have waited past `engine_wait` for a runtime with no engine."""
         deadline = time.time() - self.settings.engine_wait
         for job_id in list(self._active):
-            loaded = await self._load(job_id)
-            if loaded is None or loaded[0].status in TERMINAL:
+            record = await self._bus.jobs.get(job_id)
+            if record is None or record.status in TERMINAL:
                 self._active.discard(job_id)
                 continue
-            stuck = next((t for t in loaded[0].tasks.values() if t.status == "queued"
+            stuck = next((t for t in record.tasks.values() if t.status == "queued"
                           and (t.queued_at or 0) < deadline and not self.engines.live(t.runtime)), None)
             if stuck is None:
                 continue

@@ -16,6 +16,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 
 from dalston import __version__
 from dalston.bus.connection import Bus, connect
+from dalston.bus.consumers import consumer_state
 from dalston.catalog import Catalog, ModelSpec, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
@@ -251,14 +252,12 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> Response:
     bus: Bus = request.app.state.bus
     problems = []
-    if not bus.nc.is_connected:
+    if not bus.connected:
         problems.append("not connected to NATS")
     else:
         for stream in (JOBS_STREAM, TASKS_STREAM):
-            try:
-                await bus.js.stream_info(stream)
-            except Exception as exc:  # noqa: BLE001 - any failure means not ready
-                problems.append(f"stream {stream}: {exc!r}")
+            if (problem := await bus.stream_problem(stream)) is not None:
+                problems.append(f"stream {stream}: {problem}")
         if not problems:
             problems += await _intake_problems(bus)
     status = 503 if problems else 200
@@ -271,11 +270,11 @@ async def _intake_problems(bus: Bus) -> list[str]:
     them behind a stalled intake. (An orchestrator between two fetches still has its batch
     unacknowledged, so this is not raised by a busy one.)"""
     try:
-        info = await bus.js.consumer_info(JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER)
+        intake = await consumer_state(bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return [f"consumer {ORCHESTRATOR_JOBS_CONSUMER}: {exc!r}"]
-    if info.num_pending and not info.num_waiting and not info.num_ack_pending:
-        return [f"{info.num_pending} submitted jobs wait and no orchestrator is taking them"]
+    if intake.pending and not intake.waiting and not intake.unacked:
+        return [f"{intake.pending} submitted jobs wait and no orchestrator is taking them"]
     return []
 
 
@@ -286,7 +285,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         bus = await connect(settings, name="dalston-gateway")
         engines = EngineWatch()
-        await engines.start(bus.js)
+        await engines.start(bus)
         app.state.bus = bus
         app.state.engines = engines
         app.state.jobs = JobService(bus)

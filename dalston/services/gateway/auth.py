@@ -45,7 +45,7 @@ async def _keys(connection: ASGIConnection) -> KeyStore:
     # Opened on first use: the NATS connection comes up in the app's lifespan.
     state = connection.app.state
     if "api_keys" not in state:
-        state.api_keys = await KeyStore.open(state.bus.js)
+        state.api_keys = await KeyStore.open(state.bus)
     return state.api_keys
 
 

@@ -10,9 +10,6 @@ import asyncio
 import uuid
 from typing import IO
 
-from nats.js.api import ObjectMeta
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
-
 from dalston.bus.connection import Bus
 from dalston.contracts import (
     CANCEL_SUBJECT,
@@ -51,9 +48,7 @@ class JobService:
         """Store the audio (streamed in chunks) and publish the job; returns its id."""
         job_id = job_id or uuid.uuid4().hex
         audio_object = f"jobs/{job_id}/audio"
-        # Object headers are lists of values, as in NATS's own clients.
-        headers = {OWNER_HEADER: [owner]} if owner else None
-        await self.bus.artifacts.put(audio_object, audio, meta=ObjectMeta(name=audio_object, headers=headers))
+        await self.bus.artifacts.put(audio_object, audio, {OWNER_HEADER: owner} if owner else None)
         try:
             await self.bus.publish(SUBMIT_SUBJECT, JobRequest(
                 id=job_id, model=model, audio_object=audio_object, filename=filename[:255],
@@ -81,7 +76,7 @@ class JobService:
                 ended.set()
 
         # Subscribe before submitting, so the end of a fast job cannot be missed.
-        subscription = await self.bus.nc.subscribe(JOB_EVENT_SUBJECT.format(job_id=job_id), cb=on_event)
+        subscription = await self.bus.subscribe(JOB_EVENT_SUBJECT.format(job_id=job_id), on_event)
         try:
             await self.submit(audio, filename, model, options, owner, job_id=job_id)
             await asyncio.wait_for(ended.wait(), timeout)
@@ -92,12 +87,7 @@ class JobService:
     async def get(self, job_id: str, owner: str | None) -> JobRecord:
         if not is_job_id(job_id):
             raise JobNotFound(job_id)  # never a key or subject: wildcards stay out of NATS
-        try:
-            entry = await self.bus.jobs.get(job_id)
-        except KeyNotFoundError:
-            record = await self._submitted(job_id)
-        else:
-            record = decode(entry.value, JobRecord)
+        record = await self.bus.jobs.get(job_id) or await self._submitted(job_id)
         if owner is not None and record.owner != owner:
             raise JobNotFound(job_id)
         return record
@@ -105,26 +95,21 @@ class JobService:
     async def _submitted(self, job_id: str) -> JobRecord:
         """A job whose audio is stored but which no orchestrator has recorded yet: queued."""
         audio_object = f"jobs/{job_id}/audio"
-        try:
-            info = await self.bus.artifacts.get_info(audio_object)
-        except NotFoundError:
-            raise JobNotFound(job_id) from None
-        owner = (info.headers or {}).get(OWNER_HEADER, [None])[0]
+        headers = await self.bus.artifacts.headers(audio_object)
+        if headers is None:
+            raise JobNotFound(job_id)
         return JobRecord(id=job_id, status="queued", model="", runtime="", runtime_model_id="",
-                         audio_object=audio_object, owner=owner)
+                         audio_object=audio_object, owner=headers.get(OWNER_HEADER))
 
     async def list(self, owner: str | None, limit: int = 50) -> list[JobRecord]:
-        try:
-            keys = await self.bus.jobs.keys()
-        except NoKeysError:
-            return []
         # Another owner's job is not found: gathered as an exception and left out.
-        records = await asyncio.gather(*(self.get(k, owner) for k in keys), return_exceptions=True)
+        records = await asyncio.gather(*(self.get(k, owner) for k in await self.bus.jobs.ids()),
+                                       return_exceptions=True)
         jobs = [r for r in records if isinstance(r, JobRecord)]
         return sorted(jobs, key=lambda r: r.created_at, reverse=True)[:limit]
 
     async def transcript(self, record: JobRecord) -> Transcript:
-        return decode(await self.bus.read_object(record.transcript_object), Transcript)
+        return await self.bus.artifacts.transcript(record)
 
     async def cancel(self, job_id: str, owner: str | None) -> None:
         await self.get(job_id, owner)

@@ -36,8 +36,7 @@ async def render_metrics(bus: Bus, engines: EngineWatch) -> str:
         lines += [_line(name, {"runtime": b.runtime, "engine": b.engine}, getattr(b, field)) for b in beats]
     lines += ["# HELP dalston_tasks_queued Tasks waiting in a queue (subject tasks.<runtime>.<model>).",
               "# TYPE dalston_tasks_queued gauge"]
-    info = await bus.js.stream_info(TASKS_STREAM, subjects_filter="tasks.>")
-    for subject, count in sorted((info.state.subjects or {}).items()):
+    for subject, count in sorted((await bus.messages_by_subject(TASKS_STREAM, "tasks.>")).items()):
         _, runtime, model = subject.split(".", 2)
         lines.append(_line("dalston_tasks_queued", {"runtime": runtime, "model": model}, count))
     return "\n".join(lines) + "\n"

@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 
-from dalston.bus.connection import Bus
+from dalston.bus.connection import Bus, Msg
 from dalston.catalog import Catalog, ModelSpec
 from dalston.config import Settings
 from dalston.contracts import (
@@ -20,7 +19,6 @@ from dalston.contracts import (
     PullProgress,
     PullRequest,
     decode,
-    encode,
     now,
     subject_token,
 )
@@ -51,7 +49,7 @@ class ModelService:
 
     async def start(self) -> None:
         # Any NATS client (the dashboard, say) may ask for a pull; one gateway takes each ask.
-        await self.bus.nc.subscribe(PULL_SUBJECT.format(model="*"), queue="gateway", cb=self._on_request)
+        await self.bus.subscribe(PULL_SUBJECT.format(model="*"), self._on_request, queue="gateway")
 
     async def _on_request(self, msg: Msg) -> None:
         try:
@@ -104,8 +102,8 @@ class ModelService:
         self.progress[progress.model] = progress
         for queue in self._watchers.get(progress.model, ()):
             queue.put_nowait(progress)
-        asyncio.ensure_future(self.bus.nc.publish(
-            PULL_PROGRESS_SUBJECT.format(model=subject_token(progress.model)), encode(progress)))
+        asyncio.ensure_future(self.bus.announce(
+            PULL_PROGRESS_SUBJECT.format(model=subject_token(progress.model)), progress))
 
     async def follow(self, model: ModelSpec) -> AsyncIterator[PullProgress]:
         """Progress of the pull of `model`, until it is installed or failed."""
