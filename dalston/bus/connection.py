@@ -15,6 +15,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 import nats
+from dalston.bus.credentials import login
 from dalston.bus.layout import ensure_layout
 from dalston.config import Settings
 from dalston.contracts import ARTIFACTS_BUCKET, JOBS_BUCKET, Contract, encode
@@ -69,14 +70,13 @@ async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", error=repr(exc))
 
-    auth = {"user": settings.nats_user, "password": settings.nats_password} if settings.nats_user else {}
     # nats-py does not retry a first connect; services often start before NATS is ready.
     for attempt in range(CONNECT_ATTEMPTS):
         try:
             nc = await nats.connect(
                 servers=settings.nats_servers, name=name, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True, drain_timeout=5,
-                error_cb=on_error, **auth)
+                error_cb=on_error, **login(settings))
             break
         except (OSError, nats.errors.NoServersError) as exc:
             if attempt == CONNECT_ATTEMPTS - 1:

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from dalston.bus.credentials import login
 from dalston.cli.client import Client, add_server_option, connect, server_url
 from dalston.cli.output import add_json_option, ago, print_json, size, table
 from dalston.config import Settings
@@ -80,10 +81,9 @@ async def _nats(settings: Settings) -> dict[str, Any]:
     """Whether NATS answers here, and whether an orchestrator is fetching jobs from it."""
     import nats
 
-    auth = {"user": settings.nats_user, "password": settings.nats_password} if settings.nats_user else {}
     try:
         nc = await nats.connect(servers=settings.nats_servers, connect_timeout=NATS_TIMEOUT,
-                                allow_reconnect=False, max_reconnect_attempts=0, **auth)
+                                allow_reconnect=False, max_reconnect_attempts=0, **login(settings))
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the answer
         return {"servers": settings.nats_servers, "reachable": False, "error": f"unreachable ({exc})",
                 "orchestrator": None}
