@@ -15,6 +15,7 @@ from typing import Callable
 import httpx
 
 from dalston.bus.connection import Bus, connect
+from dalston.bus.credentials import home_passwords, service_environment
 from dalston.bus.server import EmbeddedNats
 from dalston.config import Settings, load_settings
 from dalston.contracts import Heartbeat, decode
@@ -51,7 +52,9 @@ class TestStack:
 
     def __init__(self, root: Path, **env: str) -> None:
         self.root = root
-        self.nats = EmbeddedNats(root / "nats", -1)
+        # Locked as `dalston up` locks it; the services and the tests connect as admin.
+        passwords = home_passwords(root / "home")
+        self.nats = EmbeddedNats(root / "nats", -1, passwords)
         self.http_port = free_port()
         self.env = {
             **os.environ,
@@ -64,6 +67,7 @@ class TestStack:
             "DALSTON_ENGINE_WAIT": "20",
             "DALSTON_LOG_LEVEL": "INFO",
             "HF_HUB_OFFLINE": "1",
+            **service_environment(passwords, "admin"),
             **env,
         }
         self.processes: dict[str, subprocess.Popen] = {}

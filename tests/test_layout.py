@@ -8,23 +8,26 @@ import asyncio
 import pytest
 
 from dalston.bus.connection import connect
+from dalston.bus.credentials import home_passwords, service_environment
 from dalston.bus.server import EmbeddedNats
 from dalston.config import load_settings
 from dalston.contracts import JobRecord
 
 
 @pytest.fixture
-def nats_url(tmp_path):
-    server = EmbeddedNats(tmp_path / "nats", -1)
+def nats_env(tmp_path):
+    """The settings of an admin of a fresh server."""
+    passwords = home_passwords(tmp_path / "home")
+    server = EmbeddedNats(tmp_path / "nats", -1, passwords)
     server.start()
-    yield server.url
+    yield {"DALSTON_NATS_URL": server.url, **service_environment(passwords, "admin")}
     server.stop()
 
 
-async def max_ages(nats_url: str, retention_hours: float) -> dict[str, float]:
+async def max_ages(nats_env: dict[str, str], retention_hours: float) -> dict[str, float]:
     """Each bucket's max age once a process under this retention has started."""
-    bus = await connect(load_settings({"DALSTON_NATS_URL": nats_url,
-                                       "DALSTON_RETENTION_HOURS": str(retention_hours)}), name="test")
+    bus = await connect(load_settings({**nats_env, "DALSTON_RETENTION_HOURS": str(retention_hours)}),
+                        name="test")
     try:
         streams = ("KV_jobs", "OBJ_artifacts", "KV_apikeys")
         return {s: (await bus.js.stream_info(s)).config.max_age or 0.0 for s in streams}
@@ -32,15 +35,15 @@ async def max_ages(nats_url: str, retention_hours: float) -> dict[str, float]:
         await bus.close()
 
 
-async def test_retention_applies_to_job_records_and_artifacts_only(nats_url):
-    assert await max_ages(nats_url, 2) == {"KV_jobs": 7200, "OBJ_artifacts": 7200, "KV_apikeys": 0}
+async def test_retention_applies_to_job_records_and_artifacts_only(nats_env):
+    assert await max_ages(nats_env, 2) == {"KV_jobs": 7200, "OBJ_artifacts": 7200, "KV_apikeys": 0}
     # A restart under a new retention moves the existing buckets to it.
-    assert await max_ages(nats_url, 1) == {"KV_jobs": 3600, "OBJ_artifacts": 3600, "KV_apikeys": 0}
+    assert await max_ages(nats_env, 1) == {"KV_jobs": 3600, "OBJ_artifacts": 3600, "KV_apikeys": 0}
 
 
-async def test_a_job_record_and_its_audio_expire(nats_url):
+async def test_a_job_record_and_its_audio_expire(nats_env):
     # One second of retention, so the test sees the server drop both.
-    settings = load_settings({"DALSTON_NATS_URL": nats_url, "DALSTON_RETENTION_HOURS": str(1 / 3600)})
+    settings = load_settings({**nats_env, "DALSTON_RETENTION_HOURS": str(1 / 3600)})
     bus = await connect(settings, name="test")
     try:
         record = JobRecord(id="job-1", model="m", runtime="r", runtime_model_id="r",

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import stat
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
+import nats.errors
 import psutil
+import pytest
 
+import nats
+from dalston.bus.credentials import CREDENTIALS_FILE
 from dalston.bus.server import HomeLock
 from tests.stack import AUDIO, free_port, wait_ok, words
 
@@ -34,30 +43,103 @@ def dalston(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=240)
 
 
-def test_up_serves_refuses_a_second_and_stops_cleanly(tmp_path):
-    port = free_port()
-    env = fresh_machine(tmp_path, port)
+@contextmanager
+def dalston_up(tmp_path, env: dict[str, str]):
+    """`dalston up` on this machine, ready; stopped (cleanly) on the way out."""
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen([sys.executable, "-m", "dalston", "up"], env=env, stdout=log,
                           stderr=subprocess.STDOUT)
     try:
-        wait_ok(f"http://127.0.0.1:{port}/readyz", f"dalston up did not come up; see {log.name}", 60,
-                alive=lambda: up.poll() is None)
+        wait_ok(f"http://127.0.0.1:{env['DALSTON_HTTP_PORT']}/readyz",
+                f"dalston up did not come up; see {log.name}", 60, alive=lambda: up.poll() is None)
+        yield up
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+
+
+def nats_server(up: subprocess.Popen) -> psutil.Process:
+    return next(p for p in psutil.Process(up.pid).children() if p.name() == "nats-server")
+
+
+async def connect_anonymously(port: str) -> None:
+    nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, max_reconnect_attempts=0)
+    await nc.close()
+
+
+async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_stops_cleanly(tmp_path):
+    port = free_port()
+    env = fresh_machine(tmp_path, port)
+    with dalston_up(tmp_path, env) as up:
         with open(AUDIO / "speaker1.wav", "rb") as audio:
             response = httpx.post(f"http://127.0.0.1:{port}/v1/audio/transcriptions",
                                   files={"file": audio}, data={"response_format": "text"}, timeout=120)
         assert words(response.text) == SPEAKER1
+
+        # Another local account, without the passwords, cannot even connect.
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await connect_anonymously(env["DALSTON_NATS_PORT"])
+        credentials = Path(env["DALSTON_HOME"]) / CREDENTIALS_FILE
+        assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+        # Nothing else of NATS listens (a monitoring port would tell anyone who listens where).
+        listening = {c.laddr for c in nats_server(up).net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening == {("127.0.0.1", int(env["DALSTON_NATS_PORT"]))}
+        # Each service has its own user, none the admin; the CLI of this account is the admin.
+        users = {p.environ().get("DALSTON_NATS_USER") for p in psutil.Process(up.pid).children()
+                 if p.name() != "nats-server"}
+        assert users == {"gateway", "orchestrator", "engine"}
+        created = dalston(env, "keys", "create", "alice")
+        assert created.returncode == 0 and created.stdout.startswith("dsk_"), created.stderr
+        listed = dalston(env, "keys", "list", "--json")
+        assert [k["name"] for k in json.loads(listed.stdout)] == ["alice"], listed.stderr
 
         second = dalston(env, "up")
         assert second.returncode == 1 and "already running" in second.stderr
 
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 6  # nats-server, gateway, orchestrator and three engines
-    finally:
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(30) == 0
     assert not [c for c in children if running(c)]
     assert "Dalston is up" in (tmp_path / "up.log").read_text()
+
+
+def test_jobs_complete_when_the_nats_server_is_killed(tmp_path):
+    """nats-server is SIGKILLed while 50 jobs run: `up` restarts it on its store and port, the
+    services reconnect, and every job completes."""
+    port = free_port()
+    env = fresh_machine(tmp_path, port)
+    jobs = 50
+    with dalston_up(tmp_path, env) as up, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        job_ids = []
+        for _ in range(jobs):
+            with open(AUDIO / "speaker1.wav", "rb") as audio:
+                response = http.post("/v1/jobs", files={"file": audio})
+            assert response.status_code == 202, response.text
+            job_ids.append(response.json()["id"])
+
+        def statuses() -> list[str]:
+            # Not recorded yet (404), or the gateway waiting out NATS (5xx): not ended.
+            replies = [http.get(f"/v1/jobs/{job_id}") for job_id in job_ids]
+            return [r.json()["status"] if r.status_code == 200 else "submitted" for r in replies]
+
+        def wait_until(ended, timeout: float) -> list[str]:
+            deadline = time.monotonic() + timeout
+            while not ended(current := statuses()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            return current
+
+        under_way = wait_until(lambda s: "completed" in s, 120)
+        assert 0 < under_way.count("completed") < jobs
+        killed = nats_server(up)
+        killed.send_signal(signal.SIGKILL)
+        # Generous: the restart, the reconnects, then most of the work on a loaded 2-core box.
+        ended = wait_until(lambda s: all(status in ("completed", "failed", "cancelled") for status in s), 300)
+        failures = [http.get(f"/v1/jobs/{job_id}").json().get("failure") for job_id in job_ids]
+        assert ended == ["completed"] * jobs, failures
+        assert nats_server(up).pid != killed.pid
+        # The engines beat into the new server (its memory streams are made again): all live.
+        live = {e["runtime"] for e in http.get("/v1/engines").json()["data"] if e["status"] in ("idle", "busy")}
+        assert live == {"audio-prepare", "merge", "faster-whisper"}
+    assert "nats-server died; restarting" in (tmp_path / "up.log").read_text()
 
 
 def test_transcribe_starts_dalston_in_the_background_and_down_stops_it(tmp_path):

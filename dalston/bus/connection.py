@@ -15,6 +15,7 @@ from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavai
 
 import nats
 from dalston.bus.buckets import Artifacts, Bucket, JobRecords
+from dalston.bus.credentials import login
 from dalston.bus.layout import TaskConsumers, ensure_layout
 from dalston.config import Settings
 from dalston.contracts import (
@@ -116,11 +117,6 @@ class Bus:
             await self.nc.drain()
 
 
-def auth(settings: Settings) -> dict[str, str]:
-    """The credentials to connect with, where the server demands them."""
-    return {"user": settings.nats_user, "password": settings.nats_password} if settings.nats_user else {}
-
-
 async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -> Bus:
     """Connect (retrying until NATS answers, reconnecting forever) and make sure the layout exists."""
     async def on_error(exc: Exception) -> None:
@@ -132,7 +128,7 @@ async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -
             nc = await nats.connect(
                 servers=settings.nats_servers, name=name, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True, drain_timeout=5,
-                error_cb=on_error, **auth(settings))
+                error_cb=on_error, **login(settings))
             break
         except (OSError, nats.errors.NoServersError) as exc:
             if attempt == CONNECT_ATTEMPTS - 1:

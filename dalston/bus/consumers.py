@@ -17,7 +17,8 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 import nats
-from dalston.bus.connection import Bus, auth
+from dalston.bus.connection import Bus
+from dalston.bus.credentials import login
 from dalston.bus.layout import load_layout
 from dalston.config import Settings
 from dalston.contracts import ContractError
@@ -117,7 +118,7 @@ async def consumer_state_at(settings: Settings, stream: str, durable: str,
     consumer is not there or may not be seen; ConnectionError when NATS cannot be reached."""
     try:
         nc = await nats.connect(servers=settings.nats_servers, connect_timeout=timeout,
-                                allow_reconnect=False, max_reconnect_attempts=0, **auth(settings))
+                                allow_reconnect=False, max_reconnect_attempts=0, **login(settings))
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the answer
         raise ConnectionError(f"unreachable ({exc})") from None
     try:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sysconfig
 import time
-import urllib.request
 from pathlib import Path
 
 from dalston.resources import data_dir
@@ -71,13 +70,20 @@ class HomeLock:
             return None  # lockable: nobody holds it (the file outlives its `up`)
 
 
-class EmbeddedNats:
-    """nats-server with JetStream on disk under `store_dir`, listening on loopback."""
+def server_environment(passwords: dict[str, str]) -> dict[str, str]:
+    """What nats-server reads the passwords of nats/accounts.conf from."""
+    return {f"DALSTON_NATS_{user.upper()}_PASSWORD": password for user, password in passwords.items()}
 
-    def __init__(self, store_dir: Path, port: int, host: str = "127.0.0.1",
+
+class EmbeddedNats:
+    """nats-server with JetStream on disk under `store_dir`, listening on loopback, open only to
+    the users of nats/accounts.conf, with `passwords` (dalston.bus.credentials)."""
+
+    def __init__(self, store_dir: Path, port: int, passwords: dict[str, str], host: str = "127.0.0.1",
                  log_file: Path | None = None) -> None:
         self.store_dir = store_dir
         self.port = port
+        self.passwords = passwords
         self.host = host
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
@@ -87,42 +93,51 @@ class EmbeddedNats:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
+        """Start it; again after it died, on the same store and the port it had (a port picked
+        at the first start is kept), so the services reconnect to where they were."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        # nats-server writes its files group-readable: the store is this account's alone.
+        self.store_dir.chmod(0o700)
         ports_dir = self.store_dir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
-        args = [nats_server_binary(), "-c", str(data_dir("nats") / "server.conf"), "-js",
+        args = [nats_server_binary(), "-c", str(data_dir("nats") / "embedded.conf"), "-js",
                 "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port),
-                "-m", "-1", "--ports_file_dir", str(ports_dir)]
+                "--ports_file_dir", str(ports_dir)]
         out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
         # Its own process group: a Ctrl-C meant for `dalston up` must not kill NATS before the
-        # services that still need it have drained.
+        # services that still need it have drained. Passwords in its environment, which only
+        # this account can read (a command line is anyone's).
         self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **server_environment(self.passwords)},
                                         start_new_session=True)
         self._wait_ready(ports_dir, timeout)
 
+    def exit_code(self) -> int | None:
+        """None while it runs (or before it started), else how it ended."""
+        return self.process.poll() if self.process else None
+
     def _wait_ready(self, ports_dir: Path, timeout: float) -> None:
+        # nats-server writes the ports file once it accepts clients, and in a one-server setup
+        # it has recovered JetStream's streams before it listens.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nats-server exited with {self.process.returncode} "
                                    f"(is port {self.port} taken?)")
             ports_file = next(ports_dir.glob("*.ports"), None)
-            if ports_file and self._healthy(ports_file):
+            if ports_file and self._read_port(ports_file):
                 return
             time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"nats-server was not ready within {timeout} s")
 
-    def _healthy(self, ports_file: Path) -> bool:
+    def _read_port(self, ports_file: Path) -> bool:
         try:
-            ports = json.loads(ports_file.read_text())
-            monitor = ports["monitoring"][0]
-            self.port = int(ports["nats"][0].rsplit(":", 1)[1])
-            with urllib.request.urlopen(f"{monitor}/healthz?js-enabled-only=true", timeout=1) as r:
-                return r.status == 200
+            self.port = int(json.loads(ports_file.read_text())["nats"][0].rsplit(":", 1)[1])
+            return True
         except (OSError, ValueError, KeyError, IndexError):
-            return False
+            return False  # still being written
 
     def stop(self, timeout: float = 10.0) -> None:
         if not self.process or self.process.poll() is not None:

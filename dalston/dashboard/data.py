@@ -9,10 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nats.aio.msg import Msg
-from nats.js.kv import KV_DEL, KV_PURGE
-
-from dalston.bus.connection import Bus, connect
+from dalston.bus.connection import Bus, Msg, connect
 from dalston.catalog import Catalog, ModelSpec
 from dalston.config import Settings
 from dalston.contracts import (
@@ -25,7 +22,6 @@ from dalston.contracts import (
     PullRequest,
     Transcript,
     decode,
-    encode,
     now,
     subject_token,
 )
@@ -73,20 +69,17 @@ class DashboardData:
         self._on_change = on_change
         self._watch = EngineWatch(on_change=self._on_beat)
         self._jobs_task: asyncio.Task | None = None
-        self._jobs_watch = None
 
     async def start(self) -> None:
         # The layout is the services' business: a dashboard only reads it.
         self.bus = await connect(self.settings, name="dalston-dashboard", apply_layout=False)
         await self._watch.start(self.bus)
-        await self.bus.nc.subscribe(PULL_PROGRESS_SUBJECT.format(model="*"), cb=self._on_progress)
-        self._jobs_watch = await self.bus.jobs.watchall()
+        await self.bus.subscribe(PULL_PROGRESS_SUBJECT.format(model="*"), self._on_progress)
         self._jobs_task = asyncio.create_task(self._follow_jobs())
 
     async def stop(self) -> None:
         if self._jobs_task is not None:
             self._jobs_task.cancel()
-            await self._jobs_watch.stop()
         await self._watch.stop()
         if self.bus is not None:
             await self.bus.close()
@@ -139,23 +132,17 @@ class DashboardData:
     async def request_pull(self, model_id: str) -> None:
         """Ask the gateway (any that listens) to pull `model_id` into the store."""
         self.pulls[model_id] = PullProgress(model=model_id, status="started", message="requested", at=now())
-        await self.bus.nc.publish(PULL_SUBJECT.format(model=subject_token(model_id)),
-                                  encode(PullRequest(model=model_id)))
+        await self.bus.announce(PULL_SUBJECT.format(model=subject_token(model_id)), PullRequest(model=model_id))
         self._on_change()
 
     # --- jobs ---------------------------------------------------------------------------------
 
     async def _follow_jobs(self) -> None:
-        async for entry in self._jobs_watch:
-            if entry is None:  # the watch delivered every existing job; live updates follow
-                continue
-            if entry.operation in (KV_DEL, KV_PURGE):
-                self.jobs.pop(entry.key, None)
+        async for job_id, record in self.bus.jobs.watch():
+            if record is None:
+                self.jobs.pop(job_id, None)
             else:
-                try:
-                    self.jobs[entry.key] = decode(entry.value, JobRecord)
-                except ContractError:
-                    continue
+                self.jobs[job_id] = record
                 if len(self.jobs) > JOB_LIMIT:
                     oldest = min(self.jobs.values(), key=lambda r: r.created_at)
                     del self.jobs[oldest.id]
@@ -165,4 +152,4 @@ class DashboardData:
         return sorted(self.jobs.values(), key=lambda r: r.created_at, reverse=True)
 
     async def transcript(self, record: JobRecord) -> Transcript:
-        return decode(await self.bus.read_object(record.transcript_object), Transcript)
+        return await self.bus.artifacts.transcript(record)

@@ -1,12 +1,15 @@
 """`dalston up`: Dalston on one machine.
 
-Starts an embedded nats-server (JetStream on disk under DALSTON_HOME) unless DALSTON_NATS_URL
-names one, then the gateway, the orchestrator and one engine per runtime as child processes.
-A child that dies is restarted; Ctrl-C or SIGTERM stops everything, services before NATS.
+Starts an embedded nats-server (JetStream on disk under DALSTON_HOME, open only to the users of
+nats/accounts.conf, whose passwords DALSTON_HOME keeps) unless DALSTON_NATS_URL names one, then
+the gateway, the orchestrator and one engine per runtime as child processes, each with its own
+NATS user. A child or the embedded server that dies is restarted; Ctrl-C or SIGTERM stops
+everything, services before NATS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,10 +18,14 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+import msgspec
+
+from dalston.bus.connection import connect
+from dalston.bus.credentials import ADMIN, home_passwords, service_environment
 from dalston.bus.server import EmbeddedNats, HomeLock
 from dalston.catalog import Catalog
 from dalston.config import Settings
-from dalston.logs import get_logger
+from dalston.logs import configure, get_logger
 
 log = get_logger("dalston.up")
 
@@ -47,11 +54,15 @@ class Stack:
         self.runtimes = runtimes
         self.lock = HomeLock(settings.home)
         self.nats: EmbeddedNats | None = None
+        self.nats_restarts = 0
+        self.nats_started_at = 0.0
         self.children: list[Child] = []
         self._stop = False
 
-    def _child_env(self, nats_url: str, **extra: str) -> dict[str, str]:
+    def _child_env(self, nats_url: str, nats_user: str, **extra: str) -> dict[str, str]:
         env = dict(os.environ, DALSTON_NATS_URL=nats_url, DALSTON_HOME=str(self.settings.home))
+        if self.nats:
+            env.update(service_environment(self.nats.passwords, nats_user))
         env.update(extra)
         return env
 
@@ -60,18 +71,20 @@ class Stack:
         nats_url = self.settings.nats_url
         if not nats_url:
             self.nats = EmbeddedNats(self.settings.home / "nats", self.settings.nats_port,
+                                     home_passwords(self.settings.home),
                                      log_file=self.settings.home / "nats.log")
-            self.nats.start()
+            self._start_nats()
             nats_url = self.nats.url
-        self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url)))
-        self.children.append(Child("orchestrator", ["serve", "orchestrator"], self._child_env(nats_url)))
+        self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url, "gateway")))
+        self.children.append(Child("orchestrator", ["serve", "orchestrator"],
+                                   self._child_env(nats_url, "orchestrator")))
         default = Catalog.from_settings(self.settings).model(self.settings.default_model)
         for runtime in [*PIPELINE_RUNTIMES, *self.runtimes]:
             # The engine that serves the default model pulls and loads it at start, so the
             # first request does not wait for a download.
             preload = {"DALSTON_PRELOAD_MODEL": default.id} if runtime == default.runtime else {}
             self.children.append(Child(runtime, ["serve", "engine", runtime], self._child_env(
-                nats_url, DALSTON_RUNTIME=runtime, DALSTON_ENGINE_ID=f"{runtime}-{os.getpid()}",
+                nats_url, "engine", DALSTON_RUNTIME=runtime, DALSTON_ENGINE_ID=f"{runtime}-{os.getpid()}",
                 **preload)))
         for child in self.children:
             child.start()
@@ -91,15 +104,45 @@ class Stack:
         return False
 
     def supervise_once(self) -> None:
+        if self.nats and self.nats.exit_code() is not None and not self._stop:
+            self._restart_nats()
         for child in self.children:
             code = child.process.poll()
             if code is not None and not self._stop:
                 child.restarts += 1
                 log.warning("service died; restarting", service=child.name, exit_code=code,
                             restarts=child.restarts)
-                if time.monotonic() - child.started_at < RESTART_DELAY:
-                    time.sleep(RESTART_DELAY)
+                _pace(child.started_at)
                 child.start()
+
+    def _restart_nats(self) -> None:
+        """On its store and port: the services, reconnecting forever, carry on where they were."""
+        self.nats_restarts += 1
+        log.warning("nats-server died; restarting", exit_code=self.nats.exit_code(),
+                    restarts=self.nats_restarts)
+        _pace(self.nats_started_at)
+        try:
+            self._start_nats()
+        except Exception as exc:  # noqa: BLE001 - not up, refused, a JetStream error: again later
+            log.error("nats-server did not restart; trying again", error=repr(exc))
+
+    def _start_nats(self) -> None:
+        """The embedded server, with the layout applied as admin: its memory streams (HEARTBEATS)
+        die with it, and services apply the layout only as they start (after a restart no
+        engine would be seen live), or, where they may only read it, wait for the orchestrator."""
+        self.nats_started_at = time.monotonic()
+        self.nats.start()
+        try:
+            asyncio.run(self._apply_layout())
+        except BaseException:
+            self.nats.stop()
+            raise
+
+    async def _apply_layout(self) -> None:
+        settings = msgspec.structs.replace(self.settings, nats_url=self.nats.url, nats_user=ADMIN,
+                                           nats_password=self.nats.passwords[ADMIN])
+        bus = await connect(settings, name="dalston-up")
+        await bus.close()
 
     def request_stop(self, *_: object) -> None:
         self._stop = True
@@ -127,7 +170,15 @@ class Stack:
         self.lock.release()
 
 
+def _pace(started_at: float) -> None:
+    """What dies at once after a start is restarted no more often than every RESTART_DELAY s."""
+    if time.monotonic() - started_at < RESTART_DELAY:
+        time.sleep(RESTART_DELAY)
+
+
 def up(settings: Settings, runtimes: list[str]) -> int:
+    # Its own lines (a service or NATS restarted) as structured as the services' beside them.
+    configure(settings.log_level, settings.log_format)
     stack = Stack(settings, runtimes)
     stack.start()
     signal.signal(signal.SIGTERM, stack.request_stop)

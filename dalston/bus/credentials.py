@@ -1,0 +1,74 @@
+"""The passwords of the embedded nats-server's users, kept in DALSTON_HOME for one OS account.
+
+`dalston up` makes them once per home and hands each service the user of its role; the CLI,
+run by the same account, connects as admin with them while that `up` runs. Other local accounts
+cannot read the file, so they cannot connect at all. The users and what each may do are
+nats/accounts.conf's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from dalston.bus.server import HomeLock
+from dalston.config import Settings
+
+ADMIN = "admin"
+USERS = (ADMIN, "orchestrator", "gateway", "engine")
+CREDENTIALS_FILE = "nats-credentials.json"
+
+
+def read_passwords(home: Path) -> dict[str, str] | None:
+    """The passwords this home holds, or None where it holds no usable ones."""
+    try:
+        passwords = json.loads((home / CREDENTIALS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(passwords, dict) or not all(isinstance(passwords.get(u), str) for u in USERS):
+        return None
+    return {user: passwords[user] for user in USERS}
+
+
+def home_passwords(home: Path) -> dict[str, str]:
+    """This home's passwords, made on first use. A file another account could read (or wrote)
+    holds passwords that may be known: new ones replace them."""
+    path = home / CREDENTIALS_FILE
+    passwords = read_passwords(home)
+    if passwords is not None and _private(path):
+        return passwords
+    # nats-server reads an all-digit password as a number: a letter first.
+    passwords = {user: f"p{secrets.token_hex(16)}" for user in USERS}
+    home.mkdir(parents=True, exist_ok=True)
+    # Created 0600 (never readable by others, not even for a moment), complete, then renamed.
+    temporary = path.with_name(f".{CREDENTIALS_FILE}.{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        json.dump(passwords, file)
+    os.replace(temporary, path)
+    return passwords
+
+
+def _private(path: Path) -> bool:
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+
+
+def service_environment(passwords: dict[str, str], user: str) -> dict[str, str]:
+    """What a service reads its NATS user from (Settings.nats_user, nats_password)."""
+    return {"DALSTON_NATS_USER": user, "DALSTON_NATS_PASSWORD": passwords[user]}
+
+
+def login(settings: Settings) -> dict[str, str]:
+    """The user and password to connect with, as nats.connect's keywords: DALSTON_NATS_USER's;
+    else, while this home's `dalston up` runs its embedded server (no DALSTON_NATS_URL), its
+    admin's (for the CLI of the account that runs it); else none. Not while it is down: whoever
+    listens on its port then is not Dalston's server, and must not learn the password."""
+    if settings.nats_user:
+        return {"user": settings.nats_user, "password": settings.nats_password}
+    if settings.nats_url or (passwords := read_passwords(settings.home)) is None:
+        return {}
+    return {"user": ADMIN, "password": passwords[ADMIN]} if HomeLock(settings.home).holder() else {}
