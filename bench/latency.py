@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 from faster_whisper import WhisperModel
 
-from tests.stack import AUDIO, TestStack
+from bench import AUDIO
+from dalston.loopback import LoopbackStack
 
 FILES = ["dialogue.wav", "speaker1.wav"]
 MODEL = "faster-whisper-tiny.en"
@@ -35,7 +36,7 @@ def _over_http(client: httpx.Client, url: str, path: Path) -> float:
 
 
 def run(root: Path) -> list[str]:
-    stack = TestStack(root, DALSTON_LOG_LEVEL="WARNING")
+    stack = LoopbackStack(root, DALSTON_LOG_LEVEL="WARNING")
     stack.start_nats()
     try:
         stack.start_pipeline()

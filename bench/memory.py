@@ -18,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
+from bench import AUDIO
 from dalston.catalog import Catalog
 from dalston.pull import pull
 from dalston.resources import data_dir
 from dalston.sdk import memory
 from dalston.store import ModelStore
-from tests.stack import AUDIO
 
 MODELS = ("faster-whisper-tiny.en", "faster-whisper-base")
 SWAPS = 10

@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 from faster_whisper import WhisperModel
 
-from tests.stack import AUDIO, TestStack
+from bench import AUDIO
+from dalston.loopback import LoopbackStack
 
 TINY, BASE = "faster-whisper-tiny.en", "faster-whisper-base"
 SWAP_ROUNDS = 5
@@ -29,7 +30,7 @@ def _post(client: httpx.Client, url: str, path: Path, model: str, endpoint: str)
     return response
 
 
-def _swap(stack: TestStack, client: httpx.Client) -> str:
+def _swap(stack: LoopbackStack, client: httpx.Client) -> str:
     path = AUDIO / "dialogue.wav"
     store = stack.settings.models_path / "faster-whisper"
     swapped, direct = [], []
@@ -50,7 +51,7 @@ def _swap(stack: TestStack, client: httpx.Client) -> str:
             f"load+transcribe {d * 1000:7.1f} ms, ratio {s / d:5.2f} (target <= 1.10)")
 
 
-def _mixed(stack: TestStack, client: httpx.Client, prefer: bool) -> tuple[int, float]:
+def _mixed(stack: LoopbackStack, client: httpx.Client, prefer: bool) -> tuple[int, float]:
     names = [f"mix-{'pref' if prefer else 'any'}-{n}" for n in range(2)]
     for name in names:
         stack.start_engine("faster-whisper", name, DALSTON_PREFER_LOADED=str(prefer).lower())
@@ -70,7 +71,7 @@ def _mixed(stack: TestStack, client: httpx.Client, prefer: bool) -> tuple[int, f
 
 
 def run(root: Path) -> list[str]:
-    stack = TestStack(root, DALSTON_LOG_LEVEL="WARNING")
+    stack = LoopbackStack(root, DALSTON_LOG_LEVEL="WARNING")
     stack.start_nats()
     try:
         stack.start_pipeline()

@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from dalston.contracts import (
-    MODEL_ID_PATTERN,
-    RUNTIME_MODEL_ID_PATTERN,
-    SAFE_NAME,
-    ModelId,
-    RuntimeModelId,
-    Stage,
-)
+from dalston.contracts import MODEL_ID_PATTERN, RUNTIME_MODEL_ID_PATTERN, SAFE_NAME, ModelId, RuntimeModelId
 from dalston.resources import data_dir
 
 if TYPE_CHECKING:
@@ -34,7 +27,6 @@ FileName = Annotated[str, msgspec.Meta(pattern=_FILE_NAME_PATTERN)]
 PackagePath = Annotated[str, msgspec.Meta(pattern=_PACKAGE_PATH_PATTERN)]
 RepoId = Annotated[str, msgspec.Meta(pattern=rf"^(?!.*\.\.){SAFE_NAME}/{SAFE_NAME}\Z")]
 ActorPath = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")]
-Device = Literal["cpu", "cuda"]
 
 # Names that mean "the default model": OpenAI clients send `whisper-1`; an empty name is
 # what a job gets when the client names no model.
@@ -71,15 +63,15 @@ class RuntimeSpec(_Spec, kw_only=True):
     """A runtime: one kind of engine (an actor class) and the on-disk form of its models."""
 
     id: ModelId
-    stage: Stage
     description: str = ""
-    devices: list[Device] = msgspec.field(default_factory=lambda: ["cpu"])
     # Subdirectory of the model store; None for runtimes that need no model.
     store_dir: ModelId | None = None
     actor: ActorPath
     # Files a complete model directory must hold (non-empty).
     required_files: list[FileName] = []
-    defaults: dict[str, Any] = {}
+    # Seconds of audio the actor hands its model at a time, for actors that window long files
+    # (NeMo's).
+    chunk_seconds: Annotated[int, msgspec.Meta(gt=0)] | None = None
 
 
 class HfSource(_Spec):

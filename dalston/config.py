@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import cache
 from pathlib import Path
 
 import msgspec
@@ -110,7 +109,3 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             message = message.replace(f"`$.{field}`", f"DALSTON_{field.upper()}")
         raise ConfigError(message) from None
 
-
-@cache
-def settings() -> Settings:
-    return load_settings()

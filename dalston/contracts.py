@@ -453,6 +453,10 @@ class PullProgress(Contract, kw_only=True):
     at: float = 0.0
 
 
+# A pull's last statuses: no progress of it follows these.
+PULL_ENDED: tuple[str, ...] = ("installed", "failed")
+
+
 SCHEMA_TYPES: tuple[type[Contract], ...] = (
     JobRequest, CancelRequest, JobEvent, JobRecord, Task, TaskEvent, Transcript, Heartbeat,
     DeadLetter, PullRequest, PullProgress,

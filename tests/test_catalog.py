@@ -151,9 +151,9 @@ def test_copy_loads(root: Path) -> None:
      "unknown field `revison` - at `$.sources[0].hf`"),
     ("models", "faster-whisper-tiny", {"sources": [{"local": {"path": "models/tiny"}}]}, "must be absolute"),
     ("models", "faster-whisper-tiny", {"sources": []}, "at `$.sources`"),
-    ("runtimes", "nemo", {"stage": "decode"}, "at `$.stage`"),
     ("runtimes", "nemo", {"store_dir": "../x"}, "at `$.store_dir`"),
-    ("runtimes", "nemo", {"devices": ["tpu"]}, "at `$.devices[0]`"),
+    ("runtimes", "nemo", {"chunk_seconds": 0}, "at `$.chunk_seconds`"),
+    ("runtimes", "nemo", {"chunk_seconds": "1m"}, "at `$.chunk_seconds`"),
 ])
 def test_broken_file_names_file_and_field(root: Path, kind: str, name: str, changes: dict, expected: str) -> None:
     edit(root, kind, name, **changes)

@@ -9,9 +9,12 @@ import shutil
 
 import httpx
 import msgspec
+import numpy as np
 import pytest
 
-from dalston.catalog import Catalog
+from dalston.catalog import Catalog, CatalogError
+from dalston.config import load_settings
+from dalston.pcm import SAMPLE_RATE
 from dalston.resources import data_dir
 from dalston.store import ModelStore
 from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, heartbeat, submit, wait_for, wait_job, words
@@ -19,6 +22,7 @@ from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, heartbeat, submit, wai
 if os.environ.get("DALSTON_SKIP_NEMO") == "1":
     pytest.importorskip("nemo.collections.asr")
 # Otherwise a missing nemo_toolkit is an error here, not a skip: CI installs it.
+from actors.nemo.actor import CUT_SEARCH_SECONDS, NemoActor, _windows
 from tests import nemo_models
 
 # Test model id -> its `.nemo` of `nemo_models.build_set`, served as runtime model `test/<name>`.
@@ -77,6 +81,26 @@ def assert_well_formed(result: dict, model: str) -> None:
         assert starts == sorted(starts)
         assert all(0 <= item["start"] <= item["end"] <= result["duration"] for item in items)
         assert all(isinstance(item["start"], float) for item in items)
+
+
+def test_the_catalog_sets_the_window_length(tmp_path):
+    """Long audio goes to the model in windows of the runtime's `chunk_seconds`: contiguous,
+    none longer; a catalog whose windows are too short to cut in is refused at start."""
+    actor = NemoActor(load_settings({}))
+    assert actor.chunk_seconds == Catalog.load().runtime("nemo").chunk_seconds
+    audio = np.random.default_rng(0).standard_normal(SAMPLE_RATE * (2 * actor.chunk_seconds + 10))
+    windows = list(_windows(audio.astype(np.float32), actor.chunk_seconds))
+    assert len(windows) == 3 and windows[0][0] == 0
+    assert all(start + len(w) == following for (start, w), (following, _) in zip(windows, windows[1:]))
+    assert windows[-1][0] + len(windows[-1][1]) == len(audio)
+    assert all(len(w) <= actor.chunk_seconds * SAMPLE_RATE for _, w in windows)
+
+    shutil.copytree(data_dir("catalog"), tmp_path / "catalog")
+    runtime = tmp_path / "catalog" / "runtimes" / "nemo.yaml"
+    runtime.write_text(runtime.read_text().replace(f"chunk_seconds: {actor.chunk_seconds}",
+                                                   f"chunk_seconds: {CUT_SEARCH_SECONDS}"))
+    with pytest.raises(CatalogError, match="chunk_seconds"):
+        NemoActor(load_settings({"DALSTON_CATALOG_DIR": str(tmp_path / "catalog")}))
 
 
 async def settled(bus, tasks_done: int):

@@ -14,14 +14,14 @@ import torch
 from nemo.collections.asr.models import ASRModel
 from nemo.utils import logging as nemo_logging
 
+from dalston.catalog import Catalog, CatalogError
 from dalston.config import Settings
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
 from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import ModelActor, TaskCancelled, TaskFailed
 
-# Audio goes to the model in windows of this length, so memory stays bounded on long files
-# and a cancelled job stops within one window.
-CHUNK_SECONDS = 60
+# Audio goes to the model in windows of the runtime's `chunk_seconds` (its catalog entry), so
+# memory stays bounded on long files and a cancelled job stops within one window.
 # Each window ends at the quietest 20 ms of its last seconds, so few words are cut in two;
 # a remainder shorter than this joins the window before it.
 CUT_SEARCH_SECONDS = 5
@@ -38,6 +38,10 @@ class NemoActor(ModelActor):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
+        self.chunk_seconds = Catalog.from_settings(settings).runtime(self.runtime).chunk_seconds
+        if self.chunk_seconds is None or self.chunk_seconds <= CUT_SEARCH_SECONDS:
+            raise CatalogError(f"runtime {self.runtime!r}: chunk_seconds must be set, and more than the "
+                               f"{CUT_SEARCH_SECONDS} s searched for a quiet cut")
         if settings.cpu_threads > 0:
             torch.set_num_threads(settings.cpu_threads)
 
@@ -74,7 +78,7 @@ class NemoActor(ModelActor):
                    cancelled: threading.Event) -> ChannelTranscript:
         duration = len(audio) / SAMPLE_RATE
         segments: list[Segment] = []
-        for start, window in _windows(audio):
+        for start, window in _windows(audio, self.chunk_seconds):
             if cancelled.is_set():
                 raise TaskCancelled()
             hypothesis = handle.transcribe([window], batch_size=1, timestamps=True, verbose=False)[0]
@@ -85,9 +89,9 @@ class NemoActor(ModelActor):
         return ChannelTranscript(language=options.language, duration=duration, segments=segments)
 
 
-def _windows(audio: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(first sample, samples) of consecutive windows of at most CHUNK_SECONDS."""
-    size, search = CHUNK_SECONDS * SAMPLE_RATE, CUT_SEARCH_SECONDS * SAMPLE_RATE
+def _windows(audio: np.ndarray, chunk_seconds: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first sample, samples) of consecutive windows of at most `chunk_seconds`."""
+    size, search = chunk_seconds * SAMPLE_RATE, CUT_SEARCH_SECONDS * SAMPLE_RATE
     start = 0
     while start < len(audio):
         end = start + size

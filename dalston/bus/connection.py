@@ -107,6 +107,10 @@ class Bus:
             return repr(exc)
         return None
 
+    async def last(self, stream: str, subject: str) -> bytes:
+        """The last message `stream` holds on `subject`."""
+        return (await self.js.get_last_msg(stream, subject)).data
+
     async def messages_by_subject(self, stream: str, subjects: str) -> dict[str, int]:
         """How many messages `stream` holds on each subject matching `subjects`."""
         info = await self.js.stream_info(stream, subjects_filter=subjects)

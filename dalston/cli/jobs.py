@@ -7,9 +7,10 @@ import argparse
 import msgspec
 
 from dalston.cli.client import add_server_option, connect
-from dalston.cli.output import StatusLine, add_json_option, ago, error, print_json, stages, table
+from dalston.cli.output import StatusLine, add_json_option, error, print_json, table
 from dalston.config import Settings
 from dalston.contracts import JobRecord
+from dalston.formatting import ago, stages
 
 
 def register(commands) -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from dalston.bus.connection import connect
-from dalston.cli.output import CliError, add_json_option, ago, print_json, table
+from dalston.cli.output import CliError, add_json_option, print_json, table
 from dalston.config import Settings
+from dalston.formatting import ago
 from dalston.keys import KeyNameError, KeyStore
 
 

@@ -10,12 +10,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from dalston.catalog import Catalog, ModelSpec, UnknownModel, is_model_id
 from dalston.cli.client import add_server_option, probe
-from dalston.cli.output import CliError, StatusLine, add_json_option, bar, percent, print_json, size, table
+from dalston.cli.output import CliError, StatusLine, add_json_option, bar, print_json, table
 from dalston.config import Settings
 from dalston.contracts import PullProgress
-from dalston.services.gateway.models import model_entry
+from dalston.formatting import install_status, size
+from dalston.model_state import ModelState
 from dalston.store import IncompleteModel, InvalidModelId, ModelStore, store_dir_of
 
 
@@ -52,23 +55,19 @@ def _list(args, settings: Settings) -> int:
         return 0
     print(table(["id", "runtime", "languages", "size", "installed", "loaded on"], [
         (e["id"], e["runtime"], ",".join(e.get("languages") or []) or "any", size(e.get("size_bytes")),
-         _installed(e), ",".join(e.get("loaded_on") or []) or "-") for e in entries]))
+         _install_status(e), ",".join(e.get("loaded_on") or []) or "-") for e in entries]))
     return 0
 
 
-def _installed(entry: dict[str, Any]) -> str:
-    pull = entry.get("pull")
-    if pull and pull["status"] not in ("installed", "failed"):
-        return f"pulling {percent(pull.get('completed_bytes', 0), pull.get('total_bytes'))}"
-    return "yes" if entry.get("installed") else "no"
+def _install_status(entry: dict[str, Any]) -> str:
+    pull = msgspec.convert(entry["pull"], PullProgress) if entry.get("pull") else None
+    return install_status(bool(entry.get("installed")), pull)
 
 
 def _local_entries(settings: Settings) -> list[dict[str, Any]]:
     """The gateway's model objects, as far as this machine knows without it."""
     catalog, store = Catalog.from_settings(settings), ModelStore(settings.models_path)
-    return [model_entry(m, installed=store.is_installed(catalog.runtime(m.runtime), m.runtime_model_id),
-                        loaded_on=[])
-            for m in catalog.models.values()]
+    return [ModelState.of(m, catalog.runtime(m.runtime), store).openai_object() for m in catalog.models.values()]
 
 
 def _model(catalog: Catalog, model_id: str) -> ModelSpec:

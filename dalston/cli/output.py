@@ -1,15 +1,15 @@
-"""What CLI commands print: tables, `--json`, sizes and ages, errors, and a progress line."""
+"""What CLI commands print: tables, `--json`, errors, a progress bar and a progress line
+(sizes, ages and the like are `dalston.formatting`, shared with the dashboard)."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from dalston.contracts import JobRecord
+from dalston.formatting import percent, size
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
@@ -44,46 +44,12 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
-def size(n: int | None) -> str:
-    if not n:
-        return "-"
-    value, unit = float(n), "B"
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            break
-        value /= 1000
-    return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def ago(at: float | None, now: float | None = None) -> str:
-    if not at:
-        return "-"
-    seconds = max(0.0, (now or time.time()) - at)
-    if seconds < 90:
-        return f"{seconds:.0f}s ago"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f}m ago"
-    if seconds < 36 * 3600:
-        return f"{seconds / 3600:.0f}h ago"
-    return f"{seconds / 86400:.0f}d ago"
-
-
-def percent(completed: int, total: int | None) -> str:
-    return f"{100 * completed / total:.0f}%" if total else size(completed)
-
-
 def bar(completed: int, total: int | None, width: int = 24) -> str:
     """`[#########.........]  45%  66.5 MB / 147.9 MB`, or just the bytes when the total is unknown."""
     if not total:
         return size(completed)
     filled = min(width, width * completed // total)
     return f"[{'#' * filled}{'.' * (width - filled)}] {percent(completed, total):>4}  {size(completed)} / {size(total)}"
-
-
-def stages(record: JobRecord) -> str:
-    """A job's tasks in DAG order, e.g. `prepare:completed transcribe-0:running(fw-a)`."""
-    return " ".join(f"{key}:{task.status}" + (f"({task.engine})" if task.status == "running" and task.engine else "")
-                    for key, task in record.tasks.items())
 
 
 class StatusLine:

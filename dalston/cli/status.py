@@ -9,9 +9,10 @@ import httpx
 
 from dalston.bus.consumers import consumer_state_at
 from dalston.cli.client import Client, add_server_option, connect, server_url
-from dalston.cli.output import add_json_option, ago, print_json, size, table
+from dalston.cli.output import add_json_option, print_json, table
 from dalston.config import Settings
 from dalston.contracts import JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER
+from dalston.formatting import ago, size
 
 NATS_TIMEOUT = 2.0
 

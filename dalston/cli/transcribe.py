@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 from dalston.cli.client import SUBMIT_GRACE, Client, add_server_option, connect
-from dalston.cli.output import CliError, StatusLine, error, stages
+from dalston.cli.output import CliError, StatusLine, error
 from dalston.config import Settings
 from dalston.contracts import JobRecord
+from dalston.formatting import stages
 from dalston.transcript import FORMATS
 
 SUFFIX = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt", "verbose_json": ".json"}

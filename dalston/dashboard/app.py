@@ -6,11 +6,12 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 
-from dalston.cli.output import ago, percent, size
 from dalston.config import Settings
 from dalston.contracts import JobRecord
-from dalston.dashboard.data import PULL_ENDED, DashboardData, EngineView, ModelView
+from dalston.dashboard.data import DashboardData, EngineView
 from dalston.dashboard.widgets import JobScreen, JobsTable, LiveTable, ModelsTable
+from dalston.formatting import ago, install_status, size
+from dalston.model_state import ModelState
 
 ENGINE_COLUMNS = ("runtime", "instance", "status", "loaded", "device", "memory", "tasks", "seen")
 MODEL_COLUMNS = ("model", "runtime", "languages", "size", "installed", "loaded on")
@@ -126,17 +127,10 @@ def _engine_row(view: EngineView) -> tuple[str, ...]:
             ago(beat.sent_at))
 
 
-def _model_row(view: ModelView) -> tuple[str, ...]:
-    spec, pull = view.spec, view.pull
-    if pull is not None and pull.status not in PULL_ENDED:
-        installed = f"{pull.status} {percent(pull.completed_bytes, pull.total_bytes)}" if pull.total_bytes \
-            else pull.message or pull.status
-    elif pull is not None and pull.status == "failed" and not view.installed:
-        installed = "pull failed"
-    else:
-        installed = "yes" if view.installed else "no"
-    return (spec.id, spec.runtime, ",".join(spec.languages) or "any", size(spec.size_bytes), installed,
-            ",".join(view.loaded_on) or "-")
+def _model_row(state: ModelState) -> tuple[str, ...]:
+    spec = state.spec
+    return (spec.id, spec.runtime, ",".join(spec.languages) or "any", size(spec.size_bytes),
+            install_status(state.installed, state.pull), ",".join(state.loaded_on) or "-")
 
 
 def _job_row(record: JobRecord) -> tuple[str, ...]:

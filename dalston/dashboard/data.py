@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dalston.bus.connection import Bus, Msg, connect
-from dalston.catalog import Catalog, ModelSpec
+from dalston.catalog import Catalog
 from dalston.config import Settings
 from dalston.contracts import (
     PULL_PROGRESS_SUBJECT,
@@ -26,11 +26,11 @@ from dalston.contracts import (
     subject_token,
 )
 from dalston.engines import EngineWatch
+from dalston.model_state import ModelState
 from dalston.store import ModelStore
 
 # Jobs kept in view, newest first.
 JOB_LIMIT = 200
-PULL_ENDED = ("installed", "failed")
 
 
 @dataclass
@@ -42,15 +42,6 @@ class EngineView:
     @property
     def status(self) -> str:
         return "gone" if self.gone_at is not None else self.beat.status
-
-
-@dataclass
-class ModelView:
-    spec: ModelSpec
-    installed: bool
-    loaded_on: list[str]
-    # The latest progress of a pull under way (or just ended).
-    pull: PullProgress | None
 
 
 class DashboardData:
@@ -107,19 +98,10 @@ class DashboardData:
 
     # --- models -------------------------------------------------------------------------------
 
-    def models(self) -> list[ModelView]:
+    def models(self) -> list[ModelState]:
         live = self.live_engines()
-        views = []
-        for spec in self.catalog.models.values():
-            pull = self.pulls.get(spec.id)
-            runtime = self.catalog.runtime(spec.runtime)
-            # This machine's store, what engines (on any host) report on disk, or a pull just done.
-            installed = (self.store.is_installed(runtime, spec.runtime_model_id)
-                         or any(spec.runtime_model_id in b.models_on_disk for b in live if b.runtime == spec.runtime)
-                         or (pull is not None and pull.status == "installed"))
-            loaded_on = [b.engine for b in live if any(m.model == spec.id for m in b.loaded_models)]
-            views.append(ModelView(spec, installed, loaded_on, pull))
-        return views
+        return [ModelState.of(spec, self.catalog.runtime(spec.runtime), self.store, live, self.pulls.get(spec.id))
+                for spec in self.catalog.models.values()]
 
     async def _on_progress(self, msg: Msg) -> None:
         try:

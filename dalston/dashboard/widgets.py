@@ -10,9 +10,9 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from dalston.cli.output import ago, stages
 from dalston.contracts import JobRecord
 from dalston.dashboard.data import DashboardData
+from dalston.formatting import ago, stages
 
 
 class LiveTable(DataTable):

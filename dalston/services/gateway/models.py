@@ -1,5 +1,5 @@
-"""Models as the gateway serves them: the catalog joined with what is installed and loaded,
-and pulls into the shared model store (the same `dalston.pull` the CLI and engines use)."""
+"""Models as the gateway serves them: each one's state (`dalston.model_state`), and pulls into
+the shared model store (the same `dalston.pull` the CLI and engines use)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
-
 from dalston.bus.connection import Bus, Msg
 from dalston.catalog import Catalog, ModelSpec
 from dalston.config import Settings
 from dalston.contracts import (
+    PULL_ENDED,
     PULL_PROGRESS_SUBJECT,
     PULL_SUBJECT,
     ContractError,
@@ -24,12 +23,11 @@ from dalston.contracts import (
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
+from dalston.model_state import ModelState
 from dalston.pull import PullError, pull
 from dalston.store import ModelStore
 
 log = get_logger("dalston.gateway.models")
-
-PULL_ENDED = ("installed", "failed")
 
 
 class ModelLoaded(RuntimeError):
@@ -60,20 +58,13 @@ class ModelService:
 
     # --- what is there ----------------------------------------------------------------------
 
-    def loaded_on(self, model: ModelSpec) -> list[str]:
-        return [beat.engine for beat in self.engines.live(model.runtime)
-                if any(m.model == model.id for m in beat.loaded_models)]
-
-    def installed(self, model: ModelSpec) -> bool:
-        runtime = self.catalog.runtime(model.runtime)
-        if self.store.is_installed(runtime, model.runtime_model_id):
-            return True
-        # Engines on other hosts may have their own stores: trust what they report.
-        return any(model.runtime_model_id in beat.models_on_disk for beat in self.engines.live(model.runtime))
+    def state(self, model: ModelSpec) -> ModelState:
+        return ModelState.of(model, self.catalog.runtime(model.runtime), self.store,
+                             self.engines.live(model.runtime), self.progress.get(model.id))
 
     def describe(self, model: ModelSpec) -> dict[str, Any]:
-        return model_entry(model, installed=self.installed(model), loaded_on=self.loaded_on(model),
-                           pull=self.progress.get(model.id))
+        """The model as the API serves it."""
+        return self.state(model).openai_object()
 
     # --- pulls --------------------------------------------------------------------------------
 
@@ -125,22 +116,11 @@ class ModelService:
     # --- removal ------------------------------------------------------------------------------
 
     def remove(self, model: ModelSpec, force: bool) -> bool:
-        engines = self.loaded_on(model)
+        engines = self.state(model).loaded_on
         if engines and not force:
             raise ModelLoaded(model.id, engines)
         runtime = self.catalog.runtime(model.runtime)
+        # The news of an earlier pull is stale now: it would say the model is installed.
+        self.progress.pop(model.id, None)
         return self.store.remove(runtime.store_dir, model.runtime_model_id)
 
-
-def model_entry(model: ModelSpec, *, installed: bool, loaded_on: list[str],
-                pull: PullProgress | None = None) -> dict[str, Any]:
-    """The OpenAI model object, plus what Dalston knows of the model."""
-    return {
-        "id": model.id, "object": "model", "created": 0, "owned_by": model.runtime,
-        "runtime": model.runtime, "runtime_model_id": model.runtime_model_id,
-        "name": model.name, "description": model.description, "languages": model.languages,
-        "capabilities": msgspec.to_builtins(model.capabilities),
-        "hardware": msgspec.to_builtins(model.hardware),
-        "size_bytes": model.size_bytes, "installed": installed, "loaded_on": loaded_on,
-        "pull": None if pull is None else msgspec.to_builtins(pull),
-    }
