@@ -60,9 +60,12 @@ async def test_one_engine_swaps_between_models_on_demand(system, tmp_path):
     finally:
         await bus.close()
         system.stop("swapper")
-    # Memory right after unloading base, at the 2nd swap and at the 10th: no creep.
-    second, tenth = unloads[1].rss_after, unloads[9].rss_after
-    assert abs(tenth - second) / second < 0.10, [u.rss_after for u in unloads]
+    # Memory right after each unload: no creep. The 10th is not above the 2nd by 10% (it may
+    # fall: the allocator can hand pages back later than it took them), and the last five
+    # stay within 10% of each other.
+    after = [u.rss_after for u in unloads]
+    assert after[9] < after[1] * 1.10, after
+    assert max(after[5:]) < min(after[5:]) * 1.10, after
 
 
 async def _fresh_beat(bus, engine: str, model: str):
