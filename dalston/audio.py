@@ -1,13 +1,17 @@
 """Audio decoding for the prepare stage: anything ffmpeg reads -> 16 kHz float32 per channel.
 
-Channels that carry the same signal collapse to one, so a mono recording stored as stereo is
-transcribed once; truly different channels (one speaker per side) stay separate. Whatever is
-not decodable audio becomes `InvalidAudio` with a message the user can act on.
+Decoding streams: each channel's samples go to a raw float32 file (`dalston.pcm`) block by
+block, and channels are compared as the blocks pass, so memory stays a few megabytes whatever
+the file's length. Channels that carry the same signal collapse to one, so a mono recording
+stored as stereo is transcribed once; truly different channels (one speaker per side) stay
+separate. Whatever is not decodable audio, or is longer than allowed, becomes `InvalidAudio`
+with a message the user can act on.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -15,15 +19,24 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-from dalston.pcm import SAMPLE_RATE
+from dalston.pcm import DTYPE, SAMPLE_RATE
 
 # Two channels are "the same" when the energy of their difference is below 1% (-20 dB) of
 # their mean energy. Identical channels give 0, unrelated equal-level channels about 2; lossy
 # joint-stereo coding or dithering of a duplicated mono signal stays far below 0.01.
 SAME_CHANNEL_THRESHOLD = 0.01
 
-# Blocks for the channel comparison, so a long file needs no full-length temporaries.
-_BLOCK = 1 << 20
+# Samples per channel in one block: written, compared and checked against the limit together
+# (4 s; 256 KiB a channel).
+BLOCK_SAMPLES = 1 << 16
+
+# The most channels ffmpeg's resampler takes (SWR_CH_MAX).
+MAX_READABLE_CHANNELS = 64
+
+# Containers whose stated duration is exact (sample counts, last granule, data size), not
+# guessed from a bitrate as for headerless MP3 or ADTS AAC: only these are refused undecoded.
+_EXACT_DURATION_FORMATS = {"wav", "w64", "aiff", "caf", "flac", "ogg", "matroska,webm",
+                           "mov,mp4,m4a,3gp,3g2,mj2"}
 
 
 class InvalidAudio(ValueError):
@@ -32,20 +45,23 @@ class InvalidAudio(ValueError):
 
 @dataclass
 class PreparedAudio:
-    """Decoded audio: one float32 array in [-1, 1] at `SAMPLE_RATE` per distinct channel."""
+    """Decoded audio: one raw float32 file in [-1, 1] at `SAMPLE_RATE` per distinct channel."""
 
-    channels: list[np.ndarray]
+    channels: list[Path]
     duration: float
     source_format: str
     source_rate: int
     source_channels: int
 
 
-def decode(source: Path | str | BinaryIO, *, max_duration: float | None = None) -> PreparedAudio:
-    """Decode `source` (a path or a seekable binary file) frame by frame.
+def decode(source: Path | str | BinaryIO, directory: Path, *, max_duration: float | None = None,
+           max_channels: int | None = None) -> PreparedAudio:
+    """Decode `source` (a path or a seekable binary file) into channel files in `directory`.
 
     Raises `InvalidAudio` for anything that is not audio, and for audio longer than
-    `max_duration` seconds when that is given.
+    `max_duration` seconds (DALSTON_MAX_AUDIO_SECONDS) when that is given: at once where the
+    container states its duration, else as soon as the decoded samples pass the limit.
+    Audio of more than `max_channels` channels (DALSTON_MAX_CHANNELS) is down-mixed to mono.
     """
     head = _head(source)
     if not head:
@@ -58,36 +74,50 @@ def decode(source: Path | str | BinaryIO, *, max_duration: float | None = None) 
         if not container.streams.audio:
             raise InvalidAudio("the file has no audio stream (is it a video without sound?)")
         stream = container.streams.audio[0]
-        source_format, rate, nchannels = container.format.name, stream.rate, stream.channels
-        data = _decode_stream(container, stream, max_duration)
-    channels = distinct_channels(data)
-    if len(channels) < len(data):
-        # Copies, so the dropped duplicates' memory is freed with `data`.
-        channels = [channel.copy() for channel in channels]
-    return PreparedAudio(
-        channels=channels,
-        duration=data.shape[1] / SAMPLE_RATE,
-        source_format=source_format,
-        source_rate=rate,
-        source_channels=nchannels,
-    )
+        if stream.channels > MAX_READABLE_CHANNELS:
+            raise InvalidAudio(f"the audio has {stream.channels} channels; at most "
+                               f"{MAX_READABLE_CHANNELS} can be read")
+        stated = _stated_duration(container)
+        if max_duration is not None and stated is not None and stated > max_duration:
+            raise _too_long(max_duration, stated)
+        with _ChannelFiles(directory) as files:
+            _decode_stream(container, stream, files, max_duration, max_channels)
+        return PreparedAudio(
+            channels=files.distinct(),
+            duration=files.samples / SAMPLE_RATE,
+            source_format=container.format.name,
+            source_rate=stream.rate,
+            source_channels=stream.channels,
+        )
 
 
-def _decode_stream(container, stream, max_duration: float | None) -> np.ndarray:
-    """All of `stream` resampled to `SAMPLE_RATE` float32, shape (channels, samples)."""
-    # Planar float keeps the channels apart; layout and channel count stay the source's.
-    resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+def _stated_duration(container) -> float | None:
+    """The duration the container states exactly, in seconds; None where it only guesses."""
+    if container.format.name not in _EXACT_DURATION_FORMATS or container.duration is None:
+        return None
+    return container.duration / av.time_base
+
+
+def _decode_stream(container, stream, files: _ChannelFiles, max_duration: float | None,
+                   max_channels: int | None) -> None:
+    """All of `stream`, resampled to `SAMPLE_RATE` float32, appended to `files` block by block."""
     limit = None if max_duration is None else int(max_duration * SAMPLE_RATE)
-    estimate = container.duration / av.time_base if container.duration else 60.0
-    # A second of headroom: resampling and padding can run a few samples past the estimate.
-    samples = _Samples(int((min(estimate, max_duration or estimate) + 1) * SAMPLE_RATE))
+    # Packed float, de-interleaved here: PyAV 18 reads past the plane pointers of planar frames
+    # with 8 or more channels and crashes the process.
+    resampler = av.AudioResampler(format="flt", rate=SAMPLE_RATE, frame_size=BLOCK_SAMPLES)
     first_error = None
 
-    def take(frames) -> None:
-        for frame in frames:
-            samples.append(frame.to_ndarray())
-        if limit is not None and samples.size > limit:
-            raise InvalidAudio(f"the audio is longer than the limit of {max_duration:g} seconds")
+    def take(blocks) -> None:
+        for block in blocks:
+            channels = block.layout.nb_channels
+            samples = block.to_ndarray().reshape(block.samples, channels)
+            if max_channels is not None and channels > max_channels:
+                # Down-mixed to their mean: one transcript, not one per channel.
+                files.append(samples.mean(axis=1, dtype=np.float32)[np.newaxis])
+            else:
+                files.append(samples.T.copy())
+        if limit is not None and files.samples > limit:
+            raise _too_long(max_duration)
 
     try:
         for packet in container.demux(stream):
@@ -104,64 +134,83 @@ def _decode_stream(container, stream, max_duration: float | None) -> np.ndarray:
         if isinstance(exc, InvalidAudio):
             raise
         raise InvalidAudio(f"the audio data is corrupt and cannot be decoded ({exc})") from exc
-    if not samples.size:
+    if not files.samples:
         if first_error is not None:
             raise InvalidAudio(f"the audio data is corrupt and cannot be decoded ({first_error})")
         raise InvalidAudio("the file contains no audio samples")
-    data = samples.result()
-    # Float codecs (mp3, aac, opus) can overshoot full scale slightly.
-    np.clip(data, -1.0, 1.0, out=data)
-    return data
 
 
-class _Samples:
-    """A growing (channels, samples) float32 buffer, sized from the container's duration.
+class _ChannelFiles:
+    """Each channel's samples appended to its own raw float32 file in `directory`, with the
+    energies that tell duplicated channels apart accumulated on the way."""
 
-    Frames are copied straight in, so decoding holds one copy of the audio, not a list of
-    chunks plus their concatenation.
-    """
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.paths: list[Path] = []
+        self.samples = 0
+        self._files = contextlib.ExitStack()
+        self._outputs: list[BinaryIO] = []
+        self._energy = np.zeros(0)
+        self._difference = np.zeros((0, 0))  # [i, j], j < i: energy of channel i - channel j
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.data: np.ndarray | None = None
-        self.size = 0
+    def __enter__(self) -> _ChannelFiles:
+        return self
 
-    def append(self, chunk: np.ndarray) -> None:
-        if self.data is None:
-            self.data = np.empty((chunk.shape[0], self.capacity), np.float32)
-        end = self.size + chunk.shape[1]
-        if end > self.data.shape[1]:
-            grown = np.empty((self.data.shape[0], max(end, self.data.shape[1] * 3 // 2)),
-                             np.float32)
-            grown[:, :self.size] = self.data[:, :self.size]
-            self.data = grown
-        self.data[:, self.size:end] = chunk
-        self.size = end
+    def __exit__(self, *exc_info) -> None:
+        self._files.close()
+        if exc_info[0] is not None:
+            for path in self.paths:
+                path.unlink(missing_ok=True)
 
-    def result(self) -> np.ndarray:
-        data = self.data[:, :self.size]
-        # A much too generous estimate (a wrong header) is not kept alive as slack.
-        return data.copy() if self.data.shape[1] - self.size > self.size // 8 else data
+    def append(self, block: np.ndarray) -> None:
+        """Append `block` (channels, samples), a float32 array this object may modify."""
+        if not self._outputs:
+            self._open(block.shape[0])
+        # Float codecs (mp3, aac, opus) can overshoot full scale slightly.
+        np.clip(block, -1.0, 1.0, out=block)
+        for output, channel in zip(self._outputs, block):
+            channel.astype(DTYPE, copy=False).tofile(output)
+        for i, channel in enumerate(block):
+            self._energy[i] += float(np.dot(channel, channel))
+            for j in range(i):
+                difference = channel - block[j]
+                self._difference[i, j] += float(np.dot(difference, difference))
+        self.samples += block.shape[1]
+
+    def _open(self, count: int) -> None:
+        self.paths = [self.directory / f"ch{i}.f32" for i in range(count)]
+        self._outputs = [self._files.enter_context(path.open("wb")) for path in self.paths]
+        self._energy = np.zeros(count)
+        self._difference = np.zeros((count, count))
+
+    def distinct(self) -> list[Path]:
+        """The files of channels that are not near-duplicates of an earlier one; the others
+        are deleted."""
+        kept: list[int] = []
+        for i, path in enumerate(self.paths):
+            if any(self._same_signal(i, j) for j in kept):
+                path.unlink()
+            else:
+                kept.append(i)
+        return [self.paths[i] for i in kept]
+
+    def _same_signal(self, i: int, j: int) -> bool:
+        energy = (self._energy[i] + self._energy[j]) / 2
+        # Two silent channels are the same; otherwise compare the difference to the signal.
+        return self._difference[i, j] <= SAME_CHANNEL_THRESHOLD * energy
 
 
-def distinct_channels(data: np.ndarray) -> list[np.ndarray]:
-    """The rows of `data` (channels, samples) with near-duplicates of earlier rows removed."""
-    kept: list[np.ndarray] = []
-    for channel in data:
-        if not any(_same_signal(channel, other) for other in kept):
-            kept.append(channel)
-    return kept
+def _too_long(max_duration: float, stated: float | None = None) -> InvalidAudio:
+    """Audio over the limit; `stated` is the length its header gives, where it was refused unread."""
+    length = "is longer" if stated is None else f"lasts {_span(stated)}, longer"
+    return InvalidAudio(f"the audio {length} than the limit of {_span(max_duration)} "
+                        "set by DALSTON_MAX_AUDIO_SECONDS")
 
 
-def _same_signal(a: np.ndarray, b: np.ndarray) -> bool:
-    diff = energy = 0.0
-    for i in range(0, len(a), _BLOCK):
-        x, y = a[i:i + _BLOCK], b[i:i + _BLOCK]
-        d = x - y
-        diff += float(np.dot(d, d))
-        energy += (float(np.dot(x, x)) + float(np.dot(y, y))) / 2
-    # Two silent channels are the same; otherwise compare the difference to the signal.
-    return diff <= SAME_CHANNEL_THRESHOLD * energy
+def _span(seconds: float) -> str:
+    """A duration for a message: "5.6 seconds", "14400 seconds (4.0 hours)"."""
+    text = f"{seconds:.0f} seconds" if seconds >= 100 else f"{seconds:.3g} seconds"
+    return f"{text} ({seconds / 3600:.1f} hours)" if seconds >= 3600 else text
 
 
 def _head(source: Path | str | BinaryIO, size: int = 64) -> bytes:

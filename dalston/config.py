@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 import platformdirs
@@ -42,6 +43,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     catalog_dir: str = ""
     default_model: str = "faster-whisper-base"
     max_upload_mb: float = 1024.0
+    # Longer audio is refused as invalid_audio (a small file can decode to hours: 4 h is
+    # 0.9 GB of prepared audio a channel).
+    max_audio_seconds: Annotated[float, msgspec.Meta(gt=0)] = 14400.0
+    # Audio of more channels is down-mixed to mono; up to this many, each distinct channel is
+    # transcribed on its own.
+    max_channels: Annotated[int, msgspec.Meta(ge=1)] = 8
     # How long audio, results and finished jobs' events are kept.
     retention_hours: float = 168.0
     # A task's ack deadline; engines refresh it while they work.

@@ -42,8 +42,8 @@ def _tool(name: str) -> str:
     return path
 
 
-def _run(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+def _run(command: list[str], timeout: float = 60) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
 
@@ -114,3 +114,41 @@ def speak(text: str, voice: str, tmp_dir: Path) -> Path:
 def german_clip(tmp_dir: Path) -> Path:
     """A short German sentence, spoken by espeak-ng."""
     return speak("Guten Morgen, wie geht es Ihnen heute?", "de", tmp_dir)
+
+
+def silence(tmp_dir: Path, seconds: float, suffix: str, *, layout: str = "mono", rate: int = 8000,
+            codec_args: Sequence[str] = ()) -> Path:
+    """`seconds` of digital silence in `layout` ("mono", "5.1"), encoded by ffmpeg."""
+    options = [f"anullsrc=r={rate}:cl={layout}", str(seconds), *codec_args]
+    digest = hashlib.sha1(" ".join(options).encode()).hexdigest()[:8]
+    dst = Path(tmp_dir) / f"silence-{digest}{suffix}"
+    if not dst.exists():
+        _run([_tool("ffmpeg"), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi",
+              "-i", options[0], "-t", str(seconds), *codec_args, str(dst)], timeout=300)
+    return dst
+
+
+def long_opus(tmp_dir: Path, seconds: int) -> Path:
+    """`seconds` (a multiple of 600) of silent Ogg Opus at 6 kbps in seconds of work: ten
+    minutes encoded once, then repeated without re-encoding (correct granules: the Ogg header
+    states the full length)."""
+    piece = silence(tmp_dir, 600, ".ogg", rate=48000,
+                    codec_args=["-c:a", "libopus", "-b:a", "6k", "-frame_duration", "120"])
+    return repeated(piece, seconds // 600, tmp_dir)
+
+
+def repeated(src: Path, times: int, tmp_dir: Path) -> Path:
+    """`src` `times` over, packets copied. A FLAC made so keeps the first copy's STREAMINFO:
+    its header states the length of `src` alone."""
+    dst = Path(tmp_dir) / f"{src.stem}-x{times}{src.suffix}"
+    if not dst.exists():
+        _run([_tool("ffmpeg"), "-nostdin", "-loglevel", "error", "-y",
+              "-stream_loop", str(times - 1), "-i", str(src), "-c", "copy", str(dst)])
+    return dst
+
+
+def spread_stereo(tmp_dir: Path, channels: int, suffix: str = ".wav", codec: str | None = None) -> Path:
+    """The stereo dialogue (one speaker a side) on `channels` channels: left on the even ones,
+    right on the odd ones, so two of them are distinct."""
+    pan = "|".join(f"c{i}=c{i % 2}" for i in range(channels))
+    return convert(DIALOGUE_STEREO, suffix, tmp_dir, codec=codec, args=["-af", f"pan={channels}c|{pan}"])

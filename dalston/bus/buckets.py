@@ -117,10 +117,17 @@ class Artifacts:
         return name
 
     async def read(self, name: str) -> bytes:
-        # writeinto avoids nats-py's quadratic concatenation of chunks (nats.py issue 703).
         buffer = io.BytesIO()
-        await self._store.get(name, writeinto=buffer)
+        await self.read_into(name, buffer)
         return buffer.getvalue()
+
+    async def read_into(self, name: str, sink: IO[bytes]) -> None:
+        """Write the object into `sink` chunk by chunk, as it arrives."""
+        # writeinto avoids nats-py's quadratic concatenation of chunks (nats.py issue 703).
+        await self._store.get(name, writeinto=sink)
+
+    async def size(self, name: str) -> int:
+        return (await self._store.get_info(name)).size
 
     async def transcript(self, record: JobRecord) -> Transcript:
         """The transcript of a completed job."""
@@ -128,7 +135,7 @@ class Artifacts:
 
     async def read_to(self, name: str, path: Path) -> None:
         with path.open("wb") as file:
-            await self._store.get(name, writeinto=file)
+            await self.read_into(name, file)
 
     async def headers(self, name: str) -> dict[str, str] | None:
         """The object's headers (first value of each), or None if there is no such object."""

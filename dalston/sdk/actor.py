@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from dalston.contracts import ChannelTranscript, FailureCode, Task, TranscribeOptions, encode
-from dalston.pcm import from_bytes
+from dalston.pcm import SampleBuffer
 
 if TYPE_CHECKING:
     from dalston.bus.connection import Bus
@@ -61,12 +61,23 @@ class TaskContext:
     async def read_to(self, name: str, path: Path) -> None:
         await self.bus.artifacts.read_to(name, path)
 
+    async def read_audio(self, name: str) -> np.ndarray:
+        """Prepared audio (`dalston.pcm`), copied chunk by chunk into its one array."""
+        buffer = SampleBuffer(await self.bus.artifacts.size(name))
+        await self.bus.artifacts.read_into(name, buffer)
+        return buffer.samples()
+
     async def read_struct(self, name: str, kind: type) -> Any:
         return msgspec.json.decode(await self.read(name), type=kind)
 
     async def write(self, name: str, data: bytes | IO[bytes]) -> str:
         """Store `data` (bytes, or a file streamed in chunks) as `name`."""
         return await self.bus.artifacts.put(name, data)
+
+    async def write_file(self, name: str, path: Path) -> str:
+        """Store the file at `path`, streamed in chunks rather than read whole."""
+        with path.open("rb") as file:
+            return await self.write(name, file)
 
 
 class Actor:
@@ -109,7 +120,7 @@ class ModelActor(Actor):
     async def run(self, task: Task, ctx: TaskContext, handle: Any) -> TaskResult:
         if not task.inputs:
             raise TaskFailed("bad_task", "a transcribe task needs its prepared audio as input")
-        audio = from_bytes(await ctx.read(task.inputs[0]))
+        audio = await ctx.read_audio(task.inputs[0])
         result = await asyncio.to_thread(self.transcribe, handle, audio, task.options, ctx.cancelled)
         result.channel = task.channel or 0
         result.model = task.model or ""
