@@ -129,8 +129,9 @@ async def checked_webhook_url(request: Request, url: str) -> str | None:
     return url
 
 
-async def _read_request(request: Request, task: str = "transcribe",
+async def _read_request(request: Request, task: str | None = None,
                         ) -> tuple[UploadFile, str, TranscribeOptions, dict[str, Any]]:
+    """The form of a transcription or translation (`task`; None: the form's `task` field)."""
     form = await request.form()
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
@@ -166,7 +167,7 @@ async def _read_request(request: Request, task: str = "transcribe",
         options = convert({"language": str(form.get("language") or "") or None,
                            "prompt": str(form.get("prompt") or "") or None,
                            "temperature": temperature, "word_timestamps": "word" in granularities,
-                           "task": task, "hotwords": ", ".join(keywords) or None,
+                           "task": task or str(form.get("task") or "transcribe"), "hotwords": ", ".join(keywords) or None,
                            "vad_parameters": _vad_parameters(form), "logprobs": "logprobs" in include},
                           TranscribeOptions)
     except ContractError as exc:
