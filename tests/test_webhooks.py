@@ -14,13 +14,15 @@ from standardwebhooks import Webhook
 
 from dalston.bus.consumers import consumer_state
 from dalston.config import ConfigError, load_settings
-from dalston.contracts import EVENTS_STREAM, WEBHOOKS_CONSUMER
-from dalston.services.webhooks import LONGEST_RETRY_SECONDS, retry_delay, signer
+from dalston.contracts import DEADLETTER_STREAM, EVENTS_STREAM, WEBHOOKS_CONSUMER, DeadLetter, decode
+from dalston.services.webhooks import LONGEST_RETRY_SECONDS, check_timeout, retry_delay, signer
 from dalston.webhook_targets import RefusedTarget, check_target, is_public
 from tests.stack import AUDIO, free_port, wait_for, wait_ok, words
 from tests.webhook_receiver import Receiver
 
 SECRET = "whsec_" + base64.b64encode(b"dalston-test-webhook-secret-32by").decode()
+# The receiver is on loopback.
+WEBHOOK_ENV = {"DALSTON_WEBHOOK_SECRET": SECRET, "DALSTON_WEBHOOK_ALLOW_PRIVATE": "true"}
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +30,22 @@ def hooks(stack):
     """On the session stack: the webhook service, and a gateway that takes webhooks (with the
     loopback receiver allowed); yields that gateway's URL."""
     port = free_port()
-    env = {"DALSTON_WEBHOOK_SECRET": SECRET, "DALSTON_WEBHOOK_ALLOW_PRIVATE": "true"}
-    stack.start("gateway-hooks", "gateway", DALSTON_HTTP_PORT=str(port), **env)
-    stack.start("webhooks", "webhooks", **env)
+    stack.start("gateway-hooks", "gateway", DALSTON_HTTP_PORT=str(port), **WEBHOOK_ENV)
+    start_webhooks(stack)
     url = f"http://127.0.0.1:{port}"
     wait_ok(f"{url}/readyz", "webhook gateway not ready")
     yield url
     for name in ("gateway-hooks", "webhooks"):
         if name in stack.processes:
             stack.stop(name)
+
+
+def start_webhooks(stack, sig: int = signal.SIGTERM, **env: str) -> None:
+    """The webhook service, (re)started with `env` on top of WEBHOOK_ENV; a running one is
+    stopped with `sig` first."""
+    if "webhooks" in stack.processes:
+        stack.stop("webhooks", sig)
+    stack.start("webhooks", "webhooks", **WEBHOOK_ENV, **env)
 
 
 def submit(gateway: str, webhook_url: str, path=AUDIO / "speaker1.wav", **form) -> httpx.Response:
@@ -100,7 +109,7 @@ async def test_a_delivery_survives_the_webhook_service_killed_while_retrying(sta
         stack.stop("webhooks", signal.SIGKILL)
         receiver.answers.clear()  # from now on it accepts
         tries_before = len(receiver.deliveries)
-        stack.start("webhooks", "webhooks", DALSTON_WEBHOOK_SECRET=SECRET, DALSTON_WEBHOOK_ALLOW_PRIVATE="true")
+        start_webhooks(stack)
 
         async def accepted():
             return receiver.accepted()
@@ -113,6 +122,31 @@ async def test_a_delivery_survives_the_webhook_service_killed_while_retrying(sta
         assert data["failure"]["code"] == "unsupported_task"
     finally:
         receiver.close()
+
+
+async def test_a_delivery_never_accepted_is_dead_lettered_after_the_max_age(stack, hooks):
+    start_webhooks(stack, DALSTON_WEBHOOK_MAX_AGE="3")
+    receiver = Receiver(*[503] * 1000)
+    bus = await stack.bus()
+    subject = "deadletter.events"
+    try:
+        before = (await bus.messages_by_subject(DEADLETTER_STREAM, subject)).get(subject, 0)
+        response = submit(hooks, receiver.url, task="translate")  # refused: ends at once
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+
+        async def dead_lettered():
+            return (await bus.messages_by_subject(DEADLETTER_STREAM, subject)).get(subject, 0) > before
+        await wait_for(dead_lettered, 60)
+        letter = decode(await bus.last(DEADLETTER_STREAM, subject), DeadLetter)
+        assert job_id in letter.reason and "DALSTON_WEBHOOK_MAX_AGE" in letter.reason
+        assert "answered 503" in letter.reason
+        await wait_for(lambda: settled(stack), 30)
+        assert len(receiver.deliveries) >= 2 and not receiver.accepted()
+    finally:
+        receiver.close()
+        await bus.close()
+        start_webhooks(stack)
 
 
 def test_targets_inside_the_network_are_refused_without_the_flag(stack, hooks):
@@ -164,6 +198,13 @@ async def test_a_checked_target_is_pinned_to_its_address():
 def test_retries_back_off_to_a_ceiling():
     assert [retry_delay(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
     assert retry_delay(50) == LONGEST_RETRY_SECONDS
+
+
+def test_an_attempt_must_end_within_the_ack_wait():
+    check_timeout(load_settings({}))
+    for timeout in ("0", "60"):
+        with pytest.raises(ConfigError, match="DALSTON_WEBHOOK_TIMEOUT"):
+            check_timeout(load_settings({"DALSTON_WEBHOOK_TIMEOUT": timeout}))
 
 
 def test_the_secret_is_required_and_checked():

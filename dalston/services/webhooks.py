@@ -21,6 +21,7 @@ from standardwebhooks import Webhook
 from dalston import __version__
 from dalston.bus.connection import Bus, Msg, connect
 from dalston.bus.consumers import GiveUp, HandleLater, consume
+from dalston.bus.layout import load_layout
 from dalston.config import ConfigError, Settings
 from dalston.contracts import (
     EVENTS_STREAM,
@@ -31,7 +32,7 @@ from dalston.contracts import (
     now,
 )
 from dalston.logs import get_logger
-from dalston.webhook_targets import RefusedTarget, check_target
+from dalston.webhook_targets import RESOLVE_TIMEOUT_SECONDS, RefusedTarget, check_target
 
 log = get_logger("dalston.webhooks")
 
@@ -47,6 +48,16 @@ def retry_delay(deliveries: int) -> float:
     return min(FIRST_RETRY_SECONDS * 2 ** max(deliveries - 1, 0), LONGEST_RETRY_SECONDS)
 
 
+def check_timeout(settings: Settings) -> None:
+    """An attempt must end well within the consumer's ack wait, or its event would be handed
+    out again while the attempt still runs."""
+    ack_wait = load_layout()["consumers"][EVENTS_STREAM][WEBHOOKS_CONSUMER]["ack_wait"]
+    if not (settings.webhook_timeout > 0 and settings.webhook_timeout + RESOLVE_TIMEOUT_SECONDS < ack_wait):
+        raise ConfigError(f"DALSTON_WEBHOOK_TIMEOUT must be above 0 and below "
+                          f"{ack_wait - RESOLVE_TIMEOUT_SECONDS:g} s (the webhooks consumer's ack wait, "
+                          f"less {RESOLVE_TIMEOUT_SECONDS:g} s to resolve the host)")
+
+
 def signer(settings: Settings) -> Webhook:
     if not settings.webhook_secret:
         raise ConfigError("DALSTON_WEBHOOK_SECRET is not set: webhooks are signed with it "
@@ -60,6 +71,7 @@ def signer(settings: Settings) -> Webhook:
 class WebhookService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        check_timeout(settings)
         self._signer = signer(settings)
         self._public_url = (settings.public_url or
                             f"http://{settings.http_host}:{settings.http_port}").rstrip("/")
