@@ -76,7 +76,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The key every webhook delivery is signed with (Standard Webhooks: `whsec_` + base64);
     # webhooks are refused while it is unset.
     webhook_secret: str = ""
-    # How long a webhook delivery is retried (seconds after the job ended) before it is dropped.
+    # How long a webhook delivery is retried (seconds after the job ended) before it is
+    # dead-lettered.
     webhook_max_age: float = 86400.0
     # Seconds one delivery attempt may take.
     webhook_timeout: float = 10.0

@@ -3,8 +3,8 @@
 Starts an embedded nats-server (JetStream on disk under DALSTON_HOME, open only to the users of
 nats/accounts.conf, whose passwords DALSTON_HOME keeps) unless DALSTON_NATS_URL names one, then
 the gateway, the orchestrator, the webhook service (where DALSTON_WEBHOOK_SECRET is set) and
-one engine per runtime as child processes, each with its own NATS user. A child or the embedded server that dies is restarted; Ctrl-C or SIGTERM stops
-everything, services before NATS.
+one engine per runtime as child processes, each with its own NATS user. A child or the embedded
+server that dies is restarted; Ctrl-C or SIGTERM stops everything, services before NATS.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def check_timeout(settings: Settings) -> None:
     """An attempt must end well within the consumer's ack wait, or its event would be handed
     out again while the attempt still runs."""
     ack_wait = load_layout()["consumers"][EVENTS_STREAM][WEBHOOKS_CONSUMER]["ack_wait"]
-    if not (settings.webhook_timeout > 0 and settings.webhook_timeout + RESOLVE_TIMEOUT_SECONDS < ack_wait):
+    timeout = settings.webhook_timeout
+    if not (timeout > 0 and timeout + RESOLVE_TIMEOUT_SECONDS < ack_wait):
         raise ConfigError(f"DALSTON_WEBHOOK_TIMEOUT must be above 0 and below "
                           f"{ack_wait - RESOLVE_TIMEOUT_SECONDS:g} s (the webhooks consumer's ack wait, "
                           f"less {RESOLVE_TIMEOUT_SECONDS:g} s to resolve the host)")

@@ -1,5 +1,6 @@
 """The Litestar app: `/v1/audio/transcriptions` and `/v1/audio/translations`
-(OpenAI-compatible), `/v1/jobs`, models, engines, health. Every route is a thin translation between HTTP and NATS."""
+(OpenAI-compatible), `/v1/jobs`, models, engines, health. Every route is a thin translation
+between HTTP and NATS."""
 
 from __future__ import annotations
 
@@ -167,7 +168,8 @@ async def _read_request(request: Request, task: str | None = None,
         options = convert({"language": str(form.get("language") or "") or None,
                            "prompt": str(form.get("prompt") or "") or None,
                            "temperature": temperature, "word_timestamps": "word" in granularities,
-                           "task": task or str(form.get("task") or "transcribe"), "hotwords": ", ".join(keywords) or None,
+                           "task": task or str(form.get("task") or "transcribe"),
+                           "hotwords": ", ".join(keywords) or None,
                            "vad_parameters": _vad_parameters(form), "logprobs": "logprobs" in include},
                           TranscribeOptions)
     except ContractError as exc:
