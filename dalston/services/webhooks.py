@@ -23,14 +23,7 @@ from dalston.bus.connection import Bus, Msg, connect
 from dalston.bus.consumers import GiveUp, HandleLater, consume
 from dalston.bus.layout import load_layout
 from dalston.config import ConfigError, Settings
-from dalston.contracts import (
-    EVENTS_STREAM,
-    TERMINAL,
-    WEBHOOKS_CONSUMER,
-    JobEvent,
-    decode,
-    now,
-)
+from dalston.contracts import EVENTS_STREAM, TERMINAL, WEBHOOKS_CONSUMER, JobEvent, decode, now
 from dalston.logs import get_logger
 from dalston.webhook_targets import RESOLVE_TIMEOUT_SECONDS, RefusedTarget, check_target
 
