@@ -24,6 +24,7 @@ from dalston.contracts import (
     decode,
 )
 from dalston.services.gateway.admission import Admission, Refused
+from dalston.services.gateway.form import MAX_FIELD_BYTES
 from dalston.services.gateway.metrics import _worked_seconds
 from tests.stack import AUDIO, TestStack, wait_for, wait_job, words
 
@@ -177,6 +178,17 @@ async def test_too_many_uploads_at_once_are_refused_before_their_body_is_read(fr
         for response in [*await asyncio.gather(*slow), *probes[:-1]]:
             assert response.status_code == 202, response.text
             assert (await wait_job(front, response.json()["id"], timeout=300))["status"] == "completed"
+
+
+async def test_form_fields_are_bounded_so_they_are_not_held_whole_in_memory(front):
+    async with httpx.AsyncClient(base_url=front.url, timeout=60) as client:
+        response = await client.post("/v1/jobs", files={"file": ("s.wav", b"RIFF")},
+                                     data={"model": MODEL, "language": "x" * (MAX_FIELD_BYTES + 1)})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "language"
+        response = await client.post("/v1/jobs", content=b"model=x", headers={
+            "Content-Type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 400 and "multipart/form-data" in response.json()["error"]["message"]
 
 
 async def test_metrics_are_prometheus_text_with_jobs_refusals_and_queues(front):

@@ -36,6 +36,7 @@ from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.services.gateway.admission import Admission, Refused
 from dalston.services.gateway.auth import job_owner, require_key, visible_owner
+from dalston.services.gateway.form import BadForm, read_form
 from dalston.services.gateway.jobs import JobNotFound, JobService, new_job_id
 from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
@@ -77,7 +78,10 @@ def _jobs(request: Request) -> JobService:
 
 
 async def _read_request(request: Request) -> tuple[UploadFile, str, TranscribeOptions, dict[str, Any]]:
-    form = await request.form()
+    try:
+        form = await read_form(request)
+    except BadForm as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise ApiError(400, "the multipart field `file` (the audio) is missing", param="file")
