@@ -54,7 +54,8 @@ async def scrape(client: httpx.AsyncClient) -> dict:
 
 def samples(families: dict, name: str, sample: str, **labels: str) -> list[float]:
     """The values of `sample` of family `name` whose labels include `labels`."""
-    return [s.value for s in families[name].samples if s.name == sample and labels.items() <= s.labels.items()]
+    return [s.value for s in families[name].samples
+            if s.name == sample and labels.items() <= s.labels.items()]
 
 
 def assert_refusal(response: httpx.Response) -> None:
@@ -257,13 +258,15 @@ async def test_a_nats_job_past_the_bound_fails_overloaded(front):
             assert response.status_code == 429
             families = await scrape(client)
         assert samples(families, "dalston_refusals", "dalston_refusals_total", via="nats") == [1]
-        assert samples(families, "dalston_refusals", "dalston_refusals_total", reason="overloaded", via="http")
+        assert samples(families, "dalston_refusals", "dalston_refusals_total",
+                       reason="overloaded", via="http")
     finally:
         for job_id in stuck:
             await bus.publish("jobs.cancel", CancelRequest(id=job_id))
         await bus.close()
     # Cancelled, they free the queue: a job is accepted again.
     async def accepted():
-        response = httpx.post(f"{front.url}/v1/jobs", files={"file": ("s.wav", audio)}, data={"model": MODEL})
+        response = httpx.post(f"{front.url}/v1/jobs", files={"file": ("s.wav", audio)},
+                              data={"model": MODEL})
         return response.status_code == 202 and response.json()["id"]
     assert (await wait_job(front, await wait_for(accepted, 60, 0.5), timeout=120))["status"] == "completed"

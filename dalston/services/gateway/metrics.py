@@ -31,7 +31,8 @@ RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
 
 class GatewayMetrics:
-    def __init__(self, engines: EngineWatch, unfinished_jobs: Callable[[], int], max_queued_jobs: int) -> None:
+    def __init__(self, engines: EngineWatch, unfinished_jobs: Callable[[], int],
+                 max_queued_jobs: int) -> None:
         self.registry = CollectorRegistry()
         self._live = _LiveState(engines, unfinished_jobs, max_queued_jobs)
         self.registry.register(self._live)
@@ -41,7 +42,8 @@ class GatewayMetrics:
                                   "Submission to result of completed jobs, by model.",
                                   ["model"], buckets=SECONDS_BUCKETS, registry=self.registry)
         self._queue_wait = Histogram("dalston_job_queue_wait_seconds",
-                                     "Time a completed job had no task running (waiting in queues), by model.",
+                                     "Time a completed job had no task running (waiting in queues), "
+                                     "by model.",
                                      ["model"], buckets=SECONDS_BUCKETS, registry=self.registry)
         self._audio = Counter("dalston_audio_seconds", "Seconds of audio transcribed, by model.",
                               ["model"], registry=self.registry)
@@ -95,7 +97,8 @@ def _worked_seconds(record: JobRecord) -> float:
 class _LiveState(Collector):
     """Engines (from their heartbeats), queues and unfinished jobs as they are at the scrape."""
 
-    def __init__(self, engines: EngineWatch, unfinished_jobs: Callable[[], int], max_queued_jobs: int) -> None:
+    def __init__(self, engines: EngineWatch, unfinished_jobs: Callable[[], int],
+                 max_queued_jobs: int) -> None:
         self._engines = engines
         self._unfinished_jobs = unfinished_jobs
         self._max_queued_jobs = max_queued_jobs
