@@ -59,6 +59,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     task_max_attempts: int = 3
     # How long a task waits for a live engine of its runtime before its job fails.
     engine_wait: float = 120.0
+    # Jobs queued or running at once; past it new jobs are refused (429 with Retry-After).
+    max_queued_jobs: int = 512
+    # Uploads the gateway receives at once (each spools up to 1 MB in memory, the rest on
+    # disk); more wait a few seconds for a slot, unread, then are refused (503, Retry-After).
+    max_concurrent_uploads: int = 64
     # How long the OpenAI-compatible endpoint waits for its job.
     request_timeout: float = 3600.0
     heartbeat_interval: float = 2.0

@@ -197,6 +197,12 @@ class JobRequest(Contract, kw_only=True):
     the `artifacts` object store (`audio_object`). The client picks `id`, so it can subscribe to
     `events.job.<id>` before it publishes.
 
+    `admitted` says that a gateway has already counted the job against DALSTON_MAX_QUEUED_JOBS
+    (and answered its client that it is accepted): the orchestrator then takes it whatever its
+    own count, so an accepted job is never refused later. Without it the orchestrator applies
+    the bound itself and fails a job past it (code `overloaded`). As with `owner`, NATS
+    permissions on `jobs.submit` guard who may set it.
+
     `owner` is the name of the API key the job belongs to: the gateway sets it from the key it
     verified, and only that key (or an admin key) may see, read or cancel the job. A NATS client
     sets it as it likes, so NATS permissions on `jobs.submit` guard who may claim an owner; a job
@@ -214,6 +220,7 @@ class JobRequest(Contract, kw_only=True):
     # Where the webhook service POSTs the job's end (http or https; the gateway also refuses
     # private addresses, and the webhook service checks again as it delivers).
     webhook_url: WebhookUrl | None = None
+    admitted: bool = False
 
 
 class CancelRequest(Contract, kw_only=True):
@@ -234,6 +241,7 @@ FAILURE_STATUS: dict[str, int] = {
     "wrong_runtime": 400,  # a task published to another runtime's subject
     "unknown_model": 404,
     "cancelled": 409,
+    "overloaded": 429,  # DALSTON_MAX_QUEUED_JOBS jobs are unfinished: submit again later
     "internal": 500,  # a bug, or a transient fault that outlived its retries
     "engine_crashed": 500,  # the task kept killing the engines that ran it
     "invalid_model": 503,  # the stored model cannot be loaded (an operator's import)

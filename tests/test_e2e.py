@@ -8,6 +8,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.audio_fixtures import VARIANTS, convert
 from tests.stack import AUDIO, DIALOGUE_WORDS, free_port, wait_ok, words
@@ -149,8 +150,8 @@ def test_health_and_openapi(stack):
 
 def test_metrics_show_engines_and_queues(stack, client):
     transcribe(client, AUDIO / "speaker1.wav")
-    text = httpx.get(f"{stack.url}/metrics").text
-    assert 'dalston_engine_up{runtime="faster-whisper",engine="fw-a",status="idle"} 1' in text
-    done = [line for line in text.splitlines() if line.startswith("dalston_engine_tasks_done_total")]
-    assert sum(float(line.rsplit(" ", 1)[1]) for line in done) > 0
-    assert "# TYPE dalston_tasks_queued gauge" in text
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{stack.url}/metrics").text)}
+    assert {"runtime": "faster-whisper", "engine": "fw-a", "status": "idle"} in \
+        [s.labels for s in families["dalston_engine_up"].samples if s.value == 1]
+    assert sum(s.value for s in families["dalston_engine_tasks_done"].samples) > 0
+    assert families["dalston_tasks_queued"].type == "gauge"

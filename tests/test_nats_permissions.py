@@ -138,6 +138,12 @@ def test_every_service_does_its_job_with_its_own_user(locked):
     assert response.status_code == 200, response.text
     assert words(response.json()["text"]) == DIALOGUE_WORDS
     assert httpx.get(f"{locked.url}/v1/jobs").status_code == 200
+    # The gateway follows the job records with its own user (the bound on jobs, the metrics).
+    deadline = time.monotonic() + 30
+    while 'dalston_jobs_total{model="faster-whisper-tiny.en",status="completed"}' \
+            not in httpx.get(f"{locked.url}/metrics").text:
+        assert time.monotonic() < deadline, locked.log_text("gateway")
+        time.sleep(0.2)
 
     for name in ("orchestrator", "gateway", "audio-prepare", "merge", "faster-whisper"):
         assert "violation" not in locked.log_text(name).lower(), name

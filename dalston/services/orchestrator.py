@@ -51,7 +51,8 @@ class Orchestrator:
         self.catalog = catalog or Catalog.from_settings(settings)
         self.engines = EngineWatch()
         self._bus: Bus | None = None
-        # Jobs not yet ended, for the timeout sweep: filled from KV at start, then kept current.
+        # Jobs not yet ended, for the timeout sweep and the bound on queued jobs: filled from
+        # KV at start, then kept current.
         self._active: set[str] = set()
         self._stopping = asyncio.Event()
 
@@ -157,6 +158,13 @@ class Orchestrator:
 
     async def _new_record(self, request: JobRequest) -> JobRecord:
         created = request.submitted_at or now()
+        if not request.admitted and len(self._active) >= self.settings.max_queued_jobs:
+            # Refused before its audio is stored. A gateway's jobs come admitted: it counted
+            # them itself before answering its client, and an accepted job is never refused.
+            return self._rejected(request, created, Failure(
+                code="overloaded", retryable=True,
+                message=f"{len(self._active)} jobs are queued or running, the most this Dalston "
+                        "takes (DALSTON_MAX_QUEUED_JOBS): submit again later"))
         try:
             model = self.catalog.model(request.model or self.settings.default_model,
                                        default=self.settings.default_model)

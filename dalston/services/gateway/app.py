@@ -4,6 +4,7 @@ between HTTP and NATS."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 from litestar.status_codes import HTTP_202_ACCEPTED
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from dalston import __version__
 from dalston.bus.connection import Bus, connect
@@ -36,9 +38,11 @@ from dalston.contracts import (
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
+from dalston.services.gateway.admission import Admission, Refused
 from dalston.services.gateway.auth import job_owner, require_key, visible_owner
-from dalston.services.gateway.jobs import JobNotFound, JobService
-from dalston.services.gateway.metrics import render_metrics
+from dalston.services.gateway.form import BadForm, read_form
+from dalston.services.gateway.jobs import JobNotFound, JobService, new_job_id
+from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.transcript import FORMATS, render
 from dalston.webhook_targets import RefusedTarget, check_target
@@ -55,10 +59,13 @@ SERVER_VAD_PARAMETERS = {"threshold": "threshold", "prefix_padding_ms": "speech_
 class ApiError(HTTPException):
     """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
-        super().__init__(status_code=status, detail=message)
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None):
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.code = code
         self.param = param
+        self.retry_after = retry_after
 
 
 def _error_response(request: Request, exc: Exception) -> Response:
@@ -67,11 +74,12 @@ def _error_response(request: Request, exc: Exception) -> Response:
     if status == 413:
         message = (f"the upload is larger than the limit of "
                    f"{request.app.state.settings.max_upload_mb:g} MB (DALSTON_MAX_UPLOAD_MB)")
-    if status >= 500:
+    code = getattr(exc, "code", None)
+    if status >= 500 and getattr(exc, "retry_after", None) is None:  # a refusal is no failure
         log.error("request failed", path=request.url.path, error=repr(exc))
     kind = "invalid_request_error" if status < 500 else "server_error"
     return Response({"error": {"message": message, "type": kind, "param": getattr(exc, "param", None),
-                               "code": getattr(exc, "code", None)}}, status_code=status)
+                               "code": code}}, status_code=status, headers=getattr(exc, "headers", None))
 
 
 def _jobs(request: Request) -> JobService:
@@ -133,7 +141,10 @@ async def checked_webhook_url(request: Request, url: str) -> str | None:
 async def _read_request(request: Request, task: str | None = None,
                         ) -> tuple[UploadFile, str, TranscribeOptions, dict[str, Any]]:
     """The form of a transcription or translation (`task`; None: the form's `task` field)."""
-    form = await request.form()
+    try:
+        form = await read_form(request)
+    except BadForm as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise ApiError(400, "the multipart field `file` (the audio) is missing", param="file")
@@ -174,7 +185,8 @@ async def _read_request(request: Request, task: str | None = None,
                           TranscribeOptions)
     except ContractError as exc:
         raise ApiError(400, f"invalid {exc.field}: {str(exc).split(': ', 1)[-1]}", param=exc.field) from None
-    # The upload is already spooled (memory or a temp file): measuring it is cheap.
+    # The upload is already spooled (up to 1 MB in memory, the rest in a temporary file):
+    # measuring it is cheap.
     size = upload.file.seek(0, 2)
     upload.file.seek(0)
     if size == 0:
@@ -192,6 +204,36 @@ def _raise_for_failure(record: JobRecord) -> None:
     raise ApiError(FAILURE_STATUS[code], message, code=code)
 
 
+async def _submit(request: Request, job_id: str, task: str | None = None,
+                  ) -> tuple[str, TranscribeOptions, dict[str, Any]]:
+    """Admit job `job_id`, receive its upload and publish it; its model, options and response
+    shape. `task` is transcribe or translate (None: the form's `task` field).
+
+    Refused before a byte of the upload is read when DALSTON_MAX_QUEUED_JOBS jobs are
+    unfinished (429) or DALSTON_MAX_CONCURRENT_UPLOADS uploads are being received (503), both
+    with Retry-After."""
+    admission: Admission = request.app.state.admission
+    metrics: GatewayMetrics = request.app.state.metrics
+    try:
+        admission.reserve(job_id)
+        try:
+            async with admission.receiving():
+                upload, model, options, shape = await _read_request(request, task)
+                try:
+                    webhook_url = await checked_webhook_url(request, shape["webhook_url"])
+                    await _jobs(request).submit(job_id, upload.file, upload.filename, model, options,
+                                                job_owner(request), webhook_url=webhook_url)
+                finally:
+                    await upload.close()
+        except BaseException:
+            admission.release(job_id)
+            raise
+    except Refused as exc:
+        metrics.refused(exc.code)
+        raise ApiError(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after) from None
+    return model, options, shape
+
+
 @post("/v1/audio/transcriptions", status_code=200, summary="Transcribe audio (OpenAI-compatible)")
 async def create_transcription(request: Request) -> Response:
     return await _answer(request, "transcribe")
@@ -205,14 +247,16 @@ async def create_translation(request: Request) -> Response:
 
 async def _answer(request: Request, task: str) -> Response:
     """Run the job and answer with its result in the response_format asked for."""
-    upload, model, options, shape = await _read_request(request, task)
     settings: Settings = request.app.state.settings
-    try:
-        record = await _jobs(request).run(upload.file, upload.filename, model, options,
-                                          job_owner(request), timeout=settings.request_timeout)
-    except TimeoutError:
-        raise ApiError(504, f"transcription did not finish within {settings.request_timeout:g} s "
-                            "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
+    job_id = new_job_id()
+    async with _jobs(request).following(job_id) as ended:
+        _, options, shape = await _submit(request, job_id, task)
+        try:
+            await asyncio.wait_for(ended.wait(), settings.request_timeout)
+        except TimeoutError:
+            raise ApiError(504, f"transcription did not finish within {settings.request_timeout:g} s "
+                                "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
+    record = await _jobs(request).get(job_id, job_owner(request))
     _raise_for_failure(record)
     transcript = await _jobs(request).transcript(record)
     body, media_type = render(transcript, shape["response_format"], words=shape["words"],
@@ -222,10 +266,8 @@ async def _answer(request: Request, task: str) -> Response:
 
 @post("/v1/jobs", status_code=HTTP_202_ACCEPTED, summary="Submit a transcription job")
 async def submit_job(request: Request) -> dict[str, Any]:
-    upload, model, options, shape = await _read_request(request)
-    webhook_url = await checked_webhook_url(request, shape["webhook_url"])
-    job_id = await _jobs(request).submit(upload.file, upload.filename, model, options, job_owner(request),
-                                         webhook_url=webhook_url)
+    job_id = new_job_id()
+    model, _, _ = await _submit(request, job_id)
     return {"id": job_id, "status": "queued", "model": model}
 
 
@@ -323,10 +365,10 @@ async def delete_model(request: Request, model_id: str, force: bool = False) -> 
     return {"id": model.id, "deleted": deleted}
 
 
-@get("/metrics", summary="Prometheus metrics: engines and task queues", include_in_schema=False)
+@get("/metrics", summary="Prometheus metrics: engines, queues, jobs, refusals", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    body = await render_metrics(request.app.state.bus, request.app.state.engines)
-    return Response(body, media_type="text/plain; version=0.0.4")
+    body = await request.app.state.metrics.render(request.app.state.bus)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @get("/healthz", summary="The gateway process is up")
@@ -375,11 +417,19 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
         app.state.bus = bus
         app.state.engines = engines
         app.state.jobs = JobService(bus)
+        # The metrics show the admission's count; the admission tells them of each job that ends.
+        metrics = GatewayMetrics(engines, lambda: admission.unfinished, settings.max_queued_jobs)
+        admission = Admission(bus, settings.max_queued_jobs, settings.max_concurrent_uploads,
+                              on_ended=metrics.job_ended)
+        app.state.metrics = metrics
+        app.state.admission = admission
+        await admission.start()
         app.state.models = ModelService(bus, settings, catalog, engines)
         await app.state.models.start()
         try:
             yield
         finally:
+            await admission.stop()
             await engines.stop()
             await bus.close()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import IO
 
 from dalston.bus.connection import Bus
@@ -34,6 +36,10 @@ log = get_logger("dalston.gateway")
 OWNER_HEADER = "Dalston-Owner"
 
 
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
 class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id[:80]!r}")
@@ -43,22 +49,22 @@ class JobService:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
 
-    async def submit(self, audio: IO[bytes], filename: str, model: str, options: TranscribeOptions,
-                     owner: str | None, job_id: str | None = None, webhook_url: str | None = None) -> str:
-        """Store the audio (streamed in chunks) and publish the job; returns its id. A checked
+    async def submit(self, job_id: str, audio: IO[bytes], filename: str, model: str,
+                     options: TranscribeOptions, owner: str | None, webhook_url: str | None = None) -> None:
+        """Store the audio (streamed in chunks) and publish the job, admitted: its place among
+        the unfinished jobs was reserved before its upload was read (admission.py). A checked
         `webhook_url` is called when the job ends."""
-        job_id = job_id or uuid.uuid4().hex
         audio_object = f"jobs/{job_id}/audio"
         await self.bus.artifacts.put(audio_object, audio, {OWNER_HEADER: owner} if owner else None)
         try:
             await self.bus.publish(SUBMIT_SUBJECT, JobRequest(
                 id=job_id, model=model, audio_object=audio_object, filename=filename[:255],
-                options=options, submitted_at=now(), owner=owner, webhook_url=webhook_url), msg_id=job_id)
+                options=options, submitted_at=now(), owner=owner, webhook_url=webhook_url,
+                admitted=True), msg_id=job_id)
         except BaseException:
             # No job will ever point at the upload: do not leave it behind.
             await asyncio.shield(self._forget(audio_object))
             raise
-        return job_id
 
     async def _forget(self, audio_object: str) -> None:
         try:
@@ -66,24 +72,21 @@ class JobService:
         except Exception as exc:  # noqa: BLE001 - retention removes it in the end
             log.warning("orphaned upload not deleted", object=audio_object, error=repr(exc))
 
-    async def run(self, audio: IO[bytes], filename: str, model: str, options: TranscribeOptions,
-                  owner: str | None, timeout: float) -> JobRecord:
-        """Submit and wait until the job ends (TimeoutError past `timeout`)."""
-        job_id = uuid.uuid4().hex
+    @asynccontextmanager
+    async def following(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set once job `job_id` ends. Entered before the job is submitted, so the end
+        of a fast job cannot be missed."""
         ended = asyncio.Event()
 
         async def on_event(msg) -> None:
             if decode(msg.data, JobEvent).status in TERMINAL:
                 ended.set()
 
-        # Subscribe before submitting, so the end of a fast job cannot be missed.
         subscription = await self.bus.subscribe(JOB_EVENT_SUBJECT.format(job_id=job_id), on_event)
         try:
-            await self.submit(audio, filename, model, options, owner, job_id=job_id)
-            await asyncio.wait_for(ended.wait(), timeout)
+            yield ended
         finally:
             await subscription.unsubscribe()
-        return await self.get(job_id, owner)
 
     async def get(self, job_id: str, owner: str | None) -> JobRecord:
         if not is_job_id(job_id):

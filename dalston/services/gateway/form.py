@@ -1,0 +1,71 @@
+"""Reading a multipart upload with bounded memory.
+
+Litestar's `request.form()` spools file parts (1 MB in memory, the rest in a temporary file) but
+holds every other field whole in memory, up to the body limit (DALSTON_MAX_UPLOAD_MB): a flood
+of requests with a huge `prompt` field would grow the gateway without bound. Here a field that
+is not a file is refused past MAX_FIELD_BYTES instead; files are spooled as Litestar does.
+"""
+
+from __future__ import annotations
+
+from litestar import Request
+from litestar.datastructures import FormMultiDict, UploadFile
+from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
+
+# A model id, a language, a prompt (2048 characters, up to 4 bytes each), options: well below.
+MAX_FIELD_BYTES = 64 * 1024
+# The form has a file and a handful of options.
+MAX_PARTS = 64
+
+
+class BadForm(ValueError):
+    """The request is not a multipart form the gateway reads; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+async def read_form(request: Request) -> FormMultiDict:
+    """The request's multipart form: files as spooled UploadFiles, other fields as text."""
+    content_type, options = request.content_type
+    boundary = options.get("boundary")
+    if content_type != "multipart/form-data" or not boundary:
+        raise BadForm("send the request as multipart/form-data, with the audio in the field `file`")
+    fields: list[tuple[str, str | UploadFile]] = []
+    data: UploadFile | bytearray = bytearray()
+    segment: MultipartSegment | None = None
+    stream = request.stream()
+    try:
+        with PushMultipartParser(boundary.encode(), max_segment_count=MAX_PARTS) as parser:
+            while not parser.closed:
+                chunk = await anext(stream, b"")  # b"": the end, which the parser must be told
+                for part in parser.parse(chunk):
+                    if isinstance(part, MultipartSegment):
+                        segment = part
+                        data = UploadFile(content_type=part.content_type or "application/octet-stream",
+                                          filename=part.filename, headers=dict(part.headerlist)) \
+                            if part.filename else bytearray()
+                    elif part:
+                        if isinstance(data, UploadFile):
+                            await data.write(part)
+                        elif len(data) + len(part) > MAX_FIELD_BYTES:
+                            raise BadForm(f"the field `{segment.name}` is longer than "
+                                          f"{MAX_FIELD_BYTES // 1024} KB", param=segment.name)
+                        else:
+                            data.extend(part)
+                    else:  # the end of a part
+                        if isinstance(data, UploadFile):
+                            await data.seek(0)
+                            fields.append((segment.name, data))
+                        else:
+                            fields.append((segment.name, data.decode(segment.charset or "utf-8", "replace")))
+                        data = bytearray()
+    except BaseException as exc:
+        for upload in [data, *(value for _, value in fields)]:
+            if isinstance(upload, UploadFile):
+                await upload.close()
+        if isinstance(exc, (ParserError, ParserLimitReached)):
+            raise BadForm(f"the multipart form cannot be read: {exc}") from None
+        raise
+    return FormMultiDict(fields)
