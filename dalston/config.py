@@ -83,6 +83,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     prefer_loaded: bool = True
     # The runtime model id a task that names none gets.
     default_model_id: str = ""
+    # The key every webhook delivery is signed with (Standard Webhooks: `whsec_` + base64);
+    # webhooks are refused while it is unset.
+    webhook_secret: str = ""
+    # How long a webhook delivery is retried (seconds after the job ended) before it is
+    # dead-lettered.
+    webhook_max_age: float = 86400.0
+    # Seconds one delivery attempt may take.
+    webhook_timeout: float = 10.0
+    # Allow webhook targets on loopback and private networks (tests, one trusted network).
+    webhook_allow_private: bool = False
+    # The gateway's address as webhook receivers reach it (transcript links); empty means
+    # http://<http_host>:<http_port>.
+    public_url: str = ""
 
     @property
     def home(self) -> Path:

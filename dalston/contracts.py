@@ -37,6 +37,8 @@ JOBS_BUCKET = "jobs"
 # waits on the first.
 ORCHESTRATOR_JOBS_CONSUMER = "orchestrator-jobs"
 ORCHESTRATOR_EVENTS_CONSUMER = "orchestrator-events"
+# The webhook service's durable consumer of job events.
+WEBHOOKS_CONSUMER = "webhooks"
 ARTIFACTS_BUCKET = "artifacts"
 
 # The model token of tasks whose runtime needs no model (audio-prepare, merge).
@@ -91,6 +93,11 @@ ObjectName = Annotated[str, msgspec.Meta(pattern=rf"^(?!.*\.\.){SAFE_NAME}(?:/{S
 # Free text a user supplied (filenames, reasons): bounded, so no message grows past max_payload.
 ShortText = Annotated[str, msgspec.Meta(max_length=1024)]
 
+# A URL the webhook service calls: bounded, http(s) only.
+WEBHOOK_URL_PATTERN = r"^https?://[^\s]+\Z"
+WEBHOOK_URL_MAX_CHARS = 2048
+WebhookUrl = Annotated[str, msgspec.Meta(pattern=WEBHOOK_URL_PATTERN, max_length=WEBHOOK_URL_MAX_CHARS)]
+
 # Whisper reads at most 224 prompt tokens (half its 448-token context); 2048 characters is more
 # than that in any language, and keeps a job message small.
 MAX_PROMPT_CHARS = 2048
@@ -108,6 +115,10 @@ class ContractError(ValueError):
 
 def is_job_id(value: str) -> bool:
     return re.search(JOB_ID_PATTERN, value) is not None
+
+
+def is_webhook_url(value: str) -> bool:
+    return len(value) <= WEBHOOK_URL_MAX_CHARS and re.search(WEBHOOK_URL_PATTERN, value) is not None
 
 
 class Contract(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
@@ -161,6 +172,22 @@ class TranscribeOptions(Contract, kw_only=True):
     # Voice activity detection: on by default, so silence is not hallucinated into words.
     vad: bool = True
     beam_size: Annotated[int, msgspec.Meta(ge=1, le=16)] = 5
+    # Whisper's two tasks: speech to text in its language, or into English.
+    task: Literal["transcribe", "translate"] = "transcribe"
+    # Words the model should expect (faster-whisper's hotwords), bounded as the prompt is.
+    hotwords: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] | None = None
+    # The VAD's own parameters (OpenAI's chunking_strategy server_vad); None: its defaults.
+    vad_parameters: VadParameters | None = None
+    # Each word's log-probability, where the runtime has them (OpenAI's include[]=logprobs).
+    logprobs: bool = False
+
+
+class VadParameters(Contract, kw_only=True):
+    """Silero VAD settings, in the names faster-whisper gives them."""
+
+    threshold: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
+    min_silence_duration_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 2000
+    speech_pad_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 400
 
 
 class JobRequest(Contract, kw_only=True):
@@ -184,6 +211,9 @@ class JobRequest(Contract, kw_only=True):
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     submitted_at: float = 0.0
     owner: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    # Where the webhook service POSTs the job's end (http or https; the gateway also refuses
+    # private addresses, and the webhook service checks again as it delivers).
+    webhook_url: WebhookUrl | None = None
 
 
 class CancelRequest(Contract, kw_only=True):
@@ -199,6 +229,7 @@ FAILURE_STATUS: dict[str, int] = {
     "invalid_audio": 400,  # not audio, corrupt, or past a limit (length, channels)
     "no_audio": 400,  # the job names no audio, or audio that is not stored
     "unsupported_language": 400,  # the model does not speak the language asked for
+    "unsupported_task": 400,  # the model cannot do what was asked (translate, say)
     "bad_task": 400,  # a task message that cannot be run as it stands
     "wrong_runtime": 400,  # a task published to another runtime's subject
     "unknown_model": 404,
@@ -265,6 +296,7 @@ class JobRecord(Contract, kw_only=True):
     updated_at: float = 0.0
     finished_at: float | None = None
     owner: str | None = None  # the API key's name, from the JobRequest
+    webhook_url: str | None = None  # from the JobRequest
 
 
 class JobEvent(Contract, kw_only=True):
@@ -275,6 +307,8 @@ class JobEvent(Contract, kw_only=True):
     transcript_object: str | None = None
     failure: Failure | None = None
     at: float = 0.0
+    # The job's webhook, so the webhook service needs no job record to deliver.
+    webhook_url: str | None = None
 
 
 # --- tasks -----------------------------------------------------------------------------------
@@ -354,6 +388,8 @@ class Word(Contract, kw_only=True):
     end: float
     word: str
     probability: float = 1.0
+    # log(probability), set where the runtime has it and TranscribeOptions.logprobs asked.
+    logprob: float | None = None
 
 
 class Segment(Contract, kw_only=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -91,16 +92,22 @@ def merge(job_id: str, model: str, parts: list[ChannelTranscript]) -> Transcript
 
 
 def render(
-    transcript: Transcript, fmt: str, *, words: bool = False, segments: bool = True
+    transcript: Transcript, fmt: str, *, words: bool = False, segments: bool = True,
+    task: str = "transcribe", logprobs: bool = False,
 ) -> tuple[str | bytes, str]:
     """`transcript` as OpenAI's `response_format` `fmt`: (body, media type).
 
     `words` and `segments` are the timestamp granularities; only verbose_json uses them.
+    `task` is Whisper's (a translation is in English); `logprobs` adds each word's
+    log-probability to json and verbose_json, where the engine reported them.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown response_format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     if fmt == "json":
-        body: str | bytes = _json.encode({"text": transcript.text})
+        result: dict[str, Any] = {"text": transcript.text, "usage": _usage(transcript)}
+        if logprobs:
+            result.update(_logprobs(transcript))
+        body: str | bytes = _json.encode(result)
     elif fmt == "text":
         # OpenAI ends its plain-text response with a newline.
         body = transcript.text + "\n"
@@ -115,18 +122,35 @@ def render(
             for s, text in _cues(transcript)
         )
     else:
-        body = _json.encode(_verbose(transcript, words=words, segments=segments))
+        result = _verbose(transcript, words=words, segments=segments, task=task)
+        if logprobs:
+            result.update(_logprobs(transcript))
+        body = _json.encode(result)
     return body, FORMATS[fmt]
 
 
-def _verbose(transcript: Transcript, *, words: bool, segments: bool) -> dict[str, Any]:
-    """OpenAI's TranscriptionVerbose shape."""
-    code = transcript.language
+def _usage(transcript: Transcript) -> dict[str, Any]:
+    """OpenAI's duration usage: seconds of audio, rounded up as OpenAI bills them."""
+    return {"type": "duration", "seconds": math.ceil(transcript.duration)}
+
+
+def _logprobs(transcript: Transcript) -> dict[str, Any]:
+    """OpenAI's `logprobs` (token, logprob, bytes), one per word: none where the engine has
+    no log-probabilities."""
+    found = [{"token": w.word, "logprob": w.logprob, "bytes": list(w.word.encode())}
+             for s in transcript.segments for w in s.words if w.logprob is not None]
+    return {"logprobs": found} if found else {}
+
+
+def _verbose(transcript: Transcript, *, words: bool, segments: bool, task: str) -> dict[str, Any]:
+    """OpenAI's TranscriptionVerbose (or TranslationVerbose) shape."""
+    code = "en" if task == "translate" else transcript.language
     result: dict[str, Any] = {
-        "task": "transcribe",
+        "task": task,
         "language": LANGUAGE_NAMES.get(code, code) if code else "unknown",
         "duration": transcript.duration,
         "text": transcript.text,
+        "usage": _usage(transcript),
     }
     if segments:
         result["segments"] = [_verbose_segment(s) for s in transcript.segments]

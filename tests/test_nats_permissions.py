@@ -4,6 +4,7 @@ where it would overstep into another service's."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
 import sys
 import time
@@ -12,12 +13,14 @@ import httpx
 import nats.errors
 import pytest
 import yaml
+from standardwebhooks import Webhook
 
 import nats
 from tests.nats_nodes import NATS_DIR, NatsNode
-from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, words
+from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, free_port, wait_for, wait_ok, words
+from tests.webhook_receiver import Receiver
 
-USERS = ("admin", "orchestrator", "gateway", "engine")
+USERS = ("admin", "orchestrator", "gateway", "engine", "webhooks")
 PASSWORDS = {user: f"pw-{user}-7f3a" for user in USERS}
 
 
@@ -68,6 +71,14 @@ REFUSED = [
     ("engine", "publish", "$JS.API.STREAM.PURGE.TASKS", "empty the task queue"),
     ("engine", "publish", "events.job.some-job", "announce a job done"),
     ("orchestrator", "publish", "$KV.apikeys.some-digest", "mint an API key"),
+    ("webhooks", "publish", "jobs.submit", "submit jobs"),
+    ("webhooks", "publish", "events.job.some-job", "announce a job done"),
+    ("webhooks", "publish", "$KV.jobs.some-job", "rewrite a job record"),
+    ("webhooks", "publish", "$O.artifacts.jobs.some-job.transcript", "rewrite a transcript"),
+    ("webhooks", "publish", "$JS.API.CONSUMER.MSG.NEXT.TASKS.tasks-faster-whisper-base", "take a task"),
+    ("webhooks", "publish", "$JS.API.CONSUMER.MSG.NEXT.EVENTS.orchestrator-events", "take the orchestrator's events"),
+    ("webhooks", "publish", "$JS.API.STREAM.PURGE.EVENTS", "drop every event"),
+    ("webhooks", "subscribe", "events.>", "read every job's events live"),
 ]
 
 
@@ -130,6 +141,36 @@ def test_every_service_does_its_job_with_its_own_user(locked):
 
     for name in ("orchestrator", "gateway", "audio-prepare", "merge", "faster-whisper"):
         assert "violation" not in locked.log_text(name).lower(), name
+
+
+async def test_the_webhook_service_delivers_as_its_own_user(locked):
+    """The webhook service with the webhooks user reads a finished job's events and transcript
+    and acknowledges its delivery, without one permission violation."""
+    if "faster-whisper" not in locked.processes:
+        pytest.skip("needs the running system of the test above")
+    secret = "whsec_" + base64.b64encode(b"permissions-test-webhook-secret!").decode()
+    hooks = {"DALSTON_WEBHOOK_SECRET": secret, "DALSTON_WEBHOOK_ALLOW_PRIVATE": "true"}
+    port = free_port()
+    locked.start("gateway-hooks", "gateway", DALSTON_HTTP_PORT=str(port), **credentials("gateway"), **hooks)
+    locked.start("webhooks", "webhooks", **credentials("webhooks"), **hooks)
+    receiver = Receiver()
+    try:
+        wait_ok(f"http://127.0.0.1:{port}/readyz", "webhook gateway not ready")
+        with (AUDIO / "speaker1.wav").open("rb") as audio:
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", files={"file": audio},
+                                  data={"model": "faster-whisper-tiny.en", "webhook_url": receiver.url})
+        assert response.status_code == 202, response.text
+
+        async def accepted():
+            return receiver.accepted()
+        await wait_for(accepted, 90)
+        data = Webhook(secret).verify(receiver.accepted()[0].body, receiver.accepted()[0].headers)["data"]
+        assert data["status"] == "completed" and data["transcript"]["text"]
+    finally:
+        receiver.close()
+        locked.stop("gateway-hooks")
+        locked.stop("webhooks")
+    assert "violation" not in locked.log_text("webhooks").lower()
 
 
 def test_compose_engine_health_check_passes_as_the_engine_user(locked):

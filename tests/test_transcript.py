@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai.types.audio import Transcription, TranscriptionVerbose
+from openai.types.audio import Transcription, TranscriptionVerbose, TranslationVerbose
 
 from dalston.contracts import ChannelTranscript, Segment, Transcript, Word
 from dalston.transcript import FORMATS, merge, render
@@ -63,8 +63,9 @@ def test_merge_ties_keep_channel_order_and_most_common_language():
 def test_json_is_openai_transcription(stereo):
     body, media_type = render(stereo, "json")
     assert media_type == "application/json"
-    assert json.loads(body) == {"text": stereo.text}
-    assert Transcription.model_validate_json(body).text == stereo.text
+    assert json.loads(body) == {"text": stereo.text, "usage": {"type": "duration", "seconds": 7}}
+    parsed = Transcription.model_validate_json(body)
+    assert parsed.text == stereo.text and parsed.usage.seconds == 7
 
 
 def test_text(stereo):
@@ -81,6 +82,28 @@ def test_verbose_json_is_openai_transcription_verbose(stereo):
         0.0, 2.4, " That was hilarious.", [1, 2], -0.2)
     assert [(w.word, w.start) for w in verbose.words] == [("That", 0.0), ("What", 2.5), ("do", 2.8)]
     assert json.loads(body)["task"] == "transcribe"
+    assert verbose.usage.type == "duration" and verbose.usage.seconds == 7
+
+
+def test_a_translation_is_english_whatever_was_spoken():
+    german = merge("j", "m", [ChannelTranscript(language="de", duration=2.0,
+                                                segments=[_segment(0.0, 2.0, "Good morning.")])])
+    verbose = TranslationVerbose.model_validate_json(render(german, "verbose_json", task="translate")[0])
+    assert (verbose.language, verbose.text) == ("english", "Good morning.")
+    assert json.loads(render(german, "verbose_json")[0])["language"] == "german"
+
+
+def test_logprobs_where_the_engine_reported_them():
+    transcript = merge("j", "m", [ChannelTranscript(duration=1.0, segments=[_segment(0.0, 1.0, "Hi you", words=[
+        Word(start=0.0, end=0.5, word=" Hi", probability=0.5, logprob=-0.6931),
+        Word(start=0.5, end=1.0, word=" you", probability=0.9, logprob=-0.1054)])])])
+    for fmt in ("json", "verbose_json"):
+        body = json.loads(render(transcript, fmt, logprobs=True)[0])
+        assert body["logprobs"] == [{"token": " Hi", "logprob": -0.6931, "bytes": list(b" Hi")},
+                                    {"token": " you", "logprob": -0.1054, "bytes": list(b" you")}]
+        assert "logprobs" not in json.loads(render(transcript, fmt)[0])
+    # An engine without log-probabilities (NeMo): none are made up.
+    assert "logprobs" not in json.loads(render(merge("j", "m", _two_channels()), "json", logprobs=True)[0])
 
 
 def test_verbose_json_granularities(stereo):

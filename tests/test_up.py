@@ -69,7 +69,8 @@ async def connect_anonymously(port: str) -> None:
 
 async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_stops_cleanly(tmp_path):
     port = free_port()
-    env = fresh_machine(tmp_path, port)
+    # With a webhook secret, `up` runs the webhook service too.
+    env = {**fresh_machine(tmp_path, port), "DALSTON_WEBHOOK_SECRET": "whsec_" + "A" * 32}
     with dalston_up(tmp_path, env) as up:
         with open(AUDIO / "speaker1.wav", "rb") as audio:
             response = httpx.post(f"http://127.0.0.1:{port}/v1/audio/transcriptions",
@@ -87,7 +88,7 @@ async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_sto
         # Each service has its own user, none the admin; the CLI of this account is the admin.
         users = {p.environ().get("DALSTON_NATS_USER") for p in psutil.Process(up.pid).children()
                  if p.name() != "nats-server"}
-        assert users == {"gateway", "orchestrator", "engine"}
+        assert users == {"gateway", "orchestrator", "engine", "webhooks"}
         created = dalston(env, "keys", "create", "alice")
         assert created.returncode == 0 and created.stdout.startswith("dsk_"), created.stderr
         listed = dalston(env, "keys", "list", "--json")
@@ -97,7 +98,7 @@ async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_sto
         assert second.returncode == 1 and "already running" in second.stderr
 
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 6  # nats-server, gateway, orchestrator and three engines
+        assert len(children) >= 7  # nats-server, gateway, orchestrator, webhooks, three engines
     assert not [c for c in children if running(c)]
     assert "Dalston is up" in (tmp_path / "up.log").read_text()
 

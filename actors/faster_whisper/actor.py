@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 
 import ctranslate2
+import msgspec
 import numpy as np
 from faster_whisper import WhisperModel
 
@@ -38,11 +40,14 @@ class FasterWhisperActor(ModelActor):
 
     def transcribe(self, handle: WhisperModel, audio: np.ndarray, options: TranscribeOptions,
                    cancelled: threading.Event) -> ChannelTranscript:
+        vad_parameters = options.vad_parameters and msgspec.structs.asdict(options.vad_parameters)
         pieces, info = handle.transcribe(
-            audio, language=options.language or None, initial_prompt=options.prompt or None,
+            audio, language=options.language or None, task=options.task,
+            initial_prompt=options.prompt or None, hotwords=options.hotwords or None,
             temperature=options.temperature or [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
-            beam_size=options.beam_size, vad_filter=options.vad,
-            word_timestamps=options.word_timestamps)
+            beam_size=options.beam_size, vad_filter=options.vad, vad_parameters=vad_parameters,
+            # A word's probability comes from the word-timestamp pass.
+            word_timestamps=options.word_timestamps or options.logprobs)
         segments = []
         for segment in pieces:  # decoded lazily, one 30 s window at a time
             if cancelled.is_set():
@@ -58,6 +63,12 @@ class FasterWhisperActor(ModelActor):
                         temperature=s.temperature, compression_ratio=s.compression_ratio,
                         tokens=list(s.tokens),
                         words=[Word(start=float(w.start), end=float(w.end), word=w.word,
-                                    probability=float(w.probability))
+                                    probability=float(w.probability),
+                                    logprob=_logprob(w.probability) if options.logprobs else None)
                                for w in (s.words or [])])
                 for s in segments])
+
+
+def _logprob(probability: float) -> float:
+    # A probability that underflowed to 0 would be -inf, which JSON cannot carry.
+    return math.log(max(float(probability), 1e-12))

@@ -35,11 +35,25 @@ REDELIVERY_DELAY_SECONDS = 1.0
 
 class HandleLater(Exception):
     """Raised by a handler for a message that cannot be handled yet (it arrived before what it
-    refers to): redelivered after a delay, quietly, within the consumer's deliveries."""
+    refers to, or its receiver is down): redelivered after `delay` seconds, quietly, within the
+    consumer's deliveries."""
+
+    def __init__(self, reason: str, delay: float = REDELIVERY_DELAY_SECONDS) -> None:
+        super().__init__(reason)
+        self.delay = delay
 
 
-async def consume(bus: Bus, stream: str, durable: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
-    """Hand every message of the durable consumer (nats/streams.yaml) to `handler`, forever."""
+class GiveUp(Exception):
+    """Raised by a handler for a message it will never handle (its retries outlived their
+    time): dead-lettered with the reason."""
+
+
+async def consume(bus: Bus, stream: str, durable: str, handler: Callable[[Msg], Awaitable[None]],
+                  *, concurrent: bool = False) -> None:
+    """Hand every message of the durable consumer (nats/streams.yaml) to `handler`, forever:
+    one after another, or, `concurrent`, a fetched batch at once (for handlers that wait on
+    others, such as webhook receivers). A consumer whose `max_deliver` is -1 redelivers
+    without end; its handler decides when to give up."""
     subscription = await bus.js.pull_subscribe_bind(durable, stream=stream)
     max_deliver = load_layout()["consumers"][stream][durable]["max_deliver"]
     while True:
@@ -52,8 +66,11 @@ async def consume(bus: Bus, stream: str, durable: str, handler: Callable[[Msg], 
             log.warning("fetch failed; retrying", stream=stream, error=repr(exc))
             await asyncio.sleep(0.5)
             continue
-        for msg in messages:
-            await _handle(bus, msg, handler, max_deliver)
+        if concurrent:
+            await asyncio.gather(*(_handle(bus, msg, handler, max_deliver) for msg in messages))
+        else:
+            for msg in messages:
+                await _handle(bus, msg, handler, max_deliver)
 
 
 async def _handle(bus: Bus, msg: Msg, handler: Callable[[Msg], Awaitable[None]], max_deliver: int) -> None:
@@ -61,19 +78,21 @@ async def _handle(bus: Bus, msg: Msg, handler: Callable[[Msg], Awaitable[None]],
     try:
         await handler(msg)
         await msg.ack()
-    except ContractError as exc:
+    except (ContractError, GiveUp) as exc:
         await bus.dead_letter(msg, str(exc))
     except Exception as exc:  # noqa: BLE001 - NATS failing over, say: it comes back
-        if msg.metadata.num_delivered >= max_deliver:
+        if 0 < max_deliver <= msg.metadata.num_delivered:
             # The server would drop it silently after this delivery: keep it with the reason.
             await bus.dead_letter(msg, f"not handled in {max_deliver} deliveries: {exc!r}")
             return
+        delay = REDELIVERY_DELAY_SECONDS
         if isinstance(exc, HandleLater):
-            log.info("message redelivered later", reason=str(exc))
+            log.info("message redelivered later", reason=str(exc), delay=exc.delay)
+            delay = exc.delay
         else:
             log.exception("message not handled; it will be redelivered", subject=msg.subject[:256])
         try:
-            await msg.nak(delay=REDELIVERY_DELAY_SECONDS)
+            await msg.nak(delay=delay)
         except Exception:  # noqa: BLE001 - no connection: redelivered after ack_wait
             pass
 

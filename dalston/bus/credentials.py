@@ -18,7 +18,7 @@ from dalston.bus.server import HomeLock
 from dalston.config import Settings
 
 ADMIN = "admin"
-USERS = (ADMIN, "orchestrator", "gateway", "engine")
+USERS = (ADMIN, "orchestrator", "gateway", "engine", "webhooks")
 CREDENTIALS_FILE = "nats-credentials.json"
 
 

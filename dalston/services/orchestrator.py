@@ -128,7 +128,8 @@ class Orchestrator:
         await self._bus.publish(
             JOB_EVENT_SUBJECT.format(job_id=record.id),
             JobEvent(job_id=record.id, status=record.status, failure=record.failure,
-                     transcript_object=record.transcript_object, at=now()),
+                     transcript_object=record.transcript_object, at=now(),
+                     webhook_url=record.webhook_url),
             msg_id=f"{record.id}:{record.status}")
 
     # --- handlers ----------------------------------------------------------------------------------
@@ -167,6 +168,12 @@ class Orchestrator:
                 code="unsupported_language",
                 message=f"{model.id} transcribes {', '.join(model.languages)}, not {language!r}; "
                         "pick a multilingual model"))
+        if request.options.task == "translate" and not model.capabilities.translation:
+            return self._rejected(request, created, Failure(
+                code="unsupported_task",
+                message=f"{model.id} cannot translate (an English-only model, or a runtime "
+                        "without a translate task); pick a multilingual Whisper such as "
+                        "faster-whisper-base"))
         audio_object = request.audio_object or f"jobs/{request.id}/audio"
         if request.audio is not None:
             await self._bus.artifacts.put(audio_object, request.audio)
@@ -179,14 +186,15 @@ class Orchestrator:
         record = JobRecord(id=request.id, model=model.id, runtime=model.runtime,
                            runtime_model_id=model.runtime_model_id, options=request.options,
                            audio_object=audio_object, filename=request.filename,
-                           created_at=created, updated_at=now(), owner=request.owner)
+                           created_at=created, updated_at=now(), owner=request.owner,
+                           webhook_url=request.webhook_url)
         dag.start(record)
         return record
 
     def _rejected(self, request: JobRequest, created: float, failure: Failure) -> JobRecord:
         record = JobRecord(id=request.id, model=request.model, runtime="", runtime_model_id="",
                            audio_object=request.audio_object or "", filename=request.filename,
-                           created_at=created, owner=request.owner)
+                           created_at=created, owner=request.owner, webhook_url=request.webhook_url)
         dag.finish(record, "failed", failure)
         return record
 

@@ -1,5 +1,5 @@
-"""Runs one service in this process until SIGINT or SIGTERM: gateway, orchestrator, or an
-engine of one runtime."""
+"""Runs one service in this process until SIGINT or SIGTERM: gateway, orchestrator, webhooks,
+or an engine of one runtime."""
 
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ def serve(service: str, settings: Settings, runtime: str | None = None) -> None:
         from dalston.services.orchestrator import Orchestrator
 
         asyncio.run(_until_signalled(Orchestrator(settings)))
+    elif service == "webhooks":
+        from dalston.services.webhooks import WebhookService
+
+        asyncio.run(_until_signalled(WebhookService(settings)))
     elif service == "engine":
         from dalston.sdk.engine import Engine
 

@@ -2,9 +2,9 @@
 
 Starts an embedded nats-server (JetStream on disk under DALSTON_HOME, open only to the users of
 nats/accounts.conf, whose passwords DALSTON_HOME keeps) unless DALSTON_NATS_URL names one, then
-the gateway, the orchestrator and one engine per runtime as child processes, each with its own
-NATS user. A child or the embedded server that dies is restarted; Ctrl-C or SIGTERM stops
-everything, services before NATS.
+the gateway, the orchestrator, the webhook service (where DALSTON_WEBHOOK_SECRET is set) and
+one engine per runtime as child processes, each with its own NATS user. A child or the embedded
+server that dies is restarted; Ctrl-C or SIGTERM stops everything, services before NATS.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class Stack:
         self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url, "gateway")))
         self.children.append(Child("orchestrator", ["serve", "orchestrator"],
                                    self._child_env(nats_url, "orchestrator")))
+        if self.settings.webhook_secret:  # without it the gateway refuses webhooks
+            self.children.append(Child("webhooks", ["serve", "webhooks"],
+                                       self._child_env(nats_url, "webhooks")))
         default = Catalog.from_settings(self.settings).model(self.settings.default_model)
         for runtime in [*PIPELINE_RUNTIMES, *self.runtimes]:
             # The engine that serves the default model pulls and loads it at start, so the

@@ -1,8 +1,10 @@
-"""The Litestar app: `/v1/audio/transcriptions` (OpenAI-compatible), `/v1/jobs`, models,
-engines, health. Every route is a thin translation between HTTP and NATS."""
+"""The Litestar app: `/v1/audio/transcriptions` and `/v1/audio/translations`
+(OpenAI-compatible), `/v1/jobs`, models, engines, health. Every route is a thin translation
+between HTTP and NATS."""
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -24,11 +26,13 @@ from dalston.contracts import (
     JOBS_STREAM,
     ORCHESTRATOR_JOBS_CONSUMER,
     TASKS_STREAM,
+    WEBHOOK_URL_MAX_CHARS,
     ContractError,
     JobRecord,
     TranscribeOptions,
     convert,
     encode,
+    is_webhook_url,
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
@@ -37,10 +41,15 @@ from dalston.services.gateway.jobs import JobNotFound, JobService
 from dalston.services.gateway.metrics import render_metrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.transcript import FORMATS, render
+from dalston.webhook_targets import RefusedTarget, check_target
 
 log = get_logger("dalston.gateway")
 
 TIMESTAMP_GRANULARITIES = ("segment", "word")
+INCLUDES = ("logprobs",)
+# OpenAI's server_vad chunking parameters -> the VAD's own (TranscribeOptions.vad_parameters).
+SERVER_VAD_PARAMETERS = {"threshold": "threshold", "prefix_padding_ms": "speech_pad_ms",
+                         "silence_duration_ms": "min_silence_duration_ms"}
 
 
 class ApiError(HTTPException):
@@ -69,7 +78,61 @@ def _jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-async def _read_request(request: Request) -> tuple[UploadFile, str, TranscribeOptions, dict[str, Any]]:
+def _values(form, name: str) -> list[str]:
+    """Every value of a list field, sent as `name[]` (OpenAI's clients) or as `name`."""
+    return [str(v) for key in (f"{name}[]", name) if key in form for v in form.getall(key)]
+
+
+def _vad_parameters(form) -> dict[str, float] | None:
+    """OpenAI's `chunking_strategy`: `auto` (the VAD's defaults), or server_vad parameters,
+    as a JSON object or as the bracketed fields the openai client sends."""
+    raw = str(form.get("chunking_strategy") or "")
+    strategy = {key[len("chunking_strategy["):-1]: str(form.get(key)) for key in form.keys()
+                if key.startswith("chunking_strategy[") and key.endswith("]")}
+    if raw and raw != "auto":
+        try:
+            strategy = json.loads(raw)
+        except ValueError:
+            strategy = None
+        if not isinstance(strategy, dict):
+            raise ApiError(400, "chunking_strategy must be `auto` or a server_vad object",
+                           param="chunking_strategy")
+    if not strategy:
+        return None
+    if strategy.get("type") != "server_vad":
+        raise ApiError(400, "chunking_strategy type must be server_vad", param="chunking_strategy")
+    unknown = set(strategy) - {"type", *SERVER_VAD_PARAMETERS}
+    if unknown:
+        raise ApiError(400, f"unknown chunking_strategy fields {sorted(unknown)}; use "
+                            f"{', '.join(SERVER_VAD_PARAMETERS)}", param="chunking_strategy")
+    try:
+        return {ours: float(strategy[theirs]) if ours == "threshold" else int(float(strategy[theirs]))
+                for theirs, ours in SERVER_VAD_PARAMETERS.items() if theirs in strategy}
+    except (TypeError, ValueError):
+        raise ApiError(400, "chunking_strategy parameters must be numbers", param="chunking_strategy") from None
+
+
+async def checked_webhook_url(request: Request, url: str) -> str | None:
+    """A webhook URL fit to be called, or None for none; 400 for one Dalston will not call
+    (its host is checked again at each delivery)."""
+    if not url:
+        return None
+    settings: Settings = request.app.state.settings
+    if not settings.webhook_secret:
+        raise ApiError(400, "webhooks are off here: DALSTON_WEBHOOK_SECRET is not set", param="webhook_url")
+    if not is_webhook_url(url):
+        raise ApiError(400, f"webhook_url must be an http or https URL of at most "
+                            f"{WEBHOOK_URL_MAX_CHARS} characters", param="webhook_url")
+    try:
+        await check_target(url, settings.webhook_allow_private)
+    except RefusedTarget as exc:
+        raise ApiError(400, f"webhook_url refused: {exc}", param="webhook_url") from None
+    return url
+
+
+async def _read_request(request: Request, task: str | None = None,
+                        ) -> tuple[UploadFile, str, TranscribeOptions, dict[str, Any]]:
+    """The form of a transcription or translation (`task`; None: the form's `task` field)."""
     form = await request.form()
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
@@ -81,8 +144,7 @@ async def _read_request(request: Request) -> tuple[UploadFile, str, TranscribeOp
         model = catalog.model(model_name, default=settings.default_model)
     except UnknownModel as exc:
         raise ApiError(404, str(exc), code="model_not_found", param="model") from None
-    granularities = form.getall("timestamp_granularities[]") if "timestamp_granularities[]" in form else []
-    granularities += form.getall("timestamp_granularities") if "timestamp_granularities" in form else []
+    granularities = _values(form, "timestamp_granularities")
     unknown = set(granularities) - set(TIMESTAMP_GRANULARITIES)
     if unknown:
         raise ApiError(400, f"unknown timestamp_granularities {sorted(unknown)}; use segment or word",
@@ -96,11 +158,19 @@ async def _read_request(request: Request) -> tuple[UploadFile, str, TranscribeOp
         temperature = math.nan
     if not math.isfinite(temperature):
         raise ApiError(400, "temperature must be a finite number from 0 to 1", param="temperature")
+    include = _values(form, "include")
+    if set(include) - set(INCLUDES):
+        raise ApiError(400, f"unknown include {sorted(set(include) - set(INCLUDES))}; use logprobs",
+                       param="include[]")
+    keywords = [k.strip() for k in _values(form, "keywords") if k.strip()]
     try:
         # The contract bounds every field (prompt length, temperature range, language code).
         options = convert({"language": str(form.get("language") or "") or None,
                            "prompt": str(form.get("prompt") or "") or None,
-                           "temperature": temperature, "word_timestamps": "word" in granularities},
+                           "temperature": temperature, "word_timestamps": "word" in granularities,
+                           "task": task or str(form.get("task") or "transcribe"),
+                           "hotwords": ", ".join(keywords) or None,
+                           "vad_parameters": _vad_parameters(form), "logprobs": "logprobs" in include},
                           TranscribeOptions)
     except ContractError as exc:
         raise ApiError(400, f"invalid {exc.field}: {str(exc).split(': ', 1)[-1]}", param=exc.field) from None
@@ -109,7 +179,8 @@ async def _read_request(request: Request) -> tuple[UploadFile, str, TranscribeOp
     upload.file.seek(0)
     if size == 0:
         raise ApiError(400, "the uploaded file is empty", code="invalid_audio", param="file")
-    return upload, model.id, options, {"response_format": response_format, "words": "word" in granularities}
+    return upload, model.id, options, {"response_format": response_format, "words": "word" in granularities,
+                                       "webhook_url": str(form.get("webhook_url") or "")}
 
 
 def _raise_for_failure(record: JobRecord) -> None:
@@ -123,7 +194,18 @@ def _raise_for_failure(record: JobRecord) -> None:
 
 @post("/v1/audio/transcriptions", status_code=200, summary="Transcribe audio (OpenAI-compatible)")
 async def create_transcription(request: Request) -> Response:
-    upload, model, options, shape = await _read_request(request)
+    return await _answer(request, "transcribe")
+
+
+@post("/v1/audio/translations", status_code=200,
+      summary="Translate speech into English text (OpenAI-compatible; multilingual Whisper models)")
+async def create_translation(request: Request) -> Response:
+    return await _answer(request, "translate")
+
+
+async def _answer(request: Request, task: str) -> Response:
+    """Run the job and answer with its result in the response_format asked for."""
+    upload, model, options, shape = await _read_request(request, task)
     settings: Settings = request.app.state.settings
     try:
         record = await _jobs(request).run(upload.file, upload.filename, model, options,
@@ -133,14 +215,17 @@ async def create_transcription(request: Request) -> Response:
                             "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
     _raise_for_failure(record)
     transcript = await _jobs(request).transcript(record)
-    body, media_type = render(transcript, shape["response_format"], words=shape["words"])
+    body, media_type = render(transcript, shape["response_format"], words=shape["words"],
+                              task=options.task, logprobs=options.logprobs)
     return Response(body, media_type=media_type)
 
 
 @post("/v1/jobs", status_code=HTTP_202_ACCEPTED, summary="Submit a transcription job")
 async def submit_job(request: Request) -> dict[str, Any]:
-    upload, model, options, _ = await _read_request(request)
-    job_id = await _jobs(request).submit(upload.file, upload.filename, model, options, job_owner(request))
+    upload, model, options, shape = await _read_request(request)
+    webhook_url = await checked_webhook_url(request, shape["webhook_url"])
+    job_id = await _jobs(request).submit(upload.file, upload.filename, model, options, job_owner(request),
+                                         webhook_url=webhook_url)
     return {"id": job_id, "status": "queued", "model": model}
 
 
@@ -178,7 +263,8 @@ async def get_transcript(request: Request, job_id: str, format: str = "json") ->
     if record.status not in ("completed", "failed", "cancelled"):
         raise ApiError(409, f"job {job_id} is {record.status}; the transcript is not ready", code="not_ready")
     _raise_for_failure(record)
-    body, media_type = render(await _jobs(request).transcript(record), format, words=True)
+    body, media_type = render(await _jobs(request).transcript(record), format, words=True,
+                              task=record.options.task, logprobs=record.options.logprobs)
     return Response(body, media_type=media_type)
 
 
@@ -298,7 +384,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
             await bus.close()
 
     app = Litestar(
-        route_handlers=[create_transcription, submit_job, get_job, list_jobs, cancel_job,
+        route_handlers=[create_transcription, create_translation, submit_job, get_job, list_jobs, cancel_job,
                         get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
                         metrics, healthz, readyz],
         lifespan=[lifespan],

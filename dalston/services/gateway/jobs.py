@@ -44,15 +44,16 @@ class JobService:
         self.bus = bus
 
     async def submit(self, audio: IO[bytes], filename: str, model: str, options: TranscribeOptions,
-                     owner: str | None, job_id: str | None = None) -> str:
-        """Store the audio (streamed in chunks) and publish the job; returns its id."""
+                     owner: str | None, job_id: str | None = None, webhook_url: str | None = None) -> str:
+        """Store the audio (streamed in chunks) and publish the job; returns its id. A checked
+        `webhook_url` is called when the job ends."""
         job_id = job_id or uuid.uuid4().hex
         audio_object = f"jobs/{job_id}/audio"
         await self.bus.artifacts.put(audio_object, audio, {OWNER_HEADER: owner} if owner else None)
         try:
             await self.bus.publish(SUBMIT_SUBJECT, JobRequest(
                 id=job_id, model=model, audio_object=audio_object, filename=filename[:255],
-                options=options, submitted_at=now(), owner=owner), msg_id=job_id)
+                options=options, submitted_at=now(), owner=owner, webhook_url=webhook_url), msg_id=job_id)
         except BaseException:
             # No job will ever point at the upload: do not leave it behind.
             await asyncio.shield(self._forget(audio_object))
