@@ -114,7 +114,7 @@ def pending(job: JobRecord) -> list[str]:
 
 
 def _awaits_language(job: JobRecord, task: TaskRecord) -> bool:
-    if task.stage != "transcribe" or len(job.chunks) < 2 or job.options.language:
+    if task.stage != "transcribe" or len(job.chunks) < 2 or job.options.language or job.language:
         return False
     first = job.tasks[transcribe_key(0, 0, len(job.chunks))]
     return task is not first and first.status != "completed"
