@@ -49,6 +49,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Audio of more channels is down-mixed to mono; up to this many, each distinct channel is
     # transcribed on its own.
     max_channels: Annotated[int, msgspec.Meta(ge=1)] = 8
+    # Audio longer than this is cut (at the quietest moment near each multiple) into pieces that
+    # engines transcribe at once; see README for how the default was measured.
+    chunk_seconds: Annotated[float, msgspec.Meta(ge=30.0)] = 60.0
     # How long audio, results and finished jobs' events are kept.
     retention_hours: float = 168.0
     # A task's ack deadline; engines refresh it while they work.

@@ -266,6 +266,8 @@ class TaskRecord(Contract, kw_only=True):
     stage: Stage
     runtime: str
     channel: int | None = None
+    # Which piece of a long recording a transcribe task has (index into JobRecord.chunks).
+    chunk: int | None = None
     status: TaskStatus = "pending"
     attempt: int = 0
     engine: str | None = None
@@ -290,6 +292,11 @@ class JobRecord(Contract, kw_only=True):
     tasks: dict[str, TaskRecord] = {}
     channels: int | None = None
     duration: float | None = None
+    # Where each piece of a long recording starts (seconds); one piece: [0.0].
+    chunks: list[float] = []
+    # Transcribe tasks done out of all (every chunk of every channel), for progress displays.
+    chunks_done: int = 0
+    chunks_total: int = 0
     language: str | None = None
     transcript_object: str | None = None
     failure: Failure | None = None
@@ -329,6 +336,10 @@ class Task(Contract, kw_only=True):
     # Object-store name prefix for what the task writes.
     output: ObjectName
     channel: int | None = None
+    # Where the task's piece of audio starts and ends in the recording (seconds): a transcribe
+    # task of a chunk reports times in the recording's, not the chunk's, clock.
+    offset: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    end: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     attempt: int = 1
 
@@ -344,8 +355,10 @@ class TaskEvent(Contract, kw_only=True):
     kind: TaskEventKind
     engine: Token
     outputs: list[ObjectName] = []
-    # Facts the orchestrator needs to build the rest of the DAG (channels, duration, language).
-    channels: int | None = None
+    # Facts the orchestrator needs to build the rest of the DAG (channels, chunks, duration,
+    # language).
+    channels: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
+    chunks: Annotated[list[Annotated[float, msgspec.Meta(ge=0.0)]], msgspec.Meta(max_length=10000)] | None = None
     duration: float | None = None
     language: str | None = None
     failure: Failure | None = None

@@ -1,4 +1,8 @@
-"""A job's DAG: prepare -> transcribe (one task per distinct channel) -> merge.
+"""A job's DAG: prepare -> transcribe (one task per chunk of each distinct channel) -> merge.
+
+A long recording comes out of prepare in chunks (`JobRecord.chunks`): every chunk is a task of
+its own, so every engine of the runtime can take one. Where the language is not given, the first
+chunk runs alone and the language it hears is given to the rest: one language for the job.
 
 Pure functions over a `JobRecord`: what happens when an event arrives and which tasks are ready.
 The orchestrator does the I/O; every decision about a job's progress is made here, so it can be
@@ -6,6 +10,8 @@ replayed after a crash with the same result.
 """
 
 from __future__ import annotations
+
+import msgspec
 
 from dalston.contracts import TERMINAL, Failure, JobRecord, Task, TaskEvent, TaskRecord, now
 
@@ -15,17 +21,18 @@ PREPARE_RUNTIME = "audio-prepare"
 MERGE_RUNTIME = "merge"
 
 
-def transcribe_key(channel: int) -> str:
-    return f"transcribe-{channel}"
+def transcribe_key(channel: int, chunk: int, chunks: int) -> str:
+    return f"transcribe-{channel}" if chunks == 1 else f"transcribe-{channel}-{chunk}"
 
 
 def task_id(job_id: str, key: str, attempt: int) -> str:
     return f"{job_id}-{key}-{attempt}"
 
 
-def _new_task(job: JobRecord, key: str, stage: str, runtime: str, channel: int | None = None) -> None:
+def _new_task(job: JobRecord, key: str, stage: str, runtime: str, channel: int | None = None,
+              chunk: int | None = None) -> None:
     job.tasks[key] = TaskRecord(id=task_id(job.id, key, 1), stage=stage, runtime=runtime,
-                                channel=channel, attempt=1)
+                                channel=channel, chunk=chunk, attempt=1)
 
 
 def start(job: JobRecord) -> None:
@@ -48,6 +55,7 @@ def apply_event(job: JobRecord, event: TaskEvent, max_attempts: int) -> bool:
         task.engine = event.engine
         if key == PREPARE:
             job.channels, job.duration = event.channels, event.duration
+            job.chunks = event.chunks or [0.0]
         elif event.language and not job.language:
             job.language = event.language
     else:
@@ -74,9 +82,14 @@ def advance(job: JobRecord) -> list[str]:
         return []
     prepare = job.tasks[PREPARE]
     if prepare.status == "completed" and not any(t.stage == "transcribe" for t in job.tasks.values()):
+        chunks = len(job.chunks) or 1
         for channel in range(job.channels or 1):
-            _new_task(job, transcribe_key(channel), "transcribe", job.runtime, channel)
+            for chunk in range(chunks):
+                _new_task(job, transcribe_key(channel, chunk, chunks), "transcribe", job.runtime,
+                          channel, chunk)
     transcribes = [t for t in job.tasks.values() if t.stage == "transcribe"]
+    job.chunks_total = len(transcribes)
+    job.chunks_done = sum(t.status == "completed" for t in transcribes)
     if transcribes and all(t.status == "completed" for t in transcribes) and MERGE not in job.tasks:
         _new_task(job, MERGE, "merge", MERGE_RUNTIME)
     merge = job.tasks.get(MERGE)
@@ -95,8 +108,16 @@ def advance(job: JobRecord) -> list[str]:
 
 
 def pending(job: JobRecord) -> list[str]:
-    """The keys of tasks that `advance` will queue."""
-    return [k for k, t in job.tasks.items() if t.status == "pending"]
+    """The keys of tasks that `advance` will queue: all that wait, but the chunks that wait for
+    the language the first chunk hears."""
+    return [k for k, t in job.tasks.items() if t.status == "pending" and not _awaits_language(job, t)]
+
+
+def _awaits_language(job: JobRecord, task: TaskRecord) -> bool:
+    if task.stage != "transcribe" or len(job.chunks) < 2 or job.options.language or job.language:
+        return False
+    first = job.tasks[transcribe_key(0, 0, len(job.chunks))]
+    return task is not first and first.status != "completed"
 
 
 def queued(job: JobRecord) -> list[str]:
@@ -131,19 +152,29 @@ def task_message(job: JobRecord, key: str) -> Task:
     """The message that asks an engine to run task `key` of `job`."""
     record = job.tasks[key]
     base = f"jobs/{job.id}"
+    chunks = len(job.chunks) or 1
+    options, offset, end = job.options, 0.0, None
     if record.stage == "prepare":
         inputs, output = [job.audio_object], f"{base}/prepared"
     elif record.stage == "transcribe":
-        inputs = [job.tasks[PREPARE].outputs[record.channel]]
-        output = f"{base}/transcribe/ch{record.channel}.json"
+        chunk = record.chunk or 0
+        inputs = [job.tasks[PREPARE].outputs[record.channel * chunks + chunk]]
+        output = f"{base}/transcribe/ch{record.channel}" + (f"-{chunk:05d}" if chunks > 1 else "") + ".json"
+        if chunks > 1:
+            offset = job.chunks[chunk]
+            end = job.chunks[chunk + 1] if chunk + 1 < chunks else job.duration
+            # The language the first chunk heard, for all; the prompt leads the recording only.
+            options = msgspec.structs.replace(
+                options, language=options.language or job.language,
+                prompt=options.prompt if chunk == 0 else None)
     else:
-        channels = sorted((t for t in job.tasks.values() if t.stage == "transcribe"),
-                          key=lambda t: t.channel)
-        inputs, output = [t.outputs[0] for t in channels], f"{base}/transcript.json"
+        parts = sorted((t for t in job.tasks.values() if t.stage == "transcribe"),
+                       key=lambda t: (t.channel, t.chunk or 0))
+        inputs, output = [t.outputs[0] for t in parts], f"{base}/transcript.json"
     transcribing = record.stage == "transcribe"
     return Task(
         id=record.id, job_id=job.id, stage=record.stage, runtime=record.runtime,
         model=job.model if record.stage != "prepare" else None,
         runtime_model_id=job.runtime_model_id if transcribing else None,
-        inputs=inputs, output=output, channel=record.channel, options=job.options,
-        attempt=record.attempt)
+        inputs=inputs, output=output, channel=record.channel, options=options,
+        offset=offset, end=end, attempt=record.attempt)

@@ -46,10 +46,28 @@ LANGUAGE_NAMES: dict[str, str] = {
 _json = msgspec.json.Encoder()
 
 
+def on_recording_clock(part: ChannelTranscript, offset: float, end: float | None) -> ChannelTranscript:
+    """A chunk's transcript with its times moved from the chunk's clock to the recording's, and
+    kept within the chunk (a decoder's last timestamp can overshoot the audio it was given)."""
+    if not offset and end is None:
+        return part
+    limit = end if end is not None else offset + part.duration
+
+    def moved(t: float) -> float:
+        return min(max(t + offset, offset), limit)
+
+    segments = [msgspec.structs.replace(
+        s, start=moved(s.start), end=moved(s.end),
+        words=[msgspec.structs.replace(w, start=moved(w.start), end=moved(w.end)) for w in s.words])
+        for s in part.segments]
+    return msgspec.structs.replace(part, segments=segments, duration=limit)
+
+
 def merge(job_id: str, model: str, parts: list[ChannelTranscript]) -> Transcript:
-    """One transcript from the channels' transcripts, segments interleaved by start time."""
+    """One transcript from the channels' transcripts (one per chunk of each channel, on the
+    recording's clock), segments interleaved by start time and numbered afresh."""
     parts = sorted(parts, key=lambda part: part.channel)
-    multichannel = len(parts) > 1
+    multichannel = len({part.channel for part in parts}) > 1
     tagged = [
         msgspec.structs.replace(segment, channel=part.channel if multichannel else None)
         for part in parts
@@ -67,7 +85,7 @@ def merge(job_id: str, model: str, parts: list[ChannelTranscript]) -> Transcript
         # Most common language; ties go to the lowest channel (Counter keeps first-seen order).
         language=languages.most_common(1)[0][0] if languages else None,
         duration=max((part.duration for part in parts), default=0.0),
-        channels=max(len(parts), 1),
+        channels=max(len({part.channel for part in parts}), 1),
         model=model,
         segments=segments,
     )

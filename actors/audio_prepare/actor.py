@@ -1,4 +1,5 @@
-"""audio-prepare runtime: any audio file in, 16 kHz mono float32 per distinct channel out."""
+"""audio-prepare runtime: any audio file in, 16 kHz mono float32 per distinct channel out, cut
+into chunks where the recording is long (DALSTON_CHUNK_SECONDS)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import tempfile
 from pathlib import Path
 
 from dalston.audio import InvalidAudio, decode
+from dalston.chunking import ByteRange, chunk_starts
 from dalston.contracts import Task
+from dalston.pcm import DTYPE, SAMPLE_RATE
 from dalston.sdk import Actor, TaskContext, TaskFailed, TaskResult
 
 
@@ -26,6 +29,13 @@ class AudioPrepareActor(Actor):
             except InvalidAudio as exc:
                 raise TaskFailed("invalid_audio", str(exc)) from None
             source.unlink()  # its disk space back before the channels are stored
-            outputs = [await ctx.write_file(f"{task.output}/ch{i}.f32", channel)
-                       for i, channel in enumerate(prepared.channels)]
-        return TaskResult(outputs=outputs, channels=len(outputs), duration=prepared.duration)
+            samples = round(prepared.duration * SAMPLE_RATE)
+            starts = chunk_starts(prepared.channels, samples, self.settings.chunk_seconds)
+            # Channel by channel, chunk by chunk: what the DAG expects of the outputs' order.
+            outputs = []
+            for c, channel in enumerate(prepared.channels):
+                for k, (start, end) in enumerate(zip(starts, [*starts[1:], samples])):
+                    with ByteRange(channel, start * DTYPE.itemsize, (end - start) * DTYPE.itemsize) as piece:
+                        outputs.append(await ctx.write(f"{task.output}/ch{c}/{k:05d}.f32", piece))
+        return TaskResult(outputs=outputs, channels=len(prepared.channels), duration=prepared.duration,
+                          chunks=[start / SAMPLE_RATE for start in starts])

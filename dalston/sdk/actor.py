@@ -18,6 +18,7 @@ import numpy as np
 
 from dalston.contracts import ChannelTranscript, FailureCode, Task, TranscribeOptions, encode
 from dalston.pcm import SampleBuffer
+from dalston.transcript import on_recording_clock
 
 if TYPE_CHECKING:
     from dalston.bus.connection import Bus
@@ -42,6 +43,7 @@ class TaskFailed(Exception):
 class TaskResult:
     outputs: list[str] = field(default_factory=list)
     channels: int | None = None
+    chunks: list[float] | None = None
     duration: float | None = None
     language: str | None = None
 
@@ -122,6 +124,7 @@ class ModelActor(Actor):
             raise TaskFailed("bad_task", "a transcribe task needs its prepared audio as input")
         audio = await ctx.read_audio(task.inputs[0])
         result = await asyncio.to_thread(self.transcribe, handle, audio, task.options, ctx.cancelled)
+        result = on_recording_clock(result, task.offset, task.end)
         result.channel = task.channel or 0
         result.model = task.model or ""
         name = await ctx.write(task.output, encode(result))

@@ -219,6 +219,7 @@ class Engine:
         if result is not None:
             event.outputs = result.outputs
             event.channels = result.channels
+            event.chunks = result.chunks
             event.duration = result.duration
             event.language = result.language
         await self._bus.publish(TASK_EVENT_SUBJECT.format(job_id=task.job_id), event,

@@ -195,7 +195,9 @@ class Orchestrator:
                            runtime_model_id=model.runtime_model_id, options=request.options,
                            audio_object=audio_object, filename=request.filename,
                            created_at=created, updated_at=now(), owner=request.owner,
-                           webhook_url=request.webhook_url)
+                           webhook_url=request.webhook_url,
+                           # A model of one language needs no detection: its chunks start at once.
+                           language=model.languages[0] if len(model.languages) == 1 else None)
         dag.start(record)
         return record
 
