@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from dalston.loopback import LoopbackStack, free_port, heartbeat, wait_ok  # noqa: F401 - for the tests
+from dalston.synthetic_speech import words  # noqa: F401 - for the tests
 from tests.audio_fixtures import AUDIO_DIR as AUDIO  # noqa: F401 - for the tests
 
 
@@ -19,9 +20,6 @@ class TestStack(LoopbackStack):
     __test__ = False  # a helper, not a test class
 
 
-def words(text: str) -> list[str]:
-    """Lower-case words without punctuation, for comparing transcripts."""
-    return "".join(c.lower() if c.isalnum() or c in " '" else " " for c in text).split()
 
 
 DIALOGUE_WORDS = words("That was hilarious, I can't believe you said that. "
