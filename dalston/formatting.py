@@ -37,9 +37,19 @@ def percent(completed: int, total: int | None) -> str:
 
 
 def stages(record: JobRecord) -> str:
-    """A job's tasks in DAG order, e.g. `prepare:completed transcribe-0:running(fw-a)`."""
-    return " ".join(f"{key}:{task.status}" + (f"({task.engine})" if task.status == "running" and task.engine else "")
-                    for key, task in record.tasks.items())
+    """A job's stages in DAG order, e.g. `prepare:completed transcribe:3/10(fw-a,fw-b)`:
+    a stage of one task shows its status, a stage of many (chunks, channels) how many are done,
+    and the engines running it."""
+    by_stage: dict[str, list] = {}
+    for task in record.tasks.values():
+        by_stage.setdefault(task.stage, []).append(task)
+    parts = []
+    for stage, tasks in by_stage.items():
+        engines = ",".join(sorted({t.engine for t in tasks if t.status == "running" and t.engine}))
+        done = sum(t.status == "completed" for t in tasks)
+        state = tasks[0].status if len(tasks) == 1 else f"{done}/{len(tasks)}"
+        parts.append(f"{stage}:{state}" + (f"({engines})" if engines else ""))
+    return " ".join(parts)
 
 
 def install_status(installed: bool, pull: PullProgress | None) -> str:

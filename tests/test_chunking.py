@@ -10,6 +10,7 @@ from faster_whisper import WhisperModel
 from dalston import dag
 from dalston.chunking import ByteRange, chunk_starts
 from dalston.contracts import ChannelTranscript, JobRecord, Segment, TaskEvent, TranscribeOptions, Word
+from dalston.formatting import stages
 from dalston.pcm import DTYPE, SAMPLE_RATE
 from dalston.synthetic_speech import lecture, word_error_rate
 from dalston.transcript import merge, on_recording_clock
@@ -146,3 +147,14 @@ async def test_a_long_recording_is_transcribed_in_chunks_on_both_engines(two_eng
                          compute_type="int8", cpu_threads=2)
     whole = " ".join(s.text for s in model.transcribe(str(audio), vad_filter=True)[0])
     assert word_error_rate(text, transcript["text"]) <= word_error_rate(text, whole) + 0.02
+
+
+def test_progress_shows_chunks_done_of_all():
+    job = chunked_job(language="en")
+    dag.advance(job)
+    complete(job, "transcribe-0-0")
+    dag.apply_event(job, TaskEvent(task_id=job.tasks["transcribe-0-1"].id, job_id="j", kind="started",
+                                   engine="fw-b"), 3)
+    dag.advance(job)
+    assert stages(job) == "prepare:completed transcribe:1/3(fw-b)"
+    assert (job.chunks_done, job.chunks_total) == (1, 3)
