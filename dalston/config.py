@@ -81,6 +81,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "auto"
     compute_type: str = "default"
     cpu_threads: int = 0
+    # Engines of each transcription runtime that `dalston up` starts (0: one per CPU core as
+    # memory allows, with one thread each per core; one on a machine with a GPU).
+    engines: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     max_loaded_models: int = 1
     # Seconds a model stays loaded after its last task ends (negative: forever, 0: unloaded at once).
     keep_alive: float = -1.0

@@ -167,3 +167,16 @@ def test_transcribe_starts_dalston_in_the_background_and_down_stops_it(tmp_path)
     finally:
         if (pid := lock.holder()) is not None:
             psutil.Process(pid).kill()
+
+
+def test_up_starts_one_single_threaded_engine_per_core_on_cpu(monkeypatch):
+    """The CPU default that bench/long_audio.py measured: engines x 1 thread, not 1 x cores."""
+    from dalston.config import load_settings
+    from dalston.services import up as up_module
+
+    monkeypatch.setattr(up_module.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(up_module.Path, "exists", lambda self: False)  # no GPU here
+    assert up_module.engine_layout(load_settings({})) == (4, 1)
+    assert up_module.engine_layout(load_settings({"DALSTON_CPU_THREADS": "2"})) == (4, None)
+    assert up_module.engine_layout(load_settings({"DALSTON_ENGINES": "1"})) == (1, None)
+    assert up_module.engine_layout(load_settings({"DALSTON_DEVICE": "cuda"})) == (1, None)

@@ -17,8 +17,10 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
+import psutil
 
 from dalston.bus.connection import connect
 from dalston.bus.credentials import ADMIN, home_passwords, service_environment
@@ -32,6 +34,22 @@ log = get_logger("dalston.up")
 PIPELINE_RUNTIMES = ("audio-prepare", "merge")
 DEFAULT_RUNTIMES = ("faster-whisper",)
 RESTART_DELAY = 2.0
+# What one CPU engine needs beside the others: the default model (base) and its buffers.
+ENGINE_MEMORY_BYTES = 1.5 * 2**30
+
+
+def engine_layout(settings: Settings) -> tuple[int, int | None]:
+    """How many engines of each transcription runtime to start, and their inference threads
+    (None: as configured). Measured on 2 cores (bench/long_audio.py): one engine per core with one
+    thread each beats one engine with every core, which gains nothing from a second thread; so on
+    a machine without a GPU, one engine per core, as memory allows. A GPU is one engine's."""
+    if settings.engines:
+        return settings.engines, None
+    if Path("/dev/nvidia0").exists() or settings.device == "cuda":
+        return 1, None
+    cores = os.cpu_count() or 1
+    engines = max(1, min(cores, int(psutil.virtual_memory().available // ENGINE_MEMORY_BYTES)))
+    return engines, None if settings.cpu_threads else max(1, cores // engines)
 
 
 @dataclass
@@ -82,15 +100,23 @@ class Stack:
             self.children.append(Child("webhooks", ["serve", "webhooks"],
                                        self._child_env(nats_url, "webhooks")))
         default = Catalog.from_settings(self.settings).model(self.settings.default_model)
-        for runtime in [*PIPELINE_RUNTIMES, *self.runtimes]:
-            # The engine that serves the default model pulls and loads it at start, so the
-            # first request does not wait for a download.
-            preload = {"DALSTON_PRELOAD_MODEL": default.id} if runtime == default.runtime else {}
-            self.children.append(Child(runtime, ["serve", "engine", runtime], self._child_env(
-                nats_url, "engine", DALSTON_RUNTIME=runtime, DALSTON_ENGINE_ID=f"{runtime}-{os.getpid()}",
-                **preload)))
+        engines, threads = engine_layout(self.settings)
+        for runtime in PIPELINE_RUNTIMES:
+            self._add_engine(nats_url, runtime, f"{runtime}-{os.getpid()}")
+        for runtime in self.runtimes:
+            for n in range(engines):
+                # Engines that serve the default model pull and load it at start, so the first
+                # request does not wait for a download.
+                extra = {"DALSTON_PRELOAD_MODEL": default.id} if runtime == default.runtime else {}
+                if threads:
+                    extra["DALSTON_CPU_THREADS"] = str(threads)
+                self._add_engine(nats_url, runtime, f"{runtime}-{os.getpid()}-{n}", **extra)
         for child in self.children:
             child.start()
+
+    def _add_engine(self, nats_url: str, runtime: str, engine_id: str, **extra: str) -> None:
+        self.children.append(Child(engine_id, ["serve", "engine", runtime], self._child_env(
+            nats_url, "engine", DALSTON_RUNTIME=runtime, DALSTON_ENGINE_ID=engine_id, **extra)))
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         url = f"http://{self.settings.http_host}:{self.settings.http_port}/readyz"
