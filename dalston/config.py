@@ -104,6 +104,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_timeout: float = 10.0
     # Allow webhook targets on loopback and private networks (tests, one trusted network).
     webhook_allow_private: bool = False
+    # Allow audio URLs (ElevenLabs' cloud_storage_url, source_url) on loopback and private
+    # networks: the gateway would otherwise fetch from inside the network it runs in.
+    fetch_allow_private: bool = False
+    # How long fetching an audio URL may take (seconds), the whole download.
+    fetch_timeout: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     # The gateway's address as webhook receivers reach it (transcript links); empty means
     # http://<http_host>:<http_port>.
     public_url: str = ""

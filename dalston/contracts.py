@@ -160,6 +160,35 @@ TaskStatus = Literal["pending", "queued", "running", "completed", "failed", "can
 Stage = Literal["prepare", "transcribe", "merge"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
+MAX_SPEAKERS = 32
+SpeakerCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_SPEAKERS)]
+
+
+class DiarizeOptions(Contract, kw_only=True):
+    """Who spoke when: how many speakers to find. Nothing set means the diarizer counts them;
+    `num_speakers` fixes the count, `min_speakers` and `max_speakers` bound it."""
+
+    num_speakers: SpeakerCount | None = None
+    min_speakers: SpeakerCount | None = None
+    max_speakers: SpeakerCount | None = None
+
+    def __post_init__(self) -> None:
+        # Raised here, msgspec reports it as a ValidationError of the message that carries it.
+        low, high = self.min_speakers or 1, self.max_speakers or MAX_SPEAKERS
+        if low > high:
+            raise ValueError(f"min_speakers ({low}) is more than max_speakers ({high})")
+        if self.num_speakers is not None and not low <= self.num_speakers <= high:
+            raise ValueError(f"num_speakers ({self.num_speakers}) is outside min_speakers..max_speakers "
+                             f"({low}..{high})")
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """The least and the most speakers the answer may have."""
+        if self.num_speakers is not None:
+            return self.num_speakers, self.num_speakers
+        return self.min_speakers or 1, self.max_speakers or MAX_SPEAKERS
+
+
 class TranscribeOptions(Contract, kw_only=True):
     """What the user asked of the transcription; travels unchanged to the engine."""
 
@@ -180,6 +209,8 @@ class TranscribeOptions(Contract, kw_only=True):
     vad_parameters: VadParameters | None = None
     # Each word's log-probability, where the runtime has them (OpenAI's include[]=logprobs).
     logprobs: bool = False
+    # Speaker diarization, where asked for (None: no speakers).
+    diarize: DiarizeOptions | None = None
 
 
 class VadParameters(Contract, kw_only=True):
@@ -436,6 +467,8 @@ class Transcript(Contract, kw_only=True):
     channels: int = 1
     model: str = ""
     segments: list[Segment] = []
+    # How sure the language detection was of `language` (None: not detected, or not reported).
+    language_probability: float | None = None
 
 
 # --- engines ---------------------------------------------------------------------------------

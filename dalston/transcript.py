@@ -79,11 +79,15 @@ def merge(job_id: str, model: str, parts: list[ChannelTranscript]) -> Transcript
         for i, segment in enumerate(sorted(tagged, key=lambda segment: segment.start))
     ]
     languages = Counter(part.language for part in parts if part.language)
+    # Most common language; ties go to the lowest channel (Counter keeps first-seen order).
+    language = languages.most_common(1)[0][0] if languages else None
     return Transcript(
         job_id=job_id,
         text=" ".join(text for segment in segments if (text := segment.text.strip())),
-        # Most common language; ties go to the lowest channel (Counter keeps first-seen order).
-        language=languages.most_common(1)[0][0] if languages else None,
+        language=language,
+        language_probability=max((part.language_probability for part in parts
+                                  if part.language == language and part.language_probability is not None),
+                                 default=None),
         duration=max((part.duration for part in parts), default=0.0),
         channels=max(len({part.channel for part in parts}), 1),
         model=model,

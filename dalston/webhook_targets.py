@@ -2,7 +2,8 @@
 network Dalston runs in: http(s) only, no credentials in it, and every address its host
 resolves to public, unless DALSTON_WEBHOOK_ALLOW_PRIVATE. Checked when a job is submitted and
 again at each delivery, which then connects to the very address it checked (a name that
-resolves elsewhere the second time, DNS rebinding, gains nothing)."""
+resolves elsewhere the second time, DNS rebinding, gains nothing). Audio URLs the gateway
+fetches (ElevenLabs' cloud_storage_url) are checked the same way, under their own setting."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ def is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def check_target(url: str, allow_private: bool) -> Target:
-    """`url` resolved and checked; RefusedTarget if it must not be called."""
+async def check_target(url: str, allow_private: bool,
+                       allow_setting: str = "DALSTON_WEBHOOK_ALLOW_PRIVATE") -> Target:
+    """`url` resolved and checked; RefusedTarget if it must not be called. `allow_setting`
+    names the setting that `allow_private` comes from."""
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -59,7 +62,7 @@ async def check_target(url: str, allow_private: bool) -> Target:
         if private:
             raise RefusedTarget(
                 f"its host {parts.hostname!r} is on a loopback, private or reserved address "
-                f"({', '.join(private)}); DALSTON_WEBHOOK_ALLOW_PRIVATE=true allows that")
+                f"({', '.join(private)}); {allow_setting}=true allows that")
     address = addresses[0]
     host = f"[{address}]" if ":" in address else address
     pinned = parts._replace(netloc=f"{host}:{port}", path=parts.path or "/", fragment="").geturl()

@@ -1,12 +1,13 @@
 """The Litestar app: `/v1/audio/transcriptions` and `/v1/audio/translations`
-(OpenAI-compatible), `/v1/jobs`, models, engines, health. Every route is a thin translation
+(OpenAI-compatible), `/v1/speech-to-text` (ElevenLabs-compatible, elevenlabs.py), `/v1/jobs`,
+models, engines, health. Every route is a thin translation
 between HTTP and NATS."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -24,28 +25,34 @@ from dalston.bus.consumers import consumer_state
 from dalston.catalog import Catalog, ModelSpec, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
-    FAILURE_STATUS,
     JOBS_STREAM,
     ORCHESTRATOR_JOBS_CONSUMER,
     TASKS_STREAM,
-    WEBHOOK_URL_MAX_CHARS,
     ContractError,
     JobRecord,
     TranscribeOptions,
     convert,
     encode,
-    is_webhook_url,
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
-from dalston.services.gateway.admission import Admission, Refused
-from dalston.services.gateway.auth import job_owner, require_key, visible_owner
+from dalston.services.gateway.admission import Admission
+from dalston.services.gateway.auth import require_key, visible_owner
+from dalston.services.gateway.elevenlabs import elevenlabs_api
 from dalston.services.gateway.form import BadForm, read_form
+from dalston.services.gateway.intake import (
+    ApiError,
+    Submission,
+    error_message,
+    finished,
+    jobs,
+    raise_for_failure,
+    submit,
+)
 from dalston.services.gateway.jobs import JobNotFound, JobService, new_job_id
 from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.transcript import FORMATS, render
-from dalston.webhook_targets import RefusedTarget, check_target
 
 log = get_logger("dalston.gateway")
 
@@ -56,34 +63,15 @@ SERVER_VAD_PARAMETERS = {"threshold": "threshold", "prefix_padding_ms": "speech_
                          "silence_duration_ms": "min_silence_duration_ms"}
 
 
-class ApiError(HTTPException):
-    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 retry_after: int | None = None):
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        super().__init__(status_code=status, detail=message, headers=headers)
-        self.code = code
-        self.param = param
-        self.retry_after = retry_after
-
-
 def _error_response(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
-    message = getattr(exc, "detail", "") or str(exc) or "internal error"
-    if status == 413:
-        message = (f"the upload is larger than the limit of "
-                   f"{request.app.state.settings.max_upload_mb:g} MB (DALSTON_MAX_UPLOAD_MB)")
+    message = error_message(request, exc)
     code = getattr(exc, "code", None)
     if status >= 500 and getattr(exc, "retry_after", None) is None:  # a refusal is no failure
         log.error("request failed", path=request.url.path, error=repr(exc))
     kind = "invalid_request_error" if status < 500 else "server_error"
     return Response({"error": {"message": message, "type": kind, "param": getattr(exc, "param", None),
                                "code": code}}, status_code=status, headers=getattr(exc, "headers", None))
-
-
-def _jobs(request: Request) -> JobService:
-    return request.app.state.jobs
 
 
 def _values(form, name: str) -> list[str]:
@@ -120,26 +108,7 @@ def _vad_parameters(form) -> dict[str, float] | None:
         raise ApiError(400, "chunking_strategy parameters must be numbers", param="chunking_strategy") from None
 
 
-async def checked_webhook_url(request: Request, url: str) -> str | None:
-    """A webhook URL fit to be called, or None for none; 400 for one Dalston will not call
-    (its host is checked again at each delivery)."""
-    if not url:
-        return None
-    settings: Settings = request.app.state.settings
-    if not settings.webhook_secret:
-        raise ApiError(400, "webhooks are off here: DALSTON_WEBHOOK_SECRET is not set", param="webhook_url")
-    if not is_webhook_url(url):
-        raise ApiError(400, f"webhook_url must be an http or https URL of at most "
-                            f"{WEBHOOK_URL_MAX_CHARS} characters", param="webhook_url")
-    try:
-        await check_target(url, settings.webhook_allow_private)
-    except RefusedTarget as exc:
-        raise ApiError(400, f"webhook_url refused: {exc}", param="webhook_url") from None
-    return url
-
-
-async def _read_request(request: Request, task: str | None = None,
-                        ) -> tuple[UploadFile, str, TranscribeOptions, dict[str, Any]]:
+async def _read_request(request: Request, task: str | None = None) -> Submission:
     """The form of a transcription or translation (`task`; None: the form's `task` field)."""
     try:
         form = await read_form(request)
@@ -191,47 +160,13 @@ async def _read_request(request: Request, task: str | None = None,
     upload.file.seek(0)
     if size == 0:
         raise ApiError(400, "the uploaded file is empty", code="invalid_audio", param="file")
-    return upload, model.id, options, {"response_format": response_format, "words": "word" in granularities,
-                                       "webhook_url": str(form.get("webhook_url") or "")}
+    return Submission(upload, model.id, options, webhook_url=str(form.get("webhook_url") or ""),
+                      shape={"response_format": response_format, "words": "word" in granularities})
 
 
-def _raise_for_failure(record: JobRecord) -> None:
-    if record.status == "completed":
-        return
-    failure = record.failure
-    code = failure.code if failure else "internal"
-    message = failure.message if failure else f"job ended {record.status}"
-    raise ApiError(FAILURE_STATUS[code], message, code=code)
-
-
-async def _submit(request: Request, job_id: str, task: str | None = None,
-                  ) -> tuple[str, TranscribeOptions, dict[str, Any]]:
-    """Admit job `job_id`, receive its upload and publish it; its model, options and response
-    shape. `task` is transcribe or translate (None: the form's `task` field).
-
-    Refused before a byte of the upload is read when DALSTON_MAX_QUEUED_JOBS jobs are
-    unfinished (429) or DALSTON_MAX_CONCURRENT_UPLOADS uploads are being received (503), both
-    with Retry-After."""
-    admission: Admission = request.app.state.admission
-    metrics: GatewayMetrics = request.app.state.metrics
-    try:
-        admission.reserve(job_id)
-        try:
-            async with admission.receiving():
-                upload, model, options, shape = await _read_request(request, task)
-                try:
-                    webhook_url = await checked_webhook_url(request, shape["webhook_url"])
-                    await _jobs(request).submit(job_id, upload.file, upload.filename, model, options,
-                                                job_owner(request), webhook_url=webhook_url)
-                finally:
-                    await upload.close()
-        except BaseException:
-            admission.release(job_id)
-            raise
-    except Refused as exc:
-        metrics.refused(exc.code)
-        raise ApiError(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after) from None
-    return model, options, shape
+def _openai_form(task: str | None = None) -> Callable[[Request], Awaitable[Submission]]:
+    """Reads the OpenAI form of `task` (None: the form's `task` field)."""
+    return lambda request: _read_request(request, task)
 
 
 @post("/v1/audio/transcriptions", status_code=200, summary="Transcribe audio (OpenAI-compatible)")
@@ -247,19 +182,12 @@ async def create_translation(request: Request) -> Response:
 
 async def _answer(request: Request, task: str) -> Response:
     """Run the job and answer with its result in the response_format asked for."""
-    settings: Settings = request.app.state.settings
     job_id = new_job_id()
-    async with _jobs(request).following(job_id) as ended:
-        _, options, shape = await _submit(request, job_id, task)
-        try:
-            await asyncio.wait_for(ended.wait(), settings.request_timeout)
-        except TimeoutError:
-            raise ApiError(504, f"transcription did not finish within {settings.request_timeout:g} s "
-                                "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
-    record = await _jobs(request).get(job_id, job_owner(request))
-    _raise_for_failure(record)
-    transcript = await _jobs(request).transcript(record)
-    body, media_type = render(transcript, shape["response_format"], words=shape["words"],
+    async with jobs(request).following(job_id) as ended:
+        submission = await submit(request, job_id, _openai_form(task))
+        transcript = await finished(request, job_id, ended)
+    options = submission.options
+    body, media_type = render(transcript, submission.shape["response_format"], words=submission.shape["words"],
                               task=options.task, logprobs=options.logprobs)
     return Response(body, media_type=media_type)
 
@@ -267,13 +195,13 @@ async def _answer(request: Request, task: str) -> Response:
 @post("/v1/jobs", status_code=HTTP_202_ACCEPTED, summary="Submit a transcription job")
 async def submit_job(request: Request) -> dict[str, Any]:
     job_id = new_job_id()
-    model, _, _ = await _submit(request, job_id)
-    return {"id": job_id, "status": "queued", "model": model}
+    submission = await submit(request, job_id, _openai_form())
+    return {"id": job_id, "status": "queued", "model": submission.model}
 
 
 async def _record(request: Request, job_id: str) -> JobRecord:
     try:
-        return await _jobs(request).get(job_id, visible_owner(request))
+        return await jobs(request).get(job_id, visible_owner(request))
     except JobNotFound as exc:
         raise NotFoundException(str(exc)) from None
 
@@ -285,13 +213,13 @@ async def get_job(request: Request, job_id: str) -> JobRecord:
 
 @get("/v1/jobs", summary="Recent jobs, newest first")
 async def list_jobs(request: Request, limit: int = 50) -> dict[str, Any]:
-    return {"object": "list", "data": await _jobs(request).list(visible_owner(request), limit)}
+    return {"object": "list", "data": await jobs(request).list(visible_owner(request), limit)}
 
 
 @delete("/v1/jobs/{job_id:str}", status_code=HTTP_202_ACCEPTED, summary="Cancel a job")
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     try:
-        await _jobs(request).cancel(job_id, visible_owner(request))
+        await jobs(request).cancel(job_id, visible_owner(request))
     except JobNotFound as exc:
         raise NotFoundException(str(exc)) from None
     return {"id": job_id, "status": "cancelling"}
@@ -304,8 +232,8 @@ async def get_transcript(request: Request, job_id: str, format: str = "json") ->
     record = await _record(request, job_id)
     if record.status not in ("completed", "failed", "cancelled"):
         raise ApiError(409, f"job {job_id} is {record.status}; the transcript is not ready", code="not_ready")
-    _raise_for_failure(record)
-    body, media_type = render(await _jobs(request).transcript(record), format, words=True,
+    raise_for_failure(record)
+    body, media_type = render(await jobs(request).transcript(record), format, words=True,
                               task=record.options.task, logprobs=record.options.logprobs)
     return Response(body, media_type=media_type)
 
@@ -436,7 +364,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[create_transcription, create_translation, submit_job, get_job, list_jobs, cancel_job,
                         get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
-                        metrics, healthz, readyz],
+                        metrics, healthz, readyz, elevenlabs_api],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
         guards=[require_key],

@@ -1,0 +1,137 @@
+"""Taking in a job over HTTP, whichever API's form it came in (OpenAI's, ElevenLabs'): its place
+among the unfinished jobs, an upload slot while its audio is received, the webhook check, and
+its publication. Each API reads its own form into a `Submission`; the rest is the same."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from litestar import Request
+from litestar.datastructures import UploadFile
+from litestar.exceptions import HTTPException
+
+from dalston.config import Settings
+from dalston.contracts import (
+    FAILURE_STATUS,
+    WEBHOOK_URL_MAX_CHARS,
+    JobRecord,
+    TranscribeOptions,
+    Transcript,
+    is_webhook_url,
+)
+from dalston.services.gateway.admission import Admission, Refused
+from dalston.services.gateway.auth import job_owner
+from dalston.services.gateway.jobs import JobService
+from dalston.services.gateway.metrics import GatewayMetrics
+from dalston.webhook_targets import RefusedTarget, check_target
+
+
+class ApiError(HTTPException):
+    """An error with what each API's error shape needs: a code, the parameter at fault, and
+    when to try again."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None):
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+
+def error_message(request: Request, exc: Exception) -> str:
+    """What an error answer says: its detail, or for a 413 the limit the upload passed."""
+    if getattr(exc, "status_code", 500) == 413:
+        return (f"the upload is larger than the limit of "
+                f"{request.app.state.settings.max_upload_mb:g} MB (DALSTON_MAX_UPLOAD_MB)")
+    return getattr(exc, "detail", "") or str(exc) or "internal error"
+
+
+@dataclass
+class Submission:
+    """A job read from a request: its audio (spooled, closed once published), model, options,
+    the webhook URL asked for (unchecked; empty: none) and how to shape the answer."""
+
+    upload: UploadFile
+    model: str
+    options: TranscribeOptions
+    webhook_url: str = ""
+    shape: dict[str, Any] = field(default_factory=dict)
+
+
+def jobs(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+async def checked_webhook_url(request: Request, url: str) -> str | None:
+    """A webhook URL fit to be called, or None for none; 400 for one Dalston will not call
+    (its host is checked again at each delivery)."""
+    if not url:
+        return None
+    settings: Settings = request.app.state.settings
+    if not settings.webhook_secret:
+        raise ApiError(400, "webhooks are off here: DALSTON_WEBHOOK_SECRET is not set", param="webhook_url")
+    if not is_webhook_url(url):
+        raise ApiError(400, f"webhook_url must be an http or https URL of at most "
+                            f"{WEBHOOK_URL_MAX_CHARS} characters", param="webhook_url")
+    try:
+        await check_target(url, settings.webhook_allow_private)
+    except RefusedTarget as exc:
+        raise ApiError(400, f"webhook_url refused: {exc}", param="webhook_url") from None
+    return url
+
+
+async def submit(request: Request, job_id: str, read: Callable[[Request], Awaitable[Submission]]) -> Submission:
+    """Admit job `job_id`, receive its audio (`read` reads the request) and publish it.
+
+    Refused before a byte of the upload is read when DALSTON_MAX_QUEUED_JOBS jobs are
+    unfinished (429) or DALSTON_MAX_CONCURRENT_UPLOADS uploads are being received (503), both
+    with Retry-After."""
+    admission: Admission = request.app.state.admission
+    metrics: GatewayMetrics = request.app.state.metrics
+    try:
+        admission.reserve(job_id)
+        try:
+            async with admission.receiving():
+                submission = await read(request)
+                try:
+                    webhook_url = await checked_webhook_url(request, submission.webhook_url)
+                    await jobs(request).submit(job_id, submission.upload.file, submission.upload.filename or "",
+                                               submission.model, submission.options, job_owner(request),
+                                               webhook_url=webhook_url)
+                finally:
+                    await submission.upload.close()
+        except BaseException:
+            admission.release(job_id)
+            raise
+    except Refused as exc:
+        metrics.refused(exc.code)
+        raise ApiError(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after) from None
+    return submission
+
+
+async def finished(request: Request, job_id: str, ended: asyncio.Event) -> Transcript:
+    """The transcript of job `job_id` once `ended` (JobService.following) is set; 504 past
+    DALSTON_REQUEST_TIMEOUT, and the job's failure as an ApiError."""
+    settings: Settings = request.app.state.settings
+    try:
+        await asyncio.wait_for(ended.wait(), settings.request_timeout)
+    except TimeoutError:
+        raise ApiError(504, f"transcription did not finish within {settings.request_timeout:g} s "
+                            "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
+    record = await jobs(request).get(job_id, job_owner(request))
+    raise_for_failure(record)
+    return await jobs(request).transcript(record)
+
+
+def raise_for_failure(record: JobRecord) -> None:
+    """ApiError for a job that did not complete, with its failure's code and status."""
+    if record.status == "completed":
+        return
+    failure = record.failure
+    code = failure.code if failure else "internal"
+    message = failure.message if failure else f"job ended {record.status}"
+    raise ApiError(FAILURE_STATUS[code], message, code=code)
