@@ -11,6 +11,8 @@ import time
 import httpx
 import openai
 import pytest
+from elevenlabs import ElevenLabs
+from elevenlabs.core.api_error import ApiError as ElevenLabsError
 
 from dalston.config import load_settings
 from dalston.services.gateway.auth import auth_required
@@ -264,3 +266,16 @@ def test_the_openai_endpoint_transcribes_as_the_key_that_asks(owners, name):
     assert [(job["owner"], job["filename"]) for job in new.values()] == [(name, "dialogue.wav")]
     other = client["bob" if name == "alice" else "alice"]
     assert not set(new) & set(listed(other))
+
+
+def test_elevenlabs_client_sends_its_api_key(gateway, keys):
+    def fetch(key: str) -> ElevenLabsError:
+        client = ElevenLabs(base_url=gateway.url, api_key=key, timeout=30)
+        with pytest.raises(ElevenLabsError) as refused:
+            client.speech_to_text.transcripts.get("0" * 32)
+        return refused.value
+
+    # ElevenLabs' error shape on its routes; past the key, the transcript is simply not there.
+    wrong = fetch("dsk_not-a-real-key")
+    assert wrong.status_code == 401 and wrong.body["detail"]["status"] == "invalid_api_key"
+    assert fetch(keys["user"]).status_code == 404

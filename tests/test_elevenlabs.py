@@ -52,10 +52,12 @@ def test_dialogue_comes_back_with_word_timestamps(client):
     assert result.transcription_id and result.audio_duration_secs == pytest.approx(5.6, abs=0.2)
 
 
-def test_character_timings_and_additional_formats(client):
+def test_character_timings_keyterms_and_additional_formats(stack, client):
     result = convert(client, AUDIO / "speaker1.wav", model_id="faster-whisper-tiny.en",
-                     timestamps_granularity="character", language_code="eng",
+                     timestamps_granularity="character", language_code="eng", keyterms=["hilarious"],
                      additional_formats=[{"format": "srt"}, {"format": "txt"}, {"format": "segmented_json"}])
+    options = httpx.get(f"{stack.url}/v1/jobs/{result.transcription_id}").json()["options"]
+    assert (options["language"], options["hotwords"]) == ("en", "hilarious")
     word = next(w for w in result.words if w.type == "word")
     assert "".join(c.text for c in word.characters) == word.text
     assert word.characters[0].start == word.start and word.characters[-1].end == pytest.approx(word.end, abs=0.002)

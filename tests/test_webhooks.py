@@ -213,3 +213,23 @@ def test_the_secret_is_required_and_checked():
     with pytest.raises(ConfigError, match="DALSTON_WEBHOOK_SECRET"):
         signer(load_settings({"DALSTON_WEBHOOK_SECRET": "whsec_"}))
     assert signer(load_settings({"DALSTON_WEBHOOK_SECRET": SECRET}))
+
+
+async def test_an_elevenlabs_webhook_request_is_reported_to_its_webhook_url(stack, hooks):
+    receiver = Receiver()
+    try:
+        with open(AUDIO / "speaker1.wav", "rb") as audio:
+            response = httpx.post(f"{hooks}/v1/speech-to-text", files={"file": audio},
+                                  data={"model_id": "scribe_v1", "webhook": "true", "webhook_url": receiver.url})
+        assert response.status_code == 200, response.text
+        transcription_id = response.json()["transcription_id"]
+
+        async def accepted():
+            return receiver.accepted()
+        await wait_for(accepted, 120)
+        data = Webhook(SECRET).verify(receiver.accepted()[0].body, receiver.accepted()[0].headers)["data"]
+        assert (data["job_id"], data["status"]) == (transcription_id, "completed")
+        result = httpx.get(f"{hooks}/v1/speech-to-text/transcripts/{transcription_id}").json()
+        assert words(result["text"]) == words("That was hilarious, I can't believe you said that.")
+    finally:
+        receiver.close()

@@ -1,7 +1,6 @@
 """The Litestar app: `/v1/audio/transcriptions` and `/v1/audio/translations`
 (OpenAI-compatible), `/v1/speech-to-text` (ElevenLabs-compatible, elevenlabs.py), `/v1/jobs`,
-models, engines, health. Every route is a thin translation
-between HTTP and NATS."""
+models, engines, health. Every route is a thin translation between HTTP and NATS."""
 
 from __future__ import annotations
 
