@@ -174,13 +174,15 @@ def test_audio_fetched_from_a_url(fetching_gateway, audio_server):
     assert spoken(result) == SPEAKER2
 
 
-@pytest.mark.parametrize(("name", "status"), [("dialogue.wav", 413), ("missing.wav", 400)])
-def test_a_url_too_large_or_missing_is_refused(fetching_gateway, audio_server, name, status):
+@pytest.mark.parametrize(("name", "status", "says"), [("dialogue.wav", 413, "larger than"),
+                                                     ("missing.wav", 400, "answered 404"),
+                                                     ("invalid", 400, "redirect")])  # to invalid/
+def test_a_url_too_large_missing_or_redirected_is_refused(fetching_gateway, audio_server, name, status, says):
     response = httpx.post(f"{fetching_gateway}/v1/speech-to-text",
                           data={"model_id": "scribe_v1", "source_url": f"{audio_server}/{name}"},
                           files={"unused": ("", b"")})
     assert response.status_code == status, response.text
-    assert response.json()["detail"]["message"]
+    assert says in response.json()["detail"]["message"]
 
 
 def test_loopback_urls_are_refused_by_default(client, audio_server):
