@@ -3,9 +3,10 @@
 import tempfile
 from pathlib import Path
 
-from bench import latency, memory, models
+from bench import diarization, latency, memory, models
 
-BENCHMARKS = {"latency": latency.run, "models": models.run, "memory": memory.run}
+BENCHMARKS = {"latency": latency.run, "models": models.run, "memory": memory.run,
+              "diarization": diarization.run}
 
 if __name__ == "__main__":
     for name, run in BENCHMARKS.items():
