@@ -157,8 +157,38 @@ def now() -> float:
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 TaskStatus = Literal["pending", "queued", "running", "completed", "failed", "cancelled"]
-Stage = Literal["prepare", "transcribe", "merge"]
+Stage = Literal["prepare", "transcribe", "merge", "diarize"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+# The most speakers a diarization is asked to tell apart.
+MAX_SPEAKERS = 32
+SpeakerCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_SPEAKERS)]
+
+
+class DiarizeOptions(Contract, kw_only=True):
+    """Who spoke when: how many speakers to find. Nothing set means the diarizer counts them;
+    `num_speakers` fixes the count, `min_speakers` and `max_speakers` bound it."""
+
+    num_speakers: SpeakerCount | None = None
+    min_speakers: SpeakerCount | None = None
+    max_speakers: SpeakerCount | None = None
+
+    def __post_init__(self) -> None:
+        # Raised here, msgspec reports it as a ValidationError of the message that carries it.
+        low, high = self.min_speakers or 1, self.max_speakers or MAX_SPEAKERS
+        if low > high:
+            raise ValueError(f"min_speakers ({low}) is more than max_speakers ({high})")
+        if self.num_speakers is not None and not low <= self.num_speakers <= high:
+            raise ValueError(f"num_speakers ({self.num_speakers}) is outside min_speakers..max_speakers "
+                             f"({low}..{high})")
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """The least and the most speakers the answer may have."""
+        if self.num_speakers is not None:
+            return self.num_speakers, self.num_speakers
+        return self.min_speakers or 1, self.max_speakers or MAX_SPEAKERS
+
 
 class TranscribeOptions(Contract, kw_only=True):
     """What the user asked of the transcription; travels unchanged to the engine."""
@@ -180,6 +210,8 @@ class TranscribeOptions(Contract, kw_only=True):
     vad_parameters: VadParameters | None = None
     # Each word's log-probability, where the runtime has them (OpenAI's include[]=logprobs).
     logprobs: bool = False
+    # Speaker diarization, where asked for (None: no speakers).
+    diarize: DiarizeOptions | None = None
 
 
 class VadParameters(Contract, kw_only=True):
@@ -398,6 +430,7 @@ class Word(Contract, kw_only=True):
     probability: float = 1.0
     # log(probability), set where the runtime has it and TranscribeOptions.logprobs asked.
     logprob: float | None = None
+    speaker: str | None = None
 
 
 class Segment(Contract, kw_only=True):
@@ -412,6 +445,7 @@ class Segment(Contract, kw_only=True):
     temperature: float | None = None
     compression_ratio: float | None = None
     tokens: list[int] = []
+    speaker: str | None = None
 
 
 class ChannelTranscript(Contract, kw_only=True):
@@ -436,6 +470,26 @@ class Transcript(Contract, kw_only=True):
     channels: int = 1
     model: str = ""
     segments: list[Segment] = []
+
+
+class SpeakerTurn(Contract, kw_only=True):
+    """One stretch of time (seconds) in which one speaker talks."""
+
+    start: float
+    end: float
+    speaker: str
+
+
+class Diarization(Contract, kw_only=True):
+    """A diarize task's output: who spoke when in one channel's audio. Speakers are labelled
+    `SPEAKER_0`, `SPEAKER_1`, ... in the order they first speak; turns are in time order and
+    do not overlap."""
+
+    channel: int = 0
+    duration: float = 0.0
+    speakers: list[str] = []
+    turns: list[SpeakerTurn] = []
+    model: str = ""
 
 
 # --- engines ---------------------------------------------------------------------------------
@@ -516,7 +570,7 @@ PULL_ENDED: tuple[str, ...] = ("installed", "failed")
 
 SCHEMA_TYPES: tuple[type[Contract], ...] = (
     JobRequest, CancelRequest, JobEvent, JobRecord, Task, TaskEvent, Transcript, Heartbeat,
-    DeadLetter, PullRequest, PullProgress,
+    DeadLetter, PullRequest, PullProgress, Diarization,
 )
 
 
