@@ -310,6 +310,14 @@ class TaskRecord(Contract, kw_only=True):
     finished_at: float | None = None
 
 
+class ModelRef(Contract, kw_only=True):
+    """A model a stage of a job runs on, as the catalog resolved it."""
+
+    model: ModelId
+    runtime: Token
+    runtime_model_id: RuntimeModelId
+
+
 class JobRecord(Contract, kw_only=True):
     """A job's state, in the `jobs` key-value bucket (key = job id)."""
 
@@ -318,6 +326,8 @@ class JobRecord(Contract, kw_only=True):
     model: str
     runtime: str
     runtime_model_id: str
+    # The diarization model, where the request asked who spoke (options.diarize).
+    diarizer: ModelRef | None = None
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     audio_object: str
     filename: str = ""
@@ -368,6 +378,8 @@ class Task(Contract, kw_only=True):
     # Object-store name prefix for what the task writes.
     output: ObjectName
     channel: int | None = None
+    # A merge task's diarizations (one per channel), whose speakers it lays onto the words.
+    speakers: list[ObjectName] = []
     # Where the task's piece of audio starts and ends in the recording (seconds): a transcribe
     # task of a chunk reports times in the recording's, not the chunk's, clock.
     offset: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0

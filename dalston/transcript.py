@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-from dalston.contracts import ChannelTranscript, Segment, Transcript
+from dalston.contracts import ChannelTranscript, Diarization, Segment, Transcript
+from dalston.speakers import assign_speakers
 
 # response_format -> media type of the body.
 FORMATS: dict[str, str] = {
@@ -67,16 +69,24 @@ def on_recording_clock(part: ChannelTranscript, offset: float, end: float | None
     return msgspec.structs.replace(part, segments=segments, duration=limit)
 
 
-def merge(job_id: str, model: str, parts: list[ChannelTranscript]) -> Transcript:
+def merge(job_id: str, model: str, parts: list[ChannelTranscript],
+          diarizations: Sequence[Diarization] = ()) -> Transcript:
     """One transcript from the channels' transcripts (one per chunk of each channel, on the
-    recording's clock), segments interleaved by start time and numbered afresh."""
+    recording's clock), segments interleaved by start time and numbered afresh. Where a channel
+    was diarized, each word gets its speaker and segments split where the speaker changes; the
+    speakers of a recording of several channels are named per channel (`CH1_SPEAKER_0`)."""
     parts = sorted(parts, key=lambda part: part.channel)
     multichannel = len({part.channel for part in parts}) > 1
-    tagged = [
-        msgspec.structs.replace(segment, channel=part.channel if multichannel else None)
-        for part in parts
-        for segment in part.segments
-    ]
+    turns = {d.channel: d.turns for d in diarizations}
+    tagged: list[Segment] = []
+    for channel in sorted({part.channel for part in parts}):
+        segments = sorted((s for part in parts if part.channel == channel for s in part.segments),
+                          key=lambda segment: segment.start)
+        if channel in turns:
+            named = [msgspec.structs.replace(t, speaker=f"CH{channel}_{t.speaker}") for t in turns[channel]] \
+                if multichannel else turns[channel]
+            segments = assign_speakers(segments, named)
+        tagged += [msgspec.structs.replace(s, channel=channel if multichannel else None) for s in segments]
     # sorted() is stable: segments starting together keep channel order.
     segments = [
         msgspec.structs.replace(segment, id=i)

@@ -28,7 +28,7 @@ from dalston.contracts import (
     encode,
     task_subject,
 )
-from dalston.pcm import SAMPLE_RATE, to_bytes
+from dalston.pcm import DTYPE, SAMPLE_RATE
 from dalston.pull import pull
 from dalston.sdk import TaskFailed
 from dalston.speakers import assign_speakers
@@ -133,7 +133,7 @@ async def live(bus, *engines: str) -> None:
 async def run_task(bus, audio: np.ndarray, options: TranscribeOptions, on_started=None) -> list[TaskEvent]:
     """Store prepared audio, publish a diarize task for it, and collect its events until it ends."""
     job_id = uuid.uuid4().hex
-    audio_object = await bus.artifacts.put(f"{job_id}/audio-0.f32", to_bytes(audio))
+    audio_object = await bus.artifacts.put(f"{job_id}/audio-0.f32", audio.astype(DTYPE).tobytes())
     events = await bus.js.subscribe(f"events.task.{job_id}")
     task = Task(id=f"{job_id}-diarize-0-1", job_id=job_id, stage="diarize", runtime="diarize", model=MODEL,
                 runtime_model_id=MODEL, inputs=[audio_object], output=f"{job_id}/diarization-0.json",

@@ -14,7 +14,7 @@ import numpy as np
 from actors.diarize.ge2e import WEIGHTS, Ge2eDiarizer
 from actors.torch_actor import TorchActor
 from dalston.contracts import Diarization, DiarizeOptions, SpeakerTurn, Task, encode
-from dalston.pcm import SAMPLE_RATE, from_bytes
+from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import TaskContext, TaskFailed, TaskResult
 
 # What a pyannote pipeline's folder holds (actors.diarize.pyannote_pipeline imports the optional
@@ -51,7 +51,8 @@ class DiarizeActor(TorchActor):
     async def run(self, task: Task, ctx: TaskContext, handle: Diarizer) -> TaskResult:
         if not task.inputs:
             raise TaskFailed("bad_task", "a diarize task needs its prepared audio as input")
-        audio = from_bytes(await ctx.read(task.inputs[0]))
+        # A channel's chunks, end to end: who spoke is a question about the whole recording.
+        audio = np.concatenate([await ctx.read_audio(name) for name in task.inputs])
         options = task.options.diarize or DiarizeOptions()
         speakers, turns = await asyncio.to_thread(handle.diarize, audio, options, ctx.cancelled)
         result = Diarization(channel=task.channel or 0, duration=len(audio) / SAMPLE_RATE,
