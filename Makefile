@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make up` runs Dalston with its default model, `make test`
-# runs the test suite. Both create .venv on first use; the tests add the test and NeMo extras.
+# runs the test suite. Both create .venv on first use; the tests add the test, NeMo and diarize extras.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.created
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
-	$(PIP) -e '.[test,nemo]'
+	$(PIP) -e '.[test,nemo,diarize]'
 	touch $@ $(VENV)/.installed
 
 up: $(VENV)/.installed

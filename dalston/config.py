@@ -42,6 +42,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A catalog folder (runtimes/ and models/) to use instead of the bundled one.
     catalog_dir: str = ""
     default_model: str = "faster-whisper-base"
+    # The model that tells speakers apart where a request asks who spoke.
+    diarize_model: str = "resemblyzer-ge2e"
     max_upload_mb: float = 1024.0
     # Longer audio is refused as invalid_audio (a small file can decode to hours: 4 h is
     # 0.9 GB of prepared audio a channel).

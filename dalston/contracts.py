@@ -157,9 +157,10 @@ def now() -> float:
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 TaskStatus = Literal["pending", "queued", "running", "completed", "failed", "cancelled"]
-Stage = Literal["prepare", "transcribe", "merge"]
+Stage = Literal["prepare", "transcribe", "merge", "diarize"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
+# The most speakers a diarization is asked to tell apart.
 MAX_SPEAKERS = 32
 SpeakerCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_SPEAKERS)]
 
@@ -309,6 +310,14 @@ class TaskRecord(Contract, kw_only=True):
     finished_at: float | None = None
 
 
+class ModelRef(Contract, kw_only=True):
+    """A model a stage of a job runs on, as the catalog resolved it."""
+
+    model: ModelId
+    runtime: Token
+    runtime_model_id: RuntimeModelId
+
+
 class JobRecord(Contract, kw_only=True):
     """A job's state, in the `jobs` key-value bucket (key = job id)."""
 
@@ -317,6 +326,8 @@ class JobRecord(Contract, kw_only=True):
     model: str
     runtime: str
     runtime_model_id: str
+    # The diarization model, where the request asked who spoke (options.diarize).
+    diarizer: ModelRef | None = None
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     audio_object: str
     filename: str = ""
@@ -367,6 +378,8 @@ class Task(Contract, kw_only=True):
     # Object-store name prefix for what the task writes.
     output: ObjectName
     channel: int | None = None
+    # A merge task's diarizations (one per channel), whose speakers it lays onto the words.
+    speakers: list[ObjectName] = []
     # Where the task's piece of audio starts and ends in the recording (seconds): a transcribe
     # task of a chunk reports times in the recording's, not the chunk's, clock.
     offset: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
@@ -429,6 +442,7 @@ class Word(Contract, kw_only=True):
     probability: float = 1.0
     # log(probability), set where the runtime has it and TranscribeOptions.logprobs asked.
     logprob: float | None = None
+    speaker: str | None = None
 
 
 class Segment(Contract, kw_only=True):
@@ -443,6 +457,7 @@ class Segment(Contract, kw_only=True):
     temperature: float | None = None
     compression_ratio: float | None = None
     tokens: list[int] = []
+    speaker: str | None = None
 
 
 class ChannelTranscript(Contract, kw_only=True):
@@ -469,6 +484,26 @@ class Transcript(Contract, kw_only=True):
     segments: list[Segment] = []
     # How sure the language detection was of `language` (None: not detected, or not reported).
     language_probability: float | None = None
+
+
+class SpeakerTurn(Contract, kw_only=True):
+    """One stretch of time (seconds) in which one speaker talks."""
+
+    start: float
+    end: float
+    speaker: str
+
+
+class Diarization(Contract, kw_only=True):
+    """A diarize task's output: who spoke when in one channel's audio. Speakers are labelled
+    `SPEAKER_0`, `SPEAKER_1`, ... in the order they first speak; turns are in time order and
+    do not overlap."""
+
+    channel: int = 0
+    duration: float = 0.0
+    speakers: list[str] = []
+    turns: list[SpeakerTurn] = []
+    model: str = ""
 
 
 # --- engines ---------------------------------------------------------------------------------
@@ -549,7 +584,7 @@ PULL_ENDED: tuple[str, ...] = ("installed", "failed")
 
 SCHEMA_TYPES: tuple[type[Contract], ...] = (
     JobRequest, CancelRequest, JobEvent, JobRecord, Task, TaskEvent, Transcript, Heartbeat,
-    DeadLetter, PullRequest, PullProgress,
+    DeadLetter, PullRequest, PullProgress, Diarization,
 )
 
 

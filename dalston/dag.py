@@ -1,4 +1,5 @@
-"""A job's DAG: prepare -> transcribe (one task per chunk of each distinct channel) -> merge.
+"""A job's DAG: prepare -> transcribe (one task per chunk of each distinct channel), beside
+diarize (one per channel) where the request asks who spoke -> merge.
 
 A long recording comes out of prepare in chunks (`JobRecord.chunks`): every chunk is a task of
 its own, so every engine of the runtime can take one. Where the language is not given, the first
@@ -11,6 +12,9 @@ replayed after a crash with the same result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import msgspec
 
 from dalston.contracts import TERMINAL, Failure, JobRecord, Task, TaskEvent, TaskRecord, now
@@ -21,8 +25,36 @@ PREPARE_RUNTIME = "audio-prepare"
 MERGE_RUNTIME = "merge"
 
 
+@dataclass(frozen=True)
+class AudioStage:
+    """A stage that works on the prepared audio, side by side with the others, when the request
+    wants it; merge waits for them all. Another stage (alignment, redaction) is one more of
+    these and its runtime."""
+
+    stage: str
+    wanted: Callable[[JobRecord], bool]
+    # The model it runs on: (public id, runtime, runtime model id).
+    model: Callable[[JobRecord], tuple[str, str, str]]
+    # One task per chunk of each channel (else one per channel, given all its chunks).
+    per_chunk: bool
+
+
+AUDIO_STAGES = (
+    AudioStage("transcribe", lambda job: True,
+               lambda job: (job.model, job.runtime, job.runtime_model_id), per_chunk=True),
+    AudioStage("diarize", lambda job: job.diarizer is not None,
+               lambda job: (job.diarizer.model, job.diarizer.runtime, job.diarizer.runtime_model_id),
+               per_chunk=False),
+)
+_STAGES = {stage.stage: stage for stage in AUDIO_STAGES}
+
+
 def transcribe_key(channel: int, chunk: int, chunks: int) -> str:
     return f"transcribe-{channel}" if chunks == 1 else f"transcribe-{channel}-{chunk}"
+
+
+def _key(stage: AudioStage, channel: int, chunk: int, chunks: int) -> str:
+    return transcribe_key(channel, chunk, chunks) if stage.stage == "transcribe" else f"{stage.stage}-{channel}"
 
 
 def task_id(job_id: str, key: str, attempt: int) -> str:
@@ -81,16 +113,18 @@ def advance(job: JobRecord) -> list[str]:
         finish(job, "failed", failed.failure)
         return []
     prepare = job.tasks[PREPARE]
-    if prepare.status == "completed" and not any(t.stage == "transcribe" for t in job.tasks.values()):
+    if prepare.status == "completed" and not any(t.stage in _STAGES for t in job.tasks.values()):
         chunks = len(job.chunks) or 1
-        for channel in range(job.channels or 1):
-            for chunk in range(chunks):
-                _new_task(job, transcribe_key(channel, chunk, chunks), "transcribe", job.runtime,
-                          channel, chunk)
-    transcribes = [t for t in job.tasks.values() if t.stage == "transcribe"]
+        for stage in (stage for stage in AUDIO_STAGES if stage.wanted(job)):
+            for channel in range(job.channels or 1):
+                for chunk in range(chunks if stage.per_chunk else 1):
+                    _new_task(job, _key(stage, channel, chunk, chunks), stage.stage,
+                              stage.model(job)[1], channel, chunk if stage.per_chunk else None)
+    on_audio = [t for t in job.tasks.values() if t.stage in _STAGES]
+    transcribes = [t for t in on_audio if t.stage == "transcribe"]
     job.chunks_total = len(transcribes)
     job.chunks_done = sum(t.status == "completed" for t in transcribes)
-    if transcribes and all(t.status == "completed" for t in transcribes) and MERGE not in job.tasks:
+    if on_audio and all(t.status == "completed" for t in on_audio) and MERGE not in job.tasks:
         _new_task(job, MERGE, "merge", MERGE_RUNTIME)
     merge = job.tasks.get(MERGE)
     if merge is not None and merge.status == "completed":
@@ -153,12 +187,14 @@ def task_message(job: JobRecord, key: str) -> Task:
     record = job.tasks[key]
     base = f"jobs/{job.id}"
     chunks = len(job.chunks) or 1
-    options, offset, end = job.options, 0.0, None
+    prepared = job.tasks[PREPARE].outputs
+    options, offset, end, speakers = job.options, 0.0, None, []
+    model = runtime_model_id = None
     if record.stage == "prepare":
         inputs, output = [job.audio_object], f"{base}/prepared"
     elif record.stage == "transcribe":
         chunk = record.chunk or 0
-        inputs = [job.tasks[PREPARE].outputs[record.channel * chunks + chunk]]
+        inputs = [prepared[record.channel * chunks + chunk]]
         output = f"{base}/transcribe/ch{record.channel}" + (f"-{chunk:05d}" if chunks > 1 else "") + ".json"
         if chunks > 1:
             offset = job.chunks[chunk]
@@ -167,14 +203,21 @@ def task_message(job: JobRecord, key: str) -> Task:
             options = msgspec.structs.replace(
                 options, language=options.language or job.language,
                 prompt=options.prompt if chunk == 0 else None)
+        if job.diarizer is not None:  # speakers are laid onto words
+            options = msgspec.structs.replace(options, word_timestamps=True)
+    elif record.stage in _STAGES:  # a stage given a channel's whole audio (diarize)
+        inputs = prepared[record.channel * chunks:(record.channel + 1) * chunks]
+        output = f"{base}/{record.stage}/ch{record.channel}.json"
     else:
-        parts = sorted((t for t in job.tasks.values() if t.stage == "transcribe"),
-                       key=lambda t: (t.channel, t.chunk or 0))
-        inputs, output = [t.outputs[0] for t in parts], f"{base}/transcript.json"
-    transcribing = record.stage == "transcribe"
+        def outputs(stage: str) -> list[str]:
+            parts = sorted((t for t in job.tasks.values() if t.stage == stage),
+                           key=lambda t: (t.channel, t.chunk or 0))
+            return [t.outputs[0] for t in parts]
+        inputs, speakers, output = outputs("transcribe"), outputs("diarize"), f"{base}/transcript.json"
+        model = job.model
+    if record.stage in _STAGES:
+        model, _, runtime_model_id = _STAGES[record.stage].model(job)
     return Task(
-        id=record.id, job_id=job.id, stage=record.stage, runtime=record.runtime,
-        model=job.model if record.stage != "prepare" else None,
-        runtime_model_id=job.runtime_model_id if transcribing else None,
-        inputs=inputs, output=output, channel=record.channel, options=options,
-        offset=offset, end=end, attempt=record.attempt)
+        id=record.id, job_id=job.id, stage=record.stage, runtime=record.runtime, model=model,
+        runtime_model_id=runtime_model_id, inputs=inputs, output=output, channel=record.channel,
+        options=options, speakers=speakers, offset=offset, end=end, attempt=record.attempt)

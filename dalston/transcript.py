@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-from dalston.contracts import ChannelTranscript, Segment, Transcript
+from dalston.contracts import ChannelTranscript, Diarization, Segment, Transcript
+from dalston.speakers import assign_speakers
 
 # response_format -> media type of the body.
 FORMATS: dict[str, str] = {
@@ -17,6 +19,7 @@ FORMATS: dict[str, str] = {
     "srt": "application/x-subrip; charset=utf-8",
     "vtt": "text/vtt; charset=utf-8",
     "verbose_json": "application/json",
+    "diarized_json": "application/json",
 }
 
 # Whisper's language codes -> the names OpenAI's verbose_json reports.
@@ -45,6 +48,9 @@ LANGUAGE_NAMES: dict[str, str] = {
 
 _json = msgspec.json.Encoder()
 
+# The speaker of a segment no diarization covered, where a format demands one.
+UNKNOWN_SPEAKER = "unknown"
+
 
 def on_recording_clock(part: ChannelTranscript, offset: float, end: float | None) -> ChannelTranscript:
     """A chunk's transcript with its times moved from the chunk's clock to the recording's, and
@@ -63,16 +69,24 @@ def on_recording_clock(part: ChannelTranscript, offset: float, end: float | None
     return msgspec.structs.replace(part, segments=segments, duration=limit)
 
 
-def merge(job_id: str, model: str, parts: list[ChannelTranscript]) -> Transcript:
+def merge(job_id: str, model: str, parts: list[ChannelTranscript],
+          diarizations: Sequence[Diarization] = ()) -> Transcript:
     """One transcript from the channels' transcripts (one per chunk of each channel, on the
-    recording's clock), segments interleaved by start time and numbered afresh."""
+    recording's clock), segments interleaved by start time and numbered afresh. Where a channel
+    was diarized, each word gets its speaker and segments split where the speaker changes; the
+    speakers of a recording of several channels are named per channel (`CH1_SPEAKER_0`)."""
     parts = sorted(parts, key=lambda part: part.channel)
     multichannel = len({part.channel for part in parts}) > 1
-    tagged = [
-        msgspec.structs.replace(segment, channel=part.channel if multichannel else None)
-        for part in parts
-        for segment in part.segments
-    ]
+    turns = {d.channel: d.turns for d in diarizations}
+    tagged: list[Segment] = []
+    for channel in sorted({part.channel for part in parts}):
+        segments = sorted((s for part in parts if part.channel == channel for s in part.segments),
+                          key=lambda segment: segment.start)
+        if channel in turns:
+            named = [msgspec.structs.replace(t, speaker=f"CH{channel}_{t.speaker}") for t in turns[channel]] \
+                if multichannel else turns[channel]
+            segments = assign_speakers(segments, named)
+        tagged += [msgspec.structs.replace(s, channel=channel if multichannel else None) for s in segments]
     # sorted() is stable: segments starting together keep channel order.
     segments = [
         msgspec.structs.replace(segment, id=i)
@@ -114,17 +128,19 @@ def render(
         body: str | bytes = _json.encode(result)
     elif fmt == "text":
         # OpenAI ends its plain-text response with a newline.
-        body = transcript.text + "\n"
+        body = (_speaker_lines(transcript) if _has_speakers(transcript) else transcript.text) + "\n"
     elif fmt == "srt":
         body = "".join(
-            f"{n}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{text}\n\n"
+            f"{n}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{_prefixed(s, text)}\n\n"
             for n, (s, text) in enumerate(_cues(transcript), start=1)
         )
     elif fmt == "vtt":
         body = "WEBVTT\n\n" + "".join(
-            f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{text}\n\n"
+            f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{_voiced(s, text)}\n\n"
             for s, text in _cues(transcript)
         )
+    elif fmt == "diarized_json":
+        body = _json.encode(_diarized(transcript))
     else:
         result = _verbose(transcript, words=words, segments=segments, task=task)
         if logprobs:
@@ -161,7 +177,7 @@ def _verbose(transcript: Transcript, *, words: bool, segments: bool, task: str) 
     if words:
         all_words = sorted((w for s in transcript.segments for w in s.words),
                            key=lambda w: w.start)
-        result["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end}
+        result["words"] = [_with_speaker({"word": w.word.strip(), "start": w.start, "end": w.end}, w.speaker)
                            for w in all_words]
     return result
 
@@ -184,7 +200,53 @@ def _verbose_segment(segment: Segment) -> dict[str, Any]:
     # Dalston's addition for multi-channel audio; OpenAI clients ignore unknown fields.
     if segment.channel is not None:
         result["channel"] = segment.channel
-    return result
+    return _with_speaker(result, segment.speaker)
+
+
+def _with_speaker(item: dict[str, Any], speaker: str | None) -> dict[str, Any]:
+    # Dalston's addition where the job was diarized; absent otherwise, as in OpenAI's shape.
+    if speaker is not None:
+        item["speaker"] = speaker
+    return item
+
+
+def _diarized(transcript: Transcript) -> dict[str, Any]:
+    """OpenAI's TranscriptionDiarized shape (`gpt-4o-transcribe-diarize`)."""
+    return {
+        "task": "transcribe",
+        "duration": transcript.duration,
+        "text": transcript.text,
+        "segments": [
+            {"type": "transcript.text.segment", "id": f"seg_{s.id}", "start": s.start, "end": s.end,
+             "text": text, "speaker": s.speaker or UNKNOWN_SPEAKER}
+            for s, text in _cues(transcript)
+        ],
+        "usage": {"type": "duration", "seconds": transcript.duration},
+    }
+
+
+def _has_speakers(transcript: Transcript) -> bool:
+    return any(s.speaker is not None for s in transcript.segments)
+
+
+def _speaker_lines(transcript: Transcript) -> str:
+    """One line per turn, `SPEAKER: text`: consecutive segments of one speaker joined."""
+    lines: list[tuple[str | None, list[str]]] = []
+    for segment, text in _cues(transcript):
+        if lines and lines[-1][0] == segment.speaker:
+            lines[-1][1].append(text)
+        else:
+            lines.append((segment.speaker, [text]))
+    return "\n".join(f"{speaker or UNKNOWN_SPEAKER}: {' '.join(texts)}" for speaker, texts in lines)
+
+
+def _prefixed(segment: Segment, text: str) -> str:
+    return f"{segment.speaker}: {text}" if segment.speaker is not None else text
+
+
+def _voiced(segment: Segment, text: str) -> str:
+    # WebVTT's voice span; a speaker label never holds `>`, which would end the tag.
+    return f"<v {segment.speaker}>{text}" if segment.speaker is not None else text
 
 
 def _cues(transcript: Transcript) -> list[tuple[Segment, str]]:

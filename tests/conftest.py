@@ -21,8 +21,10 @@ def store(tmp_path: Path) -> ModelStore:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """One running Dalston (NATS, gateway, orchestrator, prepare, merge, two faster-whisper
-    engines) shared by the end-to-end tests."""
+    engines and a diarize engine) shared by the end-to-end tests."""
     system = TestStack.running(tmp_path_factory.mktemp("stack"), "fw-a", "fw-b")
+    system.start_engine("diarize", "dz")  # who spoke, where a request asks
+    system.wait_engines("dz")
     yield system
     system.close()
 

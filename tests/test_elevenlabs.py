@@ -80,7 +80,6 @@ def test_multichannel_gives_one_transcript_per_channel(client):
     assert {w.channel_index for w in result.transcripts[1].words} == {1}
 
 
-@pytest.mark.xfail(strict=True, reason="diarize stage lands with the diarization runtime")
 def test_diarized_dialogue_has_two_speakers(client):
     result = convert(client, diarize=True, num_speakers=2)
     speakers = [w.speaker_id for w in result.words if w.type == "word"]

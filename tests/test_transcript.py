@@ -137,6 +137,8 @@ def test_empty_transcript_renders(fmt):
     elif fmt == "verbose_json":
         verbose = TranscriptionVerbose.model_validate_json(body)
         assert verbose.segments == [] and verbose.words == [] and verbose.duration == 3.0
+    elif fmt == "diarized_json":
+        assert json.loads(body)["segments"] == []
     else:
         assert body == {"text": "\n", "srt": "", "vtt": "WEBVTT\n\n"}[fmt]
 
@@ -145,3 +147,55 @@ def test_unknown_format_lists_valid_ones(stereo):
     with pytest.raises(ValueError, match="verbose_json") as caught:
         render(stereo, "docx")
     assert "'docx'" in str(caught.value)
+
+
+# --- speakers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def diarized() -> Transcript:
+    return Transcript(job_id="j", text="That was hilarious. What do you mean? Really serious.", duration=5.6,
+                      language="en", segments=[
+                          _segment(0.0, 2.4, " That was hilarious.", id=0, speaker="SPEAKER_0",
+                                   words=[Word(start=0.0, end=0.4, word=" That", speaker="SPEAKER_0")]),
+                          _segment(2.9, 3.7, " What do you mean?", id=1, speaker="SPEAKER_1"),
+                          _segment(3.9, 5.6, " Really serious.", id=2, speaker="SPEAKER_1")])
+
+
+def test_diarized_json_is_openai_transcription_diarized(diarized):
+    from openai.types.audio import TranscriptionDiarized
+
+    body, media_type = render(diarized, "diarized_json")
+    result = TranscriptionDiarized.model_validate_json(body)
+    assert media_type == "application/json" and result.text == diarized.text and result.duration == 5.6
+    assert [(s.id, s.speaker, s.text, s.start, s.end, s.type) for s in result.segments] == [
+        ("seg_0", "SPEAKER_0", "That was hilarious.", 0.0, 2.4, "transcript.text.segment"),
+        ("seg_1", "SPEAKER_1", "What do you mean?", 2.9, 3.7, "transcript.text.segment"),
+        ("seg_2", "SPEAKER_1", "Really serious.", 3.9, 5.6, "transcript.text.segment")]
+    assert json.loads(body)["usage"] == {"type": "duration", "seconds": 5.6}
+
+
+def test_diarized_json_without_speakers_says_unknown(stereo):
+    result = json.loads(render(stereo, "diarized_json")[0])
+    assert {s["speaker"] for s in result["segments"]} == {"unknown"}
+
+
+def test_verbose_json_words_and_segments_carry_speakers(diarized, stereo):
+    body, _ = render(diarized, "verbose_json", words=True)
+    TranscriptionVerbose.model_validate_json(body)
+    result = json.loads(body)
+    assert [s["speaker"] for s in result["segments"]] == ["SPEAKER_0", "SPEAKER_1", "SPEAKER_1"]
+    assert result["words"] == [{"word": "That", "start": 0.0, "end": 0.4, "speaker": "SPEAKER_0"}]
+    plain = json.loads(render(stereo, "verbose_json", words=True)[0])
+    assert all("speaker" not in item for item in plain["segments"] + plain["words"])
+
+
+def test_subtitles_and_text_name_the_speaker(diarized):
+    vtt, _ = render(diarized, "vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:02.400\n<v SPEAKER_0>That was hilarious.\n\n"
+                          "00:00:02.900 --> 00:00:03.700\n<v SPEAKER_1>What do you mean?\n\n")
+    srt, _ = render(diarized, "srt")
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:02,400\nSPEAKER_0: That was hilarious.\n\n")
+    # Consecutive segments of one speaker are one line of text.
+    assert render(diarized, "text")[0] == (
+        "SPEAKER_0: That was hilarious.\nSPEAKER_1: What do you mean? Really serious.\n")

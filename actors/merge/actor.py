@@ -1,8 +1,8 @@
-"""merge runtime: per-channel results in, one transcript out."""
+"""merge runtime: per-channel results (and who spoke, where diarized) in, one transcript out."""
 
 from __future__ import annotations
 
-from dalston.contracts import ChannelTranscript, Task, encode
+from dalston.contracts import ChannelTranscript, Diarization, Task, encode
 from dalston.sdk import Actor, TaskContext, TaskResult
 from dalston.transcript import merge
 
@@ -12,6 +12,7 @@ class MergeActor(Actor):
 
     async def handle(self, task: Task, ctx: TaskContext) -> TaskResult:
         parts = [await ctx.read_struct(name, ChannelTranscript) for name in task.inputs]
-        transcript = merge(task.job_id, task.model or "", parts)
+        diarizations = [await ctx.read_struct(name, Diarization) for name in task.speakers]
+        transcript = merge(task.job_id, task.model or "", parts, diarizations)
         name = await ctx.write(task.output, encode(transcript))
         return TaskResult(outputs=[name], duration=transcript.duration, language=transcript.language)

@@ -14,11 +14,12 @@ import torch
 from nemo.collections.asr.models import ASRModel
 from nemo.utils import logging as nemo_logging
 
+from actors.torch_actor import TorchActor
 from dalston.catalog import Catalog, CatalogError
 from dalston.config import Settings
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
 from dalston.pcm import SAMPLE_RATE
-from dalston.sdk import ModelActor, TaskCancelled, TaskFailed
+from dalston.sdk import TaskCancelled, TaskFailed
 
 # Audio goes to the model in windows of the runtime's `chunk_seconds` (its catalog entry), so
 # memory stays bounded on long files and a cancelled job stops within one window.
@@ -33,7 +34,7 @@ MIN_SAMPLES = SAMPLE_RATE // 10
 nemo_logging.setLevel(logging.WARNING)
 
 
-class NemoActor(ModelActor):
+class NemoActor(TorchActor):
     runtime = "nemo"
 
     def __init__(self, settings: Settings) -> None:
@@ -42,15 +43,6 @@ class NemoActor(ModelActor):
         if self.chunk_seconds is None or self.chunk_seconds <= CUT_SEARCH_SECONDS:
             raise CatalogError(f"runtime {self.runtime!r}: chunk_seconds must be set, and more than the "
                                f"{CUT_SEARCH_SECONDS} s searched for a quiet cut")
-        if settings.cpu_threads > 0:
-            torch.set_num_threads(settings.cpu_threads)
-
-    @property
-    def device(self) -> str:
-        wanted = self.settings.device
-        if wanted == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return wanted
 
     def load(self, runtime_model_id: str, path: Path) -> ASRModel:
         try:

@@ -28,6 +28,7 @@ from dalston.contracts import (
     JobEvent,
     JobRecord,
     JobRequest,
+    ModelRef,
     TaskEvent,
     decode,
     now,
@@ -182,6 +183,17 @@ class Orchestrator:
                 message=f"{model.id} cannot translate (an English-only model, or a runtime "
                         "without a translate task); pick a multilingual Whisper such as "
                         "faster-whisper-base"))
+        diarizer = None
+        if request.options.diarize is not None:
+            if not model.capabilities.word_timestamps:
+                return self._rejected(request, created, Failure(
+                    code="bad_task", message=f"{model.id} gives no word times, which diarization "
+                                             "needs to give each word its speaker"))
+            try:
+                spec = self.catalog.model(self.settings.diarize_model)
+            except UnknownModel as exc:
+                return self._rejected(request, created, Failure(code="unknown_model", message=str(exc)))
+            diarizer = ModelRef(model=spec.id, runtime=spec.runtime, runtime_model_id=spec.runtime_model_id)
         audio_object = request.audio_object or f"jobs/{request.id}/audio"
         if request.audio is not None:
             await self._bus.artifacts.put(audio_object, request.audio)
@@ -192,7 +204,8 @@ class Orchestrator:
             return self._rejected(request, created, Failure(
                 code="no_audio", message=f"audio object {audio_object!r} is not in the object store"))
         record = JobRecord(id=request.id, model=model.id, runtime=model.runtime,
-                           runtime_model_id=model.runtime_model_id, options=request.options,
+                           runtime_model_id=model.runtime_model_id, diarizer=diarizer,
+                           options=request.options,
                            audio_object=audio_object, filename=request.filename,
                            created_at=created, updated_at=now(), owner=request.owner,
                            webhook_url=request.webhook_url,

@@ -55,6 +55,7 @@ from dalston.transcript import FORMATS, render
 
 log = get_logger("dalston.gateway")
 
+SPEAKER_FIELDS = ("num_speakers", "min_speakers", "max_speakers")
 TIMESTAMP_GRANULARITIES = ("segment", "word")
 INCLUDES = ("logprobs",)
 # OpenAI's server_vad chunking parameters -> the VAD's own (TranscribeOptions.vad_parameters).
@@ -107,6 +108,23 @@ def _vad_parameters(form) -> dict[str, float] | None:
         raise ApiError(400, "chunking_strategy parameters must be numbers", param="chunking_strategy") from None
 
 
+def _diarize_options(form, response_format: str, model: ModelSpec) -> dict[str, int] | None:
+    """Who spoke: asked by `diarize=true` (or a speaker count, or response_format=diarized_json),
+    with `num_speakers`, or `min_speakers` and `max_speakers`; None when not asked."""
+    counts = {name: str(form.get(name)) for name in SPEAKER_FIELDS if str(form.get(name) or "")}
+    asked = str(form.get("diarize") or "").lower() in ("true", "1", "yes")
+    if not (asked or counts or response_format == "diarized_json"):
+        return None
+    if not model.capabilities.word_timestamps:
+        raise ApiError(400, f"{model.id} gives no word times, which diarization needs to give each "
+                            "word its speaker; pick a Whisper model", param="diarize")
+    try:
+        return {name: int(value) for name, value in counts.items()}
+    except ValueError:
+        bad = next(name for name, value in counts.items() if not value.lstrip("-").isdigit())
+        raise ApiError(400, f"{bad} must be a whole number from 1 to 32", param=bad) from None
+
+
 async def _read_request(request: Request, task: str | None = None) -> Submission:
     """The form of a transcription or translation (`task`; None: the form's `task` field)."""
     try:
@@ -149,10 +167,12 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
                            "temperature": temperature, "word_timestamps": "word" in granularities,
                            "task": task or str(form.get("task") or "transcribe"),
                            "hotwords": ", ".join(keywords) or None,
-                           "vad_parameters": _vad_parameters(form), "logprobs": "logprobs" in include},
+                           "vad_parameters": _vad_parameters(form), "logprobs": "logprobs" in include,
+                           "diarize": _diarize_options(form, response_format, model)},
                           TranscribeOptions)
     except ContractError as exc:
-        raise ApiError(400, f"invalid {exc.field}: {str(exc).split(': ', 1)[-1]}", param=exc.field) from None
+        param = exc.field and exc.field.rsplit(".", 1)[-1]  # diarize.num_speakers: the form's name
+        raise ApiError(400, f"invalid {param}: {str(exc).split(': ', 1)[-1]}", param=param) from None
     # The upload is already spooled (up to 1 MB in memory, the rest in a temporary file):
     # measuring it is cheap.
     size = upload.file.seek(0, 2)

@@ -1,0 +1,118 @@
+"""Diarization with the GE2E speaker encoder (Resemblyzer): speech regions from Silero VAD,
+embeddings pooled over pieces of them, clustering, then turn boundaries placed by windows.
+
+The constants were chosen by measurement on `bench/diarization.py`'s conversations (two and
+three espeak-ng voices, which are far more alike than real people) and on the real
+`dialogue.wav`; see that benchmark for DER and speed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+from faster_whisper.vad import VadOptions, get_speech_timestamps
+from resemblyzer import VoiceEncoder
+
+from actors.diarize.clustering import Piece, absorb_islands, best_split, cluster, join
+from dalston.contracts import DiarizeOptions, SpeakerTurn
+from dalston.pcm import SAMPLE_RATE
+from dalston.sdk import TaskCancelled
+from dalston.speakers import labelled_turns
+
+WEIGHTS = "pretrained.pt"
+# Speech regions: a pause this long ends one (turns often change at short pauses).
+VAD = VadOptions(min_silence_duration_ms=150, speech_pad_ms=30, min_speech_duration_ms=100)
+# Regions are cut into equal pieces of at most this long, each embedded as a whole: long enough
+# to pool many windows, short enough that a turn change without a pause shows.
+PIECE_SECONDS = 5.0
+# Pieces shorter than this are not clustered (their embeddings are mostly padding), only
+# given the nearest speaker.
+RELIABLE_SECONDS = 1.0
+# Clusters less alike than this (cosine, average linkage) are different speakers...
+THRESHOLD = 0.86
+# ... unless one holds less than this share of the speech: on long synthetic conversations
+# one voice's turns sometimes fall apart into a large cluster and a small one (up to 9% of
+# the speech), while every real speaker there held a quarter or more.
+MIN_SHARE = 0.12
+# Windows per second for pooled piece embeddings (1.6 s windows: 1.25/s overlaps them by
+# half), and for placing a boundary between pieces of different speakers.
+EMBED_RATE = 1.25
+BOUNDARY_RATE = 4.0
+# One speaker's pieces this close together are one turn; a piece shorter than MIN_TURN
+# between two of another speaker's is theirs.
+BRIDGE_SECONDS = 1.0
+MIN_TURN_SECONDS = 1.0
+
+
+class Ge2eDiarizer:
+    """A loaded GE2E encoder and the pipeline around it."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        self.encoder = VoiceEncoder(device, verbose=False, weights_fpath=path / WEIGHTS)
+        # The first call compiles librosa's and torch's kernels (seconds): part of loading.
+        self.encoder.embed_utterance(np.zeros(SAMPLE_RATE, dtype=np.float32))
+
+    def unload(self) -> None:
+        self.encoder.to("meta")
+
+    def diarize(self, audio: np.ndarray, options: DiarizeOptions,
+                cancelled: threading.Event) -> tuple[list[str], list[SpeakerTurn]]:
+        pieces = _pieces(speech_regions(audio))
+        if not pieces:
+            return [], []
+        embeddings = []
+        for piece in pieces:
+            if cancelled.is_set():
+                raise TaskCancelled()
+            embeddings.append(self._embed(audio, piece.start, piece.end))
+        durations = np.array([p.duration for p in pieces])
+        found = cluster(np.array(embeddings), durations, durations >= RELIABLE_SECONDS,
+                        threshold=THRESHOLD, min_share=MIN_SHARE, bounds=options.bounds)
+        labels = absorb_islands(pieces, found.labels.tolist(), bridge=BRIDGE_SECONDS, min_turn=MIN_TURN_SECONDS)
+        pieces = self._place_boundaries(audio, pieces, labels, found.centroids, cancelled)
+        return labelled_turns(join(pieces, labels, bridge=BRIDGE_SECONDS))
+
+    def _embed(self, audio: np.ndarray, start: float, end: float) -> np.ndarray:
+        return self.encoder.embed_utterance(audio[_sample(start):_sample(end)], rate=EMBED_RATE)
+
+    def _place_boundaries(self, audio: np.ndarray, pieces: list[Piece], labels: list[int],
+                          centroids: np.ndarray, cancelled: threading.Event) -> list[Piece]:
+        """Where two neighbouring pieces of one region go to different speakers, the turn
+        changes somewhere around their cut: moved to where windows say it is."""
+        pieces = list(pieces)
+        for i in range(1, len(pieces)):
+            first, second = pieces[i - 1], pieces[i]
+            if first.region != second.region or labels[i - 1] == labels[i]:
+                continue
+            if cancelled.is_set():
+                raise TaskCancelled()
+            span = audio[_sample(first.start):_sample(second.end)]
+            _, windows, slices = self.encoder.embed_utterance(span, return_partials=True, rate=BOUNDARY_RATE)
+            times = np.array([first.start + (s.start + min(s.stop, len(span))) / 2 / SAMPLE_RATE for s in slices])
+            margins = windows @ centroids[labels[i - 1]] - windows @ centroids[labels[i]]
+            cut = best_split(times, margins)
+            if cut is not None:
+                pieces[i - 1] = Piece(first.start, cut, first.region)
+                pieces[i] = Piece(cut, second.end, second.region)
+        return pieces
+
+
+def speech_regions(audio: np.ndarray) -> list[tuple[float, float]]:
+    """(start, end) seconds of speech, by Silero VAD (the copy faster-whisper ships)."""
+    return [(r["start"] / SAMPLE_RATE, r["end"] / SAMPLE_RATE) for r in get_speech_timestamps(audio, VAD)]
+
+
+def _pieces(regions: list[tuple[float, float]]) -> list[Piece]:
+    pieces = []
+    for number, (start, end) in enumerate(regions):
+        count = max(1, math.ceil((end - start) / PIECE_SECONDS))
+        edges = np.linspace(start, end, count + 1)
+        pieces += [Piece(float(a), float(b), number) for a, b in zip(edges, edges[1:])]
+    return pieces
+
+
+def _sample(seconds: float) -> int:
+    return int(round(seconds * SAMPLE_RATE))

@@ -1,0 +1,191 @@
+"""The diarize runtime with the real GE2E encoder (Resemblyzer's weights, pulled into the store
+from inside its package): real speech, conversations of espeak-ng voices scored by DER, and an
+engine running `diarize` tasks straight off NATS, killed mid-task."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import threading
+import uuid
+
+import numpy as np
+import pytest
+from faster_whisper.audio import decode_audio
+
+from actors.diarize.actor import DiarizeActor
+from bench.conversations import THREE_VOICES, TWO_VOICES, conversation, der
+from dalston.catalog import Catalog
+from dalston.config import load_settings
+from dalston.contracts import (
+    Diarization,
+    DiarizeOptions,
+    Segment,
+    Task,
+    TaskEvent,
+    TranscribeOptions,
+    decode,
+    encode,
+    task_subject,
+)
+from dalston.pcm import DTYPE, SAMPLE_RATE
+from dalston.pull import pull
+from dalston.sdk import TaskFailed
+from dalston.speakers import assign_speakers
+from dalston.store import ModelStore
+from tests.stack import AUDIO, TestStack, heartbeat, wait_for
+
+MODEL = "resemblyzer-ge2e"
+MAX_DER = 0.15
+
+
+@pytest.fixture(scope="module")
+def ge2e(tmp_path_factory):
+    catalog = Catalog.load()
+    store = ModelStore(tmp_path_factory.mktemp("models"))
+    path = pull(catalog.model(MODEL), catalog.runtime("diarize"), store)
+    assert (path / "pretrained.pt").stat().st_size == catalog.model(MODEL).size_bytes
+    actor = DiarizeActor(load_settings({}))
+    handle = actor.load(MODEL, path)
+    yield handle
+    actor.unload(handle)
+
+
+def diarize(handle, audio: np.ndarray, **counts):
+    return handle.diarize(audio, DiarizeOptions(**counts), threading.Event())
+
+
+def test_the_dialogue_has_two_speakers_one_per_sentence(ge2e):
+    speakers, turns = diarize(ge2e, decode_audio(str(AUDIO / "dialogue.wav")))
+    assert speakers == ["SPEAKER_0", "SPEAKER_1"]
+    # The two sentences (speech at 0.0-2.46 s and 2.91-5.60 s, a pause between).
+    sentences = assign_speakers([Segment(start=0.0, end=2.46, text="That was hilarious, ..."),
+                                 Segment(start=2.91, end=5.6, text="What do you mean? ...")], turns)
+    assert [s.speaker for s in sentences] == ["SPEAKER_0", "SPEAKER_1"]
+
+
+def test_one_speaker_is_one_speaker(ge2e):
+    speakers, turns = diarize(ge2e, decode_audio(str(AUDIO / "speaker1.wav")))
+    assert speakers == ["SPEAKER_0"] and len(turns) == 1
+
+
+def test_silence_has_no_speakers(ge2e):
+    assert diarize(ge2e, np.zeros(3 * SAMPLE_RATE, dtype=np.float32)) == ([], [])
+
+
+@pytest.mark.parametrize("voices, seed", [(TWO_VOICES, 0), (TWO_VOICES, 1), (THREE_VOICES, 0), (THREE_VOICES, 1)])
+def test_conversations_of_synthetic_voices(ge2e, voices, seed):
+    talk = conversation(voices, turns=10, seed=seed)
+    counted, turns = diarize(ge2e, talk.audio)
+    assert len(counted) == len(voices)
+    assert der(talk.turns, turns) <= MAX_DER
+    _, told = diarize(ge2e, talk.audio, num_speakers=len(voices))
+    assert der(talk.turns, told) <= MAX_DER
+
+
+def test_speaker_bounds_are_obeyed(ge2e):
+    talk = conversation(TWO_VOICES, turns=6)
+    assert len(diarize(ge2e, talk.audio, min_speakers=3)[0]) == 3
+    assert len(diarize(ge2e, talk.audio, max_speakers=1)[0]) == 1
+    assert len(diarize(ge2e, talk.audio, min_speakers=1, max_speakers=4)[0]) == 2
+
+
+def test_a_folder_of_neither_kind_is_an_invalid_model(tmp_path):
+    with pytest.raises(TaskFailed) as caught:
+        DiarizeActor(load_settings({})).load("nothing", tmp_path)
+    assert caught.value.code == "invalid_model" and "pretrained.pt" in caught.value.message
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyannote.audio") is not None, reason="pyannote.audio is installed")
+def test_a_pyannote_pipeline_without_pyannote_says_which_extra(tmp_path):
+    (tmp_path / "config.yaml").write_text("pipeline: {name: pyannote.audio.pipelines.SpeakerDiarization}\n")
+    with pytest.raises(TaskFailed) as caught:
+        DiarizeActor(load_settings({})).load("pyannote/speaker-diarization-community-1", tmp_path)
+    assert caught.value.code == "invalid_model" and "`pyannote` extra" in caught.value.message
+
+
+# --- the runtime in an engine ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def diarize_stack(tmp_path_factory):
+    """NATS and two diarize engines; nothing else (tasks are published straight to NATS)."""
+    system = TestStack(tmp_path_factory.mktemp("diarize"))
+    system.start_nats()
+    for name in ("dz-a", "dz-b"):
+        system.start_engine("diarize", name)
+    yield system
+    system.close()
+
+
+async def live(bus, *engines: str) -> None:
+    async def idle():
+        for engine in engines:
+            try:
+                if (await heartbeat(bus, "diarize", engine)).status != "idle":
+                    return False
+            except Exception:  # noqa: BLE001 - no beat yet
+                return False
+        return True
+    await wait_for(idle, 120, 0.5)
+
+
+async def run_task(bus, audio: np.ndarray, options: TranscribeOptions, on_started=None) -> list[TaskEvent]:
+    """Store prepared audio, publish a diarize task for it, and collect its events until it ends."""
+    job_id = uuid.uuid4().hex
+    audio_object = await bus.artifacts.put(f"{job_id}/audio-0.f32", audio.astype(DTYPE).tobytes())
+    events = await bus.js.subscribe(f"events.task.{job_id}")
+    task = Task(id=f"{job_id}-diarize-0-1", job_id=job_id, stage="diarize", runtime="diarize", model=MODEL,
+                runtime_model_id=MODEL, inputs=[audio_object], output=f"{job_id}/diarization-0.json",
+                options=options)
+    await bus.task_consumers.ensure("diarize", MODEL)
+    await bus.js.publish(task_subject("diarize", MODEL), encode(task))
+    seen = []
+    while not seen or seen[-1].kind == "started":
+        seen.append(decode((await events.next_msg(timeout=180)).data, TaskEvent))
+        if seen[-1].kind == "started" and on_started is not None:
+            on_started(seen[-1])
+    await events.unsubscribe()
+    return seen
+
+
+async def test_an_engine_diarizes_a_task_and_writes_the_turns(diarize_stack):
+    bus = await diarize_stack.bus()
+    try:
+        await live(bus, "dz-a", "dz-b")
+        talk = conversation(THREE_VOICES, turns=8, seed=2)
+        options = TranscribeOptions(diarize=DiarizeOptions(max_speakers=5))
+        *_, ended = await run_task(bus, talk.audio, options)
+        assert ended.kind == "completed", ended.failure
+        result = decode(await bus.artifacts.read(ended.outputs[0]), Diarization)
+        assert result.model == MODEL and result.duration == pytest.approx(len(talk.audio) / SAMPLE_RATE)
+        assert len(result.speakers) == 3 and der(talk.turns, result.turns) <= MAX_DER
+        beat = await heartbeat(bus, "diarize", ended.engine)
+        assert [m.model for m in beat.loaded_models] == [MODEL] and MODEL in beat.models_on_disk
+    finally:
+        await bus.close()
+
+
+async def test_a_killed_diarize_engine_hands_its_task_to_another(diarize_stack):
+    bus = await diarize_stack.bus()
+    try:
+        await live(bus, "dz-a", "dz-b")
+        talk = conversation(TWO_VOICES, turns=12, seed=3)
+        victims = []
+
+        def kill(event: TaskEvent) -> None:
+            # As it starts: before its model is loaded, or while it diarizes.
+            if not victims:
+                victims.append(event.engine)
+                diarize_stack.processes[event.engine].send_signal(signal.SIGKILL)
+
+        events = await run_task(bus, talk.audio, TranscribeOptions(), on_started=kill)
+        assert events[-1].kind == "completed", events[-1].failure
+        assert events[-1].engine != victims[0]
+        result = decode(await bus.artifacts.read(events[-1].outputs[0]), Diarization)
+        assert len(result.speakers) == 2 and der(talk.turns, result.turns) <= MAX_DER
+    finally:
+        await bus.close()
+        for victim in victims:
+            diarize_stack.processes.pop(victim).wait()
+            diarize_stack.start_engine("diarize", victim)
