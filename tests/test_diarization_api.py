@@ -5,6 +5,8 @@ diarized answer."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -95,3 +97,13 @@ def test_bad_speaker_counts_are_a_400_naming_the_field(diarizing, form, param):
                               data={"model": MODEL, "diarize": "true", **form})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_the_cli_says_who_spoke(diarizing):
+    done = subprocess.run([sys.executable, "-m", "dalston", "transcribe", str(AUDIO / "dialogue.wav"),
+                           "-m", MODEL, "--diarize", "--speakers", "2"], capture_output=True, text=True,
+                          timeout=120, env={**diarizing.env, "DALSTON_SERVER": diarizing.url})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == ["SPEAKER_0", "SPEAKER_1"]
+    assert words(lines[1].split(":", 1)[1]) == words("What do you mean? I was really serious about it.")

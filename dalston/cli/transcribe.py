@@ -12,7 +12,8 @@ from dalston.contracts import JobRecord
 from dalston.formatting import stages
 from dalston.transcript import FORMATS
 
-SUFFIX = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt", "verbose_json": ".json"}
+SUFFIX = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt", "verbose_json": ".json",
+          "diarized_json": ".json"}
 
 
 def register(commands) -> None:
@@ -22,6 +23,8 @@ def register(commands) -> None:
     parser.add_argument("-m", "--model", default="", help="a model id of `dalston models` (default: the server's)")
     parser.add_argument("-l", "--language", default="", help="language code, e.g. en (default: detect)")
     parser.add_argument("-f", "--format", default="text", choices=list(FORMATS))
+    parser.add_argument("--diarize", action="store_true", help="say who spoke (speaker labels)")
+    parser.add_argument("--speakers", type=int, metavar="N", help="how many speakers (with --diarize)")
     parser.add_argument("-o", "--output", type=Path, metavar="OUT",
                         help="write here instead of stdout: a file, or a folder for several inputs")
     add_server_option(parser)
@@ -50,8 +53,16 @@ def run(args, settings: Settings) -> int:
 def _submit(client: Client, path: Path, args) -> str:
     with path.open("rb") as audio:
         response = client.request("POST", "/v1/jobs", files={"file": (path.name, audio)},
-                                  data={"model": args.model, "language": args.language})
+                                  data={"model": args.model, "language": args.language,
+                                        **_speaker_fields(args)})
     return response.json()["id"]
+
+
+def _speaker_fields(args) -> dict[str, str]:
+    if args.speakers is not None and not args.diarize:
+        raise CliError("--speakers goes with --diarize", code=2)
+    return {"diarize": "true", **({"num_speakers": str(args.speakers)} if args.speakers else {})} \
+        if args.diarize else {}
 
 
 def _finish(client: Client, path: Path, job_id: str, args, several: bool) -> bool:
