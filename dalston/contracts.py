@@ -26,6 +26,8 @@ HEARTBEAT_SUBJECT = "heartbeat.{runtime}.{engine}"
 DEADLETTER_SUBJECT = "deadletter.{source}"
 PULL_SUBJECT = "models.pull.{model}"
 PULL_PROGRESS_SUBJECT = "models.progress.{model}"
+# Live-only (core NATS, in no stream): segments as engines decode them.
+TRANSCRIPT_SUBJECT = "transcript.{job_id}"
 
 JOBS_STREAM = "JOBS"
 TASKS_STREAM = "TASKS"
@@ -381,6 +383,22 @@ class Transcript(Contract, kw_only=True):
     segments: list[Segment] = []
 
 
+class TranscriptDelta(Contract, kw_only=True):
+    """Announced on `transcript.<job_id>` by the engine running one of the job's transcribe tasks,
+    for each segment as it is decoded. Core NATS, kept nowhere: only who listens while the job
+    runs hears it, and the job's transcript (`transcript_object`) stays the result.
+
+    One task's segments come in order, `seq` counting from 0; a task run again (its engine died)
+    sends its segments again from 0. The channels of a stereo job interleave."""
+
+    job_id: JobId
+    task_id: Token
+    channel: int | None = None
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    segment: Segment
+    at: float = 0.0
+
+
 # --- engines ---------------------------------------------------------------------------------
 
 EngineStatus = Literal["starting", "idle", "busy", "loading", "downloading", "error", "stopping"]
@@ -459,7 +477,7 @@ PULL_ENDED: tuple[str, ...] = ("installed", "failed")
 
 SCHEMA_TYPES: tuple[type[Contract], ...] = (
     JobRequest, CancelRequest, JobEvent, JobRecord, Task, TaskEvent, Transcript, Heartbeat,
-    DeadLetter, PullRequest, PullProgress,
+    DeadLetter, PullRequest, PullProgress, TranscriptDelta,
 )
 
 

@@ -67,6 +67,7 @@ REFUSED = [
     ("engine", "publish", "$KV.apikeys.some-digest", "mint an API key"),
     ("engine", "publish", "$JS.API.STREAM.PURGE.TASKS", "empty the task queue"),
     ("engine", "publish", "events.job.some-job", "announce a job done"),
+    ("gateway", "publish", "transcript.some-job", "forge a job's streamed text"),
     ("orchestrator", "publish", "$KV.apikeys.some-digest", "mint an API key"),
 ]
 

@@ -11,6 +11,7 @@ from faster_whisper import WhisperModel
 
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
 from dalston.sdk import ModelActor, TaskCancelled
+from dalston.sdk.announcer import SegmentSink
 
 
 class FasterWhisperActor(ModelActor):
@@ -37,27 +38,29 @@ class FasterWhisperActor(ModelActor):
         handle.model.unload_model()
 
     def transcribe(self, handle: WhisperModel, audio: np.ndarray, options: TranscribeOptions,
-                   cancelled: threading.Event) -> ChannelTranscript:
+                   cancelled: threading.Event, emit: SegmentSink) -> ChannelTranscript:
         pieces, info = handle.transcribe(
             audio, language=options.language or None, initial_prompt=options.prompt or None,
             temperature=options.temperature or [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
             beam_size=options.beam_size, vad_filter=options.vad,
             word_timestamps=options.word_timestamps)
         segments = []
-        for segment in pieces:  # decoded lazily, one 30 s window at a time
+        for piece in pieces:  # decoded lazily, one 30 s window at a time
             if cancelled.is_set():
                 raise TaskCancelled()
-            segments.append(segment)
-        # With word timestamps faster-whisper hands out numpy scalars: the wire wants floats.
+            segments.append(segment := _segment(piece))
+            emit(segment)
         return ChannelTranscript(
             language=info.language, language_probability=float(info.language_probability),
-            duration=info.duration,
-            segments=[
-                Segment(id=s.id, start=float(s.start), end=float(s.end), text=s.text.strip(),
-                        avg_logprob=s.avg_logprob, no_speech_prob=s.no_speech_prob,
-                        temperature=s.temperature, compression_ratio=s.compression_ratio,
-                        tokens=list(s.tokens),
-                        words=[Word(start=float(w.start), end=float(w.end), word=w.word,
-                                    probability=float(w.probability))
-                               for w in (s.words or [])])
-                for s in segments])
+            duration=info.duration, segments=segments)
+
+
+def _segment(s) -> Segment:
+    # With word timestamps faster-whisper hands out numpy scalars: the wire wants floats.
+    return Segment(id=s.id, start=float(s.start), end=float(s.end), text=s.text.strip(),
+                   avg_logprob=s.avg_logprob, no_speech_prob=s.no_speech_prob,
+                   temperature=s.temperature, compression_ratio=s.compression_ratio,
+                   tokens=list(s.tokens),
+                   words=[Word(start=float(w.start), end=float(w.end), word=w.word,
+                               probability=float(w.probability))
+                          for w in (s.words or [])])

@@ -11,7 +11,7 @@ from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import OpenAPIConfig
-from litestar.response import Stream
+from litestar.response import ServerSentEvent, Stream
 from litestar.status_codes import HTTP_202_ACCEPTED
 
 from dalston import __version__
@@ -36,11 +36,14 @@ from dalston.services.gateway.auth import job_owner, require_key, visible_owner
 from dalston.services.gateway.jobs import JobNotFound, JobService
 from dalston.services.gateway.metrics import render_metrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
+from dalston.services.gateway.streaming import transcript_events
 from dalston.transcript import FORMATS, render
 
 log = get_logger("dalston.gateway")
 
 TIMESTAMP_GRANULARITIES = ("segment", "word")
+# A streamed transcription's job, so a client can look it up at /v1/jobs/{id}.
+JOB_ID_HEADER = "Dalston-Job-Id"
 
 
 class ApiError(HTTPException):
@@ -109,7 +112,8 @@ async def _read_request(request: Request) -> tuple[UploadFile, str, TranscribeOp
     upload.file.seek(0)
     if size == 0:
         raise ApiError(400, "the uploaded file is empty", code="invalid_audio", param="file")
-    return upload, model.id, options, {"response_format": response_format, "words": "word" in granularities}
+    return upload, model.id, options, {"response_format": response_format, "words": "word" in granularities,
+                                       "stream": str(form.get("stream") or "").lower() in ("true", "1")}
 
 
 def _raise_for_failure(record: JobRecord) -> None:
@@ -121,10 +125,16 @@ def _raise_for_failure(record: JobRecord) -> None:
     raise ApiError(FAILURE_STATUS[code], message, code=code)
 
 
-@post("/v1/audio/transcriptions", status_code=200, summary="Transcribe audio (OpenAI-compatible)")
-async def create_transcription(request: Request) -> Response:
+@post("/v1/audio/transcriptions", status_code=200,
+      summary="Transcribe audio (OpenAI-compatible); stream=true streams the text as Server-Sent Events")
+async def create_transcription(request: Request) -> Response | ServerSentEvent:
     upload, model, options, shape = await _read_request(request)
     settings: Settings = request.app.state.settings
+    if shape["stream"]:
+        followed = await _jobs(request).submit_followed(upload.file, upload.filename, model, options,
+                                                        job_owner(request))
+        return ServerSentEvent(transcript_events(followed, settings.request_timeout),
+                               headers={JOB_ID_HEADER: followed.id})
     try:
         record = await _jobs(request).run(upload.file, upload.filename, model, options,
                                           job_owner(request), timeout=settings.request_timeout)

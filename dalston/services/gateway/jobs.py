@@ -7,7 +7,9 @@ may see (None: everyone's); another owner's job is not found, so its existence i
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import IO
 
 from dalston.bus.connection import Bus
@@ -16,12 +18,15 @@ from dalston.contracts import (
     JOB_EVENT_SUBJECT,
     SUBMIT_SUBJECT,
     TERMINAL,
+    TRANSCRIPT_SUBJECT,
+    ContractError,
     CancelRequest,
     JobEvent,
     JobRecord,
     JobRequest,
     TranscribeOptions,
     Transcript,
+    TranscriptDelta,
     decode,
     is_job_id,
     now,
@@ -68,21 +73,25 @@ class JobService:
     async def run(self, audio: IO[bytes], filename: str, model: str, options: TranscribeOptions,
                   owner: str | None, timeout: float) -> JobRecord:
         """Submit and wait until the job ends (TimeoutError past `timeout`)."""
+        followed = await self.submit_followed(audio, filename, model, options, owner, segments=False)
+        async for record in followed.events(timeout):
+            pass  # followed without segments: the one event is the ended job's record
+        return record
+
+    async def submit_followed(self, audio: IO[bytes], filename: str, model: str,
+                              options: TranscribeOptions, owner: str | None, *,
+                              segments: bool = True) -> FollowedJob:
+        """Submit a job whose end (and, with `segments`, the segments its engines decode) the
+        caller reads from `events()`."""
         job_id = uuid.uuid4().hex
-        ended = asyncio.Event()
-
-        async def on_event(msg) -> None:
-            if decode(msg.data, JobEvent).status in TERMINAL:
-                ended.set()
-
-        # Subscribe before submitting, so the end of a fast job cannot be missed.
-        subscription = await self.bus.subscribe(JOB_EVENT_SUBJECT.format(job_id=job_id), on_event)
+        # Subscribed before submitting, so nothing of a fast job can be missed.
+        followed = await FollowedJob.start(self, job_id, owner, segments)
         try:
             await self.submit(audio, filename, model, options, owner, job_id=job_id)
-            await asyncio.wait_for(ended.wait(), timeout)
-        finally:
-            await subscription.unsubscribe()
-        return await self.get(job_id, owner)
+        except BaseException:
+            await followed.close()
+            raise
+        return followed
 
     async def get(self, job_id: str, owner: str | None) -> JobRecord:
         if not is_job_id(job_id):
@@ -114,3 +123,56 @@ class JobService:
     async def cancel(self, job_id: str, owner: str | None) -> None:
         await self.get(job_id, owner)
         await self.bus.publish(CANCEL_SUBJECT, CancelRequest(id=job_id))
+
+
+class FollowedJob:
+    """A submitted job as it runs: the segments its engines announce, then its final record."""
+
+    def __init__(self, jobs: JobService, job_id: str, owner: str | None) -> None:
+        self.jobs, self.id, self.owner = jobs, job_id, owner
+        self._queue: asyncio.Queue[TranscriptDelta | None] = asyncio.Queue()
+        self._subscriptions: list = []
+
+    @classmethod
+    async def start(cls, jobs: JobService, job_id: str, owner: str | None, segments: bool) -> FollowedJob:
+        followed = cls(jobs, job_id, owner)
+        bus = jobs.bus
+        followed._subscriptions.append(
+            await bus.subscribe(JOB_EVENT_SUBJECT.format(job_id=job_id), followed._on_job_event))
+        if segments:
+            followed._subscriptions.append(
+                await bus.subscribe(TRANSCRIPT_SUBJECT.format(job_id=job_id), followed._on_delta))
+        return followed
+
+    async def _on_job_event(self, msg) -> None:
+        if decode(msg.data, JobEvent).status in TERMINAL:
+            self._queue.put_nowait(None)
+
+    async def _on_delta(self, msg) -> None:
+        try:
+            self._queue.put_nowait(decode(msg.data, TranscriptDelta))
+        except ContractError as exc:  # a publisher's bug: the job's result is unaffected
+            log.warning("bad transcript delta", job=self.id, error=str(exc)[:200])
+
+    async def events(self, timeout: float) -> AsyncIterator[TranscriptDelta | JobRecord]:
+        """Each segment once, in order per task, then the job's record when it has ended
+        (TimeoutError past `timeout`). Unsubscribes when it ends, or is closed early."""
+        deadline = time.monotonic() + timeout
+        sent: dict[str, int] = {}  # per task, the next segment not forwarded yet
+        try:
+            while (item := await asyncio.wait_for(self._queue.get(), deadline - time.monotonic())) is not None:
+                # A task run again after its engine died repeats the segments already sent.
+                if item.seq >= sent.get(item.task_id, 0):
+                    sent[item.task_id] = item.seq + 1
+                    yield item
+            yield await self.jobs.get(self.id, self.owner)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            try:
+                await subscription.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - a closing connection drops it anyway
+                log.warning("unsubscribe failed", job=self.id, error=repr(exc))
