@@ -73,6 +73,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     prefer_loaded: bool = True
     # The runtime model id a task that names none gets.
     default_model_id: str = ""
+    # Live sessions an engine serves at once, beside its one batch task (0: none).
+    max_sessions: int = 2
+    # A live session whose client sent nothing for this many seconds is ended.
+    session_idle_timeout: float = 60.0
 
     @property
     def home(self) -> Path:

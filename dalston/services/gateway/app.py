@@ -36,6 +36,7 @@ from dalston.services.gateway.auth import job_owner, require_key, visible_owner
 from dalston.services.gateway.jobs import JobNotFound, JobService
 from dalston.services.gateway.metrics import render_metrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
+from dalston.services.gateway.realtime import realtime
 from dalston.services.gateway.streaming import transcript_events
 from dalston.transcript import FORMATS, render
 
@@ -310,7 +311,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[create_transcription, submit_job, get_job, list_jobs, cancel_job,
                         get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
-                        metrics, healthz, readyz],
+                        metrics, healthz, readyz, realtime],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
         guards=[require_key],
