@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.audio_fixtures import convert, speak
-from tests.stack import AUDIO, TestStack, words
+from tests.stack import TestStack, words
 
 MODEL = "faster-whisper-tiny.en"
 RATE = 24_000

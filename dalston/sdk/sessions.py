@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import msgspec
-import numpy as np
 
 from dalston.bus.connection import Bus, Msg
 from dalston.config import Settings
@@ -47,17 +45,9 @@ from dalston.pcm import from_pcm16
 from dalston.sdk.actor import ModelActor
 from dalston.sdk.announcer import SegmentAnnouncer
 from dalston.sdk.models import ModelManager
+from dalston.sdk.turns import MIN_TURN_MS, TurnEvent, Turns
 
 log = get_logger("dalston.engine.sessions")
-
-FRAME_MS = 20
-FRAME_BYTES = SESSION_SAMPLE_RATE * FRAME_MS // 1000 * 2
-# Server VAD's threshold (0 to 1) spans these frame levels, in dB below full scale: a quiet
-# room is below -50, speech close to a microphone above -30.
-QUIETEST_DB, LOUDEST_DB = -50.0, -20.0
-# A commit with less audio than this has nothing to transcribe.
-MIN_TURN_MS = 100
-
 
 class SessionHost:
     """The live sessions one engine serves."""
@@ -133,12 +123,8 @@ class LiveSession:
         self.config: SessionConfig = request.config
         self._bus: Bus = host._bus
         self._out = SESSION_OUTPUT_SUBJECT.format(session_id=self.id)
-        self._buffer = bytearray()  # the turn so far (or, between turns, the prefix padding)
-        self._partial = b""  # the start of a frame not complete yet
-        self._audio_ms = 0  # of the session's audio so far
-        self._item: str | None = None  # the turn in progress
-        self._silence_ms = 0
-        self._turns: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._turns = Turns(self.config.turn_detection)
+        self._committed: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._ended = asyncio.Event()
         self._cancelled = threading.Event()
         self._last_input = time.monotonic()
@@ -190,72 +176,33 @@ class LiveSession:
             await self._say("error", code="invalid_input", message=str(exc)[:1000])
             return
         if event.kind == "audio":
-            for kind, fields in self._feed(event.audio):
-                await self._say(kind, **fields)
+            for found in self._turns.feed(event.audio):
+                await self._turn_event(found)
         elif event.kind == "commit":
-            if len(self._buffer) < MIN_TURN_MS * FRAME_BYTES // FRAME_MS:
+            if (found := self._turns.commit()) is None:
                 await self._say("error", code="input_audio_buffer_commit_empty",
                                 message=f"the buffer holds less than {MIN_TURN_MS} ms of audio")
             else:
-                await self._say("committed", item_id=self._commit())
+                await self._turn_event(found)
         elif event.kind == "clear":
-            self._buffer.clear()
-            self._item = None
+            self._turns.clear()
             await self._say("cleared")
         elif event.kind == "configure" and event.config is not None:
             self.config = event.config
+            self._turns.detection = event.config.turn_detection
         elif event.kind == "close":
             self._ended.set()
 
-    def _feed(self, pcm: bytes) -> list[tuple[str, dict]]:
-        """Take in audio; what server VAD saw in it (speech started, stopped, turns committed)."""
-        if self.config.turn_detection is None:
-            self._buffer += pcm
-            self._audio_ms += len(pcm) * 1000 // (2 * SESSION_SAMPLE_RATE)
-            return []
-        vad = self.config.turn_detection
-        level = 10 ** ((QUIETEST_DB + vad.threshold * (LOUDEST_DB - QUIETEST_DB)) / 20)
-        data, events = self._partial + pcm, []
-        whole = len(data) // FRAME_BYTES * FRAME_BYTES
-        self._partial = data[whole:]
-        for start in range(0, whole, FRAME_BYTES):
-            frame = data[start:start + FRAME_BYTES]
-            self._audio_ms += FRAME_MS
-            self._buffer += frame
-            samples = np.frombuffer(frame, dtype="<i2").astype(np.float32) / 32768.0
-            loud = float(np.sqrt(np.mean(samples * samples))) > level
-            if self._item is None:
-                if loud:
-                    self._item, self._silence_ms = _item_id(), 0
-                    padding = len(self._buffer) * FRAME_MS // FRAME_BYTES
-                    events.append(("speech_started", {"item_id": self._item,
-                                                      "audio_ms": self._audio_ms - padding}))
-                else:
-                    keep = vad.prefix_padding_ms // FRAME_MS * FRAME_BYTES
-                    del self._buffer[:max(0, len(self._buffer) - keep)]
-            else:
-                self._silence_ms = 0 if loud else self._silence_ms + FRAME_MS
-                if self._silence_ms >= vad.silence_duration_ms:
-                    item = self._item
-                    events.append(("speech_stopped", {"item_id": item,
-                                                      "audio_ms": self._audio_ms - self._silence_ms}))
-                    self._commit()
-                    events.append(("committed", {"item_id": item}))
-        return events
-
-    def _commit(self) -> str:
-        """The buffer as a turn, queued for transcription; its item id."""
-        item = self._item or _item_id()
-        self._turns.put_nowait((item, bytes(self._buffer)))
-        self._buffer.clear()
-        self._item = None
-        return item
+    async def _turn_event(self, found: TurnEvent) -> None:
+        if found.kind == "committed":
+            self._committed.put_nowait((found.item_id, found.audio))
+        await self._say(found.kind, item_id=found.item_id, audio_ms=found.audio_ms)
 
     # --- transcription ------------------------------------------------------------------
 
     async def _transcribe_turns(self, handle) -> None:
         while True:
-            item, pcm = await self._turns.get()
+            item, pcm = await self._committed.get()
             said: list[str] = []
 
             def delta(seq: int, segment: Segment) -> SessionOutput:
@@ -282,6 +229,3 @@ class LiveSession:
             await self._say("completed", item_id=item, text=" ".join(said),
                             seconds=len(pcm) / (2 * SESSION_SAMPLE_RATE))
 
-
-def _item_id() -> str:
-    return f"item_{uuid.uuid4().hex[:20]}"
