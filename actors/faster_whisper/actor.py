@@ -29,12 +29,8 @@ class FasterWhisperActor(ModelActor):
         if compute_type == "default":
             # int8 on CPU is ~3x faster than float32 at the same accuracy for Whisper.
             compute_type = "int8" if self.device == "cpu" else "float16"
-        # A second worker (CTranslate2 shares the weights between them) decodes live turns
-        # beside a batch task's window instead of after it: measured with tiny.en on 2 CPU
-        # cores, a turn took 1.1 s behind a batch task with one worker, 0.75 s with two.
-        workers = 2 if self.settings.max_sessions > 0 else 1
         return WhisperModel(str(path), device=self.device, compute_type=compute_type,
-                            cpu_threads=self.settings.cpu_threads, num_workers=workers)
+                            cpu_threads=self.settings.cpu_threads)
 
     def unload(self, handle: WhisperModel) -> None:
         # CTranslate2 frees its weights when the last reference goes; unload_model makes it

@@ -8,9 +8,10 @@ engine then follows `session.<id>.in` (audio, commits, configuration) and report
 stays loaded however long keep-alive is.
 
 Sessions do not queue behind batch tasks, nor batch tasks behind sessions: an engine runs its one
-batch task and up to DALSTON_MAX_SESSIONS sessions side by side. Live audio arrives at 1x and a
-turn is decoded many times faster than that, so the cap bounds the share of the engine sessions
-can take, and batch work keeps the rest.
+batch task and up to DALSTON_MAX_SESSIONS sessions side by side, on the same loaded model (the
+runtime queues their decoding calls, so a turn waits at most for the batch window under way).
+Live audio arrives at 1x and a turn is decoded many times faster than that, so the cap bounds the
+share of the engine sessions can take, and batch work keeps the rest.
 """
 
 from __future__ import annotations
