@@ -157,6 +157,8 @@ async def test_client_commits_turns_without_turn_detection(stack, sentences):
      "unsupported_rate"),
     ({"type": "session.update", "session": session(None, format={"type": "audio/pcmu"})}, "unsupported_format"),
     ({"type": "session.update", "session": session({"type": "semantic_vad"})}, "unsupported_turn_detection"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": "loud"}}, "invalid_event"),
+    ({"type": "input_audio_buffer.commit"}, "input_audio_buffer_commit_empty"),
 ])
 async def test_a_bad_event_gets_an_error_and_the_session_stays_open(stack, event, code):
     async with connect(stack) as connection:

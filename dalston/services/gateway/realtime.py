@@ -106,6 +106,10 @@ class RealtimeTranscription:
                     await self._handle(raw)
                 except ClientError as exc:
                     await self.send_error(exc.code, exc.message, exc.param)
+                except (AttributeError, TypeError, ValueError) as exc:
+                    # A field of the wrong JSON type (a string where an object belongs, say).
+                    await self.send_error("invalid_event", f"the event's fields are not of the expected "
+                                          f"types: {type(exc).__name__}: {exc}"[:500])
         finally:
             watch.cancel()
             await outputs.unsubscribe()
