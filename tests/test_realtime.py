@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.audio_fixtures import convert, speak
-from tests.stack import TestStack, words
+from tests.stack import AUDIO, TestStack, words
 
 MODEL = "faster-whisper-tiny.en"
 RATE = 24_000
@@ -212,3 +212,24 @@ async def test_a_killed_engine_gives_an_error_and_the_session_moves_on(lone, sen
         completed = await events.until(COMPLETED, 2, timeout=60)
         events.stop()
     assert wer(words(SENTENCES[2]), words(completed[-1][1].transcript)) <= 0.1
+
+
+async def test_batch_jobs_go_on_beside_a_session(stack, sentences):
+    """A session leases its model on one engine (its heartbeat counts it); batch jobs, for that
+    model and for another, are served meanwhile rather than waiting for the session to end."""
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=90)
+    async with connect(stack) as connection:
+        events = Events(connection)
+        await connection.session.update(session=session(SERVER_VAD))
+        await events.until("session.updated")
+        await feed(connection, sentences[0][1] + silence(1000))
+        await events.until(COMPLETED)
+        engines = (await client.get("/engines", cast_to=object))["data"]
+        assert sorted(e["sessions"] for e in engines if e["runtime"] == "faster-whisper")[-1] == 1
+        for model in ("faster-whisper-base", MODEL):
+            with open(AUDIO / "speaker1.wav", "rb") as audio:
+                result = await client.audio.transcriptions.create(model=model, file=audio)
+            assert words(result.text) == words("That was hilarious, I can't believe you said that.")
+        await feed(connection, sentences[1][1] + silence(1000))
+        await events.until(COMPLETED, 2)
+        events.stop()

@@ -72,7 +72,8 @@ class Engine:
             keep_alive=settings.keep_alive) if isinstance(actor, ModelActor) else NoModels()
         self._bus: Bus | None = None
         self.peers = EngineWatch()  # what the other engines hold, for the choice of backlog
-        self.intake = TaskIntake(settings, self.runtime, self.name, self.models.held, self.peers)
+        self.intake = TaskIntake(settings, self.runtime, self.name, self.models.held, self.peers,
+                                 self.models.can_load_another)
         self._stopping = asyncio.Event()
         self._current_ctx: TaskContext | None = None
         # Live sessions, beside the batch tasks (runtimes that serve models only).

@@ -94,6 +94,9 @@ class SessionHost:
             refusal = f"this engine runs {self.actor.runtime}, not {request.runtime}"
         elif len(self.sessions) >= self.settings.max_sessions or request.id in self.sessions:
             refusal = "no free session slot"
+        elif request.runtime_model_id not in self.models.held() and not self.models.can_load_another():
+            # Loading it would wait for the sessions that lease this engine's models to end.
+            refusal = "its model slots are in use by other sessions"
         if refusal is None:
             session = self.sessions[request.id] = LiveSession(self, request)
             await session.open()  # following its input before the client hears it may send
