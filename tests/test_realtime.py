@@ -103,6 +103,14 @@ def wer(reference: list[str], hypothesis: list[str]) -> float:
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 
 
+async def configured(connection, turn_detection: dict | None = SERVER_VAD) -> Events:
+    """The connection's events, once the session is configured with `turn_detection`."""
+    events = Events(connection)
+    await connection.session.update(session=session(turn_detection))
+    await events.until("session.updated")
+    return events
+
+
 async def test_three_sentences_give_three_items_soon_after_each_turn(stack, sentences):
     batch_client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
     batch = []
@@ -110,9 +118,7 @@ async def test_three_sentences_give_three_items_soon_after_each_turn(stack, sent
         with open(wav, "rb") as audio:
             batch.append(batch_client.audio.transcriptions.create(model=MODEL, file=audio).text)
     async with connect(stack) as connection:
-        events = Events(connection)
-        await connection.session.update(session=session(SERVER_VAD))
-        await events.until("session.updated")
+        events = await configured(connection)
         turn_ends = []
         for _, audio in sentences:
             # The turn ends once the silence that closes it has been heard.
@@ -130,15 +136,15 @@ async def test_three_sentences_give_three_items_soon_after_each_turn(stack, sent
     live = [e.transcript for _, e in completed]
     assert wer(words(" ".join(batch)), words(" ".join(live))) <= 0.1, (batch, live)
     latencies = [at - end for (at, _), end in zip(completed, turn_ends)]
-    print("turn latencies", [round(l, 3) for l in latencies])
+    stopped = {e.item_id: at for at, e in events.of("input_audio_buffer.speech_stopped")}
+    print("after the turn's end", [round(l, 3) for l in latencies],
+          "after speech_stopped", [round(at - stopped[e.item_id], 3) for at, e in completed])
     assert max(latencies) <= 1.0, latencies
 
 
 async def test_client_commits_turns_without_turn_detection(stack, sentences):
     async with connect(stack) as connection:
-        events = Events(connection)
-        await connection.session.update(session=session(None))
-        await events.until("session.updated")
+        events = await configured(connection, None)
         audio = sentences[0][1]
         step = RATE * 2  # a second at a time: no pacing needed without server VAD
         for start in range(0, len(audio), step):
@@ -174,9 +180,7 @@ async def test_a_bad_event_gets_an_error_and_the_session_stays_open(stack, event
 async def test_four_sessions_on_two_engines(stack, sentences):
     async def one(number: int) -> str:
         async with connect(stack) as connection:
-            events = Events(connection)
-            await connection.session.update(session=session(SERVER_VAD))
-            await events.until("session.updated")
+            events = await configured(connection)
             await feed(connection, sentences[number % 3][1] + silence(1000))
             (_, completed), = await events.until(COMPLETED)
             events.stop()
@@ -197,9 +201,7 @@ def lone(tmp_path_factory):
 
 async def test_a_killed_engine_gives_an_error_and_the_session_moves_on(lone, sentences):
     async with connect(lone) as connection:
-        events = Events(connection)
-        await connection.session.update(session=session(SERVER_VAD))
-        await events.until("session.updated")
+        events = await configured(connection)
         await feed(connection, sentences[0][1] + silence(1000))
         await events.until(COMPLETED)
         lone.start_engine("faster-whisper", "fw-second")
@@ -219,9 +221,7 @@ async def test_batch_jobs_go_on_beside_a_session(stack, sentences):
     model and for another, are served meanwhile rather than waiting for the session to end."""
     client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=90)
     async with connect(stack) as connection:
-        events = Events(connection)
-        await connection.session.update(session=session(SERVER_VAD))
-        await events.until("session.updated")
+        events = await configured(connection)
         await feed(connection, sentences[0][1] + silence(1000))
         await events.until(COMPLETED)
         engines = (await client.get("/engines", cast_to=object))["data"]
