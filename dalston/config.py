@@ -114,6 +114,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The gateway's address as webhook receivers reach it (transcript links); empty means
     # http://<http_host>:<http_port>.
     public_url: str = ""
+    # Live sessions an engine serves at once, beside its one batch task (0: none).
+    max_sessions: int = 2
+    # A live session whose client sent nothing for this many seconds is ended.
+    session_idle_timeout: float = 60.0
 
     @property
     def home(self) -> Path:

@@ -26,6 +26,14 @@ HEARTBEAT_SUBJECT = "heartbeat.{runtime}.{engine}"
 DEADLETTER_SUBJECT = "deadletter.{source}"
 PULL_SUBJECT = "models.pull.{model}"
 PULL_PROGRESS_SUBJECT = "models.progress.{model}"
+# Live-only (core NATS, in no stream): segments as engines decode them.
+TRANSCRIPT_SUBJECT = "transcript.{job_id}"
+# Live sessions (core NATS, in no stream): a claim is a request on a runtime's and model's
+# subject that one engine with a free session slot answers; then the session's audio and
+# control go in on one subject and its events come out on another.
+SESSION_CLAIM_SUBJECT = "sessions.{runtime}.{model}"
+SESSION_INPUT_SUBJECT = "session.{session_id}.in"
+SESSION_OUTPUT_SUBJECT = "session.{session_id}.out"
 
 JOBS_STREAM = "JOBS"
 TASKS_STREAM = "TASKS"
@@ -506,6 +514,96 @@ class Diarization(Contract, kw_only=True):
     model: str = ""
 
 
+class TranscriptDelta(Contract, kw_only=True):
+    """Announced on `transcript.<job_id>` by the engine running one of the job's transcribe tasks,
+    for each segment as it is decoded. Core NATS, kept nowhere: only who listens while the job
+    runs hears it, and the job's transcript (`transcript_object`) stays the result.
+
+    One task's segments come in order, `seq` counting from 0; a task run again (its engine died)
+    sends its segments again from 0. The channels of a stereo job interleave."""
+
+    job_id: JobId
+    task_id: Token
+    channel: int | None = None
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    segment: Segment
+    at: float = 0.0
+
+
+# --- live sessions ------------------------------------------------------------------------
+
+# The one format of live audio: 16-bit little-endian mono PCM at 24 kHz (OpenAI Realtime's).
+SESSION_SAMPLE_RATE = 24_000
+
+
+class TurnDetection(Contract, kw_only=True):
+    """Server voice activity detection: a turn starts at speech and ends after a silence."""
+
+    # 0 (any sound is speech) to 1 (only loud speech is).
+    threshold: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
+    # Audio kept from before the speech started.
+    prefix_padding_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 300
+    # Silence that ends a turn.
+    silence_duration_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 500
+
+
+class SessionConfig(Contract, kw_only=True):
+    """How a live session transcribes: turn detection (None: the client commits turns)."""
+
+    options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
+    turn_detection: TurnDetection | None = msgspec.field(default_factory=TurnDetection)
+
+
+class SessionRequest(Contract, kw_only=True):
+    """A request on `sessions.<runtime>.<model>`: one engine with a free session slot answers
+    with a `SessionClaim` and serves the session until it is closed."""
+
+    id: JobId
+    model: ModelId
+    runtime: Token
+    runtime_model_id: RuntimeModelId
+    config: SessionConfig = msgspec.field(default_factory=SessionConfig)
+    owner: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+
+class SessionClaim(Contract, kw_only=True):
+    """An engine's answer to a `SessionRequest`: taken, or why not."""
+
+    session_id: JobId
+    engine: Token
+    accepted: bool
+    reason: ShortText = ""
+
+
+SessionInputKind = Literal["audio", "commit", "clear", "configure", "close"]
+
+
+class SessionInput(Contract, kw_only=True):
+    """On `session.<id>.in`, from the session's client (the gateway) to its engine."""
+
+    kind: SessionInputKind
+    # `audio`: 16-bit little-endian mono PCM at SESSION_SAMPLE_RATE.
+    audio: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)] = b""
+    config: SessionConfig | None = None  # `configure`
+
+
+SessionOutputKind = Literal["speech_started", "speech_stopped", "committed", "delta", "completed",
+                            "error", "cleared"]
+
+
+class SessionOutput(Contract, kw_only=True):
+    """On `session.<id>.out`, from the engine serving the session."""
+
+    kind: SessionOutputKind
+    engine: Token
+    item_id: str = ""
+    audio_ms: int = 0  # speech_started, speech_stopped: where in the session's audio
+    text: str = ""  # delta: the new text; completed: the turn's text
+    seconds: float = 0.0  # completed: the turn's audio
+    code: str = ""  # error
+    message: str = ""  # error
+
+
 # --- engines ---------------------------------------------------------------------------------
 
 EngineStatus = Literal["starting", "idle", "busy", "loading", "downloading", "error", "stopping"]
@@ -542,6 +640,9 @@ class Heartbeat(Contract, kw_only=True):
     loaded_models: list[LoadedModel] = []
     models_on_disk: list[str] = []
     current_task: str | None = None
+    # Live sessions it serves, and how many it may.
+    sessions: int = 0
+    max_sessions: int = 0
     # The runtime model id that task needs: peers count this engine as its holder while it
     # loads it, so two idle engines do not both load the same model for one backlog.
     current_model: str | None = None
@@ -584,7 +685,8 @@ PULL_ENDED: tuple[str, ...] = ("installed", "failed")
 
 SCHEMA_TYPES: tuple[type[Contract], ...] = (
     JobRequest, CancelRequest, JobEvent, JobRecord, Task, TaskEvent, Transcript, Heartbeat,
-    DeadLetter, PullRequest, PullProgress, Diarization,
+    DeadLetter, PullRequest, PullProgress, Diarization, TranscriptDelta, SessionRequest,
+    SessionClaim, SessionInput, SessionOutput,
 )
 
 

@@ -58,15 +58,22 @@ def on_recording_clock(part: ChannelTranscript, offset: float, end: float | None
     if not offset and end is None:
         return part
     limit = end if end is not None else offset + part.duration
+    return msgspec.structs.replace(part, duration=limit, segments=[
+        segment_on_recording_clock(s, offset, limit) for s in part.segments])
+
+
+def segment_on_recording_clock(segment: Segment, offset: float, limit: float | None) -> Segment:
+    """One segment of a chunk starting at `offset` on the recording's clock, within `limit`."""
+    if not offset and limit is None:
+        return segment
 
     def moved(t: float) -> float:
-        return min(max(t + offset, offset), limit)
+        t = max(t + offset, offset)
+        return t if limit is None else min(t, limit)
 
-    segments = [msgspec.structs.replace(
-        s, start=moved(s.start), end=moved(s.end),
-        words=[msgspec.structs.replace(w, start=moved(w.start), end=moved(w.end)) for w in s.words])
-        for s in part.segments]
-    return msgspec.structs.replace(part, segments=segments, duration=limit)
+    return msgspec.structs.replace(
+        segment, start=moved(segment.start), end=moved(segment.end),
+        words=[msgspec.structs.replace(w, start=moved(w.start), end=moved(w.end)) for w in segment.words])
 
 
 def merge(job_id: str, model: str, parts: list[ChannelTranscript],

@@ -60,7 +60,8 @@ def swap(actor: ModelActor, models: list[tuple[str, Path]]) -> list[dict]:
         name, path = models[number % 2]
         with memory.large_blocks_mapped():  # as the engine's ModelManager loads
             handle = actor.load(name, path)
-        actor.transcribe(handle, AUDIO, TranscribeOptions(word_timestamps=True), threading.Event())
+        actor.transcribe(handle, AUDIO, TranscribeOptions(word_timestamps=True), threading.Event(),
+                         lambda segment: None)
         actor.unload(handle)
         del handle
         memory.release()

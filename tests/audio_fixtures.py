@@ -102,12 +102,12 @@ def silent_video(tmp_dir: Path) -> Path:
     return dst
 
 
-def speak(text: str, voice: str, tmp_dir: Path) -> Path:
+def speak(text: str, voice: str, tmp_dir: Path, words_per_minute: int = 175) -> Path:
     """`text` spoken by espeak-ng's `voice` (e.g. "de") into a WAV file in `tmp_dir`."""
-    digest = hashlib.sha1(f"{voice}\0{text}".encode()).hexdigest()[:8]
+    digest = hashlib.sha1(f"{voice}\0{words_per_minute}\0{text}".encode()).hexdigest()[:8]
     dst = Path(tmp_dir) / f"speech-{voice}-{digest}.wav"
     if not dst.exists():
-        _run([_tool("espeak-ng"), "-v", voice, "-w", str(dst), text])
+        _run([_tool("espeak-ng"), "-v", voice, "-s", str(words_per_minute), "-w", str(dst), text])
     return dst
 
 

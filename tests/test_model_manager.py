@@ -258,3 +258,14 @@ async def test_a_runtime_without_models_holds_nothing():
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+async def test_another_model_can_load_unless_every_slot_is_in_use(models):
+    manager = models.manager(max_loaded=2)
+    assert manager.can_load_another()  # free slots
+    async with manager.use("a"):
+        assert manager.can_load_another()  # one slot still free
+        async with manager.use("b"):
+            assert not manager.can_load_another()  # sessions' leases, say, hold every slot
+        assert manager.can_load_another()  # b is idle: it would be evicted
+    assert NoModels().can_load_another()

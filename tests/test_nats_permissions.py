@@ -70,6 +70,7 @@ REFUSED = [
     ("engine", "publish", "$KV.apikeys.some-digest", "mint an API key"),
     ("engine", "publish", "$JS.API.STREAM.PURGE.TASKS", "empty the task queue"),
     ("engine", "publish", "events.job.some-job", "announce a job done"),
+    ("gateway", "publish", "transcript.some-job", "forge a job's streamed text"),
     ("orchestrator", "publish", "$KV.apikeys.some-digest", "mint an API key"),
     ("webhooks", "publish", "jobs.submit", "submit jobs"),
     ("webhooks", "publish", "events.job.some-job", "announce a job done"),
@@ -177,6 +178,39 @@ async def test_the_webhook_service_delivers_as_its_own_user(locked):
         locked.stop("gateway-hooks")
         locked.stop("webhooks")
     assert "violation" not in locked.log_text("webhooks").lower()
+
+
+async def test_streams_and_live_sessions_work_with_the_services_own_users(locked):
+    """Streamed text (transcript.<job>) and a live session (claim, input, output) need no
+    permission beyond what each service's user has."""
+    if "faster-whisper" not in locked.processes:
+        pytest.skip("needs the running system of the test above")
+    import base64
+
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{locked.url}/v1", api_key="unused", max_retries=0, timeout=120,
+                                websocket_base_url=locked.url.replace("http", "ws") + "/v1")
+    with (AUDIO / "dialogue.wav").open("rb") as audio:
+        stream = await client.audio.transcriptions.create(model="faster-whisper-tiny.en", file=audio, stream=True)
+        events = [event async for event in stream]
+    assert [e.type for e in events].count("transcript.text.delta") >= 1
+    assert words(events[-1].text) == DIALOGUE_WORDS
+
+    pcm = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(AUDIO / "speaker1.wav"), "-ar", "24000",
+                          "-ac", "1", "-f", "s16le", "-"], capture_output=True, check=True).stdout
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        await connection.session.update(session={"type": "transcription", "audio": {"input": {
+            "transcription": {"model": "faster-whisper-tiny.en"}, "turn_detection": None}}})
+        await connection.input_audio_buffer.append(audio=base64.b64encode(pcm).decode())
+        await connection.input_audio_buffer.commit()
+        async for event in connection:
+            assert event.type != "error", event
+            if event.type == "conversation.item.input_audio_transcription.completed":
+                break
+    assert words(event.transcript) == words("That was hilarious, I can't believe you said that.")
+    for name in ("gateway", "faster-whisper"):
+        assert "violation" not in locked.log_text(name).lower(), name
 
 
 def test_compose_engine_health_check_passes_as_the_engine_user(locked):

@@ -13,6 +13,7 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
 from dalston.sdk import ModelActor, TaskCancelled
+from dalston.sdk.announcer import SegmentSink
 
 
 class FasterWhisperActor(ModelActor):
@@ -39,7 +40,7 @@ class FasterWhisperActor(ModelActor):
         handle.model.unload_model()
 
     def transcribe(self, handle: WhisperModel, audio: np.ndarray, options: TranscribeOptions,
-                   cancelled: threading.Event) -> ChannelTranscript:
+                   cancelled: threading.Event, emit: SegmentSink) -> ChannelTranscript:
         vad_parameters = options.vad_parameters and msgspec.structs.asdict(options.vad_parameters)
         # Batched decoding of a file's speech regions (found by the VAD) where it pays: on GPUs
         # (scripts/batch_check.py); on CPU it was slower here, so DALSTON_BATCH_SIZE is 1.
@@ -54,24 +55,26 @@ class FasterWhisperActor(ModelActor):
             # A word's probability comes from the word-timestamp pass.
             word_timestamps=options.word_timestamps or options.logprobs)
         segments = []
-        for segment in pieces:  # decoded lazily, one 30 s window at a time
+        for piece in pieces:  # decoded lazily, one 30 s window at a time
             if cancelled.is_set():
                 raise TaskCancelled()
-            segments.append(segment)
-        # With word timestamps faster-whisper hands out numpy scalars: the wire wants floats.
+            segments.append(segment := _segment(piece, options.logprobs))
+            emit(segment)
         return ChannelTranscript(
             language=info.language, language_probability=float(info.language_probability),
-            duration=info.duration,
-            segments=[
-                Segment(id=s.id, start=float(s.start), end=float(s.end), text=s.text.strip(),
-                        avg_logprob=s.avg_logprob, no_speech_prob=s.no_speech_prob,
-                        temperature=s.temperature, compression_ratio=s.compression_ratio,
-                        tokens=list(s.tokens),
-                        words=[Word(start=float(w.start), end=float(w.end), word=w.word,
-                                    probability=float(w.probability),
-                                    logprob=_logprob(w.probability) if options.logprobs else None)
-                               for w in (s.words or [])])
-                for s in segments])
+            duration=info.duration, segments=segments)
+
+
+def _segment(s, logprobs: bool) -> Segment:
+    # With word timestamps faster-whisper hands out numpy scalars: the wire wants floats.
+    return Segment(id=s.id, start=float(s.start), end=float(s.end), text=s.text.strip(),
+                   avg_logprob=s.avg_logprob, no_speech_prob=s.no_speech_prob,
+                   temperature=s.temperature, compression_ratio=s.compression_ratio,
+                   tokens=list(s.tokens),
+                   words=[Word(start=float(w.start), end=float(w.end), word=w.word,
+                               probability=float(w.probability),
+                               logprob=_logprob(w.probability) if logprobs else None)
+                          for w in (s.words or [])])
 
 
 def _logprob(probability: float) -> float:

@@ -20,6 +20,7 @@ from dalston.config import Settings
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
 from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import TaskCancelled, TaskFailed
+from dalston.sdk.announcer import SegmentSink
 
 # Audio goes to the model in windows of the runtime's `chunk_seconds` (its catalog entry), so
 # memory stays bounded on long files and a cancelled job stops within one window.
@@ -67,17 +68,18 @@ class NemoActor(TorchActor):
         handle.to("meta")
 
     def transcribe(self, handle: ASRModel, audio: np.ndarray, options: TranscribeOptions,
-                   cancelled: threading.Event) -> ChannelTranscript:
+                   cancelled: threading.Event, emit: SegmentSink) -> ChannelTranscript:
         duration = len(audio) / SAMPLE_RATE
         segments: list[Segment] = []
         for start, window in _windows(audio, self.chunk_seconds):
             if cancelled.is_set():
                 raise TaskCancelled()
             hypothesis = handle.transcribe([window], batch_size=1, timestamps=True, verbose=False)[0]
-            segments += _segments(hypothesis.timestamp, start / SAMPLE_RATE, duration,
-                                  options.word_timestamps)
-        for number, segment in enumerate(segments):
-            segment.id = number
+            for segment in _segments(hypothesis.timestamp, start / SAMPLE_RATE, duration,
+                                     options.word_timestamps):
+                segment.id = len(segments)
+                segments.append(segment)
+                emit(segment)
         return ChannelTranscript(language=options.language, duration=duration, segments=segments)
 
 

@@ -73,6 +73,14 @@ class Bus:
         """Publish without keeping it (progress that only live listeners want)."""
         await self.nc.publish(subject, encode(message))
 
+    async def request(self, subject: str, message: Contract, timeout: float) -> bytes | None:
+        """Ask whoever listens on `subject` (one member, where they form a queue group): the
+        answer, or None when nobody listens or nobody answers within `timeout` seconds."""
+        try:
+            return (await self.nc.request(subject, encode(message), timeout=timeout)).data
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return None
+
     async def subscribe(self, subject: str, handler: Callable[[Msg], Awaitable[None]], *,
                         queue: str = "") -> Subscription:
         """Call `handler` with every message on `subject` from now on (one member of `queue`

@@ -7,10 +7,11 @@ someone named explicitly is theirs to run.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -65,6 +66,23 @@ class Client:
         if response.status_code >= 400:
             raise ApiError(_api_message(response), response.status_code)
         return response
+
+    def events(self, path: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """The Server-Sent Events a POST to `path` answers with, each data line's JSON; an error
+        event (OpenAI's shape) becomes an ApiError."""
+        try:
+            with self.http.stream("POST", path, timeout=None, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ApiError(_api_message(response), response.status_code)
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        if "error" in event:
+                            raise ApiError(event["error"].get("message", "the server failed"), 500)
+                        yield event
+        except httpx.HTTPError as exc:
+            raise CliError(f"lost the Dalston server at {self.url}: {exc}") from None
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params).json()

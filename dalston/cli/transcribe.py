@@ -27,6 +27,8 @@ def register(commands) -> None:
     parser.add_argument("--speakers", type=int, metavar="N", help="how many speakers (with --diarize)")
     parser.add_argument("-o", "--output", type=Path, metavar="OUT",
                         help="write here instead of stdout: a file, or a folder for several inputs")
+    parser.add_argument("--stream", action="store_true",
+                        help="print the text as it is decoded (plain text on stdout)")
     add_server_option(parser)
     parser.set_defaults(func=run)
 
@@ -35,7 +37,11 @@ def run(args, settings: Settings) -> int:
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         raise CliError(f"no such file: {', '.join(missing)}", code=2)
+    if args.stream and (args.output is not None or args.format != "text"):
+        raise CliError("--stream prints plain text on stdout: leave out -o and -f", code=2)
     client = connect(args, settings, start=True)
+    if args.stream:
+        return 1 if sum(not _stream(client, path, args, len(args.files) > 1) for path in args.files) else 0
     # All submitted first, so the server works on them together.
     jobs = [(path, _submit(client, path, args)) for path in args.files]
     failed = 0
@@ -63,6 +69,26 @@ def _speaker_fields(args) -> dict[str, str]:
         raise CliError("--speakers goes with --diarize", code=2)
     return {"diarize": "true", **({"num_speakers": str(args.speakers)} if args.speakers else {})} \
         if args.diarize else {}
+
+
+def _stream(client: Client, path: Path, args, several: bool) -> bool:
+    """Print one file's text word by word as it is decoded; False (reason on stderr) if it failed."""
+    if several:
+        print(f"==> {path} <==")
+    try:
+        with path.open("rb") as audio:
+            for event in client.events("/v1/audio/transcriptions", files={"file": (path.name, audio)},
+                                       data={"model": args.model, "language": args.language, "stream": "true"}):
+                if event.get("type") == "transcript.text.delta":
+                    sys.stdout.write(event["delta"])
+                    sys.stdout.flush()
+    except CliError as exc:
+        sys.stdout.write("\n")
+        error(f"{path}: {exc.message}")
+        return False
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return True
 
 
 def _finish(client: Client, path: Path, job_id: str, args, several: bool) -> bool:

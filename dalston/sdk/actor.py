@@ -16,9 +16,20 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar
 import msgspec
 import numpy as np
 
-from dalston.contracts import ChannelTranscript, FailureCode, Task, TranscribeOptions, encode
+from dalston.contracts import (
+    TRANSCRIPT_SUBJECT,
+    ChannelTranscript,
+    FailureCode,
+    Segment,
+    Task,
+    TranscribeOptions,
+    TranscriptDelta,
+    encode,
+    now,
+)
 from dalston.pcm import SampleBuffer
-from dalston.transcript import on_recording_clock
+from dalston.sdk.announcer import SegmentAnnouncer, SegmentSink
+from dalston.transcript import on_recording_clock, segment_on_recording_clock
 
 if TYPE_CHECKING:
     from dalston.bus.connection import Bus
@@ -114,16 +125,28 @@ class ModelActor(Actor):
         """Drop what `load` built; the engine collects memory afterwards."""
 
     def transcribe(self, handle: Any, audio: np.ndarray, options: TranscribeOptions,
-                   cancelled: threading.Event) -> ChannelTranscript:
+                   cancelled: threading.Event, emit: SegmentSink) -> ChannelTranscript:
         """Transcribe 16 kHz mono float32 audio (blocking, runs in a thread); stop with
-        `TaskCancelled` soon after `cancelled` is set."""
+        `TaskCancelled` soon after `cancelled` is set. Hand `emit` each segment as soon as it
+        is decoded, in order, times relative to `audio`: live listeners see it at once."""
         raise NotImplementedError
 
     async def run(self, task: Task, ctx: TaskContext, handle: Any) -> TaskResult:
         if not task.inputs:
             raise TaskFailed("bad_task", "a transcribe task needs its prepared audio as input")
         audio = await ctx.read_audio(task.inputs[0])
-        result = await asyncio.to_thread(self.transcribe, handle, audio, task.options, ctx.cancelled)
+
+        def delta(seq: int, segment: Segment) -> TranscriptDelta:
+            return TranscriptDelta(job_id=task.job_id, task_id=task.id, channel=task.channel, seq=seq,
+                                   segment=segment_on_recording_clock(segment, task.offset, task.end),
+                                   at=now())
+
+        announce = SegmentAnnouncer(ctx.bus, TRANSCRIPT_SUBJECT.format(job_id=task.job_id), delta)
+        try:
+            result = await asyncio.to_thread(self.transcribe, handle, audio, task.options,
+                                             ctx.cancelled, announce)
+        finally:
+            await announce.close()
         result = on_recording_clock(result, task.offset, task.end)
         result.channel = task.channel or 0
         result.model = task.model or ""

@@ -43,6 +43,7 @@ from dalston.sdk import memory
 from dalston.sdk.actor import Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult
 from dalston.sdk.intake import TaskIntake
 from dalston.sdk.models import ModelManager, NoModels
+from dalston.sdk.sessions import SessionHost
 from dalston.store import ModelStore
 
 log = get_logger("dalston.engine")
@@ -71,9 +72,13 @@ class Engine:
             keep_alive=settings.keep_alive) if isinstance(actor, ModelActor) else NoModels()
         self._bus: Bus | None = None
         self.peers = EngineWatch()  # what the other engines hold, for the choice of backlog
-        self.intake = TaskIntake(settings, self.runtime, self.name, self.models.held, self.peers)
+        self.intake = TaskIntake(settings, self.runtime, self.name, self.models.held, self.peers,
+                                 self.models.can_load_another)
         self._stopping = asyncio.Event()
         self._current_ctx: TaskContext | None = None
+        # Live sessions, beside the batch tasks (runtimes that serve models only).
+        self.sessions = SessionHost(settings, self.name, actor, self.models, self._sessions_changed) \
+            if isinstance(actor, ModelActor) and settings.max_sessions > 0 else None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -86,10 +91,14 @@ class Engine:
         try:
             await self._preload()
             self._set_status("idle")
+            if self.sessions is not None:
+                await self.sessions.start(self._bus)
             await self._work()
         finally:
             for job in background:
                 job.cancel()
+            if self.sessions is not None:
+                await self.sessions.stop()
             self.status = "stopping"
             await self._beat(ttl=1)
             await self.peers.stop()
@@ -261,6 +270,10 @@ class Engine:
             if self._bus is not None:
                 asyncio.ensure_future(self._beat())
 
+    def _sessions_changed(self) -> None:
+        if self._bus is not None:
+            asyncio.ensure_future(self._beat())
+
     def _status_changed(self, change: str) -> None:
         # Loading is a status of its own; an unload changes what the heartbeat lists.
         if change == "loading":
@@ -276,6 +289,8 @@ class Engine:
             models_on_disk=self.store.installed(self.runtime_spec.store_dir, self.runtime_spec.required_files)
             if self.runtime_spec.store_dir else [],
             current_task=self.current_task, current_model=self.current_model,
+            sessions=len(self.sessions.sessions) if self.sessions else 0,
+            max_sessions=self.settings.max_sessions if self.sessions else 0,
             tasks_done=self.tasks_done,
             tasks_failed=self.tasks_failed,
             model_loads=self.models.loads,

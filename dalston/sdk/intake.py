@@ -36,13 +36,17 @@ PROBE_SECONDS = 0.05
 
 class TaskIntake:
     def __init__(self, settings: Settings, runtime: str, engine: str,
-                 held_models: Callable[[], list[str | None]], peers: EngineWatch) -> None:
+                 held_models: Callable[[], list[str | None]], peers: EngineWatch,
+                 can_load_another: Callable[[], bool] = lambda: True) -> None:
         self.settings = settings
         self.runtime = runtime
         self.engine = engine
         # Runtime model ids, most recently used first; [None] for a runtime that serves no
         # model, whose tasks all wait in the queue of tasks without one.
         self._held_models = held_models
+        # False while live sessions lease every model slot: a task for another model would wait
+        # for them to end, so only tasks for held models are taken.
+        self._can_load_another = can_load_another
         self._peers = peers
         self._bus: Bus | None = None
         self._doorbell = asyncio.Event()
@@ -108,10 +112,12 @@ class TaskIntake:
         first); then models no other engine holds, or whose backlog is more than their holders
         can soon clear, longest backlog first. A backlog another engine is already working
         through is left to it: taking it would cost a swap here for little gain."""
-        if not self.settings.prefer_loaded:
-            return random.sample(list(pending), len(pending))
         held = [task_consumer(self.runtime, rid) for rid in self._held_models()]
         first = [name for name in held if name in pending]
+        if not self._can_load_another():
+            return first
+        if not self.settings.prefer_loaded:
+            return random.sample(list(pending), len(pending))
         holders = Counter(task_consumer(self.runtime, model)
                           for beat in self._peers.live(self.runtime) if beat.engine != self.engine
                           for model in _models_held(beat))

@@ -72,6 +72,11 @@ class ModelManager:
         """The runtime model ids held, most recently used first."""
         return [r.runtime_model_id for r in reversed(self.resident.values())]
 
+    def can_load_another(self) -> bool:
+        """False while every slot holds a model in use: loading another would wait for a lease
+        to end, and a live session's lease lasts as long as the session."""
+        return len(self.resident) < self.max_loaded or any(r.leases == 0 for r in self.resident.values())
+
     @contextlib.asynccontextmanager
     async def use(self, runtime_model_id: str, *, pin: bool = False) -> AsyncIterator[Any]:
         """The loaded model's handle, leased until the block ends: loaded (evicting an idle
@@ -186,6 +191,9 @@ class NoModels:
 
     def held(self) -> list[None]:
         return [None]  # the runtime's one queue: tasks with no runtime model id
+
+    def can_load_another(self) -> bool:
+        return True
 
     @contextlib.asynccontextmanager
     async def use(self, runtime_model_id: str | None, *, pin: bool = False) -> AsyncIterator[None]:

@@ -14,7 +14,7 @@ from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import OpenAPIConfig
-from litestar.response import Stream
+from litestar.response import ServerSentEvent, Stream
 from litestar.status_codes import HTTP_202_ACCEPTED
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -36,21 +36,22 @@ from dalston.contracts import (
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.services.gateway.admission import Admission
-from dalston.services.gateway.auth import require_key, visible_owner
+from dalston.services.gateway.auth import job_owner, require_key, visible_owner
 from dalston.services.gateway.elevenlabs import elevenlabs_api
 from dalston.services.gateway.form import BadForm, read_form
 from dalston.services.gateway.intake import (
     ApiError,
     Submission,
     error_message,
-    finished,
     jobs,
     raise_for_failure,
     submit,
 )
-from dalston.services.gateway.jobs import JobNotFound, JobService, new_job_id
+from dalston.services.gateway.jobs import FollowedJob, JobNotFound, JobService, new_job_id
 from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
+from dalston.services.gateway.realtime import realtime
+from dalston.services.gateway.streaming import transcript_events
 from dalston.transcript import FORMATS, render
 
 log = get_logger("dalston.gateway")
@@ -61,6 +62,8 @@ INCLUDES = ("logprobs",)
 # OpenAI's server_vad chunking parameters -> the VAD's own (TranscribeOptions.vad_parameters).
 SERVER_VAD_PARAMETERS = {"threshold": "threshold", "prefix_padding_ms": "speech_pad_ms",
                          "silence_duration_ms": "min_silence_duration_ms"}
+# A streamed transcription's job, so a client can look it up at /v1/jobs/{id}.
+JOB_ID_HEADER = "Dalston-Job-Id"
 
 
 def _error_response(request: Request, exc: Exception) -> Response:
@@ -180,7 +183,8 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
     if size == 0:
         raise ApiError(400, "the uploaded file is empty", code="invalid_audio", param="file")
     return Submission(upload, model.id, options, webhook_url=str(form.get("webhook_url") or ""),
-                      shape={"response_format": response_format, "words": "word" in granularities})
+                      shape={"response_format": response_format, "words": "word" in granularities,
+                             "stream": str(form.get("stream") or "").lower() in ("true", "1")})
 
 
 def _openai_form(task: str | None = None) -> Callable[[Request], Awaitable[Submission]]:
@@ -188,23 +192,42 @@ def _openai_form(task: str | None = None) -> Callable[[Request], Awaitable[Submi
     return lambda request: _read_request(request, task)
 
 
-@post("/v1/audio/transcriptions", status_code=200, summary="Transcribe audio (OpenAI-compatible)")
-async def create_transcription(request: Request) -> Response:
+@post("/v1/audio/transcriptions", status_code=200,
+      summary="Transcribe audio (OpenAI-compatible); stream=true streams the text as Server-Sent Events")
+async def create_transcription(request: Request) -> Response | ServerSentEvent:
     return await _answer(request, "transcribe")
 
 
 @post("/v1/audio/translations", status_code=200,
       summary="Translate speech into English text (OpenAI-compatible; multilingual Whisper models)")
-async def create_translation(request: Request) -> Response:
+async def create_translation(request: Request) -> Response | ServerSentEvent:
     return await _answer(request, "translate")
 
 
-async def _answer(request: Request, task: str) -> Response:
-    """Run the job and answer with its result in the response_format asked for."""
+async def _answer(request: Request, task: str) -> Response | ServerSentEvent:
+    """Run the job and answer with its result in the response_format asked for, or, with
+    stream=true, with its text as it is decoded (Server-Sent Events)."""
+    settings: Settings = request.app.state.settings
     job_id = new_job_id()
-    async with jobs(request).following(job_id) as ended:
+    # Followed before it is submitted, so nothing of a fast job can be missed.
+    followed = await FollowedJob.start(jobs(request), job_id, job_owner(request), segments=True)
+    try:
         submission = await submit(request, job_id, _openai_form(task))
-        transcript = await finished(request, job_id, ended)
+    except BaseException:
+        await followed.close()
+        raise
+    if submission.shape["stream"]:
+        return ServerSentEvent(transcript_events(followed, settings.request_timeout),
+                               headers={JOB_ID_HEADER: job_id})
+    record = None
+    try:
+        async for record in followed.events(settings.request_timeout):
+            pass  # the segments go by; the last item is the ended job's record
+    except TimeoutError:
+        raise ApiError(504, f"transcription did not finish within {settings.request_timeout:g} s "
+                            "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
+    raise_for_failure(record)
+    transcript = await jobs(request).transcript(record)
     options = submission.options
     body, media_type = render(transcript, submission.shape["response_format"], words=submission.shape["words"],
                               task=options.task, logprobs=options.logprobs)
@@ -383,7 +406,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[create_transcription, create_translation, submit_job, get_job, list_jobs, cancel_job,
                         get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
-                        metrics, healthz, readyz, elevenlabs_api],
+                        metrics, healthz, readyz, elevenlabs_api, realtime],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
         guards=[require_key],

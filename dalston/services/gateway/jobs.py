@@ -7,6 +7,7 @@ may see (None: everyone's); another owner's job is not found, so its existence i
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,12 +19,15 @@ from dalston.contracts import (
     JOB_EVENT_SUBJECT,
     SUBMIT_SUBJECT,
     TERMINAL,
+    TRANSCRIPT_SUBJECT,
     CancelRequest,
+    ContractError,
     JobEvent,
     JobRecord,
     JobRequest,
     TranscribeOptions,
     Transcript,
+    TranscriptDelta,
     decode,
     is_job_id,
     now,
@@ -118,3 +122,56 @@ class JobService:
     async def cancel(self, job_id: str, owner: str | None) -> None:
         await self.get(job_id, owner)
         await self.bus.publish(CANCEL_SUBJECT, CancelRequest(id=job_id))
+
+
+class FollowedJob:
+    """A submitted job as it runs: the segments its engines announce, then its final record."""
+
+    def __init__(self, jobs: JobService, job_id: str, owner: str | None) -> None:
+        self.jobs, self.id, self.owner = jobs, job_id, owner
+        self._queue: asyncio.Queue[TranscriptDelta | None] = asyncio.Queue()
+        self._subscriptions: list = []
+
+    @classmethod
+    async def start(cls, jobs: JobService, job_id: str, owner: str | None, segments: bool) -> FollowedJob:
+        followed = cls(jobs, job_id, owner)
+        bus = jobs.bus
+        followed._subscriptions.append(
+            await bus.subscribe(JOB_EVENT_SUBJECT.format(job_id=job_id), followed._on_job_event))
+        if segments:
+            followed._subscriptions.append(
+                await bus.subscribe(TRANSCRIPT_SUBJECT.format(job_id=job_id), followed._on_delta))
+        return followed
+
+    async def _on_job_event(self, msg) -> None:
+        if decode(msg.data, JobEvent).status in TERMINAL:
+            self._queue.put_nowait(None)
+
+    async def _on_delta(self, msg) -> None:
+        try:
+            self._queue.put_nowait(decode(msg.data, TranscriptDelta))
+        except ContractError as exc:  # a publisher's bug: the job's result is unaffected
+            log.warning("bad transcript delta", job=self.id, error=str(exc)[:200])
+
+    async def events(self, timeout: float) -> AsyncIterator[TranscriptDelta | JobRecord]:
+        """Each segment once, in order per task, then the job's record when it has ended
+        (TimeoutError past `timeout`). Unsubscribes when it ends, or is closed early."""
+        deadline = time.monotonic() + timeout
+        sent: dict[str, int] = {}  # per task, the next segment not forwarded yet
+        try:
+            while (item := await asyncio.wait_for(self._queue.get(), deadline - time.monotonic())) is not None:
+                # A task run again after its engine died repeats the segments already sent.
+                if item.seq >= sent.get(item.task_id, 0):
+                    sent[item.task_id] = item.seq + 1
+                    yield item
+            yield await self.jobs.get(self.id, self.owner)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            try:
+                await subscription.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - a closing connection drops it anyway
+                log.warning("unsubscribe failed", job=self.id, error=repr(exc))
