@@ -3,6 +3,8 @@ smoothing of the GE2E diarizer (actors.diarize.clustering): pure, no model."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,6 @@ from dalston.contracts import (
     Word,
     convert,
     decode,
-    encode,
 )
 from dalston.speakers import assign_speakers, labelled_turns
 
@@ -81,8 +82,7 @@ def test_diarize_options_are_checked_where_they_are_decoded(options, field):
     with pytest.raises(ContractError, match=field.replace("(", r"\(").replace(")", r"\)")):
         convert(request, JobRequest)
     with pytest.raises(ContractError):
-        decode(encode(TranscribeOptions()).replace(b'"diarize":null', b'"diarize":' + repr(options).replace(
-            "'", '"').encode()), TranscribeOptions)
+        decode(json.dumps({"diarize": options}).encode(), TranscribeOptions)
 
 
 def test_diarize_options_bounds():
@@ -164,3 +164,17 @@ def test_an_instant_of_another_voice_between_two_of_one_is_theirs():
 def test_pieces_of_one_speaker_close_together_are_one_turn():
     pieces = [Piece(0.0, 2.0, 0), Piece(2.5, 4.0, 1), Piece(6.0, 7.0, 2), Piece(7.1, 8.0, 3)]
     assert join(pieces, [0, 0, 0, 1], bridge=1.0) == [(0.0, 4.0, 0), (6.0, 7.0, 0), (7.1, 8.0, 1)]
+
+
+def test_a_given_count_is_not_spent_on_a_stray_piece():
+    rng = np.random.default_rng(2)
+    voices = _voices(rng, 2)
+    truth = np.array([0, 1] * 5)
+    stray = -(voices[0] + voices[1])  # unlike either voice: the tree's last split puts it alone
+    embeddings = np.array([_noisy(rng, voices[v], 0.03) for v in truth] + [stray])
+    weights = np.array([3.0] * 10 + [1.0])
+    found = cluster(embeddings, weights, np.ones(11, bool), threshold=0.8, min_share=0.12, bounds=(2, 2))
+    assert len(found.centroids) == 2 and _same_partition(found.labels[:10], truth)
+    # Without the share rule, a cut at two is the stray piece against both voices.
+    plain = cluster(embeddings, weights, np.ones(11, bool), threshold=0.8, bounds=(2, 2))
+    assert not _same_partition(plain.labels[:10], truth)

@@ -56,14 +56,26 @@ def cluster(embeddings: np.ndarray, weights: np.ndarray, reliable: np.ndarray, *
         found = fcluster(tree, t=1.0 - threshold, criterion="distance") - 1
         count = int(found.max()) + 1
         if not low <= count <= high:
-            wanted = min(max(count, low), high, len(members))
-            found = fcluster(tree, t=wanted, criterion="maxclust") - 1
+            found = _cut(tree, embeddings[members], weights[members], min(max(count, low), high, len(members)),
+                         min_share)
         else:
             found = _absorb_small(embeddings[members], weights[members], found, min_share, low)
     centroids = _centroids(embeddings[members], weights[members], found)
     labels = np.argmax(embeddings @ centroids.T, axis=1)
     labels[members] = found
     return Clustering(labels, centroids)
+
+
+def _cut(tree: np.ndarray, embeddings: np.ndarray, weights: np.ndarray, wanted: int, min_share: float) -> np.ndarray:
+    """`wanted` clusters from the tree: cut into the fewest clusters of which `wanted` hold
+    `min_share` or more, the others merged into the most alike (a stray piece must not take
+    one of the places while two voices share another)."""
+    for count in range(wanted, len(embeddings) + 1):
+        labels = fcluster(tree, t=count, criterion="maxclust") - 1
+        shares = np.bincount(labels, weights=weights) / weights.sum()
+        if (shares >= min_share).sum() >= wanted:
+            return _absorb_small(embeddings, weights, labels, np.inf, wanted)
+    return fcluster(tree, t=wanted, criterion="maxclust") - 1
 
 
 def _absorb_small(embeddings: np.ndarray, weights: np.ndarray, labels: np.ndarray, min_share: float,

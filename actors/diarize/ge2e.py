@@ -38,7 +38,9 @@ THRESHOLD = 0.86
 # the speech), while every real speaker there held a quarter or more.
 MIN_SHARE = 0.12
 # Windows per second for pooled piece embeddings (1.6 s windows: 1.25/s overlaps them by
-# half), and for placing a boundary between pieces of different speakers.
+# half; measured against 4/s: the same speed, since only speech is embedded and a piece's
+# windows go through the encoder as one batch, and a worst DER of 0.013 against 0.020), and
+# for placing a boundary between pieces of different speakers.
 EMBED_RATE = 1.25
 BOUNDARY_RATE = 4.0
 # One speaker's pieces this close together are one turn; a piece shorter than MIN_TURN
