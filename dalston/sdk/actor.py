@@ -134,21 +134,33 @@ class ModelActor(Actor):
     async def run(self, task: Task, ctx: TaskContext, handle: Any) -> TaskResult:
         if not task.inputs:
             raise TaskFailed("bad_task", "a transcribe task needs its prepared audio as input")
-        audio = await ctx.read_audio(task.inputs[0])
 
         def delta(seq: int, segment: Segment) -> TranscriptDelta:
             return TranscriptDelta(job_id=task.job_id, task_id=task.id, channel=task.channel, seq=seq,
-                                   segment=segment_on_recording_clock(segment, task.offset, task.end),
-                                   at=now())
+                                   segment=segment, at=now())
 
         announce = SegmentAnnouncer(ctx.bus, TRANSCRIPT_SUBJECT.format(job_id=task.job_id), delta)
+        # One piece of audio (a chunk, or a short recording), or a channel's chunks in order (a
+        # streamed job, whose text must come in order): each on the recording's clock.
+        starts = task.starts or [task.offset]
+        ends = [*starts[1:], task.end]
+        options, parts = task.options, []
         try:
-            result = await asyncio.to_thread(self.transcribe, handle, audio, task.options,
-                                             ctx.cancelled, announce)
+            for name, start, end in zip(task.inputs, starts, ends):
+                audio = await ctx.read_audio(name)
+
+                def emit(segment: Segment, start: float = start, end: float | None = end) -> None:
+                    announce(segment_on_recording_clock(segment, start, end))
+
+                part = await asyncio.to_thread(self.transcribe, handle, audio, options, ctx.cancelled, emit)
+                parts.append(on_recording_clock(part, start, end))
+                # The language the first piece heard, for the rest; the prompt leads only.
+                options = msgspec.structs.replace(options, prompt=None,
+                                                  language=options.language or part.language)
         finally:
             await announce.close()
-        result = on_recording_clock(result, task.offset, task.end)
-        result.channel = task.channel or 0
-        result.model = task.model or ""
+        result = msgspec.structs.replace(
+            parts[0], segments=[s for part in parts for s in part.segments], duration=parts[-1].duration,
+            channel=task.channel or 0, model=task.model or "")
         name = await ctx.write(task.output, encode(result))
         return TaskResult(outputs=[name], duration=result.duration, language=result.language)

@@ -24,6 +24,7 @@ from dalston.contracts import (
     ORCHESTRATOR_JOBS_CONSUMER,
     TERMINAL,
     CancelRequest,
+    ContractError,
     Failure,
     JobEvent,
     JobRecord,
@@ -113,7 +114,8 @@ class Orchestrator:
             elif not redrive:
                 return record
             await self._publish_tasks(record, dag.queued(record) if redrive else ready)
-            if record.status != before or (redrive and record.status != "queued"):
+            if record.status != before or (redrive and record.status != "queued"
+                                           and not await self._announced(record)):
                 await self._job_event(record)
             self._track(record)
             return record
@@ -125,6 +127,15 @@ class Orchestrator:
             log.debug("task published", task=task.id, consumer=durable)
             await self._bus.publish(task_subject(task.runtime, task.runtime_model_id), task,
                                     msg_id=task.id)
+
+    async def _announced(self, record: JobRecord) -> bool:
+        """Whether the job's last event already says its status. A stream drops a repeated event
+        (message ids), but live subscribers would see it twice: only a lost one is sent again."""
+        last = await self._bus.last(EVENTS_STREAM, JOB_EVENT_SUBJECT.format(job_id=record.id))
+        try:
+            return last is not None and decode(last, JobEvent).status == record.status
+        except ContractError:
+            return False
 
     async def _job_event(self, record: JobRecord) -> None:
         await self._bus.publish(

@@ -163,6 +163,7 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
         raise ApiError(400, f"unknown include {sorted(set(include) - set(INCLUDES))}; use logprobs",
                        param="include[]")
     keywords = [k.strip() for k in _values(form, "keywords") if k.strip()]
+    stream = str(form.get("stream") or "").lower() in ("true", "1")
     try:
         # The contract bounds every field (prompt length, temperature range, language code).
         options = convert({"language": str(form.get("language") or "") or None,
@@ -171,10 +172,12 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
                            "task": task or str(form.get("task") or "transcribe"),
                            "hotwords": ", ".join(keywords) or None,
                            "vad_parameters": _vad_parameters(form), "logprobs": "logprobs" in include,
-                           "diarize": _diarize_options(form, response_format, model)},
+                           "diarize": _diarize_options(form, response_format, model),
+                           "stream": stream},
                           TranscribeOptions)
     except ContractError as exc:
-        param = exc.field and exc.field.rsplit(".", 1)[-1]  # diarize.num_speakers: the form's name
+        # diarize.num_speakers is the form's num_speakers; other paths name the option itself.
+        param = exc.field.removeprefix("diarize.") if exc.field else None
         raise ApiError(400, f"invalid {param}: {str(exc).split(': ', 1)[-1]}", param=param) from None
     # The upload is already spooled (up to 1 MB in memory, the rest in a temporary file):
     # measuring it is cheap.
@@ -184,7 +187,7 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
         raise ApiError(400, "the uploaded file is empty", code="invalid_audio", param="file")
     return Submission(upload, model.id, options, webhook_url=str(form.get("webhook_url") or ""),
                       shape={"response_format": response_format, "words": "word" in granularities,
-                             "stream": str(form.get("stream") or "").lower() in ("true", "1")})
+                             "stream": stream})
 
 
 def _openai_form(task: str | None = None) -> Callable[[Request], Awaitable[Submission]]:

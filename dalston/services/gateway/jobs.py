@@ -44,6 +44,10 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+# Job records read at once while listing.
+LIST_READS = 16
+
+
 class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id[:80]!r}")
@@ -110,10 +114,16 @@ class JobService:
                          audio_object=audio_object, owner=headers.get(OWNER_HEADER))
 
     async def list(self, owner: str | None, limit: int = 50) -> list[JobRecord]:
-        # Another owner's job is not found: gathered as an exception and left out.
-        records = await asyncio.gather(*(self.get(k, owner) for k in await self.bus.jobs.ids()),
-                                       return_exceptions=True)
-        jobs = [r for r in records if isinstance(r, JobRecord)]
+        # A few reads at a time: hundreds of jobs must not flood NATS with requests at once.
+        reads = asyncio.Semaphore(LIST_READS)
+
+        async def read(job_id: str) -> JobRecord | None:
+            async with reads:
+                try:
+                    return await self.get(job_id, owner)
+                except JobNotFound:  # another owner's, or gone meanwhile
+                    return None
+        jobs = [r for r in await asyncio.gather(*(read(k) for k in await self.bus.jobs.ids())) if r]
         return sorted(jobs, key=lambda r: r.created_at, reverse=True)[:limit]
 
     async def transcript(self, record: JobRecord) -> Transcript:
