@@ -129,18 +129,21 @@ class LoopbackStack:
             time.sleep(0.2)
         raise TimeoutError(f"engines {names} not live; see {self.logs}")
 
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        process = self.processes.pop(name)
-        process.send_signal(sig)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    def stop(self, *names: str, sig: int = signal.SIGTERM) -> None:
+        """Signal the services `names` together, then wait for each (killed past 15 s)."""
+        processes = [self.processes.pop(name) for name in names]
+        for process in processes:
+            process.send_signal(sig)
+        deadline = time.monotonic() + 15
+        for process in processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def close(self) -> None:
-        for name in list(self.processes):
-            self.stop(name)
+        self.stop(*self.processes)
         self.nats.stop()
 
     async def bus(self) -> Bus:

@@ -258,7 +258,7 @@ async def test_an_engine_on_a_host_with_a_slow_clock_stays_live(system):
 def test_a_silent_engine_drops_out_within_three_beats(system):
     system.start_engine("faster-whisper", "doomed")
     system.wait_engines("doomed")
-    system.stop("doomed", signal.SIGKILL)  # no goodbye beat: it just goes silent
+    system.stop("doomed", sig=signal.SIGKILL)  # no goodbye beat: it just goes silent
     killed = time.monotonic()
 
     async def gone():

@@ -206,7 +206,7 @@ async def test_a_killed_engine_gives_an_error_and_the_session_moves_on(lone, sen
         await events.until(COMPLETED)
         lone.start_engine("faster-whisper", "fw-second")
         lone.wait_engines("fw-second")
-        lone.stop("fw-first", signal.SIGKILL)
+        lone.stop("fw-first", sig=signal.SIGKILL)
         await feed(connection, sentences[1][1][: RATE])  # speech cut off by the engine's death
         (_, error), = await events.until("error", timeout=30)
         assert error.error.code == "engine_lost"

@@ -44,7 +44,7 @@ def start_webhooks(stack, sig: int = signal.SIGTERM, **env: str) -> None:
     """The webhook service, (re)started with `env` on top of WEBHOOK_ENV; a running one is
     stopped with `sig` first."""
     if "webhooks" in stack.processes:
-        stack.stop("webhooks", sig)
+        stack.stop("webhooks", sig=sig)
     stack.start("webhooks", "webhooks", **WEBHOOK_ENV, **env)
 
 
@@ -106,7 +106,7 @@ async def test_a_delivery_survives_the_webhook_service_killed_while_retrying(sta
         async def refused_once():
             return receiver.deliveries
         await wait_for(refused_once, 60)
-        stack.stop("webhooks", signal.SIGKILL)
+        stack.stop("webhooks", sig=signal.SIGKILL)
         receiver.answers.clear()  # from now on it accepts
         tries_before = len(receiver.deliveries)
         start_webhooks(stack)
