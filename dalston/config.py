@@ -54,8 +54,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Audio longer than this is cut (at the quietest moment near each multiple) into pieces that
     # engines transcribe at once; see README for how the default was measured.
     chunk_seconds: Annotated[float, msgspec.Meta(ge=30.0)] = 60.0
-    # faster-whisper decodes this many speech windows of a file at once (1: one at a time, the
-    # faster on CPU here; larger pays on GPUs: scripts/batch_check.py).
+    # faster-whisper decodes this many speech windows of a file at once (1: one at a time).
+    # Faster on CPU too (scripts/batch_check.py), but segments then follow the VAD's regions.
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     # How long audio, results and finished jobs' events are kept.
     retention_hours: float = 168.0

@@ -4,7 +4,7 @@ their ratio. Run it on CPU here and on any NVIDIA GPU at hand:
 
     python scripts/batch_check.py --device cuda --model-dir ~/.local/share/dalston/models/faster-whisper/base
 
-Dalston keeps batching (DALSTON_BATCH_SIZE) off where this shows it slower.
+DALSTON_BATCH_SIZE turns batching on in the engines (README, Benchmarks, says what it changes).
 """
 
 from __future__ import annotations

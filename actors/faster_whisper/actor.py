@@ -42,8 +42,8 @@ class FasterWhisperActor(ModelActor):
     def transcribe(self, handle: WhisperModel, audio: np.ndarray, options: TranscribeOptions,
                    cancelled: threading.Event, emit: SegmentSink) -> ChannelTranscript:
         vad_parameters = options.vad_parameters and msgspec.structs.asdict(options.vad_parameters)
-        # Batched decoding of a file's speech regions (found by the VAD) where it pays: on GPUs
-        # (scripts/batch_check.py); on CPU it was slower here, so DALSTON_BATCH_SIZE is 1.
+        # Batched decoding of a file's speech regions (found by the VAD), DALSTON_BATCH_SIZE > 1:
+        # faster (scripts/batch_check.py), but its segments are the VAD's regions, not sentences.
         batched = self.settings.batch_size > 1 and options.vad
         decoder = BatchedInferencePipeline(handle) if batched else handle
         pieces, info = decoder.transcribe(
