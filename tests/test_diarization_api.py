@@ -21,15 +21,9 @@ MODEL = "faster-whisper-tiny.en"
 
 
 @pytest.fixture(scope="module")
-def diarizing(tmp_path_factory):
-    stack = TestStack(tmp_path_factory.mktemp("diarizing"))
-    stack.start_nats()
-    stack.start_pipeline()
-    stack.start_engine("faster-whisper", "fw")
-    stack.start_engine("diarize", "dz")
-    stack.wait_engines("audio-prepare", "merge", "fw", "dz")
-    yield stack
-    stack.close()
+def diarizing(stack):
+    """The shared Dalston: two faster-whisper engines and a diarize engine."""
+    return stack
 
 
 def client(stack: TestStack) -> OpenAI:
@@ -58,7 +52,8 @@ def test_one_voice_is_one_speaker_and_the_job_records_its_stages(diarizing):
     job_id = response.json()["id"]
     record = asyncio.run(wait_job(diarizing, job_id))
     assert record["status"] == "completed"
-    assert record["tasks"]["diarize-0"]["engine"] == "dz" and record["tasks"]["transcribe-0"]["engine"] == "fw"
+    assert record["tasks"]["diarize-0"]["engine"] == "dz"
+    assert record["tasks"]["transcribe-0"]["engine"] in ("fw-a", "fw-b")
     verbose = httpx.get(f"{diarizing.url}/v1/jobs/{job_id}/transcript",
                         params={"format": "verbose_json"}).json()
     assert {w["speaker"] for w in verbose["words"]} == {s["speaker"] for s in verbose["segments"]} == {"SPEAKER_0"}
