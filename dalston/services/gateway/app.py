@@ -36,18 +36,20 @@ from dalston.contracts import (
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.services.gateway.admission import Admission
-from dalston.services.gateway.auth import job_owner, require_key, visible_owner
+from dalston.services.gateway.auth import require_key, visible_owner
 from dalston.services.gateway.elevenlabs import elevenlabs_api
 from dalston.services.gateway.form import BadForm, read_form
 from dalston.services.gateway.intake import (
     ApiError,
     Submission,
     error_message,
+    finished,
+    followed_submission,
     jobs,
     raise_for_failure,
     submit,
 )
-from dalston.services.gateway.jobs import FollowedJob, JobNotFound, JobService, new_job_id
+from dalston.services.gateway.jobs import JobNotFound, JobService, new_job_id
 from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.services.gateway.realtime import realtime
@@ -212,25 +214,11 @@ async def _answer(request: Request, task: str) -> Response | ServerSentEvent:
     stream=true, with its text as it is decoded (Server-Sent Events)."""
     settings: Settings = request.app.state.settings
     job_id = new_job_id()
-    # Followed before it is submitted, so nothing of a fast job can be missed.
-    followed = await FollowedJob.start(jobs(request), job_id, job_owner(request), segments=True)
-    try:
-        submission = await submit(request, job_id, _openai_form(task))
-    except BaseException:
-        await followed.close()
-        raise
+    followed, submission = await followed_submission(request, job_id, _openai_form(task), segments=True)
     if submission.shape["stream"]:
         return ServerSentEvent(transcript_events(followed, settings.request_timeout),
                                headers={JOB_ID_HEADER: job_id})
-    record = None
-    try:
-        async for record in followed.events(settings.request_timeout):
-            pass  # the segments go by; the last item is the ended job's record
-    except TimeoutError:
-        raise ApiError(504, f"transcription did not finish within {settings.request_timeout:g} s "
-                            "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
-    raise_for_failure(record)
-    transcript = await jobs(request).transcript(record)
+    transcript = await finished(request, followed)
     options = submission.options
     body, media_type = render(transcript, submission.shape["response_format"], words=submission.shape["words"],
                               task=options.task, logprobs=options.logprobs)

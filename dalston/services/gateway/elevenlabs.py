@@ -26,9 +26,9 @@ from dalston.services.gateway.intake import (
     Submission,
     error_message,
     finished,
+    followed_submission,
     jobs,
     raise_for_failure,
-    submit,
 )
 from dalston.services.gateway.jobs import JobNotFound, new_job_id
 
@@ -168,13 +168,13 @@ async def _read(request: Request) -> Submission:
 @post("/speech-to-text", status_code=200, summary="Transcribe audio (ElevenLabs-compatible)")
 async def convert_speech(request: Request) -> dict[str, Any]:
     job_id = new_job_id()
-    async with jobs(request).following(job_id) as ended:
-        submission = await submit(request, job_id, _read)
-        shape = submission.shape
-        if shape["webhook"]:
-            return {"message": f"Accepted: the transcript will be at /v1/speech-to-text/transcripts/{job_id}",
-                    "request_id": job_id, "transcription_id": job_id}
-        transcript = await finished(request, job_id, ended)
+    followed, submission = await followed_submission(request, job_id, _read, segments=False)
+    shape = submission.shape
+    if shape["webhook"]:
+        await followed.close()
+        return {"message": f"Accepted: the transcript will be at /v1/speech-to-text/transcripts/{job_id}",
+                "request_id": job_id, "transcription_id": job_id}
+    transcript = await finished(request, followed)
     return speech_to_text(transcript, granularity=shape["granularity"], multichannel=shape["multichannel"],
                           formats=shape["formats"], transcription_id=job_id)
 

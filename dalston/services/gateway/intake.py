@@ -4,7 +4,6 @@ its publication. Each API reads its own form into a `Submission`; the rest is th
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from dalston.contracts import (
 )
 from dalston.services.gateway.admission import Admission, Refused
 from dalston.services.gateway.auth import job_owner
-from dalston.services.gateway.jobs import JobService
+from dalston.services.gateway.jobs import FollowedJob, JobService
 from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.webhook_targets import RefusedTarget, check_target
 
@@ -113,16 +112,29 @@ async def submit(request: Request, job_id: str, read: Callable[[Request], Awaita
     return submission
 
 
-async def finished(request: Request, job_id: str, ended: asyncio.Event) -> Transcript:
-    """The transcript of job `job_id` once `ended` (JobService.following) is set; 504 past
-    DALSTON_REQUEST_TIMEOUT, and the job's failure as an ApiError."""
-    settings: Settings = request.app.state.settings
+async def followed_submission(request: Request, job_id: str, read: Callable[[Request], Awaitable[Submission]],
+                              *, segments: bool) -> tuple[FollowedJob, Submission]:
+    """`submit` a job that is followed from before it is published, so nothing of a fast job
+    can be missed: its end, and with `segments` the text its engines decode."""
+    followed = await FollowedJob.start(jobs(request), job_id, job_owner(request), segments=segments)
     try:
-        await asyncio.wait_for(ended.wait(), settings.request_timeout)
+        return followed, await submit(request, job_id, read)
+    except BaseException:
+        await followed.close()
+        raise
+
+
+async def finished(request: Request, followed: FollowedJob) -> Transcript:
+    """The transcript of a followed job once it has ended; 504 past DALSTON_REQUEST_TIMEOUT,
+    and the job's failure as an ApiError."""
+    settings: Settings = request.app.state.settings
+    record = None
+    try:
+        async for record in followed.events(settings.request_timeout):
+            pass  # any segments go by; the last item is the ended job's record
     except TimeoutError:
         raise ApiError(504, f"transcription did not finish within {settings.request_timeout:g} s "
                             "(DALSTON_REQUEST_TIMEOUT); use /v1/jobs for long files") from None
-    record = await jobs(request).get(job_id, job_owner(request))
     raise_for_failure(record)
     return await jobs(request).transcript(record)
 

@@ -10,7 +10,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import IO
 
 from dalston.bus.connection import Bus
@@ -79,22 +78,6 @@ class JobService:
             await self.bus.artifacts.delete(audio_object)
         except Exception as exc:  # noqa: BLE001 - retention removes it in the end
             log.warning("orphaned upload not deleted", object=audio_object, error=repr(exc))
-
-    @asynccontextmanager
-    async def following(self, job_id: str) -> AsyncIterator[asyncio.Event]:
-        """An event set once job `job_id` ends. Entered before the job is submitted, so the end
-        of a fast job cannot be missed."""
-        ended = asyncio.Event()
-
-        async def on_event(msg) -> None:
-            if decode(msg.data, JobEvent).status in TERMINAL:
-                ended.set()
-
-        subscription = await self.bus.subscribe(JOB_EVENT_SUBJECT.format(job_id=job_id), on_event)
-        try:
-            yield ended
-        finally:
-            await subscription.unsubscribe()
 
     async def get(self, job_id: str, owner: str | None) -> JobRecord:
         if not is_job_id(job_id):
