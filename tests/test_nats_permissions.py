@@ -119,6 +119,23 @@ async def test_wrong_password_is_refused(locked):
                            allow_reconnect=False, max_reconnect_attempts=0)
 
 
+async def test_an_engine_may_rewrite_its_outputs(locked):
+    """A task run again writes the same objects again; the object store then purges the old
+    chunks, which the engine user must be allowed (it was not: each re-run then timed out)."""
+    bus = await locked.bus()  # admin: creates the layout
+    errors: list[str] = []
+    nc = await connect_as(locked, "engine", errors)
+    try:
+        artifacts = await nc.jetstream().object_store("artifacts")
+        for attempt in (b"first run", b"second run"):
+            await artifacts.put("jobs/rewritten/prepare/ch0/00000.f32", attempt)
+        assert (await bus.artifacts.read("jobs/rewritten/prepare/ch0/00000.f32")) == b"second run"
+        assert not errors
+    finally:
+        await nc.close()
+        await bus.close()
+
+
 def test_every_service_does_its_job_with_its_own_user(locked):
     """The orchestrator creates the layout; the others, which may only read it, then start and
     run a job end to end without one permission violation."""

@@ -134,12 +134,20 @@ def test_jobs_complete_when_the_nats_server_is_killed(tmp_path):
         killed.send_signal(signal.SIGKILL)
         # Generous: the restart, the reconnects, then most of the work on a loaded 2-core box.
         ended = wait_until(lambda s: all(status in ("completed", "failed", "cancelled") for status in s), 300)
-        failures = [http.get(f"/v1/jobs/{job_id}").json().get("failure") for job_id in job_ids]
-        assert ended == ["completed"] * jobs, failures
+        failures = [http.get(f"/v1/jobs/{job_id}").json() for job_id, status in zip(job_ids, ended)
+                    if status != "completed"]
+        assert not failures, f"{len(failures)} of {jobs} jobs did not complete: {failures[:3]}"
         assert nats_server(up).pid != killed.pid
-        # The engines beat into the new server (its memory streams are made again): all live.
-        live = {e["runtime"] for e in http.get("/v1/engines").json()["data"] if e["status"] in ("idle", "busy")}
-        assert live == {"audio-prepare", "merge", "faster-whisper"}
+        # The engines beat into the new server (its memory streams are made again): all live
+        # within a few beats.
+        def live() -> set[str]:
+            engines = http.get("/v1/engines").json()["data"]
+            return {e["runtime"] for e in engines if e["status"] in ("idle", "busy")}
+
+        deadline = time.monotonic() + 20
+        while live() != {"audio-prepare", "merge", "faster-whisper"} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert live() == {"audio-prepare", "merge", "faster-whisper"}
     assert "nats-server died; restarting" in (tmp_path / "up.log").read_text()
 
 
