@@ -31,6 +31,6 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def long_audio(tmp_path_factory) -> Path:
-    """The dialogue eight times over (about 45 s): long enough to kill something mid-task, or
-    to outlast a short keep-alive."""
-    return looped_dialogue(8, tmp_path_factory.mktemp("long"))
+    """The dialogue four times over (about 22 s): long enough to kill something mid-task, or
+    to outlast a short keep-alive, and no longer, as every test that uses it runs it whole."""
+    return looped_dialogue(4, tmp_path_factory.mktemp("long"))

@@ -31,7 +31,7 @@ from tests.stack import AUDIO, TestStack, wait_for, wait_job, words
 MODEL = "faster-whisper-tiny.en"
 # A model whose runtime (nemo) has no engine here: its jobs stay queued.
 STUCK_MODEL = "parakeet-ctc-0.6b"
-MAX_QUEUED = 50
+MAX_QUEUED = 20
 MAX_UPLOADS = 8
 SPEAKER1 = words("That was hilarious, I can't believe you said that.")
 
@@ -107,7 +107,7 @@ def test_queue_wait_counts_parallel_tasks_once():
 
 async def test_a_flood_gets_answers_or_refusals_and_every_accepted_job_runs(front):
     audio = (AUDIO / "speaker1.wav").read_bytes()
-    limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
     engine = front.processes["fw"]
     async with httpx.AsyncClient(base_url=front.url, timeout=300, limits=limits) as client:
         async def one(i: int) -> httpx.Response:
@@ -118,7 +118,7 @@ async def test_a_flood_gets_answers_or_refusals_and_every_accepted_job_runs(fron
         # is paused while the flood comes, so the queue fills up.
         engine.send_signal(signal.SIGSTOP)
         try:
-            flood = [asyncio.create_task(one(i)) for i in range(400)]
+            flood = [asyncio.create_task(one(i)) for i in range(200)]
             # Every /v1/jobs request is answered (202 or refused) without waiting for its job.
             await asyncio.wait(flood[::2], timeout=300)
         finally:
