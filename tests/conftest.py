@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from dalston.bus.credentials import home_passwords, service_environment
+from dalston.bus.server import EmbeddedNats
 from dalston.catalog import Catalog
 from dalston.store import ModelStore
 from tests.audio_fixtures import looped_dialogue
@@ -16,6 +18,16 @@ def catalog() -> Catalog:
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "models")
+
+
+@pytest.fixture
+def nats_env(tmp_path):
+    """The settings of an admin of a fresh nats-server of its own."""
+    passwords = home_passwords(tmp_path / "home")
+    server = EmbeddedNats(tmp_path / "nats", -1, passwords)
+    server.start()
+    yield {"DALSTON_NATS_URL": server.url, **service_environment(passwords, "admin")}
+    server.stop()
 
 
 @pytest.fixture(scope="session")

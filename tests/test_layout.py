@@ -5,23 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from dalston.bus.connection import connect
-from dalston.bus.credentials import home_passwords, service_environment
-from dalston.bus.server import EmbeddedNats
 from dalston.config import load_settings
 from dalston.contracts import JobRecord
-
-
-@pytest.fixture
-def nats_env(tmp_path):
-    """The settings of an admin of a fresh server."""
-    passwords = home_passwords(tmp_path / "home")
-    server = EmbeddedNats(tmp_path / "nats", -1, passwords)
-    server.start()
-    yield {"DALSTON_NATS_URL": server.url, **service_environment(passwords, "admin")}
-    server.stop()
 
 
 async def max_ages(nats_env: dict[str, str], retention_hours: float) -> dict[str, float]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -47,6 +48,7 @@ class Bus:
     jobs: JobRecords
     artifacts: Artifacts
     task_consumers: TaskConsumers
+    _pulls: list[JetStreamContext.PullSubscription] = field(default_factory=list)
 
     @property
     def connected(self) -> bool:
@@ -127,9 +129,22 @@ class Bus:
         info = await self.js.stream_info(stream, subjects_filter=subjects)
         return dict(info.state.subjects or {})
 
+    async def pull(self, durable: str, stream: str) -> JetStreamContext.PullSubscription:
+        """A pull subscription on the durable consumer `durable` of `stream`."""
+        subscription = await self.js.pull_subscribe_bind(durable, stream=stream)
+        self._pulls.append(subscription)
+        return subscription
+
     async def close(self) -> None:
-        if not self.nc.is_closed:
-            await self.nc.drain()
+        if self.nc.is_closed:
+            return
+        # nats-py's fetch takes queued messages without marking them done, so draining a pull
+        # subscription waits out drain_timeout (5 s, at every stop). Dropped instead: what
+        # they hold unacknowledged is redelivered.
+        for subscription in self._pulls:
+            with suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+        await self.nc.drain()
 
 
 async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -> Bus:

@@ -9,7 +9,6 @@ dead-lettered, and no message, however hostile, ends the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -55,29 +54,23 @@ async def consume(bus: Bus, stream: str, durable: str, handler: Callable[[Msg], 
     one after another, or, `concurrent`, a fetched batch at once (for handlers that wait on
     others, such as webhook receivers). A consumer whose `max_deliver` is -1 redelivers
     without end; its handler decides when to give up."""
-    subscription = await bus.js.pull_subscribe_bind(durable, stream=stream)
+    subscription = await bus.pull(durable, stream)
     max_deliver = load_layout()["consumers"][stream][durable]["max_deliver"]
-    try:
-        while True:
-            try:
-                messages = await subscription.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
-            except (TimeoutError, nats.errors.TimeoutError):
-                # nats-py raises either, depending on where in the fetch the deadline passed.
-                continue
-            except Exception as exc:  # noqa: BLE001 - a lost connection, a 409: try again
-                log.warning("fetch failed; retrying", stream=stream, error=repr(exc))
-                await asyncio.sleep(0.5)
-                continue
-            if concurrent:
-                await asyncio.gather(*(_handle(bus, msg, handler, max_deliver) for msg in messages))
-            else:
-                for msg in messages:
-                    await _handle(bus, msg, handler, max_deliver)
-    finally:
-        # What a cancelled fetch left in the subscription's queue would hold up the
-        # connection's drain (5 s) at every stop; unacked, it is redelivered to another.
-        with contextlib.suppress(nats.errors.Error):  # the connection is gone already
-            await subscription.unsubscribe()
+    while True:
+        try:
+            messages = await subscription.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
+        except (TimeoutError, nats.errors.TimeoutError):
+            # nats-py raises either, depending on where in the fetch the deadline passed.
+            continue
+        except Exception as exc:  # noqa: BLE001 - a lost connection, a 409: try again
+            log.warning("fetch failed; retrying", stream=stream, error=repr(exc))
+            await asyncio.sleep(0.5)
+            continue
+        if concurrent:
+            await asyncio.gather(*(_handle(bus, msg, handler, max_deliver) for msg in messages))
+        else:
+            for msg in messages:
+                await _handle(bus, msg, handler, max_deliver)
 
 
 async def _handle(bus: Bus, msg: Msg, handler: Callable[[Msg], Awaitable[None]], max_deliver: int) -> None:
@@ -114,7 +107,7 @@ class PullQueue:
     async def fetch(self, timeout: float) -> Msg | None:
         """The next message, or None if none came within `timeout` seconds."""
         if self._subscription is None:
-            self._subscription = await self._bus.js.pull_subscribe_bind(self._durable, stream=self._stream)
+            self._subscription = await self._bus.pull(self._durable, self._stream)
         try:
             return (await self._subscription.fetch(1, timeout=timeout))[0]
         except (TimeoutError, nats.errors.TimeoutError):
