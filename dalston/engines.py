@@ -16,12 +16,14 @@ MISSED_BEATS = 3
 class EngineWatch:
     """The last heartbeat of every engine, kept current by a last-per-subject subscription."""
 
-    def __init__(self, on_change: Callable[[str, Heartbeat | None], None] | None = None) -> None:
+    def __init__(self, on_change: Callable[[str, Heartbeat | None], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._beats: dict[str, Heartbeat] = {}
         # When each last beat arrived, by this process's clock: an engine's own clock (sent_at)
         # may be off by more than three beats on another host.
         self._heard: dict[str, float] = {}
         self._on_change = on_change
+        self._clock = clock
         self._subscription = None
 
     async def start(self, bus: Bus) -> None:
@@ -46,7 +48,7 @@ class EngineWatch:
             self._heard.pop(subject, None)
         else:
             self._beats[subject] = beat
-            self._heard[subject] = time.monotonic()
+            self._heard[subject] = self._clock()
         if self._on_change:
             self._on_change(subject, beat)
 
@@ -54,7 +56,7 @@ class EngineWatch:
         """Whether the engine beating on `subject` missed its last beats, or its beat expired.
         (The server's expiry marker usually says so first; this covers a lost marker.)"""
         beat = self._beats.get(subject)
-        return beat is None or self._heard[subject] + MISSED_BEATS * beat.interval < time.monotonic()
+        return beat is None or self._heard[subject] + MISSED_BEATS * beat.interval < self._clock()
 
     def live(self, runtime: str | None = None) -> list[Heartbeat]:
         return sorted(
