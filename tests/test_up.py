@@ -122,32 +122,32 @@ def test_jobs_complete_when_the_nats_server_is_killed(tmp_path):
             replies = [http.get(f"/v1/jobs/{job_id}") for job_id in job_ids]
             return [r.json()["status"] if r.status_code == 200 else "submitted" for r in replies]
 
-        def wait_until(ended, timeout: float) -> list[str]:
+        def live_runtimes() -> set[str]:
+            engines = http.get("/v1/engines").json()["data"]
+            return {e["runtime"] for e in engines if e["status"] in ("idle", "busy")}
+
+        def wait_until(probe, ended, timeout: float):
+            """What `probe()` says once `ended` holds for it, or at `timeout`."""
             deadline = time.monotonic() + timeout
-            while not ended(current := statuses()) and time.monotonic() < deadline:
+            while not ended(current := probe()) and time.monotonic() < deadline:
                 time.sleep(0.5)
             return current
 
-        under_way = wait_until(lambda s: "completed" in s, 120)
+        under_way = wait_until(statuses, lambda s: "completed" in s, 120)
         assert 0 < under_way.count("completed") < jobs
         killed = nats_server(up)
         killed.send_signal(signal.SIGKILL)
         # Generous: the restart, the reconnects, then most of the work on a loaded 2-core box.
-        ended = wait_until(lambda s: all(status in ("completed", "failed", "cancelled") for status in s), 300)
+        ended = wait_until(statuses, lambda s: all(status in ("completed", "failed", "cancelled") for status in s),
+                           300)
         failures = [http.get(f"/v1/jobs/{job_id}").json() for job_id, status in zip(job_ids, ended)
                     if status != "completed"]
         assert not failures, f"{len(failures)} of {jobs} jobs did not complete: {failures[:3]}"
         assert nats_server(up).pid != killed.pid
         # The engines beat into the new server (its memory streams are made again): all live
         # within a few beats.
-        def live() -> set[str]:
-            engines = http.get("/v1/engines").json()["data"]
-            return {e["runtime"] for e in engines if e["status"] in ("idle", "busy")}
-
-        deadline = time.monotonic() + 20
-        while live() != {"audio-prepare", "merge", "faster-whisper"} and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert live() == {"audio-prepare", "merge", "faster-whisper"}
+        every = {"audio-prepare", "merge", "faster-whisper"}
+        assert wait_until(live_runtimes, lambda live: live == every, 20) == every
     assert "nats-server died; restarting" in (tmp_path / "up.log").read_text()
 
 
