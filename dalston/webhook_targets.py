@@ -31,11 +31,37 @@ class Target:
     pinned_url: str  # `url` with the host replaced by `address`
 
 
+# IPv6 ranges that carry an IPv4 address in their low 32 bits: IPv4-mapped, IPv4-translated
+# (SIIT), IPv4-compatible (deprecated) and the well-known NAT64 prefix. Each reaches the IPv4
+# address inside on some host or network, so it is as public as that address.
+_LOW_32_EMBEDDINGS = tuple(ipaddress.ip_network(n) for n in
+                           ("::ffff:0:0/96", "::ffff:0:0:0/96", "::/96", "64:ff9b::/96"))
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")  # the IPv4 address in bits 16-47
+# Local-use NAT64 (RFC 8215): private by definition, whatever address is embedded.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip in _SIX_TO_FOUR:
+        return ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF)
+    if ip not in (ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")) \
+            and any(ip in net for net in _LOW_32_EMBEDDINGS):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def is_public(address: str) -> bool:
+    """Whether `address` is a public unicast address; an IPv6 one that embeds an IPv4 address
+    (::ffff:127.0.0.1, ::a00:1, 64:ff9b::7f00:1, 2002:7f00:1::) is judged by that address."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone index is no part of it
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback, whatever Python < 3.13 says
-    return ip.is_global and not ip.is_multicast
+    if ip.version == 6:
+        if ip in _LOCAL_NAT64 or ip.is_site_local:
+            return False
+        if (inner := _embedded_ipv4(ip)) is not None:
+            ip = inner
+        elif ip.is_reserved:  # ::/8 and the like, which Python < 3.13 calls global
+            return False
+    return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
 
 async def check_target(url: str, allow_private: bool,

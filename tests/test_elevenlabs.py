@@ -184,9 +184,12 @@ def test_a_url_too_large_missing_or_redirected_is_refused(fetching_gateway, audi
     assert says in response.json()["detail"]["message"]
 
 
-def test_loopback_urls_are_refused_by_default(client, audio_server):
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::127.0.0.1]", "[::ffff:0:7f00:1]", "[64:ff9b::7f00:1]",
+                                  "[2002:7f00:1::]", "[fec0::1]"])
+def test_loopback_urls_are_refused_by_default(client, audio_server, host):
+    port = audio_server.rsplit(":", 1)[1]
     with pytest.raises(UnprocessableEntityError) as refused:
-        client.speech_to_text.convert(model_id="scribe_v1", cloud_storage_url=f"{audio_server}/speaker1.wav")
+        client.speech_to_text.convert(model_id="scribe_v1", cloud_storage_url=f"http://{host}:{port}/speaker1.wav")
     assert "DALSTON_FETCH_ALLOW_PRIVATE" in refused.value.body["detail"][0]["msg"]
 
 

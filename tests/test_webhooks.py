@@ -156,7 +156,10 @@ def test_targets_inside_the_network_are_refused_without_the_flag(stack, hooks):
         strict = f"http://127.0.0.1:{port}"
         wait_ok(f"{strict}/readyz", "strict gateway not ready")
         for url in ("http://127.0.0.1:9/hook", "http://localhost/hook", "http://[::1]/hook",
-                    "http://169.254.169.254/latest/meta-data", "http://10.0.0.8/hook"):
+                    "http://169.254.169.254/latest/meta-data", "http://10.0.0.8/hook",
+                    # IPv6 spellings of the same (issue 17), each checked by its IPv4 address.
+                    "http://[::127.0.0.1]/hook", "http://[64:ff9b::a9fe:a9fe]/hook",
+                    "http://[2002:7f00:1::]/hook", "http://[::ffff:0:7f00:1]/hook", "http://[fec0::1]/hook"):
             response = submit(strict, url)
             assert response.status_code == 400, (url, response.text)
             error = response.json()["error"]
@@ -178,6 +181,15 @@ def test_targets_inside_the_network_are_refused_without_the_flag(stack, hooks):
     ("172.16.0.1", False), ("169.254.169.254", False), ("fe80::1", False), ("224.0.0.1", False),
     ("0.0.0.0", False), ("100.64.0.1", False), ("::ffff:127.0.0.1", False), ("fc00::1", False),
     ("8.8.8.8", True), ("2606:4700::1111", True),
+    # IPv6 spellings of private IPv4 addresses (issue 17): compatible, NAT64, 6to4, translated.
+    ("::127.0.0.1", False), ("::a00:1", False), ("::a9fe:a9fe", False), ("64:ff9b::7f00:1", False),
+    ("64:ff9b::a00:1", False), ("2002:7f00:1::", False), ("2002:a00:1::", False),
+    ("::ffff:0:7f00:1", False), ("::ffff:a9fe:a9fe", False), ("64:ff9b:1::808:808", False),
+    ("64:ff9b:1:a00:1::", False), ("2002:e000:1::", False), ("::240.0.0.1", False),
+    # Site-local (deprecated, but routed inside some networks), and the rest of ::/8.
+    ("fec0::1", False), ("feff::1", False), ("::", False), ("100::1", False),
+    # The same forms around public IPv4 addresses stay public.
+    ("64:ff9b::808:808", True), ("2002:808:808::1", True), ("::ffff:8.8.8.8", True),
 ])
 def test_which_addresses_are_public(address, public):
     assert is_public(address) is public
