@@ -72,6 +72,8 @@ class RuntimeSpec(_Spec, kw_only=True):
     # Seconds of audio the actor hands its model at a time, for actors that window long files
     # (NeMo's).
     chunk_seconds: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    # The language codes its multilingual models (`languages: []`) take; empty: any.
+    languages: list[str] = []
 
 
 class HfSource(_Spec):
@@ -202,6 +204,15 @@ class Catalog:
             return self.runtimes[runtime_id]
         except KeyError:
             raise UnknownRuntime(runtime_id, list(self.runtimes)) from None
+
+    def language_problem(self, model: ModelSpec, language: str | None) -> str | None:
+        """Why `model` cannot be asked for `language`, or None where it can (or none is asked)."""
+        known = model.languages or self.runtime(model.runtime).languages
+        if not language or not known or language in known:
+            return None
+        if model.languages:
+            return f"{model.id} transcribes {', '.join(model.languages)}, not {language!r}; pick a multilingual model"
+        return f"{model.id} does not know the language {language!r}; use one of {', '.join(known)}"
 
     def models_for(self, runtime_id: str) -> list[ModelSpec]:
         return [m for m in self.models.values() if m.runtime == runtime_id]

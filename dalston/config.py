@@ -72,6 +72,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Uploads the gateway receives at once (each spools up to 1 MB in memory, the rest on
     # disk); more wait a few seconds for a slot, unread, then are refused (503, Retry-After).
     max_concurrent_uploads: int = 64
+    # A request body that sends nothing for this many seconds is cut (408): a slow upload must
+    # not hold its slot for as long as its socket stays open.
+    body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 20.0
     # How long the OpenAI-compatible endpoint waits for its job.
     request_timeout: float = 3600.0
     heartbeat_interval: float = 2.0
@@ -111,6 +114,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     fetch_allow_private: bool = False
     # How long fetching an audio URL may take (seconds), the whole download.
     fetch_timeout: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    # A URL fetch slower than this on average (KB/s, after its first few seconds) is cut: a
+    # source that drips would hold its key's upload slot and queue place for DALSTON_FETCH_TIMEOUT.
+    fetch_min_kb_per_second: Annotated[float, msgspec.Meta(gt=0)] = 16.0
     # The gateway's address as webhook receivers reach it (transcript links); empty means
     # http://<http_host>:<http_port>.
     public_url: str = ""

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -36,6 +36,10 @@ class ApiKey(msgspec.Struct, kw_only=True):
     role: Role
     digest: str
     created_at: float
+    # The key's share: jobs queued or running at once (None: half of DALSTON_MAX_QUEUED_JOBS,
+    # the gateway's admission), and live sessions at once (None: half of the session slots).
+    max_jobs: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    max_sessions: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 def digest(key: str) -> str:
@@ -54,14 +58,20 @@ class KeyStore:
         records = [await self._record(name) for name in await self.bucket.keys()]
         return sorted((r for r in records if r), key=lambda r: r.created_at)
 
-    async def create(self, name: str, role: Role = "user") -> str:
-        """A new key for `name`; the only time the key itself is seen."""
+    async def create(self, name: str, role: Role = "user", *, max_jobs: int | None = None,
+                     max_sessions: int | None = None) -> str:
+        """A new key for `name`; the only time the key itself is seen. `max_jobs` and
+        `max_sessions` set its share (None: the default, half)."""
         if not _NAME.match(name):
             raise KeyNameError(f"a key name is 1-64 letters, digits or _.@- (not {name!r})")
         if any(record.name == name for record in await self.list()):
             raise KeyNameError(f"a key named {name!r} exists; revoke it first")
         key = PREFIX + secrets.token_urlsafe(32)
-        record = ApiKey(name=name, role=role, digest=digest(key), created_at=now())
+        for limit, option in ((max_jobs, "max_jobs"), (max_sessions, "max_sessions")):
+            if limit is not None and limit < 0:
+                raise KeyNameError(f"{option} must be 0 or more (not {limit})")
+        record = ApiKey(name=name, role=role, digest=digest(key), created_at=now(), max_jobs=max_jobs,
+                        max_sessions=max_sessions)
         await self.bucket.create(record.digest, msgspec.json.encode(record))
         return key
 

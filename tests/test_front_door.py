@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from collections import Counter
 
@@ -92,6 +93,113 @@ async def test_admission_bounds_uploads_in_flight():
     assert (refused.value.status, refused.value.code) == (503, "uploads_busy")
     async with admission.receiving():  # the slot came back
         pass
+
+
+def _recorded(job_id: str, owner: str | None, runtime: str = "fw", status: str = "queued",
+              created_at: float | None = None) -> JobRecord:
+    return JobRecord(id=job_id, status=status, model="m", runtime=runtime, runtime_model_id="m",
+                     audio_object="a", owner=owner, created_at=time.time() if created_at is None else created_at,
+                     finished_at=time.time() if status in TERMINAL else None)
+
+
+def test_one_key_holds_at_most_half_the_queue_unless_its_record_says_otherwise():
+    admission = Admission(bus=None, max_queued_jobs=4, max_concurrent_uploads=4)
+    admission.reserve("a1", "alice")
+    admission.reserve("a2", "alice")
+    with pytest.raises(Refused) as refused:
+        admission.reserve("a3", "alice")
+    assert (refused.value.status, refused.value.code) == (429, "key_quota")
+    assert "alice" in str(refused.value)
+    admission.reserve("b1", "bob")  # the other half is bob's
+    admission.reserve("b2", "bob")
+    with pytest.raises(Refused):
+        admission.reserve("c1", "carol", max_jobs=10)  # a bigger share, but the queue is full
+    fresh = Admission(bus=None, max_queued_jobs=4, max_concurrent_uploads=4)
+    for n in range(3):
+        fresh.reserve(f"c{n}", "carol", max_jobs=3)
+    with pytest.raises(Refused):
+        fresh.reserve("c3", "carol", max_jobs=3)
+    # Without keys (one user) there is no share: the whole queue.
+    anonymous = Admission(bus=None, max_queued_jobs=4, max_concurrent_uploads=4)
+    for n in range(4):
+        anonymous.reserve(f"j{n}")
+
+
+def test_jobs_no_engine_serves_count_against_their_key_only_and_retry_after_says_when_they_fail():
+    admission = Admission(bus=None, max_queued_jobs=4, max_concurrent_uploads=4,
+                          served=lambda runtime: runtime != "nemo", engine_wait=120)
+    created = time.time() - 100  # 20 s before DALSTON_ENGINE_WAIT fails the oldest
+    for n in range(4):
+        admission.observe(f"m{n}", _recorded(f"m{n}", "mallory", runtime="nemo", created_at=created + n))
+    assert admission.unfinished == 4
+    with pytest.raises(Refused) as refused:
+        admission.reserve("m4", "mallory", max_jobs=10)  # the queue is full for mallory
+    assert refused.value.code == "overloaded" and 19 <= refused.value.retry_after <= 21
+    with pytest.raises(Refused) as refused:
+        admission.reserve("m5", "mallory")  # and past her own share
+    assert refused.value.code == "key_quota" and 19 <= refused.value.retry_after <= 21
+    for n in range(2):  # every other key goes on as if those jobs were not there
+        admission.reserve(f"b{n}", "bob")
+    # Once an engine serves them they count again.
+    admission._served = lambda runtime: True
+    with pytest.raises(Refused):
+        admission.reserve("c0", "carol")
+
+
+def test_retry_after_of_a_key_follows_its_own_job_ends():
+    admission = Admission(bus=None, max_queued_jobs=4, max_concurrent_uploads=4)
+    for n in range(2):
+        admission.observe(f"a{n}", _recorded(f"a{n}", "alice"))
+    for n in range(6):  # alice's earlier jobs ended: about one every 10 s
+        admission.observe(f"done{n}", _recorded(f"done{n}", "alice"))
+        admission.observe(f"done{n}", _recorded(f"done{n}", "alice", status="completed"))
+    with pytest.raises(Refused) as refused:
+        admission.reserve("a2", "alice")
+    assert refused.value.retry_after == 10
+
+
+def test_an_expired_or_ended_record_frees_its_place():
+    admission = Admission(bus=None, max_queued_jobs=2, max_concurrent_uploads=1)
+    admission.reserve("a", "alice")
+    admission.observe("a", _recorded("a", "alice"))
+    admission.release("a")  # recorded: no longer the gateway's to give back
+    assert admission.unfinished == 1
+    admission.observe("a", None)
+    assert admission.unfinished == 0
+
+
+async def test_one_key_holds_at_most_half_the_upload_slots():
+    admission = Admission(bus=None, max_queued_jobs=10, max_concurrent_uploads=4, upload_wait=0.05)
+    async with admission.receiving("alice"), admission.receiving("alice"):
+        with pytest.raises(Refused) as refused:
+            async with admission.receiving("alice"):
+                pass
+        assert (refused.value.status, refused.value.code) == (503, "uploads_busy")
+        assert "alice" in str(refused.value)
+        async with admission.receiving("bob"), admission.receiving("bob"):
+            with pytest.raises(Refused):  # every slot is taken
+                async with admission.receiving("carol"):
+                    pass
+    async with admission.receiving("alice") as slot:
+        slot.release_shared()  # a URL being fetched: alice's slot held, the shared one back
+        async with admission.receiving("bob"), admission.receiving("bob"), admission.receiving("carol"):
+            pass
+        async with admission.receiving("alice"):
+            with pytest.raises(Refused):
+                async with admission.receiving("alice"):
+                    pass
+    assert admission._uploads == 0 and not admission._owner_uploads
+
+
+async def test_a_waiting_upload_gets_the_slot_given_back():
+    admission = Admission(bus=None, max_queued_jobs=10, max_concurrent_uploads=2, upload_wait=5)
+    first = admission.receiving("alice")
+    await first.__aenter__()
+    waiting = asyncio.create_task(admission.receiving("alice").__aenter__())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await first.__aexit__(None, None, None)
+    await asyncio.wait_for(waiting, 1)
 
 
 def test_queue_wait_counts_parallel_tasks_once():

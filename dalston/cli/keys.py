@@ -18,6 +18,10 @@ def register(commands) -> None:
     create = actions.add_parser("create", help="a new key, printed once")
     create.add_argument("name", metavar="NAME")
     create.add_argument("--admin", action="store_true", help="may also pull and delete models")
+    create.add_argument("--max-jobs", type=int, metavar="N",
+                        help="jobs queued or running at once (default: half of DALSTON_MAX_QUEUED_JOBS)")
+    create.add_argument("--max-sessions", type=int, metavar="N",
+                        help="live sessions at once (default: half of the session slots)")
     create.set_defaults(func=_create)
     listing = actions.add_parser("list", help="names, roles and ages (never the keys)")
     add_json_option(listing)
@@ -43,7 +47,8 @@ def _with_store(settings: Settings, action):
 
 
 def _create(args, settings: Settings) -> int:
-    key = _with_store(settings, lambda store: store.create(args.name, "admin" if args.admin else "user"))
+    key = _with_store(settings, lambda store: store.create(args.name, "admin" if args.admin else "user",
+                                                           max_jobs=args.max_jobs, max_sessions=args.max_sessions))
     print(key)
     return 0
 
@@ -51,12 +56,19 @@ def _create(args, settings: Settings) -> int:
 def _list(args, settings: Settings) -> int:
     records = _with_store(settings, KeyStore.list)
     if args.json:
-        print_json([{"name": r.name, "role": r.role, "created_at": r.created_at} for r in records])
+        print_json([{"name": r.name, "role": r.role, "created_at": r.created_at, "max_jobs": r.max_jobs,
+                     "max_sessions": r.max_sessions} for r in records])
     else:
-        print(table(["name", "role", "created"], [(r.name, r.role, ago(r.created_at)) for r in records]))
+        print(table(["name", "role", "created", "max jobs", "max sessions"],
+                    [(r.name, r.role, ago(r.created_at), _share(r.max_jobs), _share(r.max_sessions))
+                     for r in records]))
     return 0
 
 
 def _revoke(args, settings: Settings) -> int:
     _with_store(settings, lambda store: store.revoke(args.name))
     return 0
+
+
+def _share(limit: int | None) -> str:
+    return "half" if limit is None else str(limit)

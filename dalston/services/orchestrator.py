@@ -182,12 +182,8 @@ class Orchestrator:
                                        default=self.settings.default_model)
         except UnknownModel as exc:
             return self._rejected(request, created, Failure(code="unknown_model", message=str(exc)))
-        language = request.options.language
-        if language and model.languages and language not in model.languages:
-            return self._rejected(request, created, Failure(
-                code="unsupported_language",
-                message=f"{model.id} transcribes {', '.join(model.languages)}, not {language!r}; "
-                        "pick a multilingual model"))
+        if (problem := self.catalog.language_problem(model, request.options.language)) is not None:
+            return self._rejected(request, created, Failure(code="unsupported_language", message=problem))
         if request.options.task == "translate" and not model.capabilities.translation:
             return self._rejected(request, created, Failure(
                 code="unsupported_task",

@@ -49,6 +49,7 @@ from dalston.services.gateway.intake import (
     raise_for_failure,
     submit,
 )
+from dalston.services.gateway.job_index import JobIndex, UnknownCursor
 from dalston.services.gateway.jobs import JobNotFound, JobService, new_job_id
 from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
@@ -135,7 +136,7 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
     try:
         form = await read_form(request)
     except BadForm as exc:
-        raise ApiError(400, str(exc), param=exc.param) from None
+        raise ApiError(exc.status, str(exc), param=exc.param) from None
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise ApiError(400, "the multipart field `file` (the audio) is missing", param="file")
@@ -181,6 +182,8 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
         # diarize.num_speakers is the form's num_speakers; other paths name the option itself.
         param = exc.field.removeprefix("diarize.") if exc.field else None
         raise ApiError(400, f"invalid {param}: {str(exc).split(': ', 1)[-1]}", param=param) from None
+    if (problem := catalog.language_problem(model, options.language)) is not None:
+        raise ApiError(400, problem, code="unsupported_language", param="language")
     # The upload is already spooled (up to 1 MB in memory, the rest in a temporary file):
     # measuring it is cheap.
     size = upload.file.seek(0, 2)
@@ -244,9 +247,20 @@ async def get_job(request: Request, job_id: str) -> JobRecord:
     return await _record(request, job_id)
 
 
-@get("/v1/jobs", summary="Recent jobs, newest first")
-async def list_jobs(request: Request, limit: int = 50) -> dict[str, Any]:
-    return {"object": "list", "data": await jobs(request).list(visible_owner(request), limit)}
+MAX_LIST_LIMIT = 1000
+
+
+@get("/v1/jobs", summary="Recent jobs, newest first; a page after the job `after`")
+async def list_jobs(request: Request, limit: int = 50, after: str | None = None) -> dict[str, Any]:
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ApiError(400, f"limit must be from 1 to {MAX_LIST_LIMIT}", param="limit")
+    try:
+        page, has_more = await jobs(request).list(visible_owner(request), limit, after)
+    except UnknownCursor:
+        raise ApiError(400, "after must be the id of a listed job (the last_id of the previous page)",
+                       param="after") from None
+    return {"object": "list", "data": page, "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None, "has_more": has_more}
 
 
 @delete("/v1/jobs/{job_id:str}", status_code=HTTP_202_ACCEPTED, summary="Cancel a job")
@@ -377,11 +391,15 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
         await engines.start(bus)
         app.state.bus = bus
         app.state.engines = engines
-        app.state.jobs = JobService(bus)
-        # The metrics show the admission's count; the admission tells them of each job that ends.
+        index = JobIndex()
+        app.state.jobs = JobService(bus, index)
+        # The metrics show the admission's count; the admission tells them of each job that ends,
+        # and the index of each record.
         metrics = GatewayMetrics(engines, lambda: admission.unfinished, settings.max_queued_jobs)
         admission = Admission(bus, settings.max_queued_jobs, settings.max_concurrent_uploads,
-                              on_ended=metrics.job_ended)
+                              on_record=index.observe, on_ended=metrics.job_ended,
+                              served=lambda runtime: bool(engines.live(runtime)),
+                              engine_wait=settings.engine_wait)
         app.state.metrics = metrics
         app.state.admission = admission
         await admission.start()

@@ -4,12 +4,13 @@ source_url) rather than uploading it.
 The URL is anyone's input, so it is checked as a webhook target is (dalston/webhook_targets.py:
 http(s), public addresses unless DALSTON_FETCH_ALLOW_PRIVATE) and fetched from the very address
 checked, redirects not followed (each hop would be a new, unchecked target), the whole download
-within DALSTON_FETCH_TIMEOUT and DALSTON_MAX_UPLOAD_MB, spooled to a temporary file as an
-upload is."""
+within DALSTON_FETCH_TIMEOUT and DALSTON_MAX_UPLOAD_MB, at DALSTON_FETCH_MIN_KB_PER_SECOND on
+average at least (a source that drips is cut), spooled to a temporary file as an upload is."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from urllib.parse import urlsplit
 
 import httpx
@@ -21,6 +22,8 @@ from dalston.webhook_targets import RefusedTarget, check_target
 
 # Spooled in memory up to this, as Litestar spools uploads; the rest in a temporary file.
 SPOOL_BYTES = 1024 * 1024
+# The source has this long to connect and answer, and the floor rate counts from then.
+FETCH_GRACE_SECONDS = 5.0
 
 
 class FetchFailed(ValueError):
@@ -42,7 +45,8 @@ async def fetch_audio(url: str, settings: Settings) -> UploadFile:
     audio = UploadFile(content_type="application/octet-stream", filename=name[:255], max_spool_size=SPOOL_BYTES)
     try:
         async with asyncio.timeout(settings.fetch_timeout):
-            await _download(target.pinned_url, target.netloc, target.host, limit, audio)
+            await _download(target.pinned_url, target.netloc, target.host, limit,
+                            settings.fetch_min_kb_per_second * 1024, audio)
     except TimeoutError:
         await audio.close()
         raise FetchFailed(400, f"the audio URL was not fetched within {settings.fetch_timeout:g} s "
@@ -57,9 +61,10 @@ async def fetch_audio(url: str, settings: Settings) -> UploadFile:
     return audio
 
 
-async def _download(pinned_url: str, netloc: str, host: str, limit: int, into: UploadFile) -> None:
+async def _download(pinned_url: str, netloc: str, host: str, limit: int, floor: float, into: UploadFile) -> None:
     headers = {"host": netloc, "user-agent": f"Dalston/{__version__}"}
-    async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as http:
+    started = time.monotonic()
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=FETCH_GRACE_SECONDS) as http:
         # To the address just checked, with TLS checked against the name.
         async with http.stream("GET", pinned_url, headers=headers,
                                extensions={"sni_hostname": host}) as response:
@@ -71,7 +76,17 @@ async def _download(pinned_url: str, netloc: str, host: str, limit: int, into: U
             if int(response.headers.get("content-length") or 0) > limit:
                 raise FetchFailed(413, "the audio is larger than DALSTON_MAX_UPLOAD_MB")
             read = 0
-            async for chunk in response.aiter_bytes():
+            chunks = aiter(response.aiter_bytes())
+            while True:
+                # The bytes so far buy the time until the next chunk must come.
+                left = started + FETCH_GRACE_SECONDS + read / floor - time.monotonic()
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), max(left, 0.0))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise FetchFailed(400, f"the audio URL sent {read} bytes in {time.monotonic() - started:.0f} s, "
+                                           f"below {floor / 1024:g} KB/s (DALSTON_FETCH_MIN_KB_PER_SECOND)") from None
                 read += len(chunk)
                 if read > limit:
                     raise FetchFailed(413, "the audio is larger than DALSTON_MAX_UPLOAD_MB")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from litestar import Request, Response, Router, get, post
@@ -108,24 +109,36 @@ def _diarize(form: FormMultiDict) -> DiarizeOptions | None:
     return DiarizeOptions(num_speakers=num_speakers)
 
 
-async def _audio(request: Request, form: FormMultiDict) -> UploadFile:
-    """The uploaded `file`, or the audio fetched from cloud_storage_url or source_url."""
+def _audio(request: Request, form: FormMultiDict) -> tuple[UploadFile | None, Callable[[], Awaitable[UploadFile]] | None]:
+    """The uploaded `file`, or how to fetch the audio from cloud_storage_url or source_url."""
     upload = form.get("file")
     urls = [(name, str(form.get(name))) for name in URL_FIELDS if form.get(name)]
     if isinstance(upload, UploadFile) == bool(urls) or len(urls) > 1:
         raise _invalid("file", "send exactly one of file, cloud_storage_url and source_url")
-    if urls:
-        name, url = urls[0]
+    if not urls:
+        _refuse_empty(upload)
+        return upload, None
+    name, url = urls[0]
+
+    async def fetch() -> UploadFile:
         try:
-            upload = await fetch_audio(url, request.app.state.settings)
+            fetched = await fetch_audio(url, request.app.state.settings)
         except FetchFailed as exc:
             raise ApiError(exc.status, str(exc), code="invalid_source_url", param=name) from None
+        try:
+            _refuse_empty(fetched)
+        except ApiError:
+            await fetched.close()
+            raise
+        return fetched
+    return None, fetch
+
+
+def _refuse_empty(upload: UploadFile) -> None:
     size = upload.file.seek(0, 2)
     upload.file.seek(0)
     if size == 0:
-        await upload.close()
         raise _invalid("file", "the audio is empty")
-    return upload
 
 
 async def _read(request: Request) -> Submission:
@@ -133,6 +146,8 @@ async def _read(request: Request) -> Submission:
     try:
         form = await read_form(request)
     except BadForm as exc:
+        if exc.status != 400:
+            raise ApiError(exc.status, str(exc), code="request_timeout") from None
         raise _invalid(exc.param or "form", str(exc)) from None
     settings: Settings = request.app.state.settings
     catalog: Catalog = request.app.state.catalog
@@ -159,10 +174,13 @@ async def _read(request: Request) -> Submission:
     except ContractError as exc:
         field = {"language": "language_code", "hotwords": "keyterms"}.get(exc.field, exc.field)
         raise _invalid(field, f"invalid {field}: {str(exc).split(': ', 1)[-1]}") from None
+    if (problem := catalog.language_problem(model, options.language)) is not None:
+        raise _invalid("language_code", problem)
     shape = {"granularity": granularity, "multichannel": _flag(form, "use_multi_channel"),
              "formats": _export_formats(form), "webhook": _flag(form, "webhook")}
-    upload = await _audio(request, form)
-    return Submission(upload, model.id, options, webhook_url=str(form.get("webhook_url") or ""), shape=shape)
+    upload, fetch = _audio(request, form)
+    return Submission(upload, model.id, options, webhook_url=str(form.get("webhook_url") or ""), shape=shape,
+                      fetch=fetch)
 
 
 @post("/speech-to-text", status_code=200, summary="Transcribe audio (ElevenLabs-compatible)")

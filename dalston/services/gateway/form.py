@@ -8,6 +8,8 @@ is not a file is refused past MAX_FIELD_BYTES instead; files are spooled as Lite
 
 from __future__ import annotations
 
+import asyncio
+
 from litestar import Request
 from litestar.datastructures import FormMultiDict, UploadFile
 from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
@@ -19,11 +21,13 @@ MAX_PARTS = 64
 
 
 class BadForm(ValueError):
-    """The request is not a multipart form the gateway reads; `param` names the field at fault."""
+    """The request is not a multipart form the gateway reads; `param` names the field at fault,
+    `status` is 400, or 408 for a body that stopped coming."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.param = param
+        self.status = status
 
 
 async def read_form(request: Request) -> FormMultiDict:
@@ -36,12 +40,21 @@ async def read_form(request: Request) -> FormMultiDict:
     data: UploadFile | bytearray = bytearray()
     segment: MultipartSegment | None = None
     stream = request.stream()
+    timeout = request.app.state.settings.body_timeout
     try:
         with PushMultipartParser(boundary.encode(), max_segment_count=MAX_PARTS) as parser:
             while not parser.closed:
-                chunk = await anext(stream, b"")  # b"": the end, which the parser must be told
+                try:  # b"": the end, which the parser must be told
+                    chunk = await asyncio.wait_for(anext(stream, b""), timeout)
+                except TimeoutError:
+                    raise BadForm(f"the request body sent nothing for {timeout:g} s (DALSTON_BODY_TIMEOUT)",
+                                  status=408) from None
                 for part in parser.parse(chunk):
                     if isinstance(part, MultipartSegment):
+                        if part.filename and any(isinstance(v, UploadFile) for _, v in fields):
+                            # Spooling every file part would let one request fill the disk.
+                            raise BadForm(f"only one file may be sent; `{part.name}` is a second one",
+                                          param=part.name)
                         segment = part
                         data = UploadFile(content_type=part.content_type or "application/octet-stream",
                                           filename=part.filename, headers=dict(part.headerlist)) \
@@ -59,7 +72,7 @@ async def read_form(request: Request) -> FormMultiDict:
                             await data.seek(0)
                             fields.append((segment.name, data))
                         else:
-                            fields.append((segment.name, data.decode(segment.charset or "utf-8", "replace")))
+                            fields.append((segment.name, _text(segment, data)))
                         data = bytearray()
     except BaseException as exc:
         for upload in [data, *(value for _, value in fields)]:
@@ -69,3 +82,11 @@ async def read_form(request: Request) -> FormMultiDict:
             raise BadForm(f"the multipart form cannot be read: {exc}") from None
         raise
     return FormMultiDict(fields)
+
+
+def _text(segment: MultipartSegment, data: bytearray) -> str:
+    try:
+        return data.decode(segment.charset or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        raise BadForm(f"the field `{segment.name}` has an unknown charset {segment.charset[:40]!r}",
+                      param=segment.name) from None

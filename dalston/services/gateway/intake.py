@@ -22,7 +22,7 @@ from dalston.contracts import (
     is_webhook_url,
 )
 from dalston.services.gateway.admission import Admission, Refused
-from dalston.services.gateway.auth import job_owner
+from dalston.services.gateway.auth import job_owner, verified_key
 from dalston.services.gateway.jobs import FollowedJob, JobService
 from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.webhook_targets import RefusedTarget, check_target
@@ -51,14 +51,16 @@ def error_message(request: Request, exc: Exception) -> str:
 
 @dataclass
 class Submission:
-    """A job read from a request: its audio (spooled, closed once published), model, options,
-    the webhook URL asked for (unchecked; empty: none) and how to shape the answer."""
+    """A job read from a request: its audio (spooled, closed once published; None until `fetch`
+    brings it from a URL), model, options, the webhook URL asked for (unchecked; empty: none)
+    and how to shape the answer."""
 
-    upload: UploadFile
+    upload: UploadFile | None
     model: str
     options: TranscribeOptions
     webhook_url: str = ""
     shape: dict[str, Any] = field(default_factory=dict)
+    fetch: Callable[[], Awaitable[UploadFile]] | None = None
 
 
 def jobs(request: Request) -> JobService:
@@ -87,15 +89,20 @@ async def submit(request: Request, job_id: str, read: Callable[[Request], Awaita
     """Admit job `job_id`, receive its audio (`read` reads the request) and publish it.
 
     Refused before a byte of the upload is read when DALSTON_MAX_QUEUED_JOBS jobs are
-    unfinished (429) or DALSTON_MAX_CONCURRENT_UPLOADS uploads are being received (503), both
-    with Retry-After."""
+    unfinished or the key holds its share of them (429), or DALSTON_MAX_CONCURRENT_UPLOADS
+    uploads (or the key's half of them) are being received (503), all with Retry-After."""
     admission: Admission = request.app.state.admission
     metrics: GatewayMetrics = request.app.state.metrics
+    owner, key = job_owner(request), verified_key(request)
     try:
-        admission.reserve(job_id)
+        admission.reserve(job_id, owner, key.max_jobs if key else None)
         try:
-            async with admission.receiving():
+            async with admission.receiving(owner) as slot:
                 submission = await read(request)
+                if submission.fetch is not None:
+                    # A URL's audio comes at its source's pace: that holds up this key alone.
+                    slot.release_shared()
+                    submission.upload = await submission.fetch()
                 try:
                     webhook_url = await checked_webhook_url(request, submission.webhook_url)
                     await jobs(request).submit(job_id, submission.upload.file, submission.upload.filename or "",

@@ -32,6 +32,7 @@ from dalston.contracts import (
     now,
 )
 from dalston.logs import get_logger
+from dalston.services.gateway.job_index import JobIndex
 
 log = get_logger("dalston.gateway")
 
@@ -53,8 +54,9 @@ class JobNotFound(LookupError):
 
 
 class JobService:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, index: JobIndex) -> None:
         self.bus = bus
+        self.index = index
 
     async def submit(self, job_id: str, audio: IO[bytes], filename: str, model: str,
                      options: TranscribeOptions, owner: str | None, webhook_url: str | None = None) -> None:
@@ -96,18 +98,21 @@ class JobService:
         return JobRecord(id=job_id, status="queued", model="", runtime="", runtime_model_id="",
                          audio_object=audio_object, owner=headers.get(OWNER_HEADER))
 
-    async def list(self, owner: str | None, limit: int = 50) -> list[JobRecord]:
-        # A few reads at a time: hundreds of jobs must not flood NATS with requests at once.
+    async def list(self, owner: str | None, limit: int = 50, after: str | None = None) -> tuple[list[JobRecord], bool]:
+        """A page of `owner`'s jobs (None: everyone's), newest first, after the job `after`;
+        and whether more follow. Reads the page's records only (UnknownCursor: see JobIndex)."""
+        ids = self.index.newest(owner, limit + 1, after)
+        # A few reads at a time: a page of hundreds must not flood NATS with requests at once.
         reads = asyncio.Semaphore(LIST_READS)
 
         async def read(job_id: str) -> JobRecord | None:
             async with reads:
                 try:
                     return await self.get(job_id, owner)
-                except JobNotFound:  # another owner's, or gone meanwhile
+                except JobNotFound:  # gone meanwhile
                     return None
-        jobs = [r for r in await asyncio.gather(*(read(k) for k in await self.bus.jobs.ids())) if r]
-        return sorted(jobs, key=lambda r: r.created_at, reverse=True)[:limit]
+        records = await asyncio.gather(*(read(job_id) for job_id in ids[:limit]))
+        return [r for r in records if r], len(ids) > limit
 
     async def transcript(self, record: JobRecord) -> Transcript:
         return await self.bus.artifacts.transcript(record)
