@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import base64
 import signal
+import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -15,9 +18,15 @@ from standardwebhooks import Webhook
 from dalston.bus.consumers import consumer_state
 from dalston.config import ConfigError, load_settings
 from dalston.contracts import DEADLETTER_STREAM, EVENTS_STREAM, WEBHOOKS_CONSUMER, DeadLetter, decode
-from dalston.services.webhooks import LONGEST_RETRY_SECONDS, check_timeout, retry_delay, signer
+from dalston.services.webhooks import (
+    LONGEST_RETRY_SECONDS,
+    MAX_DELIVERIES_PER_TARGET,
+    check_timeout,
+    retry_delay,
+    signer,
+)
 from dalston.webhook_targets import RefusedTarget, check_target, is_public
-from tests.stack import AUDIO, free_port, wait_for, wait_ok, words
+from tests.stack import AUDIO, free_port, wait_for, wait_job, wait_ok, words
 from tests.webhook_receiver import Receiver
 
 SECRET = "whsec_" + base64.b64encode(b"dalston-test-webhook-secret-32by").decode()
@@ -146,6 +155,65 @@ async def test_a_delivery_never_accepted_is_dead_lettered_after_the_max_age(stac
     finally:
         receiver.close()
         await bus.close()
+        start_webhooks(stack)
+
+
+class Hanging:
+    """A receiver that takes connections and never answers; counts those open at once."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.open = self.most = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.open += 1
+                self.most = max(self.most, self.open)
+            threading.Thread(target=self._hold, args=(connection,), daemon=True).start()
+
+    def _hold(self, connection: socket.socket) -> None:
+        with connection:
+            while connection.recv(65536):  # read the request, answer nothing, until the peer gives up
+                pass
+        with self._lock:
+            self.open -= 1
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+async def test_hanging_receivers_hold_up_their_own_deliveries_only(stack, hooks):
+    hanging, receiver = Hanging(), Receiver()
+    start_webhooks(stack, DALSTON_WEBHOOK_TIMEOUT="20")
+    try:
+        stuck = [submit(hooks, hanging.url) for _ in range(8)]
+        assert all(r.status_code == 202 for r in stuck)
+        async def held():
+            return hanging.most >= MAX_DELIVERIES_PER_TARGET
+        await wait_for(held, 60)  # the first few wait on it, the rest wait their turn
+        response = submit(hooks, receiver.url)
+        record = await wait_job(stack, response.json()["id"], timeout=120)
+
+        async def delivered():
+            return receiver.accepted()
+        await wait_for(delivered, 60)
+        # Delivered at once, not after the 20 s the hanging ones wait out.
+        assert time.time() - record["finished_at"] < 10
+        assert hanging.most == MAX_DELIVERIES_PER_TARGET
+    finally:
+        hanging.close()
+        receiver.close()
         start_webhooks(stack)
 
 

@@ -49,28 +49,40 @@ class GiveUp(Exception):
 
 
 async def consume(bus: Bus, stream: str, durable: str, handler: Callable[[Msg], Awaitable[None]],
-                  *, concurrent: bool = False) -> None:
+                  *, concurrent: int = 0) -> None:
     """Hand every message of the durable consumer (nats/streams.yaml) to `handler`, forever:
-    one after another, or, `concurrent`, a fetched batch at once (for handlers that wait on
-    others, such as webhook receivers). A consumer whose `max_deliver` is -1 redelivers
-    without end; its handler decides when to give up."""
+    one after another, or up to `concurrent` at once, each on its own (for handlers that wait
+    on others, such as webhook receivers: a slow one holds up no other). A consumer whose
+    `max_deliver` is -1 redelivers without end; its handler decides when to give up."""
     subscription = await bus.pull(durable, stream)
     max_deliver = load_layout()["consumers"][stream][durable]["max_deliver"]
-    while True:
-        try:
-            messages = await subscription.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
-        except (TimeoutError, nats.errors.TimeoutError):
-            # nats-py raises either, depending on where in the fetch the deadline passed.
-            continue
-        except Exception as exc:  # noqa: BLE001 - a lost connection, a 409: try again
-            log.warning("fetch failed; retrying", stream=stream, error=repr(exc))
-            await asyncio.sleep(0.5)
-            continue
-        if concurrent:
-            await asyncio.gather(*(_handle(bus, msg, handler, max_deliver) for msg in messages))
-        else:
+    running: set[asyncio.Task] = set()
+    try:
+        while True:
+            if concurrent and len(running) >= concurrent:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                batch = min(FETCH_BATCH, concurrent - len(running)) if concurrent else FETCH_BATCH
+                messages = await subscription.fetch(batch, timeout=FETCH_WAIT_SECONDS)
+            except (TimeoutError, nats.errors.TimeoutError):
+                # nats-py raises either, depending on where in the fetch the deadline passed.
+                continue
+            except Exception as exc:  # noqa: BLE001 - a lost connection, a 409: try again
+                log.warning("fetch failed; retrying", stream=stream, error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
             for msg in messages:
-                await _handle(bus, msg, handler, max_deliver)
+                if concurrent:
+                    task = asyncio.create_task(_handle(bus, msg, handler, max_deliver))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                else:
+                    await _handle(bus, msg, handler, max_deliver)
+    finally:
+        for task in running:  # unacknowledged: redelivered after the ack wait
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def _handle(bus: Bus, msg: Msg, handler: Callable[[Msg], Awaitable[None]], max_deliver: int) -> None:

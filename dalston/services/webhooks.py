@@ -6,14 +6,17 @@ INLINE_TRANSCRIPT_BYTES, and always as a link) and failure, signed as Standard W
 (`webhook-id`, `webhook-timestamp`, `webhook-signature`) with DALSTON_WEBHOOK_SECRET. An answer
 other than 2xx, or none in DALSTON_WEBHOOK_TIMEOUT, leaves the event unacknowledged in
 JetStream, redelivered with doubling delays until DALSTON_WEBHOOK_MAX_AGE after the job ended;
-a 2xx acknowledges it, and nothing more is sent. Restartable at any moment.
+a 2xx acknowledges it, and nothing more is sent. Deliveries run at once, a few per target at
+most (more wait their turn in JetStream). Restartable at any moment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 import httpx
 from standardwebhooks import Webhook
@@ -34,6 +37,10 @@ INLINE_TRANSCRIPT_BYTES = 256 * 1024
 RESPONSE_READ_BYTES = 64 * 1024
 FIRST_RETRY_SECONDS = 1.0
 LONGEST_RETRY_SECONDS = 600.0
+# Deliveries under way at once, in all and to one target (scheme, host and port): receivers
+# that hang hold up their own deliveries, not everyone's.
+MAX_DELIVERIES = 64
+MAX_DELIVERIES_PER_TARGET = 4
 
 
 def retry_delay(deliveries: int) -> float:
@@ -72,6 +79,7 @@ class WebhookService:
         self._bus: Bus | None = None
         self._http: httpx.AsyncClient | None = None
         self._stopping = asyncio.Event()
+        self._under_way: Counter[str] = Counter()  # deliveries under way per target
 
     async def run(self) -> None:
         self._bus = await connect(self.settings, name="dalston-webhooks")
@@ -79,7 +87,7 @@ class WebhookService:
         self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
                                        timeout=self.settings.webhook_timeout)
         loop = asyncio.create_task(consume(self._bus, EVENTS_STREAM, WEBHOOKS_CONSUMER,
-                                           self._on_job_event, concurrent=True))
+                                           self._on_job_event, concurrent=MAX_DELIVERIES))
         stopping = asyncio.create_task(self._stopping.wait())
         log.info("webhook service started")
         try:
@@ -100,7 +108,17 @@ class WebhookService:
         event = decode(msg.data, JobEvent)
         if event.status not in TERMINAL or not event.webhook_url:
             return
-        problem = await self._deliver(event, await self._body(event))
+        target = urlsplit(event.webhook_url)._replace(path="", query="", fragment="").geturl()
+        if self._under_way[target] >= MAX_DELIVERIES_PER_TARGET:
+            raise HandleLater(f"webhook of job {event.job_id}: {MAX_DELIVERIES_PER_TARGET} deliveries to "
+                              f"{target} are under way", delay=self.settings.webhook_timeout)
+        self._under_way[target] += 1
+        try:
+            problem = await self._deliver(event, await self._body(event))
+        finally:
+            self._under_way[target] -= 1
+            if not self._under_way[target]:
+                del self._under_way[target]
         if problem is None:
             log.info("webhook delivered", job=event.job_id, attempts=msg.metadata.num_delivered)
             return

@@ -47,6 +47,7 @@ from dalston.services.gateway.intake import (
     followed_submission,
     jobs,
     raise_for_failure,
+    require_usable,
     submit,
 )
 from dalston.services.gateway.job_index import JobIndex, UnknownCursor
@@ -94,7 +95,7 @@ def _vad_parameters(form) -> dict[str, float] | None:
     if raw and raw != "auto":
         try:
             strategy = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             strategy = None
         if not isinstance(strategy, dict):
             raise ApiError(400, "chunking_strategy must be `auto` or a server_vad object",
@@ -184,6 +185,7 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
         raise ApiError(400, f"invalid {param}: {str(exc).split(': ', 1)[-1]}", param=param) from None
     if (problem := catalog.language_problem(model, options.language)) is not None:
         raise ApiError(400, problem, code="unsupported_language", param="language")
+    require_usable(request, model, options)
     # The upload is already spooled (up to 1 MB in memory, the rest in a temporary file):
     # measuring it is cheap.
     size = upload.file.seek(0, 2)

@@ -30,6 +30,7 @@ from dalston.services.gateway.intake import (
     followed_submission,
     jobs,
     raise_for_failure,
+    require_usable,
 )
 from dalston.services.gateway.jobs import JobNotFound, new_job_id
 
@@ -86,16 +87,19 @@ def _export_formats(form: FormMultiDict) -> tuple[str, ...]:
         return ()
     try:
         entries = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         entries = None
     if isinstance(entries, dict):
         entries = [entries]
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise _invalid("additional_formats", "additional_formats must be a JSON list of {\"format\": ...}")
-    formats = tuple(str(e.get("format")) for e in entries)
+    formats = tuple(str(e.get("format"))[:40] for e in entries)
     unknown = sorted(set(formats) - set(EXPORTS))
     if unknown:
-        raise _invalid("additional_formats", f"unknown additional_formats {unknown}; use {', '.join(EXPORTS)}")
+        raise _invalid("additional_formats", f"unknown additional_formats {unknown[:5]}; use {', '.join(EXPORTS)}")
+    if len(set(formats)) < len(formats):
+        # Each is the whole transcript again: repeats would only multiply the answer.
+        raise _invalid("additional_formats", "additional_formats names each format at most once")
     return formats
 
 
@@ -176,6 +180,7 @@ async def _read(request: Request) -> Submission:
         raise _invalid(field, f"invalid {field}: {str(exc).split(': ', 1)[-1]}") from None
     if (problem := catalog.language_problem(model, options.language)) is not None:
         raise _invalid("language_code", problem)
+    require_usable(request, model, options)
     shape = {"granularity": granularity, "multichannel": _flag(form, "use_multi_channel"),
              "formats": _export_formats(form), "webhook": _flag(form, "webhook")}
     upload, fetch = _audio(request, form)

@@ -12,6 +12,7 @@ from litestar import Request
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException
 
+from dalston.catalog import ModelSpec
 from dalston.config import Settings
 from dalston.contracts import (
     FAILURE_STATUS,
@@ -25,6 +26,7 @@ from dalston.services.gateway.admission import Admission, Refused
 from dalston.services.gateway.auth import job_owner, verified_key
 from dalston.services.gateway.jobs import FollowedJob, JobService
 from dalston.services.gateway.metrics import GatewayMetrics
+from dalston.services.gateway.models import ModelNotInstalled, ModelService
 from dalston.webhook_targets import RefusedTarget, check_target
 
 
@@ -65,6 +67,21 @@ class Submission:
 
 def jobs(request: Request) -> JobService:
     return request.app.state.jobs
+
+
+def require_usable(request: Request, model: ModelSpec, options: TranscribeOptions) -> None:
+    """403 `model_not_installed` where the request's key may not run `model`, or the model that
+    tells speakers apart when `options` ask who spoke."""
+    service: ModelService = request.app.state.models
+    models = [model]
+    if options.diarize is not None:
+        diarizer = request.app.state.settings.diarize_model
+        models += [m for m in service.catalog.models.values() if m.id == diarizer]  # unknown: the orchestrator says
+    for model in models:
+        try:
+            service.require_usable(model, verified_key(request))
+        except ModelNotInstalled as exc:
+            raise ApiError(403, str(exc), code="model_not_installed", param="model") from None
 
 
 async def checked_webhook_url(request: Request, url: str) -> str | None:

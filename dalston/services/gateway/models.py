@@ -22,6 +22,7 @@ from dalston.contracts import (
     subject_token,
 )
 from dalston.engines import EngineWatch
+from dalston.keys import ApiKey
 from dalston.logs import get_logger
 from dalston.model_state import ModelState
 from dalston.pull import PullError, pull
@@ -33,6 +34,14 @@ log = get_logger("dalston.gateway.models")
 class ModelLoaded(RuntimeError):
     def __init__(self, model: str, engines: list[str]) -> None:
         super().__init__(f"{model} is loaded on {', '.join(engines)}; unload it first or force the delete")
+
+
+class ModelNotInstalled(PermissionError):
+    """A user key asked for a model not installed: running it would pull it, which is an admin's call."""
+
+    def __init__(self, model: str, key: str) -> None:
+        super().__init__(f"{model} is not installed, and key {key!r} is a user key: only an admin key "
+                         f"pulls models (POST /v1/models/{model}/pull, or `dalston pull {model}`)")
 
 
 class ModelService:
@@ -61,6 +70,13 @@ class ModelService:
     def state(self, model: ModelSpec) -> ModelState:
         return ModelState.of(model, self.catalog.runtime(model.runtime), self.store,
                              self.engines.live(model.runtime), self.progress.get(model.id))
+
+    def require_usable(self, model: ModelSpec, key: ApiKey | None) -> None:
+        """ModelNotInstalled unless `key` may run `model`: engines pull a model that is not
+        installed, so a user key gets installed models only; an admin key, or none where the
+        gateway demands none (one user), any. Jobs and live sessions both ask here."""
+        if key is not None and key.role != "admin" and not self.state(model).installed:
+            raise ModelNotInstalled(model.id, key.name)
 
     def describe(self, model: ModelSpec) -> dict[str, Any]:
         """The model as the API serves it."""

@@ -119,8 +119,8 @@ class RealtimeTranscription:
     async def _handle(self, raw: str | bytes) -> None:
         try:
             event = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise ClientError("invalid_json", f"the event is not JSON: {exc}") from None
+        except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+            raise ClientError("invalid_json", f"the event is not JSON msgspec reads: {exc}") from None
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             raise ClientError("invalid_event", "an event is a JSON object with a string `type`", "type")
         kind = event["type"]
