@@ -32,6 +32,12 @@ def gateway(tmp_path_factory):
     system.start_nats()
     system.start("gateway", "gateway")
     system.wait_http()
+    # User keys run installed models only: the default one is, as a stand-in (no engine runs it here).
+    stand_in = system.root / "stand-in"
+    stand_in.mkdir()
+    for name in ("model.bin", "config.json", "tokenizer.json"):
+        (stand_in / name).write_text("{}")
+    dalston(system, "models", "import", MODEL, str(stand_in))
     yield system
     system.close()
 
@@ -184,6 +190,12 @@ def owners(tmp_path_factory):
     system.start_nats()
     system.start_pipeline()
     system.start_engine("faster-whisper", "fw")
+    # A user key runs installed models only: the one it uses is pulled (from the installed
+    # package), and the waiting model is one too, with no engine to run it.
+    dalston(system, "models", "pull", MODEL)
+    nemo = system.root / "parakeet.nemo"
+    nemo.write_bytes(b"not really a model, but a file the store accepts")
+    dalston(system, "models", "import", WAITING_MODEL, str(nemo))
     clients = {name: httpx.Client(base_url=system.url, timeout=30, headers=bearer(
         dalston(system, "keys", "create", name, *(["--admin"] if name == "ops" else [])).strip()))
         for name in ("alice", "bob", "ops")}
@@ -279,3 +291,42 @@ def test_elevenlabs_client_sends_its_api_key(gateway, keys):
     wrong = fetch("dsk_not-a-real-key")
     assert wrong.status_code == 401 and wrong.body["detail"]["status"] == "invalid_api_key"
     assert fetch(keys["user"]).status_code == 404
+
+
+def test_a_user_key_runs_installed_models_only_and_an_admin_key_any(owners):
+    _, client = owners
+    not_installed = "faster-whisper-large-v3"  # never pulled here
+    for route in ("/v1/jobs", "/v1/audio/transcriptions"):
+        with (AUDIO / "speaker1.wav").open("rb") as audio:
+            response = client["alice"].post(route, files={"file": audio}, data={"model": not_installed})
+        assert_openai_error(response, 403, "model_not_installed")
+        assert "admin" in response.json()["error"]["message"] and response.json()["error"]["param"] == "model"
+    with (AUDIO / "speaker1.wav").open("rb") as audio:
+        refused = client["alice"].post("/v1/speech-to-text", files={"file": audio},
+                                       data={"model_id": not_installed})
+    assert refused.status_code == 403 and refused.json()["detail"]["status"] == "model_not_installed"
+    # The admin's job is taken (its engine would pull the model); cancelled before it does.
+    with (AUDIO / "speaker1.wav").open("rb") as audio:
+        accepted = client["ops"].post("/v1/jobs", files={"file": audio}, data={"model": not_installed})
+    assert accepted.status_code == 202, accepted.text
+    client["ops"].delete(f"/v1/jobs/{accepted.json()['id']}")
+
+
+def test_jobs_are_listed_a_page_at_a_time(owners):
+    _, client = owners
+    mine = [submit_as(client["bob"], WAITING_MODEL) for _ in range(3)]
+    for job_id in mine:
+        wait_status(client["bob"], job_id, "queued", "running")
+    first = client["bob"].get("/v1/jobs", params={"limit": 2}).json()
+    assert [job["id"] for job in first["data"]] == mine[:0:-1] and first["has_more"]
+    assert first["last_id"] == mine[1]
+    second = client["bob"].get("/v1/jobs", params={"limit": 2, "after": first["last_id"]}).json()
+    assert second["data"][0]["id"] == mine[0]
+    # A cursor of another key's job reveals nothing of it.
+    alices = submit_as(client["alice"], WAITING_MODEL)
+    wait_status(client["alice"], alices, "queued", "running")
+    for params in ({"after": alices}, {"limit": 0}, {"limit": 1001}):
+        response = client["bob"].get("/v1/jobs", params=params)
+        assert response.status_code == 400 and response.json()["error"]["param"] in params, response.text
+    for job_id in (*mine, alices):
+        client["ops"].delete(f"/v1/jobs/{job_id}")
