@@ -75,6 +75,47 @@ def test_non_finite_or_out_of_range_temperature_is_a_400(stack, temperature):
     assert response.json()["error"]["param"] == "temperature"
 
 
+def multipart(*parts: tuple[str, str, bytes]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body of (extra Content-Disposition and Content-Type lines, name, value) parts."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{extra}\r\n\r\n".encode()
+                    + value + b"\r\n" for extra, name, value in parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+AUDIO_PART = ('; filename="s.wav"\r\nContent-Type: audio/wav', "file", (AUDIO / "speaker1.wav").read_bytes())
+
+
+@pytest.mark.parametrize("route, parts, param", [
+    # Languages no model of the catalog speaks: each was a 500 from the engine.
+    ("/v1/jobs", [("", "model", b"faster-whisper-tiny"), ("", "language", b"xx")], "language"),
+    ("/v1/jobs", [("", "model", b"faster-whisper-tiny"), ("", "language", b"en-ZZZZZZZZ")], "language"),
+    ("/v1/speech-to-text", [("", "model_id", b"scribe_v1"), ("", "language_code", b"xx")], "language_code"),
+    # A charset Python does not know.
+    ("/v1/jobs", [("\r\nContent-Type: text/plain; charset=bogus-x", "prompt", b"hello")], "prompt"),
+    # A second file is refused, not spooled.
+    ("/v1/jobs", [('; filename="t.wav"', "extra", b"RIFF" * 1000)], "extra"),
+    # JSON nested past any recursion limit, and a format asked for twice.
+    ("/v1/speech-to-text", [("", "model_id", b"scribe_v1"),
+                            ("", "additional_formats", b"[" * 10_000 + b"]" * 10_000)], "additional_formats"),
+    ("/v1/speech-to-text", [("", "model_id", b"scribe_v1"),
+                            ("", "additional_formats", b'[{"format": "srt"}, {"format": "srt"}]')],
+     "additional_formats"),
+    ("/v1/jobs", [("", "chunking_strategy", b'{"a": ' * 10_000 + b"1" + b"}" * 10_000)], "chunking_strategy"),
+])
+def test_client_errors_are_4xx_naming_the_field(stack, route, parts, param):
+    before = pids(stack)
+    body, headers = multipart(AUDIO_PART, *parts)
+    response = httpx.post(f"{stack.url}{route}", content=body, headers=headers, timeout=60)
+    if route == "/v1/speech-to-text":  # ElevenLabs' shape for a field at fault
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", param]
+    else:
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+    assert_serving(stack, before)
+
+
 def test_an_oversized_prompt_is_a_400_and_intake_goes_on(stack):
     before = pids(stack)
     with open(AUDIO / "speaker1.wav", "rb") as audio:

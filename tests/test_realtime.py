@@ -165,11 +165,13 @@ async def test_client_commits_turns_without_turn_detection(stack, sentences):
     ({"type": "session.update", "session": session({"type": "semantic_vad"})}, "unsupported_turn_detection"),
     ({"type": "session.update", "session": {"type": "transcription", "audio": "loud"}}, "invalid_event"),
     ({"type": "input_audio_buffer.commit"}, "input_audio_buffer_commit_empty"),
+    # Nested 1,000 deep: sent as text, since no JSON encoder goes that deep either.
+    ('{"type": "session.update", "session": ' + '{"a": ' * 1000 + '1' + '}' * 1001, "invalid_json"),
 ])
 async def test_a_bad_event_gets_an_error_and_the_session_stays_open(stack, event, code):
     async with connect(stack) as connection:
         events = Events(connection)
-        await connection.send(event)
+        await (connection.send_raw(event) if isinstance(event, str) else connection.send(event))
         (_, error), = await events.until("error")
         assert error.error.code == code and error.error.message
         await connection.session.update(session=session(SERVER_VAD))

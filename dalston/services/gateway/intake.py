@@ -36,8 +36,10 @@ class ApiError(HTTPException):
 
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
                  retry_after: int | None = None):
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        super().__init__(status_code=status, detail=message, headers=headers)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        if status == 408:  # the rest of the body is not read: the connection cannot serve another request
+            headers["Connection"] = "close"
+        super().__init__(status_code=status, detail=message, headers=headers or None)
         self.code = code
         self.param = param
         self.retry_after = retry_after
