@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from dalston.contracts import MODEL_ID_PATTERN, RUNTIME_MODEL_ID_PATTERN, SAFE_NAME, ModelId, RuntimeModelId
+from dalston.contracts import (
+    MODEL_ID_PATTERN,
+    RUNTIME_MODEL_ID_PATTERN,
+    SAFE_NAME,
+    ModelId,
+    RuntimeModelId,
+    Stage,
+)
 from dalston.resources import data_dir
 
 if TYPE_CHECKING:
@@ -74,6 +81,8 @@ class RuntimeSpec(_Spec, kw_only=True):
     chunk_seconds: Annotated[int, msgspec.Meta(gt=0)] | None = None
     # The language codes its multilingual models (`languages: []`) take; empty: any.
     languages: list[str] = []
+    # The stages of a job its engines run (transcribe: also live sessions); empty: any.
+    stages: list[Stage] = []
 
 
 class HfSource(_Spec):
@@ -204,6 +213,11 @@ class Catalog:
             return self.runtimes[runtime_id]
         except KeyError:
             raise UnknownRuntime(runtime_id, list(self.runtimes)) from None
+
+    def runs(self, runtime_id: str, stage: str) -> bool:
+        """Whether engines of the runtime run tasks of `stage`."""
+        stages = self.runtime(runtime_id).stages
+        return not stages or stage in stages
 
     def language_problem(self, model: ModelSpec, language: str | None) -> str | None:
         """Why `model` cannot be asked for `language`, or None where it can (or none is asked)."""

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from dalston.config import load_settings
-from dalston.contracts import DEAD_LETTER_EXCERPT, Task, TaskEvent, encode
+from dalston.contracts import DEAD_LETTER_EXCERPT, Task, TaskEvent, encode, task_subject
 from dalston.services.orchestrator import Orchestrator
 from tests.stack import AUDIO, TestStack, job, wait_for, wait_job, words
 from tests.test_resilience import dead_letters
@@ -102,6 +102,9 @@ AUDIO_PART = ('; filename="s.wav"\r\nContent-Type: audio/wav', "file", (AUDIO / 
                             ("", "additional_formats", b'[{"format": "srt"}, {"format": "srt"}]')],
      "additional_formats"),
     ("/v1/jobs", [("", "chunking_strategy", b'{"a": ' * 10_000 + b"1" + b"}" * 10_000)], "chunking_strategy"),
+    # A diarization model does not transcribe (it answered 200 with no text).
+    ("/v1/audio/transcriptions", [("", "model", b"resemblyzer-ge2e")], "model"),
+    ("/v1/speech-to-text", [("", "model_id", b"resemblyzer-ge2e")], "model_id"),
 ])
 def test_client_errors_are_4xx_naming_the_field(stack, route, parts, param):
     before = pids(stack)
@@ -229,3 +232,20 @@ async def test_an_orchestrator_whose_loop_dies_exits(stack, monkeypatch):
                                                if k.startswith("DALSTON_")}))
     with pytest.raises(RuntimeError, match="consume loop ended.*boom"):
         await asyncio.wait_for(orchestrator.run(), 30)
+
+
+async def test_an_engine_refuses_a_task_its_runtime_cannot_run(stack):
+    """A transcribe task with the diarization model, straight on the diarize engine's subject."""
+    bus = await stack.bus()
+    try:
+        job_id = uuid.uuid4().hex
+        events = await bus.js.subscribe(f"events.task.{job_id}")
+        task = Task(id=f"{job_id}-transcribe-0-1", job_id=job_id, stage="transcribe", runtime="diarize",
+                    model="resemblyzer-ge2e", runtime_model_id="resemblyzer-ge2e", inputs=["nothing"], output="x")
+        await bus.js.publish(task_subject("diarize", "resemblyzer-ge2e"), encode(task))
+        while (event := json.loads((await events.next_msg(timeout=30)).data))["kind"] != "failed":
+            pass
+        assert event["failure"]["code"] == "wrong_runtime" and "not transcribe" in event["failure"]["message"]
+    finally:
+        await bus.close()
+    assert stack.processes["dz"].poll() is None

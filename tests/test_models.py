@@ -214,8 +214,8 @@ async def test_a_task_for_another_runtimes_model_fails_cleanly(system):
         await bus.js.publish("tasks.faster-whisper.nvidia_parakeet-tdt-1_1b", encode(task))
         while (event := json.loads((await events.next_msg(timeout=20)).data))["kind"] != "failed":
             pass
-        assert event["failure"]["code"] == "unknown_model"
-        assert "nvidia/parakeet-tdt-1.1b" in event["failure"]["message"]
+        assert event["failure"]["code"] == "wrong_runtime"
+        assert "parakeet-tdt-1.1b is a nemo model" in event["failure"]["message"]
     finally:
         await bus.close()
     assert system.processes["strict"].poll() is None

@@ -76,9 +76,10 @@ class Engine:
                                  self.models.can_load_another)
         self._stopping = asyncio.Event()
         self._current_ctx: TaskContext | None = None
-        # Live sessions, beside the batch tasks (runtimes that serve models only).
+        # Live sessions, beside the batch tasks (runtimes that transcribe only).
         self.sessions = SessionHost(settings, self.name, actor, self.models, self._sessions_changed) \
-            if isinstance(actor, ModelActor) and settings.max_sessions > 0 else None
+            if isinstance(actor, ModelActor) and self.catalog.runs(self.runtime, "transcribe") \
+            and settings.max_sessions > 0 else None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -130,6 +131,21 @@ class Engine:
 
     # --- running one task --------------------------------------------------------------------
 
+    def _unservable(self, task: Task) -> str | None:
+        """Why this engine's runtime cannot run `task`, or None: another runtime's task, a stage
+        its engines do not run (a transcription with a diarization model), or a model of
+        another runtime."""
+        if task.runtime != self.runtime:
+            return f"task for runtime {task.runtime!r} was published to a {self.runtime} subject"
+        if not self.catalog.runs(self.runtime, task.stage):
+            return (f"{self.runtime} engines run {', '.join(self.runtime_spec.stages)} tasks, not "
+                    f"{task.stage}: {task.model or 'its model'} cannot {task.stage}")
+        # A runtime without models (merge, say) is handed the job's model for the record only.
+        model = self.catalog.models.get(task.model or "") if self.runtime_spec.store_dir else None
+        if model is not None and model.runtime != self.runtime:
+            return f"{model.id} is a {model.runtime} model; a {self.runtime} engine cannot run it"
+        return None
+
     async def _process(self, msg: Msg) -> None:
         try:
             task = decode(msg.data, Task)
@@ -137,10 +153,8 @@ class Engine:
             await self._bus.dead_letter(msg, str(exc))
             return
         deliveries = msg.metadata.num_delivered
-        if task.runtime != self.runtime:
-            await self._finish(msg, task, failure=Failure(
-                code="wrong_runtime",
-                message=f"task for runtime {task.runtime!r} was published to a {self.runtime} subject"))
+        if (problem := self._unservable(task)) is not None:
+            await self._finish(msg, task, failure=Failure(code="wrong_runtime", message=problem))
             return
         if deliveries > self.settings.task_max_deliver:
             await self._finish(msg, task, failure=Failure(

@@ -49,6 +49,7 @@ from dalston.services.gateway.intake import (
     raise_for_failure,
     require_usable,
     submit,
+    transcription_problem,
 )
 from dalston.services.gateway.job_index import JobIndex, UnknownCursor
 from dalston.services.gateway.jobs import JobNotFound, JobService, new_job_id
@@ -148,6 +149,8 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
         model = catalog.model(model_name, default=settings.default_model)
     except UnknownModel as exc:
         raise ApiError(404, str(exc), code="model_not_found", param="model") from None
+    if (problem := transcription_problem(catalog, model)) is not None:
+        raise ApiError(400, problem, code="wrong_runtime", param="model")
     granularities = _values(form, "timestamp_granularities")
     unknown = set(granularities) - set(TIMESTAMP_GRANULARITIES)
     if unknown:

@@ -31,6 +31,7 @@ from dalston.services.gateway.intake import (
     jobs,
     raise_for_failure,
     require_usable,
+    transcription_problem,
 )
 from dalston.services.gateway.jobs import JobNotFound, new_job_id
 
@@ -163,6 +164,8 @@ async def _read(request: Request) -> Submission:
                               default=settings.default_model)
     except UnknownModel as exc:
         raise _invalid("model_id", str(exc)) from None
+    if (problem := transcription_problem(catalog, model)) is not None:
+        raise _invalid("model_id", problem)
     granularity = str(form.get("timestamps_granularity") or "word")
     if granularity not in GRANULARITIES:
         raise _invalid("timestamps_granularity", f"timestamps_granularity must be one of {', '.join(GRANULARITIES)}")

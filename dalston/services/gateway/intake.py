@@ -12,7 +12,7 @@ from litestar import Request
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException
 
-from dalston.catalog import ModelSpec
+from dalston.catalog import Catalog, ModelSpec
 from dalston.config import Settings
 from dalston.contracts import (
     FAILURE_STATUS,
@@ -69,6 +69,13 @@ class Submission:
 
 def jobs(request: Request) -> JobService:
     return request.app.state.jobs
+
+
+def transcription_problem(catalog: Catalog, model: ModelSpec) -> str | None:
+    """Why `model` cannot transcribe (a diarization model, say), or None where it can."""
+    if catalog.runs(model.runtime, "transcribe"):
+        return None
+    return f"{model.id} is a {model.runtime} model, which does not transcribe; pick a transcription model"
 
 
 def require_usable(request: Request, model: ModelSpec, options: TranscribeOptions) -> None:
