@@ -84,7 +84,7 @@ def test_each_channel_of_a_stereo_file_is_diarized_and_named_apart(diarizing):
 @pytest.mark.parametrize("form, param", [
     ({"num_speakers": "0"}, "num_speakers"), ({"num_speakers": "33"}, "num_speakers"),
     ({"min_speakers": "3", "max_speakers": "2"}, "diarize"), ({"num_speakers": "two"}, "num_speakers"),
-    ({"model": "resemblyzer-ge2e"}, "diarize"),  # a model without word times
+    ({"model": "resemblyzer-ge2e"}, "model"),  # a diarization model does not transcribe (wrong_runtime)
 ])
 def test_bad_speaker_counts_are_a_400_naming_the_field(diarizing, form, param):
     with open(AUDIO / "speaker1.wav", "rb") as audio:
