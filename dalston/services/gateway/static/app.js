@@ -276,7 +276,8 @@ async function refreshJobs() {
     return;
   }
   $("jobs").tBodies[0].replaceChildren(...jobs.map(jobRow));
-  setStatus("jobs-status", jobs.length ? `${jobs.length} most recent.` : "No jobs yet.");
+  const count = jobs.length === 1 ? "1 job." : `${jobs.length} jobs, newest first.`;
+  setStatus("jobs-status", jobs.length ? count : "No jobs yet.");
 }
 
 function jobRow(record) {
