@@ -30,7 +30,7 @@ from dalston.services.gateway.auth import require_key
 from dalston.services.gateway.web import ASSETS, web_page
 from dalston.synthetic_speech import word_error_rate, words
 from tests.audio_fixtures import DIALOGUE, DIALOGUE_TEXT
-from tests.stack import TestStack
+from tests.stack import AUDIO, TestStack
 
 MODEL = "faster-whisper-tiny.en"
 CHROMIUM = shutil.which("chromium")
@@ -253,6 +253,41 @@ def _screenshot(driver, path: Path) -> None:
 def _live_words(driver, count: int) -> str | None:
     turns = " ".join(t.text for t in driver.find_elements("css selector", "#live-turns li"))
     return turns if len(turns.split()) >= count else None
+
+
+DROP = """
+const [name, data] = arguments;
+const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+const files = new DataTransfer();
+files.items.add(new File([bytes], name, {type: 'audio/wav'}));
+const drop = document.getElementById('drop');
+for (const type of ['dragover', 'drop']) {
+  drop.dispatchEvent(new DragEvent(type, {dataTransfer: files, bubbles: true, cancelable: true}));
+}
+"""
+
+
+def _drop(driver, path: Path) -> None:
+    """`path` dropped on the drop zone, as a drag from the desktop delivers it."""
+    driver.execute_script(DROP, path.name, base64.b64encode(path.read_bytes()).decode())
+
+
+def test_a_dropped_file_is_transcribed_and_a_bad_one_says_why(page):
+    page.find_element("css selector", f"#model option[value='{MODEL}']").click()
+    if page.find_element("id", "diarize").is_selected():
+        page.find_element("id", "diarize").click()
+    _drop(page, AUDIO / "speaker1.wav")
+    _wait(page, lambda d: "completed" in _text(d, "file-status"), 120, "the transcript")
+    rows = page.find_elements("css selector", "#transcript tbody tr")
+    text = " ".join(row.find_elements("tag name", "td")[2].text for row in rows)
+    assert word_error_rate("That was hilarious, I can't believe you said that.", text) <= 0.1, text
+    assert all(row.find_elements("tag name", "td")[1].text == "" for row in rows)  # no speakers asked
+    _drop(page, AUDIO / "invalid" / "text_as_wav.wav")
+    status = _wait(page, lambda d: "failed" in _text(d, "file-status") and _text(d, "file-status"), 60,
+                   "the failure")
+    assert "error" in page.find_element("id", "file-status").get_attribute("class")
+    assert not page.find_element("id", "result").is_displayed(), status
+    assert len(status) > len("Job  failed") + 32  # the reason is said
 
 
 CONTRAST = """

@@ -20,7 +20,7 @@ ASSETS = {"index.html": "text/html", "style.css": "text/css",
           "app.js": "text/javascript", "microphone.js": "text/javascript"}
 # 'self' covers the page's own ws:// and wss:// (CSP level 3), which /v1/realtime needs.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                           "connect-src 'self'; media-src 'self' blob:; base-uri 'none'; "
+                           "connect-src 'self'; base-uri 'none'; "
                            "form-action 'none'; frame-ancestors 'none'")
 HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
            "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
