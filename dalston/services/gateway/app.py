@@ -57,6 +57,7 @@ from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.services.gateway.realtime import realtime
 from dalston.services.gateway.streaming import transcript_events
+from dalston.services.gateway.web import web_page
 from dalston.transcript import FORMATS, render
 
 log = get_logger("dalston.gateway")
@@ -420,7 +421,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[create_transcription, create_translation, submit_job, get_job, list_jobs, cancel_job,
                         get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
-                        metrics, healthz, readyz, elevenlabs_api, realtime],
+                        metrics, healthz, readyz, elevenlabs_api, realtime, web_page],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
         guards=[require_key],

@@ -52,6 +52,9 @@ CLAIM_TIMEOUT_SECONDS = 2.0
 ENGINE_CHECK_SECONDS = 0.5
 # Audio goes to the engine in pieces well under NATS's max_payload.
 AUDIO_PIECE_BYTES = 256 * 1024
+# Offered by browsers beside the key's subprotocol (auth.py); a browser drops a connection
+# whose answer names none of the subprotocols it offered.
+REALTIME_SUBPROTOCOL = "realtime"
 
 
 class ClientError(Exception):
@@ -64,7 +67,8 @@ class ClientError(Exception):
 
 @websocket("/v1/realtime")
 async def realtime(socket: WebSocket, intent: str = "") -> None:
-    await socket.accept()
+    offered = {p.strip() for p in socket.headers.get("sec-websocket-protocol", "").split(",")}
+    await socket.accept(subprotocols=REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None)
     state = socket.app.state
     session = RealtimeTranscription(socket, state.bus, state.catalog, state.settings, state.engines,
                                     job_owner(socket))
