@@ -94,10 +94,15 @@ def keyed_stack(tmp_path_factory):
         system.start_nats()
         system.start_pipeline()
         system.key = _dalston(system, "keys", "create", "webuser")
+        admin = _dalston(system, "keys", "create", "webadmin", "--admin")
         system.start_engine("faster-whisper", "fw-web")
         system.start_engine("diarize", "dz-web")
         system.wait_engines("audio-prepare", "merge", "fw-web", "dz-web", timeout=120,
                             headers={"Authorization": f"Bearer {system.key}"})
+        # A user key runs installed models only: the admin installs the two the page uses.
+        for model in (MODEL, system.settings.diarize_model):
+            subprocess.run([sys.executable, "-m", "dalston", "pull", model], check=True, timeout=300,
+                           env={**system.env, "DALSTON_API_KEY": admin}, capture_output=True)
     except BaseException:
         system.close()
         raise
