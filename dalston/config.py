@@ -122,8 +122,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     public_url: str = ""
     # Live sessions an engine serves at once, beside its one batch task (0: none).
     max_sessions: int = 2
-    # A live session whose client sent nothing for this many seconds is ended.
+    # A live session whose client sent nothing for this many seconds is ended (a Wyoming
+    # connection too).
     session_idle_timeout: float = 60.0
+    # The Wyoming server for Home Assistant (`dalston serve wyoming`). Beyond loopback it needs
+    # DALSTON_WYOMING_API_KEY (`dalston keys create`): the key its jobs run under, since
+    # Wyoming itself carries no credentials.
+    wyoming_host: str = "127.0.0.1"
+    wyoming_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 10300
+    wyoming_api_key: str = ""
+    # Wyoming connections served at once; more are told the server is busy and closed.
+    wyoming_max_connections: Annotated[int, msgspec.Meta(ge=1)] = 32
 
     @property
     def home(self) -> Path:
