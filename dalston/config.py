@@ -15,6 +15,10 @@ import msgspec
 import platformdirs
 
 
+# Hosts that listen on this machine alone: a service there is its one user's.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 class ConfigError(ValueError):
     """A `DALSTON_*` variable holds a value that cannot be used."""
 

@@ -1,5 +1,5 @@
 """Runs one service in this process until SIGINT or SIGTERM: gateway, orchestrator, webhooks,
-or an engine of one runtime."""
+the Wyoming server, or an engine of one runtime."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ def serve(service: str, settings: Settings, runtime: str | None = None) -> None:
         from dalston.services.webhooks import WebhookService
 
         asyncio.run(_until_signalled(WebhookService(settings)))
+    elif service == "wyoming":
+        from dalston.services.wyoming.server import WyomingServer
+
+        asyncio.run(_until_signalled(WyomingServer(settings, Catalog.from_settings(settings))))
     elif service == "engine":
         from dalston.sdk.engine import Engine
 
