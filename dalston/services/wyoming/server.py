@@ -30,8 +30,11 @@ from dalston.services.wyoming.info import describe
 
 log = get_logger("dalston.wyoming")
 
-# How long a client turned away (busy) is given to take its error event.
-BUSY_WRITE_SECONDS = 1.0
+# How long a client turned away (busy) is given to take its error event, and how long a closing
+# connection reads what its client still sends: closed with bytes unread, it would be reset, and
+# the client could lose the error event that said why.
+CLOSING_SECONDS = 1.0
+CLOSING_READ_BYTES = 4 * 1024 * 1024
 
 
 def listen_problem(settings: Settings) -> str | None:
@@ -109,7 +112,7 @@ class WyomingServer:
                     await asyncio.wait_for(async_write_event(Error(
                         text=f"{len(self._connections)} clients are connected, the most this server takes at "
                              "once (DALSTON_WYOMING_MAX_CONNECTIONS); try again soon", code="busy").event(),
-                        writer), BUSY_WRITE_SECONDS)
+                        writer), CLOSING_SECONDS)
                 return
             task = asyncio.current_task()
             self._connections.add(task)
@@ -118,6 +121,16 @@ class WyomingServer:
             finally:
                 self._connections.discard(task)
         finally:
+            with contextlib.suppress(Exception):
+                writer.write_eof()
+                await asyncio.wait_for(_read_off(reader), CLOSING_SECONDS)
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), BUSY_WRITE_SECONDS)
+                await asyncio.wait_for(writer.wait_closed(), CLOSING_SECONDS)
+
+
+async def _read_off(reader: asyncio.StreamReader) -> None:
+    """Read and drop what the client still sends, up to its end or CLOSING_READ_BYTES."""
+    left = CLOSING_READ_BYTES
+    while left > 0 and (data := await reader.read(min(left, 65536))):
+        left -= len(data)
