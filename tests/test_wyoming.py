@@ -302,7 +302,7 @@ def test_beyond_loopback_it_will_not_start_without_a_key(stack):
     result = subprocess.run([sys.executable, "-m", "dalston", "serve", "wyoming"], capture_output=True, text=True,
                             env={**stack.env, "DALSTON_WYOMING_HOST": "0.0.0.0",
                                  "DALSTON_WYOMING_PORT": str(free_port())}, timeout=PATIENCE)
-    assert result.returncode == 2 and "DALSTON_WYOMING_API_KEY" in result.stderr
+    assert result.returncode == 2 and "DALSTON_WYOMING_API_KEY" in result.stderr, result.stderr[-3000:]
 
 
 def test_a_key_that_is_not_valid_stops_it_at_start(stack):
@@ -310,7 +310,7 @@ def test_a_key_that_is_not_valid_stops_it_at_start(stack):
                             env={**stack.env, "DALSTON_WYOMING_HOST": "0.0.0.0",
                                  "DALSTON_WYOMING_PORT": str(free_port()),
                                  "DALSTON_WYOMING_API_KEY": "dsk_not-a-key"}, timeout=PATIENCE)
-    assert result.returncode == 2 and "not a valid key" in result.stderr
+    assert result.returncode == 2 and "not a valid key" in result.stderr, result.stderr[-3000:]
 
 
 async def test_with_a_key_beyond_loopback_its_jobs_are_the_keys(stack, audio):

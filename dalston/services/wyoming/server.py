@@ -65,9 +65,6 @@ class WyomingServer:
         bus = await connect(settings, name="dalston-wyoming")
         engines = EngineWatch()
         try:
-            await engines.start(bus)
-            self.intake = Intake.build(bus, settings, self.catalog, engines)
-            await self.intake.start()
             if settings.wyoming_api_key:
                 self._keys = await KeyStore.open(bus)
                 try:
@@ -75,6 +72,9 @@ class WyomingServer:
                 except ClientError:
                     raise ConfigError("DALSTON_WYOMING_API_KEY is not a valid key; create one with "
                                       "`dalston keys create home-assistant`") from None
+            await engines.start(bus)
+            self.intake = Intake.build(bus, settings, self.catalog, engines)
+            await self.intake.start()
             server = await asyncio.start_server(self._connected, settings.wyoming_host, settings.wyoming_port,
                                                 limit=MAX_HEADER_BYTES)
             log.info("wyoming listening", host=settings.wyoming_host, port=settings.wyoming_port)
