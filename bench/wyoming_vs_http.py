@@ -1,0 +1,110 @@
+"""One spoken file through the Wyoming server, as Home Assistant sends it (16 kHz 16-bit mono PCM
+in 2 KiB chunks, once the speech has ended), against the same samples as a WAV file through
+`/v1/audio/transcriptions`, both with the model warm. Target: ratio <= 1.2."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import statistics
+import time
+import wave
+from pathlib import Path
+
+import httpx
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+
+from bench import AUDIO
+from dalston.loopback import LoopbackStack, free_port
+from dalston.pcm import SAMPLE_RATE, from_pcm16, to_pcm16
+
+FILES = ["speaker1.wav", "dialogue.wav"]
+MODEL = "faster-whisper-tiny.en"
+ROUNDS = 10
+CHUNK_BYTES = 2048
+
+
+def _pcm16k(path: Path) -> bytes:
+    """The file's samples as Home Assistant streams them: 16 kHz, 16-bit, mono."""
+    with wave.open(str(path)) as wav:
+        assert wav.getnchannels() == 1 and wav.getsampwidth() == 2
+        rate, data = wav.getframerate(), wav.readframes(wav.getnframes())
+    return to_pcm16(from_pcm16(data, rate))  # from_pcm16 resamples to 16 kHz
+
+
+def _wav(pcm: bytes) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(SAMPLE_RATE)
+        wav.writeframes(pcm)
+    return out.getvalue()
+
+
+async def _over_wyoming(port: int, pcm: bytes) -> tuple[float, str]:
+    started = time.perf_counter()
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Transcribe(language="en").event())
+        await client.write_event(AudioStart(rate=SAMPLE_RATE, width=2, channels=1).event())
+        for start in range(0, len(pcm), CHUNK_BYTES):
+            await client.write_event(AudioChunk(rate=SAMPLE_RATE, width=2, channels=1,
+                                                audio=pcm[start:start + CHUNK_BYTES]).event())
+        await client.write_event(AudioStop().event())
+        while not Transcript.is_type((event := await client.read_event()).type):
+            if event.type == "error":
+                raise RuntimeError(event.data)
+    return time.perf_counter() - started, Transcript.from_event(event).text
+
+
+def _over_http(client: httpx.Client, url: str, wav: bytes) -> tuple[float, str]:
+    started = time.perf_counter()
+    response = client.post(f"{url}/v1/audio/transcriptions", files={"file": ("speech.wav", wav)},
+                           data={"model": MODEL, "language": "en", "response_format": "json"})
+    response.raise_for_status()
+    return time.perf_counter() - started, response.json()["text"]
+
+
+async def _wait_wyoming(port: int) -> None:
+    for _ in range(300):
+        try:
+            async with AsyncTcpClient("127.0.0.1", port):
+                return
+        except OSError:
+            await asyncio.sleep(0.2)
+    raise TimeoutError("the Wyoming server did not come up")
+
+
+def run(root: Path) -> list[str]:
+    stack = LoopbackStack(root, DALSTON_LOG_LEVEL="WARNING")
+    stack.start_nats()
+    try:
+        stack.start_pipeline()
+        stack.start_engine("faster-whisper", "fw", DALSTON_PRELOAD_MODEL=MODEL)
+        port = free_port()
+        stack.start("wyoming", "wyoming", DALSTON_WYOMING_PORT=str(port))
+        stack.wait_engines("audio-prepare", "merge", "fw")
+        asyncio.run(_wait_wyoming(port))
+        lines = []
+        with httpx.Client(timeout=120) as client:
+            for name in FILES:
+                pcm = _pcm16k(AUDIO / name)
+                wav = _wav(pcm)
+                _over_http(client, stack.url, wav), asyncio.run(_over_wyoming(port, pcm))  # warm both
+                http, wyoming = [], []
+                for _ in range(ROUNDS):  # interleaved, so drift hits both sides alike
+                    seconds, http_text = _over_http(client, stack.url, wav)
+                    http.append(seconds)
+                    seconds, wyoming_text = asyncio.run(_over_wyoming(port, pcm))
+                    wyoming.append(seconds)
+                if http_text.split() != wyoming_text.split():
+                    lines.append(f"wyoming {name}: texts differ: {http_text!r} vs {wyoming_text!r}")
+                h, w = statistics.median(http), statistics.median(wyoming)
+                lines.append(f"wyoming {name:<14} {MODEL}: wyoming {w * 1000:7.1f} ms, http {h * 1000:7.1f} ms, "
+                             f"ratio {w / h:5.2f} (target <= 1.2)")
+        return lines
+    finally:
+        stack.close()
+
