@@ -77,34 +77,35 @@ async def _wait_wyoming(port: int) -> None:
     raise TimeoutError("the Wyoming server did not come up")
 
 
+def _medians(port: int, url: str, pcm: bytes) -> tuple[float, float, list[str]]:
+    """Median seconds through Wyoming and through HTTP, rounds interleaved so drift hits both
+    alike (after one warm-up each: the model loads), and the texts each gave last."""
+    wav = _wav(pcm)
+    seconds: dict[str, list[float]] = {"wyoming": [], "http": []}
+    texts = {}
+    with httpx.Client(timeout=120) as client:
+        for round_ in range(ROUNDS + 1):
+            for way, call in (("wyoming", lambda: asyncio.run(_over_wyoming(port, pcm))),
+                              ("http", lambda: _over_http(client, url, wav))):
+                took, texts[way] = call()
+                if round_:
+                    seconds[way].append(took)
+    return statistics.median(seconds["wyoming"]), statistics.median(seconds["http"]), list(texts.values())
+
+
 def run(root: Path) -> list[str]:
-    stack = LoopbackStack(root, DALSTON_LOG_LEVEL="WARNING")
-    stack.start_nats()
+    stack = LoopbackStack.running(root, "fw", DALSTON_LOG_LEVEL="WARNING")
     try:
-        stack.start_pipeline()
-        stack.start_engine("faster-whisper", "fw", DALSTON_PRELOAD_MODEL=MODEL)
         port = free_port()
         stack.start("wyoming", "wyoming", DALSTON_WYOMING_PORT=str(port))
-        stack.wait_engines("audio-prepare", "merge", "fw")
         asyncio.run(_wait_wyoming(port))
         lines = []
-        with httpx.Client(timeout=120) as client:
-            for name in FILES:
-                pcm = _pcm16k(AUDIO / name)
-                wav = _wav(pcm)
-                _over_http(client, stack.url, wav), asyncio.run(_over_wyoming(port, pcm))  # warm both
-                http, wyoming = [], []
-                for _ in range(ROUNDS):  # interleaved, so drift hits both sides alike
-                    seconds, http_text = _over_http(client, stack.url, wav)
-                    http.append(seconds)
-                    seconds, wyoming_text = asyncio.run(_over_wyoming(port, pcm))
-                    wyoming.append(seconds)
-                if http_text.split() != wyoming_text.split():
-                    lines.append(f"wyoming {name}: texts differ: {http_text!r} vs {wyoming_text!r}")
-                h, w = statistics.median(http), statistics.median(wyoming)
-                lines.append(f"wyoming {name:<14} {MODEL}: wyoming {w * 1000:7.1f} ms, http {h * 1000:7.1f} ms, "
-                             f"ratio {w / h:5.2f} (target <= 1.2)")
+        for name in FILES:
+            wyoming, http, (wyoming_text, http_text) = _medians(port, stack.url, _pcm16k(AUDIO / name))
+            if wyoming_text.split() != http_text.split():
+                lines.append(f"wyoming {name}: texts differ: {wyoming_text!r} vs {http_text!r}")
+            lines.append(f"wyoming {name:<14} {MODEL}: wyoming {wyoming * 1000:7.1f} ms, http {http * 1000:7.1f} ms, "
+                         f"ratio {wyoming / http:5.2f} (target <= 1.2)")
         return lines
     finally:
         stack.close()
-

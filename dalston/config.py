@@ -14,7 +14,6 @@ from typing import Annotated
 import msgspec
 import platformdirs
 
-
 # Hosts that listen on this machine alone: a service there is its one user's.
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
