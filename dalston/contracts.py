@@ -284,6 +284,7 @@ FAILURE_STATUS: dict[str, int] = {
     "wrong_runtime": 400,  # a task published to another runtime's subject
     "unknown_model": 404,
     "cancelled": 409,
+    "input_gone": 410,  # an object the task reads is missing or damaged (expired, purged)
     "overloaded": 429,  # DALSTON_MAX_QUEUED_JOBS jobs are unfinished: submit again later
     "internal": 500,  # a bug, or a transient fault that outlived its retries
     "engine_crashed": 500,  # the task kept killing the engines that ran it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import subprocess
 import sys
 import time
@@ -16,6 +17,9 @@ import yaml
 from standardwebhooks import Webhook
 
 import nats
+from dalston.bus.connection import connect
+from dalston.config import load_settings
+from dalston.services.layout import apply_layout
 from tests.nats_nodes import NATS_DIR, NatsNode
 from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, free_port, wait_for, wait_ok, words
 from tests.webhook_receiver import Receiver
@@ -37,6 +41,7 @@ def locked(tmp_path_factory):
     node.start()
     node.wait_healthy()
     system = TestStack(root / "stack", DALSTON_NATS_URL=node.url, **credentials("admin"))
+    asyncio.run(apply_layout(system.settings))  # the admin step of `dalston up` and compose
     yield system
     system.close()
     node.stop()
@@ -120,25 +125,114 @@ async def test_wrong_password_is_refused(locked):
 
 
 async def test_an_engine_may_rewrite_its_outputs(locked):
-    """A task run again writes the same objects again; the object store then purges the old
-    chunks, which the engine user must be allowed (it was not: each re-run then timed out)."""
-    bus = await locked.bus()  # admin: creates the layout
+    """A task run again writes the same objects again, without purging the old chunks (only
+    admin may purge): the write completes and readers get the second run."""
+    bus = await locked.bus()
+    engine = await connect(load_settings({**locked.env, **credentials("engine")}), name="test-engine")
+    try:
+        for attempt in (b"first run", b"second run"):
+            await asyncio.wait_for(engine.artifacts.put("jobs/rewritten/prepare/ch0/00000.f32", attempt), 5)
+        assert (await bus.artifacts.read("jobs/rewritten/prepare/ch0/00000.f32")) == b"second run"
+        assert (await engine.artifacts.read("jobs/rewritten/prepare/ch0/00000.f32")) == b"second run"
+    finally:
+        await engine.close()
+        await bus.close()
+
+
+# What no user but admin may do to the layout: create, update, purge or delete a stream (a KV
+# bucket, an object store), or create, update or delete a durable consumer.
+LAYOUT_CHANGES = [
+    ("$JS.API.STREAM.CREATE.STOLEN", "create a stream (one that sources KV_apikeys' subjects, say)"),
+    ("$JS.API.STREAM.UPDATE.KV_apikeys", "add a source or subject transform into the API keys"),
+    ("$JS.API.STREAM.UPDATE.OBJ_artifacts", "change the artifacts' retention"),
+    ("$JS.API.STREAM.PURGE.OBJ_artifacts", "purge every artifact"),
+    ("$JS.API.STREAM.PURGE.KV_jobs", "purge every job record"),
+    ("$JS.API.STREAM.DELETE.EVENTS", "delete the events"),
+    ("$JS.API.STREAM.MSG.DELETE.OBJ_artifacts", "delete one chunk of an object"),
+    ("$JS.API.CONSUMER.DURABLE.CREATE.EVENTS.webhooks", "rewrite the webhook service's consumer"),
+    ("$JS.API.CONSUMER.CREATE.TASKS.tasks-faster-whisper-base.tasks.faster-whisper.base",
+     "rewrite a task queue"),
+    ("$JS.API.CONSUMER.CREATE.EVENTS", "read every event through a consumer of its own"),
+    ("$JS.API.CONSUMER.DELETE.TASKS.tasks-faster-whisper-base", "delete a task queue"),
+]
+SERVICE_USERS = ("orchestrator", "gateway", "engine", "webhooks")
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+@pytest.mark.parametrize("subject,why", LAYOUT_CHANGES, ids=[w for _, w in LAYOUT_CHANGES])
+async def test_only_admin_changes_the_layout(locked, user, subject, why):
+    errors: list[str] = []
+    nc = await connect_as(locked, user, errors)
+    try:
+        await nc.publish(subject, b"{}", reply="_INBOX.unanswered")
+        await nc.flush()
+        assert f'permissions violation for publish to "{subject.lower()}"' in await until_error(errors)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+async def test_an_ephemeral_consumer_request_makes_no_durable(locked, user):
+    """The one consumer request the services may send, $JS.API.CONSUMER.CREATE.<stream>, is
+    for ephemeral consumers: the server refuses one that names itself durable."""
+    stream = {"orchestrator": "KV_jobs", "gateway": "KV_jobs"}.get(user, "OBJ_artifacts")
+    nc = await connect_as(locked, user, [])
+    bus = await locked.bus()
+    try:
+        request = {"stream_name": stream, "config": {"durable_name": f"kept-{user}", "ack_policy": "explicit"}}
+        answer = await nc.request(f"$JS.API.CONSUMER.CREATE.{stream}", json.dumps(request).encode(), timeout=5)
+        assert "error" in json.loads(answer.data), answer.data
+        assert f"kept-{user}" not in [c.name for c in await bus.js.consumers_info(stream)]
+    finally:
+        await nc.close()
+        await bus.close()
+
+
+async def test_the_orchestrator_cannot_mint_an_api_key(locked):
+    """The attack that worked: the orchestrator's user sources EVENTS into KV_apikeys with a
+    subject transform, then publishes a key record as a job event. Refused: KV_apikeys is
+    unchanged and holds no key."""
+    bus = await locked.bus()
+    errors: list[str] = []
+    nc = await connect_as(locked, "orchestrator", errors)
+    try:
+        config = (await bus.js.stream_info("KV_apikeys")).config.as_dict()
+        config["sources"] = [{"name": "EVENTS", "subject_transforms": [
+            {"src": "events.job.minted", "dest": "$KV.apikeys.0123456789abcdef"}]}]
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request("$JS.API.STREAM.UPDATE.KV_apikeys", json.dumps(config).encode(), timeout=2)
+        assert 'publish to "$js.api.stream.update.kv_apikeys"' in await until_error(errors)
+        await nc.jetstream().publish("events.job.minted", b'{"name": "minted", "admin": true}')
+        info = await bus.js.stream_info("KV_apikeys")
+        assert not info.config.sources and info.state.messages == 0
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.jetstream(timeout=2).publish("$KV.apikeys.0123456789abcdef", b"{}")
+        assert (await bus.js.stream_info("KV_apikeys")).state.messages == 0
+    finally:
+        await nc.close()
+        await bus.close()
+
+
+async def test_an_engine_cannot_purge_the_artifacts(locked):
+    """The attack that worked: the engine user purged OBJ_artifacts, and every transcript
+    before it answered 500. Refused: the object is still whole."""
+    bus = await locked.bus()
     errors: list[str] = []
     nc = await connect_as(locked, "engine", errors)
     try:
-        artifacts = await nc.jetstream().object_store("artifacts")
-        for attempt in (b"first run", b"second run"):
-            await artifacts.put("jobs/rewritten/prepare/ch0/00000.f32", attempt)
-        assert (await bus.artifacts.read("jobs/rewritten/prepare/ch0/00000.f32")) == b"second run"
-        assert not errors
+        await bus.artifacts.put("jobs/kept/transcript", b'{"text": "still here"}')
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.jetstream(timeout=2).purge_stream("OBJ_artifacts")
+        assert 'publish to "$js.api.stream.purge.obj_artifacts"' in await until_error(errors)
+        assert await bus.artifacts.read("jobs/kept/transcript") == b'{"text": "still here"}'
     finally:
         await nc.close()
         await bus.close()
 
 
 def test_every_service_does_its_job_with_its_own_user(locked):
-    """The orchestrator creates the layout; the others, which may only read it, then start and
-    run a job end to end without one permission violation."""
+    """With the layout applied by admin (the fixture), every service, which may only read it,
+    starts and runs a job end to end without one permission violation."""
     locked.start("orchestrator", "orchestrator", **credentials("orchestrator"))
     deadline = time.monotonic() + 30
     while "orchestrator started" not in locked.log_text("orchestrator"):

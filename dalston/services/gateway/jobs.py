@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import IO
 
+from dalston.bus.buckets import ObjectUnreadable
 from dalston.bus.connection import Bus
 from dalston.contracts import (
     CANCEL_SUBJECT,
@@ -50,6 +51,17 @@ LIST_READS = 16
 class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id[:80]!r}")
+
+
+class TranscriptGone(Exception):
+    """A completed job whose transcript is missing or damaged (expired, purged): a 410."""
+
+    status_code = 410
+    code = "transcript_gone"
+
+    def __init__(self, job_id: str, cause: ObjectUnreadable) -> None:
+        self.detail = f"the transcript of job {job_id} is no longer available: {cause}"
+        super().__init__(self.detail)
 
 
 class JobService:
@@ -110,7 +122,11 @@ class JobService:
         return sorted(jobs, key=lambda r: r.created_at, reverse=True)[:limit]
 
     async def transcript(self, record: JobRecord) -> Transcript:
-        return await self.bus.artifacts.transcript(record)
+        try:
+            return await self.bus.artifacts.transcript(record)
+        except ObjectUnreadable as exc:
+            log.warning("transcript unreadable", job=record.id, reason=str(exc))
+            raise TranscriptGone(record.id, exc) from None
 
     async def cancel(self, job_id: str, owner: str | None) -> None:
         await self.get(job_id, owner)
