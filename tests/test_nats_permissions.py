@@ -18,7 +18,9 @@ from standardwebhooks import Webhook
 
 import nats
 from dalston.bus.connection import connect
+from dalston.bus.credentials import inbox_prefix
 from dalston.config import load_settings
+from dalston.contracts import DeadLetter, TaskEvent, decode, encode
 from dalston.services.layout import apply_layout
 from tests.nats_nodes import NATS_DIR, NatsNode
 from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, free_port, wait_for, wait_ok, words
@@ -52,7 +54,7 @@ async def connect_as(system: TestStack, user: str, errors: list[str]) -> nats.ai
         errors.append(str(exc).lower())
 
     return await nats.connect(system.env["DALSTON_NATS_URL"], user=user, password=PASSWORDS[user],
-                              error_cb=on_error, allow_reconnect=False)
+                              inbox_prefix=inbox_prefix(user), error_cb=on_error, allow_reconnect=False)
 
 
 async def until_error(errors: list[str], timeout: float = 3.0) -> str:
@@ -85,6 +87,14 @@ REFUSED = [
     ("webhooks", "publish", "$JS.API.CONSUMER.MSG.NEXT.EVENTS.orchestrator-events", "take the orchestrator's events"),
     ("webhooks", "publish", "$JS.API.STREAM.PURGE.EVENTS", "drop every event"),
     ("webhooks", "subscribe", "events.>", "read every job's events live"),
+    # Each user's replies (JetStream deliveries, KV and object reads) go to its own inboxes.
+    ("engine", "subscribe", "_INBOX.>", "read every reply of every user"),
+    ("engine", "subscribe", "_INBOX_gateway.>", "read the keys, records and transcripts the gateway reads"),
+    ("engine", "subscribe", "_INBOX_orchestrator.>", "read the job records the orchestrator reads"),
+    ("engine", "subscribe", ">", "hear everything"),
+    ("gateway", "subscribe", "_INBOX_webhooks.>", "read the transcripts the webhook service sends"),
+    ("webhooks", "subscribe", "_INBOX_gateway.>", "read the API keys the gateway reads"),
+    ("orchestrator", "subscribe", "_INBOX_engine.>", "read the tasks engines take"),
 ]
 
 
@@ -289,6 +299,46 @@ async def test_the_webhook_service_delivers_as_its_own_user(locked):
         locked.stop("gateway-hooks")
         locked.stop("webhooks")
     assert "violation" not in locked.log_text("webhooks").lower()
+
+
+@pytest.mark.parametrize("forgery", ["no grant", "a made-up grant", "another job's transcript"])
+async def test_an_engine_cannot_report_on_a_task_it_was_not_given(locked, forgery):
+    """The attack that worked: the engine user published a TaskEvent from a made-up engine that
+    completed someone's job with another job's transcript. A report must present the grant the
+    task was given with, and name only its own job's objects: otherwise it is dead-lettered and
+    the job is untouched."""
+    if "faster-whisper" not in locked.processes:
+        pytest.skip("needs the running system of the test above")
+    with (AUDIO / "speaker1.wav").open("rb") as audio:  # nemo: no engine runs it, the task waits
+        response = httpx.post(f"{locked.url}/v1/jobs", files={"file": audio},
+                              data={"model": "parakeet-tdt-0.6b-v2"}, timeout=60)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    bus = await locked.bus()
+    nc = await connect_as(locked, "engine", [])
+    try:
+        async def transcribe_queued():
+            record = await bus.jobs.get(job_id)
+            return record and next((t for t in record.tasks.values()
+                                    if t.stage == "transcribe" and t.status == "queued"), None)
+        task = await wait_for(transcribe_queued, 60)
+        grant = {"no grant": "", "a made-up grant": "0" * 32}.get(forgery, task.grant)
+        letters = (await bus.js.stream_info("DEADLETTER")).state.messages
+        forged = TaskEvent(task_id=task.id, job_id=job_id, kind="completed", engine="made-up",
+                           outputs=["jobs/0123456789abcdef0123456789abcdef/transcript.json"], grant=grant)
+        await nc.jetstream().publish(f"events.task.{job_id}", encode(forged))
+
+        async def dead_lettered():
+            return (await bus.js.stream_info("DEADLETTER")).state.messages > letters
+        await wait_for(dead_lettered, 20)
+        letter = decode((await bus.js.get_last_msg("DEADLETTER", "deadletter.events")).data, DeadLetter)
+        assert ("outside job" if forgery == "another job's transcript" else "grant") in letter.reason
+        record = await bus.jobs.get(job_id)
+        assert record.status != "completed" and record.tasks[next(
+            k for k, t in record.tasks.items() if t.id == task.id)].status == "queued"
+    finally:
+        await nc.close()
+        await bus.close()
 
 
 async def test_streams_and_live_sessions_work_with_the_services_own_users(locked):

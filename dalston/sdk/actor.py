@@ -152,7 +152,7 @@ class ModelActor(Actor):
 
         def delta(seq: int, segment: Segment) -> TranscriptDelta:
             return TranscriptDelta(job_id=task.job_id, task_id=task.id, channel=task.channel, seq=seq,
-                                   segment=segment, at=now())
+                                   segment=segment, at=now(), grant=task.grant)
 
         announce = SegmentAnnouncer(ctx.bus, TRANSCRIPT_SUBJECT.format(job_id=task.job_id), delta)
         # One piece of audio (a chunk, or a short recording), or a channel's chunks in order (a
