@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import subprocess
 import sys
 import time
@@ -195,6 +196,21 @@ async def test_an_ephemeral_consumer_request_makes_no_durable(locked, user):
         assert f"kept-{user}" not in [c.name for c in await bus.js.consumers_info(stream)]
     finally:
         await nc.close()
+        await bus.close()
+
+
+async def test_streams_open_to_ephemeral_consumers_hold_no_durable_one(locked):
+    """Through $JS.API.CONSUMER.CREATE.<stream>, a consumer request naming an existing consumer
+    updates it: the streams where services may send it must hold none to update."""
+    conf = (NATS_DIR / "accounts.conf").read_text()
+    open_streams = set(re.findall(r'"\$JS\.API\.CONSUMER\.CREATE\.(\w+)"', conf))
+    assert open_streams == {"KV_jobs", "OBJ_artifacts", "HEARTBEATS"}
+    bus = await locked.bus()
+    try:
+        for stream in open_streams:
+            durable = [c.name for c in await bus.js.consumers_info(stream) if c.config.durable_name]
+            assert not durable, (stream, durable)
+    finally:
         await bus.close()
 
 
