@@ -92,6 +92,8 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}\Z"
 JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
 # Task ids, runtimes and engine names become subject tokens and message ids.
 Token = Annotated[str, msgspec.Meta(pattern=_TOKEN_PATTERN)]
+# A task's capability: random hex (dalston.dag), or empty in a message that presents none.
+Grant = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{0,64}\Z")]
 ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN)]
 RuntimeModelId = Annotated[str, msgspec.Meta(pattern=RUNTIME_MODEL_ID_PATTERN)]
 # What a client may name as the model: an id, an alias such as `whisper-1`, or nothing (default).
@@ -284,6 +286,7 @@ FAILURE_STATUS: dict[str, int] = {
     "wrong_runtime": 400,  # a task published to another runtime's subject
     "unknown_model": 404,
     "cancelled": 409,
+    "input_gone": 410,  # an object the task reads is missing or damaged (expired, purged)
     "overloaded": 429,  # DALSTON_MAX_QUEUED_JOBS jobs are unfinished: submit again later
     "internal": 500,  # a bug, or a transient fault that outlived its retries
     "engine_crashed": 500,  # the task kept killing the engines that ran it
@@ -313,6 +316,9 @@ class TaskRecord(Contract, kw_only=True):
     chunk: int | None = None
     status: TaskStatus = "pending"
     attempt: int = 0
+    # The attempt's capability: only the engine given the task knows it, and its reports and
+    # streamed segments must present it (dag.presents_grant).
+    grant: str = ""
     engine: str | None = None
     outputs: list[str] = []
     failure: Failure | None = None
@@ -399,6 +405,8 @@ class Task(Contract, kw_only=True):
     end: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     attempt: int = 1
+    # What the engine's reports on this task present (TaskRecord.grant).
+    grant: Grant = ""
 
 
 TaskEventKind = Literal["started", "completed", "failed"]
@@ -421,6 +429,8 @@ class TaskEvent(Contract, kw_only=True):
     failure: Failure | None = None
     attempt: int = 1
     at: float = 0.0
+    # The task's grant (Task.grant): a report without it is dead-lettered.
+    grant: Grant = ""
 
 
 class DeadLetter(Contract, kw_only=True):
@@ -533,6 +543,8 @@ class TranscriptDelta(Contract, kw_only=True):
     seq: Annotated[int, msgspec.Meta(ge=0)]
     segment: Segment
     at: float = 0.0
+    # The task's grant (Task.grant): listeners drop a segment without it.
+    grant: Grant = ""
 
 
 # --- live sessions ------------------------------------------------------------------------

@@ -38,8 +38,15 @@ def test_environment_is_settings(name):
     assert "DALSTON_NATS_REPLICAS" in env
     # Each service its own NATS user, whose password the nats service knows.
     user = env["DALSTON_NATS_USER"]
-    assert user == ("engine" if name in ENGINES else name)
+    assert user == ("engine" if name in ENGINES else "admin" if name == "layout" else name)
     assert env["DALSTON_NATS_PASSWORD"] == SERVICES["nats"]["environment"][f"DALSTON_NATS_{user.upper()}_PASSWORD"]
+
+
+def test_the_layout_is_applied_as_admin_before_every_service():
+    """Only admin may create streams, buckets and consumers (nats/accounts.conf)."""
+    assert SERVICES["layout"]["command"] == ["serve", "layout"]
+    for name in set(DALSTON) - {"layout"}:
+        assert "layout" in SERVICES[name]["depends_on"], name
 
 
 def test_engine_runtimes_are_in_the_catalog():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
@@ -16,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar
 import msgspec
 import numpy as np
 
+from dalston.bus.buckets import ObjectUnreadable
 from dalston.contracts import (
     TRANSCRIPT_SUBJECT,
     ChannelTranscript,
@@ -59,6 +62,15 @@ class TaskResult:
     language: str | None = None
 
 
+@contextmanager
+def _input(name: str) -> Iterator[None]:
+    """An input that cannot be read fails its task at once: it will not come back."""
+    try:
+        yield
+    except ObjectUnreadable as exc:
+        raise TaskFailed("input_gone", str(exc)) from None
+
+
 @dataclass
 class TaskContext:
     """What a handler may touch: the task's artifacts in the object store."""
@@ -69,15 +81,18 @@ class TaskContext:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     async def read(self, name: str) -> bytes:
-        return await self.bus.artifacts.read(name)
+        with _input(name):
+            return await self.bus.artifacts.read(name)
 
     async def read_to(self, name: str, path: Path) -> None:
-        await self.bus.artifacts.read_to(name, path)
+        with _input(name):
+            await self.bus.artifacts.read_to(name, path)
 
     async def read_audio(self, name: str) -> np.ndarray:
         """Prepared audio (`dalston.pcm`), copied chunk by chunk into its one array."""
-        buffer = SampleBuffer(await self.bus.artifacts.size(name))
-        await self.bus.artifacts.read_into(name, buffer)
+        with _input(name):
+            buffer = SampleBuffer(await self.bus.artifacts.size(name))
+            await self.bus.artifacts.read_into(name, buffer)
         return buffer.samples()
 
     async def read_struct(self, name: str, kind: type) -> Any:
@@ -137,7 +152,7 @@ class ModelActor(Actor):
 
         def delta(seq: int, segment: Segment) -> TranscriptDelta:
             return TranscriptDelta(job_id=task.job_id, task_id=task.id, channel=task.channel, seq=seq,
-                                   segment=segment, at=now())
+                                   segment=segment, at=now(), grant=task.grant)
 
         announce = SegmentAnnouncer(ctx.bus, TRANSCRIPT_SUBJECT.format(job_id=task.job_id), delta)
         # One piece of audio (a chunk, or a short recording), or a channel's chunks in order (a

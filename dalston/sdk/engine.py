@@ -238,7 +238,7 @@ class Engine:
     async def _event(self, task: Task, kind: str, *, result: TaskResult | None = None,
                      failure: Failure | None = None) -> None:
         event = TaskEvent(task_id=task.id, job_id=task.job_id, kind=kind, engine=self.name,
-                          failure=failure, attempt=task.attempt, at=now())
+                          failure=failure, attempt=task.attempt, at=now(), grant=task.grant)
         if result is not None:
             event.outputs = result.outputs
             event.channels = result.channels

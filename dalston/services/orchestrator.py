@@ -12,7 +12,7 @@ import time
 
 from dalston import dag
 from dalston.bus.connection import Bus, Msg, connect
-from dalston.bus.consumers import HandleLater, consume
+from dalston.bus.consumers import GiveUp, HandleLater, consume
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
@@ -230,9 +230,13 @@ class Orchestrator:
 
     async def _on_task_event(self, msg: Msg) -> None:
         event = decode(msg.data, TaskEvent)
-        record = await self._update(
-            event.job_id, lambda r: dag.apply_event(r, event, self.settings.task_max_attempts),
-            redrive=msg.metadata.num_delivered > 1)
+
+        def apply(record: JobRecord) -> bool:
+            if (reason := dag.refusal(record, event)) is not None:
+                raise GiveUp(reason)  # a forged report: dead-lettered, never applied
+            return dag.apply_event(record, event, self.settings.task_max_attempts)
+
+        record = await self._update(event.job_id, apply, redrive=msg.metadata.num_delivered > 1)
         if record is not None and dag.is_early(record, event):
             raise EarlyEvent(f"job {record.id} does not list task {event.task_id} yet")
 

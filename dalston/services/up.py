@@ -22,12 +22,12 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from dalston.bus.connection import connect
 from dalston.bus.credentials import ADMIN, home_passwords, service_environment
 from dalston.bus.server import EmbeddedNats, HomeLock
 from dalston.catalog import Catalog
 from dalston.config import Settings
 from dalston.logs import configure, get_logger
+from dalston.services.layout import apply_layout
 
 log = get_logger("dalston.up")
 
@@ -156,9 +156,8 @@ class Stack:
             log.error("nats-server did not restart; trying again", error=repr(exc))
 
     def _start_nats(self) -> None:
-        """The embedded server, with the layout applied as admin: its memory streams (HEARTBEATS)
-        die with it, and services apply the layout only as they start (after a restart no
-        engine would be seen live), or, where they may only read it, wait for the orchestrator."""
+        """The embedded server, with the layout applied as admin (the only user that may): its
+        memory streams (HEARTBEATS) die with it, and the services may only read the layout."""
         self.nats_started_at = time.monotonic()
         self.nats.start()
         try:
@@ -168,10 +167,8 @@ class Stack:
             raise
 
     async def _apply_layout(self) -> None:
-        settings = msgspec.structs.replace(self.settings, nats_url=self.nats.url, nats_user=ADMIN,
-                                           nats_password=self.nats.passwords[ADMIN])
-        bus = await connect(settings, name="dalston-up")
-        await bus.close()
+        await apply_layout(msgspec.structs.replace(
+            self.settings, nats_url=self.nats.url, nats_user=ADMIN, nats_password=self.nats.passwords[ADMIN]))
 
     def request_stop(self, *_: object) -> None:
         self._stop = True

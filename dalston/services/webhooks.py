@@ -22,6 +22,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from dalston import __version__
+from dalston.bus.buckets import ObjectUnreadable
 from dalston.bus.connection import Bus, Msg, connect
 from dalston.bus.consumers import GiveUp, HandleLater, consume
 from dalston.bus.layout import load_layout
@@ -136,7 +137,10 @@ class WebhookService:
                           "code": event.failure.code, "message": event.failure.message}}
         if event.status == "completed" and event.transcript_object:
             data["transcript_url"] = f"{self._public_url}/v1/jobs/{event.job_id}/transcript"
-            transcript = await self._bus.artifacts.read(event.transcript_object)
+            try:
+                transcript = await self._bus.artifacts.read(event.transcript_object)
+            except ObjectUnreadable as exc:  # it will not come back: no retry can deliver it
+                raise GiveUp(f"webhook of job {event.job_id}: its transcript is unreadable: {exc}") from None
             if len(transcript) <= INLINE_TRANSCRIPT_BYTES:
                 data["transcript"] = json.loads(transcript)
         return json.dumps({
