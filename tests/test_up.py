@@ -167,6 +167,13 @@ def test_transcribe_starts_dalston_in_the_background_and_down_stops_it(tmp_path)
         again = dalston(env, "transcribe", "-f", "srt", str(AUDIO / "speaker1.wav"))
         assert again.returncode == 0 and "00:00:00,000 -->" in again.stdout, again.stderr
         assert lock.holder() == pid
+        # The README's example: the default `up` diarizes, no flags, no extras (its engine
+        # loads the model on this first use).
+        diarized = dalston(env, "transcribe", "--diarize", str(AUDIO / "dialogue.wav"))
+        assert diarized.returncode == 0, diarized.stderr
+        turns = [line.split(":", 1) for line in diarized.stdout.strip().splitlines()]
+        assert [speaker for speaker, _ in turns] == ["SPEAKER_0", "SPEAKER_1"]
+        assert words(turns[1][1]) == words("What do you mean? I was really serious about it.")
 
         down = dalston(env, "down")
         assert down.returncode == 0 and f"Dalston stopped (pid {pid})" in down.stderr
