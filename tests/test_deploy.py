@@ -25,8 +25,9 @@ SETTINGS_VARS = {f"DALSTON_{f.encode_name.upper()}" for f in msgspec.structs.fie
 
 
 def test_every_service_is_there():
-    assert {"nats", "gateway", "orchestrator", "audio-prepare", "merge", "faster-whisper", "nemo"} <= set(SERVICES)
-    assert set(ENGINES) == {"audio-prepare", "merge", "faster-whisper", "nemo"}
+    assert {"nats", "gateway", "orchestrator", "audio-prepare", "merge", "diarize", "faster-whisper",
+            "nemo"} <= set(SERVICES)
+    assert set(ENGINES) == {"audio-prepare", "merge", "diarize", "faster-whisper", "nemo"}
 
 
 @pytest.mark.parametrize("name", sorted(DALSTON))

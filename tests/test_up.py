@@ -98,7 +98,8 @@ async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_sto
         assert second.returncode == 1 and "already running" in second.stderr
 
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 7  # nats-server, gateway, orchestrator, webhooks, three engines
+        # nats-server, gateway, orchestrator, webhooks, four engines
+        assert len(children) >= 8
     assert not [c for c in children if running(c)]
     assert "Dalston is up" in (tmp_path / "up.log").read_text()
 
@@ -146,7 +147,7 @@ def test_jobs_complete_when_the_nats_server_is_killed(tmp_path):
         assert nats_server(up).pid != killed.pid
         # The engines beat into the new server (its memory streams are made again): all live
         # within a few beats.
-        every = {"audio-prepare", "merge", "faster-whisper"}
+        every = {"audio-prepare", "merge", "diarize", "faster-whisper"}
         assert wait_until(live_runtimes, lambda live: live == every, 20) == every
     assert "nats-server died; restarting" in (tmp_path / "up.log").read_text()
 
@@ -166,6 +167,13 @@ def test_transcribe_starts_dalston_in_the_background_and_down_stops_it(tmp_path)
         again = dalston(env, "transcribe", "-f", "srt", str(AUDIO / "speaker1.wav"))
         assert again.returncode == 0 and "00:00:00,000 -->" in again.stdout, again.stderr
         assert lock.holder() == pid
+        # The README's example: the default `up` diarizes, no flags, no extras (its engine
+        # loads the model on this first use).
+        diarized = dalston(env, "transcribe", "--diarize", str(AUDIO / "dialogue.wav"))
+        assert diarized.returncode == 0, diarized.stderr
+        turns = [line.split(":", 1) for line in diarized.stdout.strip().splitlines()]
+        assert [speaker for speaker, _ in turns] == ["SPEAKER_0", "SPEAKER_1"]
+        assert words(turns[1][1]) == words("What do you mean? I was really serious about it.")
 
         down = dalston(env, "down")
         assert down.returncode == 0 and f"Dalston stopped (pid {pid})" in down.stderr

@@ -1,5 +1,5 @@
 """From speaker embeddings of pieces of speech to speaker turns: clustering with a measured
-threshold or a given count, then smoothing. Pure numpy and scipy, no model.
+threshold or a given count, then smoothing. Pure numpy, no model.
 
 A piece is a stretch of one speech region (a few seconds at most) with one embedding pooled
 over it. Pooling over seconds of speech is what separates voices: embeddings of single 1.6 s
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
+
+from actors.diarize.linkage import fcluster, linkage
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Diarization with the GE2E speaker encoder (Resemblyzer): speech regions from Silero VAD,
-embeddings pooled over pieces of them, clustering, then turn boundaries placed by windows.
+"""Diarization with the GE2E speaker encoder (Resemblyzer's, on onnxruntime): speech regions
+from Silero VAD, embeddings pooled over pieces of them, clustering, then turn boundaries placed
+by windows.
 
 The constants were chosen by measurement on `bench/diarization.py`'s conversations (two and
 three espeak-ng voices, which are far more alike than real people) and on the real
@@ -14,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
-from resemblyzer import VoiceEncoder
 
 from actors.diarize.clustering import Piece, absorb_islands, best_split, cluster, join
+from actors.diarize.ge2e_encoder import Ge2eEncoder
 from dalston.contracts import DiarizeOptions, SpeakerTurn
 from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import TaskCancelled
 from dalston.speakers import labelled_turns
 
-WEIGHTS = "pretrained.pt"
+WEIGHTS = "ge2e.onnx"
 # Speech regions: a pause this long ends one (turns often change at short pauses).
 VAD = VadOptions(min_silence_duration_ms=150, speech_pad_ms=30, min_speech_duration_ms=100)
 # Regions are cut into equal pieces of at most this long, each embedded as a whole: long enough
@@ -52,13 +53,11 @@ MIN_TURN_SECONDS = 1.0
 class Ge2eDiarizer:
     """A loaded GE2E encoder and the pipeline around it."""
 
-    def __init__(self, path: Path, device: str) -> None:
-        self.encoder = VoiceEncoder(device, verbose=False, weights_fpath=path / WEIGHTS)
-        # The first call compiles librosa's and torch's kernels (seconds): part of loading.
-        self.encoder.embed_utterance(np.zeros(SAMPLE_RATE, dtype=np.float32))
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        self.encoder = Ge2eEncoder(path / WEIGHTS, threads)
 
     def unload(self) -> None:
-        self.encoder.to("meta")
+        self.encoder = None
 
     def diarize(self, audio: np.ndarray, options: DiarizeOptions,
                 cancelled: threading.Event) -> tuple[list[str], list[SpeakerTurn]]:

@@ -35,7 +35,7 @@ from dalston.contracts import (
     now,
     task_subject,
 )
-from dalston.engines import EngineWatch
+from dalston.engines import EngineWatch, how_to_start
 from dalston.logs import get_logger
 
 log = get_logger("dalston.orchestrator")
@@ -290,8 +290,7 @@ class Orchestrator:
                 dag.finish(record, "failed", Failure(
                     code="no_engine", retryable=True,
                     message=f"no {runtime} engine is running: the task waited "
-                            f"{self.settings.engine_wait:.0f} s (start one, e.g. "
-                            f"`dalston up --runtimes {runtime}`)"))
+                            f"{self.settings.engine_wait:.0f} s (start one: {how_to_start(runtime)})"))
                 return True
 
             await self._update(job_id, fail)

@@ -2,9 +2,10 @@
 
 Starts an embedded nats-server (JetStream on disk under DALSTON_HOME, open only to the users of
 nats/accounts.conf, whose passwords DALSTON_HOME keeps) unless DALSTON_NATS_URL names one, then
-the gateway, the orchestrator, the webhook service (where DALSTON_WEBHOOK_SECRET is set) and
-one engine per runtime as child processes, each with its own NATS user. A child or the embedded
-server that dies is restarted; Ctrl-C or SIGTERM stops everything, services before NATS.
+the gateway, the orchestrator, the webhook service (where DALSTON_WEBHOOK_SECRET is set), one
+engine of each pipeline runtime and the transcription engines as child processes, each with its
+own NATS user. A child or the embedded server that dies is restarted; Ctrl-C or SIGTERM stops
+everything, services before NATS.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from dalston.services.layout import apply_layout
 
 log = get_logger("dalston.up")
 
-PIPELINE_RUNTIMES = ("audio-prepare", "merge")
+# One engine each, whatever the transcription runtimes: every job's stages, and diarization
+# (which loads its model on first use, so a stack that never diarizes pays only an idle process).
+PIPELINE_RUNTIMES = ("audio-prepare", "merge", "diarize")
 DEFAULT_RUNTIMES = ("faster-whisper",)
 RESTART_DELAY = 2.0
 # What one CPU engine needs beside the others: the default model (base) and its buffers.
@@ -103,7 +106,7 @@ class Stack:
         engines, threads = engine_layout(self.settings)
         for runtime in PIPELINE_RUNTIMES:
             self._add_engine(nats_url, runtime, f"{runtime}-{os.getpid()}")
-        for runtime in self.runtimes:
+        for runtime in (r for r in self.runtimes if r not in PIPELINE_RUNTIMES):
             for n in range(engines):
                 # Engines that serve the default model pull and load it at start, so the first
                 # request does not wait for a download.

@@ -12,7 +12,8 @@ from litestar import Request
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException
 
-from dalston.catalog import Catalog, ModelSpec
+from dalston import dag
+from dalston.catalog import Catalog, ModelSpec, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
     FAILURE_STATUS,
@@ -22,6 +23,7 @@ from dalston.contracts import (
     Transcript,
     is_webhook_url,
 )
+from dalston.engines import EngineWatch, how_to_start
 from dalston.services.gateway.admission import Admission, Refused
 from dalston.services.gateway.auth import job_owner, verified_key
 from dalston.services.gateway.jobs import FollowedJob, JobService
@@ -116,7 +118,8 @@ async def submit(request: Request, job_id: str, read: Callable[[Request], Awaita
 
     Refused before a byte of the upload is read when DALSTON_MAX_QUEUED_JOBS jobs are
     unfinished or the key holds its share of them (429), or DALSTON_MAX_CONCURRENT_UPLOADS
-    uploads (or the key's half of them) are being received (503), all with Retry-After."""
+    uploads (or the key's half of them) are being received (503), all with Retry-After; and
+    once its form is read when a runtime it needs has no engine (503)."""
     admission: Admission = request.app.state.admission
     metrics: GatewayMetrics = request.app.state.metrics
     owner, key = job_owner(request), verified_key(request)
@@ -130,6 +133,7 @@ async def submit(request: Request, job_id: str, read: Callable[[Request], Awaita
                     slot.release_shared()
                     submission.upload = await submission.fetch()
                 try:
+                    check_engines(request, submission)
                     webhook_url = await checked_webhook_url(request, submission.webhook_url)
                     await jobs(request).submit(job_id, submission.upload.file, submission.upload.filename or "",
                                                submission.model, submission.options, job_owner(request),
@@ -143,6 +147,32 @@ async def submit(request: Request, job_id: str, read: Callable[[Request], Awaita
         metrics.refused(exc.code)
         raise ApiError(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after) from None
     return submission
+
+
+def check_engines(request: Request, submission: Submission) -> None:
+    """Refused (503) when a runtime the job needs has no live engine and had none for
+    DALSTON_ENGINE_WAIT: the orchestrator would only fail the job after that long. A runtime
+    seen within it (an engine restarting) is waited for, as the orchestrator does."""
+    settings: Settings = request.app.state.settings
+    watch: EngineWatch = request.app.state.engines
+    for runtime in _runtimes(request.app.state.catalog, settings, submission):
+        if not watch.seen_within(runtime, settings.engine_wait):
+            raise Refused(503, "no_engine", f"no {runtime} engine is running, nor was one in the last "
+                          f"{settings.engine_wait:g} s (DALSTON_ENGINE_WAIT), and this job needs one: "
+                          f"{how_to_start(runtime)}", None)
+
+
+def _runtimes(catalog: Catalog, settings: Settings, submission: Submission) -> list[str]:
+    """The runtimes a job's stages run on, as the orchestrator will plan them (a model it will
+    refuse needs nothing: the orchestrator says why)."""
+    try:
+        runtimes = [dag.PREPARE_RUNTIME, catalog.model(submission.model or settings.default_model,
+                                                       default=settings.default_model).runtime]
+        if submission.options.diarize is not None:
+            runtimes.append(catalog.model(settings.diarize_model).runtime)
+    except UnknownModel:
+        return []
+    return [*runtimes, dag.MERGE_RUNTIME]
 
 
 async def followed_submission(request: Request, job_id: str, read: Callable[[Request], Awaitable[Submission]],
