@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
-from actors.diarize.clustering import Piece, absorb_islands, best_split, cluster, join
+from actors.diarize.clustering import Piece, absorb_islands, best_split, cluster, join, spectral
 from actors.diarize.ge2e_encoder import Ge2eEncoder
 from dalston.contracts import DiarizeOptions, SpeakerTurn
 from dalston.pcm import SAMPLE_RATE
@@ -32,6 +32,11 @@ PIECE_SECONDS = 5.0
 # Pieces shorter than this are not clustered (their embeddings are mostly padding), only
 # given the nearest speaker.
 RELIABLE_SECONDS = 1.0
+# With at least this many windows of speech, speakers are found by NME-SC over single windows
+# (`clustering.spectral`), WINDOW_RATE a second; with fewer (under ~12 s of speech) the graph is
+# too small for its eigengap to mean much, and pooled pieces are clustered by THRESHOLD.
+MIN_WINDOWS = 30
+WINDOW_RATE = 2.5
 # Clusters less alike than this (cosine, average linkage) are different speakers...
 THRESHOLD = 0.86
 # ... unless one holds less than this share of the speech: on long synthetic conversations
@@ -61,7 +66,13 @@ class Ge2eDiarizer:
 
     def diarize(self, audio: np.ndarray, options: DiarizeOptions,
                 cancelled: threading.Event) -> tuple[list[str], list[SpeakerTurn]]:
-        pieces = _pieces(speech_regions(audio))
+        regions = speech_regions(audio)
+        windows, embeddings = self._windows(audio, regions, cancelled)
+        if len(windows) >= MIN_WINDOWS:
+            labels = spectral(embeddings, bounds=options.bounds).tolist()
+            labels = absorb_islands(windows, labels, bridge=BRIDGE_SECONDS, min_turn=MIN_TURN_SECONDS)
+            return labelled_turns(join(windows, labels, bridge=BRIDGE_SECONDS))
+        pieces = _pieces(regions)
         if not pieces:
             return [], []
         embeddings = []
@@ -75,6 +86,22 @@ class Ge2eDiarizer:
         labels = absorb_islands(pieces, found.labels.tolist(), bridge=BRIDGE_SECONDS, min_turn=MIN_TURN_SECONDS)
         pieces = self._place_boundaries(audio, pieces, labels, found.centroids, cancelled)
         return labelled_turns(join(pieces, labels, bridge=BRIDGE_SECONDS))
+
+    def _windows(self, audio: np.ndarray, regions: list[tuple[float, float]],
+                 cancelled: threading.Event) -> tuple[list[Piece], np.ndarray]:
+        """One embedding per 1.6 s window, WINDOW_RATE a second, over each region, and the
+        stretch each window speaks for: from halfway to the one before to halfway to the next."""
+        windows, embeddings = [], []
+        for number, (start, end) in enumerate(regions):
+            if cancelled.is_set():
+                raise TaskCancelled()
+            span = audio[_sample(start):_sample(end)]
+            _, partials, slices = self.encoder.embed_utterance(span, return_partials=True, rate=WINDOW_RATE)
+            centres = [start + (s.start + min(s.stop, len(span))) / 2 / SAMPLE_RATE for s in slices]
+            edges = [start] + [(a + b) / 2 for a, b in zip(centres, centres[1:])] + [end]
+            windows += [Piece(float(a), float(b), number) for a, b in zip(edges, edges[1:])]
+            embeddings += list(partials)
+        return windows, np.array(embeddings)
 
     def _embed(self, audio: np.ndarray, start: float, end: float) -> np.ndarray:
         return self.encoder.embed_utterance(audio[_sample(start):_sample(end)], rate=EMBED_RATE)
