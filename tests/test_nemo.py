@@ -57,7 +57,7 @@ def nemo_stack(tmp_path_factory):
         store.import_path(catalog.model(model_id), catalog.runtime("nemo"), files[name])
     system.start_nats()
     system.start_pipeline()
-    system.start_engine("nemo")
+    system.start_engine("nemo", DALSTON_MAX_LOADED_MODELS="1")  # one slot: every switch a swap
     system.start_engine("faster-whisper", "fw")
     system.wait_engines("audio-prepare", "merge", "nemo", "fw", timeout=120)
     yield system
