@@ -103,6 +103,18 @@ def test_the_catalog_sets_the_window_length(tmp_path):
         NemoActor(load_settings({"DALSTON_CATALOG_DIR": str(tmp_path / "catalog")}))
 
 
+def test_a_window_ends_in_the_pause_of_its_last_seconds():
+    """The cut found as the chunker finds its own (`dalston.chunking.quietest`): in half a
+    second of near silence, not at a 20 ms gap inside speech."""
+    chunk = 20
+    audio = np.random.default_rng(1).standard_normal(SAMPLE_RATE * (chunk + 15)).astype(np.float32)
+    pause = slice(int((chunk - 4) * SAMPLE_RATE), int((chunk - 3.5) * SAMPLE_RATE))
+    audio[pause] *= 0.05
+    audio[int((chunk - 1.5) * SAMPLE_RATE):][:SAMPLE_RATE // 50] = 0  # a plosive's gap
+    (first, window), _ = list(_windows(audio, chunk))
+    assert first == 0 and pause.start < len(window) < pause.stop
+
+
 async def settled(bus, tasks_done: int):
     """The nemo engine's heartbeat once it is idle after its `tasks_done`-th task."""
     async def beat():

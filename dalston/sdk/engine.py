@@ -38,6 +38,7 @@ from dalston.contracts import (
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
+from dalston.loops import running
 from dalston.pull import PullError, pull
 from dalston.sdk import memory
 from dalston.sdk.actor import Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult
@@ -86,18 +87,15 @@ class Engine:
     async def run(self) -> None:
         self._bus = await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
         await self.peers.start(self._bus)
-        background = [asyncio.create_task(self._beat_forever()),
-                      asyncio.create_task(self.models.expire_forever())]
         log.info("engine started", runtime=self.runtime, engine=self.name)
         try:
-            await self._preload()
-            self._set_status("idle")
-            if self.sessions is not None:
-                await self.sessions.start(self._bus)
-            await self._work()
+            async with running(self._beat_forever(), self.models.expire_forever()):
+                await self._preload()
+                self._set_status("idle")
+                if self.sessions is not None:
+                    await self.sessions.start(self._bus)
+                await self._work()
         finally:
-            for job in background:
-                job.cancel()
             if self.sessions is not None:
                 await self.sessions.stop()
             self.status = "stopping"
