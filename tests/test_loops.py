@@ -34,13 +34,7 @@ async def test_loops_run_until_stopped_then_are_cancelled_and_awaited():
 @pytest.mark.parametrize("ending", ["raises", "returns"])
 async def test_a_loop_that_ends_by_itself_stops_the_others_and_is_an_error(ending):
     cancelled = asyncio.Event()
-
-    async def forever() -> None:
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+    forever = _forever(cancelled)
 
     async def ends() -> None:
         await asyncio.sleep(0.001)
@@ -48,22 +42,25 @@ async def test_a_loop_that_ends_by_itself_stops_the_others_and_is_an_error(endin
             raise ValueError("boom")
 
     with pytest.raises(RuntimeError, match="loop ended: " + ("ValueError.*boom" if ending == "raises" else "None")):
-        await asyncio.wait_for(until_stopped(asyncio.Event(), forever(), ends()), 5)
+        await asyncio.wait_for(until_stopped(asyncio.Event(), forever, ends()), 5)
     assert cancelled.is_set()
 
 
 async def test_running_cancels_its_loops_when_the_block_fails():
     cancelled = asyncio.Event()
-
-    async def forever() -> None:
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+    forever = _forever(cancelled)
 
     with pytest.raises(KeyError):
-        async with running(forever()) as (task,):
+        async with running(forever) as (task,):
             await asyncio.sleep(0)
             raise KeyError("the service's own work failed")
     assert cancelled.is_set() and task.cancelled()
+
+
+async def _forever(cancelled: asyncio.Event) -> None:
+    """A loop that never ends by itself; `cancelled` is set when it is cancelled."""
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
