@@ -157,6 +157,12 @@ class Hardware(_Spec):
     # None: the model does not run on a GPU.
     min_vram_gb: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
+    def memory_bytes(self, device: str) -> int:
+        """What the model takes where it runs, which engines count against their memory: VRAM
+        on a GPU, RAM on the CPU (or where it names no VRAM figure)."""
+        on_gpu = device != "cpu" and self.min_vram_gb is not None
+        return int((self.min_vram_gb if on_gpu else self.min_ram_gb) * 2**30)
+
 
 class ModelSpec(_Spec, kw_only=True):
     """A model users can name: its runtime, what it can do, and where to get it."""

@@ -89,7 +89,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Engines of each transcription runtime that `dalston up` starts (0: one per CPU core as
     # memory allows, with one thread each per core; one on a machine with a GPU).
     engines: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
-    max_loaded_models: int = 1
+    # Models an engine holds at once, as memory allows (Ollama's default too).
+    max_loaded_models: Annotated[int, msgspec.Meta(ge=1)] = 3
+    # The memory an engine's loaded models may take, in GiB, counted by the catalog's
+    # `hardware` figures (0: all of the device's: VRAM on a GPU, RAM on the CPU).
+    model_memory_gb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # Seconds a model stays loaded after its last task ends (negative: forever, 0: unloaded at once).
     keep_alive: float = -1.0
     # A model to load at start (public id), and whether it stays loaded whatever comes.

@@ -48,6 +48,9 @@ ORCHESTRATOR_EVENTS_CONSUMER = "orchestrator-events"
 # The webhook service's durable consumer of job events.
 WEBHOOKS_CONSUMER = "webhooks"
 ARTIFACTS_BUCKET = "artifacts"
+# A job's uploaded audio in the artifacts store, where the gateway puts it (and where a job
+# published with inline `audio` is stored); a NATS client may name another object.
+JOB_AUDIO_OBJECT = "jobs/{job_id}/audio"
 
 # The model token of tasks whose runtime needs no model (audio-prepare, merge).
 NO_MODEL = "none"
@@ -201,7 +204,9 @@ class DiarizeOptions(Contract, kw_only=True):
 
 
 class TranscribeOptions(Contract, kw_only=True):
-    """What the user asked of the transcription; travels unchanged to the engine."""
+    """What the user asked of the transcription. Each task carries it, adjusted to its part
+    (`dag.task_message`): a later chunk gets the language the first one heard and no prompt,
+    and a job with speakers asks for word times."""
 
     # ISO 639-1 or 639-3, optionally with a region or script (`en`, `yue`, `zh-Hant`).
     language: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})?\Z")] | None = None
@@ -353,7 +358,8 @@ class JobRecord(Contract, kw_only=True):
     duration: float | None = None
     # Where each piece of a long recording starts (seconds); one piece: [0.0].
     chunks: list[float] = []
-    # Transcribe tasks done out of all (every chunk of every channel), for progress displays.
+    # Transcribe tasks done out of all, for progress displays: one task per chunk of each
+    # channel, or one per channel where the text is streamed (its chunks in order).
     chunks_done: int = 0
     chunks_total: int = 0
     language: str | None = None

@@ -30,8 +30,10 @@ MERGE_RUNTIME = "merge"
 @dataclass(frozen=True)
 class AudioStage:
     """A stage that works on the prepared audio, side by side with the others, when the request
-    wants it; merge waits for them all. Another stage (alignment, redaction) is one more of
-    these and its runtime."""
+    wants it; merge waits for them all. Another stage that reads only the prepared audio is one
+    more of these, its runtime, and a model field on `JobRecord` (as `diarizer`). A stage that
+    reads a transcript (alignment, redaction) has not this shape: merge is wired in as the last
+    task (`advance`, `task_message`), and nothing runs after it."""
 
     stage: str
     wanted: Callable[[JobRecord], bool]

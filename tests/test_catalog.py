@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
@@ -52,6 +53,16 @@ def test_every_model_is_complete(catalog: Catalog) -> None:
             assert model.runtime_model_id == f"nvidia/{model.id}" == model.sources[0].hf.repo
             assert model.sources[0].hf.files == [f"{model.id}.nemo"]
             assert model.languages == ["en"]
+
+
+def test_the_memory_a_model_takes_is_vram_on_a_gpu_and_ram_on_the_cpu(catalog: Catalog) -> None:
+    """What an engine counts against its memory (sdk/models.py), from the `hardware` figures."""
+    large = catalog.model("faster-whisper-large-v3").hardware
+    assert (large.min_ram_gb, large.min_vram_gb) == (8, 6)
+    assert large.memory_bytes("cpu") == 8 * 2**30
+    assert large.memory_bytes("cuda") == large.memory_bytes("cuda:1") == 6 * 2**30
+    cpu_only = msgspec.structs.replace(large, min_vram_gb=None)
+    assert cpu_only.memory_bytes("cuda") == 8 * 2**30
 
 
 def test_diarize_models(catalog: Catalog) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import nats.errors
@@ -196,3 +197,15 @@ def test_up_starts_one_single_threaded_engine_per_core_on_cpu(monkeypatch):
     assert up_module.engine_layout(load_settings({"DALSTON_CPU_THREADS": "2"})) == (4, None)
     assert up_module.engine_layout(load_settings({"DALSTON_ENGINES": "1"})) == (1, None)
     assert up_module.engine_layout(load_settings({"DALSTON_DEVICE": "cuda"})) == (1, None)
+
+
+def test_up_shares_the_ram_among_cpu_engines_for_their_models(monkeypatch):
+    """Each engine counts its models against its part of the RAM, not all of it."""
+    from dalston.config import load_settings
+    from dalston.services import up as up_module
+
+    monkeypatch.setattr(up_module.Path, "exists", lambda self: False)  # no GPU here
+    monkeypatch.setattr(up_module.psutil, "virtual_memory", lambda: SimpleNamespace(total=24 * 2**30))
+    assert up_module.model_memory_share(load_settings({}), 4) == "6.00"
+    assert up_module.model_memory_share(load_settings({"DALSTON_MODEL_MEMORY_GB": "3"}), 4) is None
+    assert up_module.model_memory_share(load_settings({"DALSTON_DEVICE": "cuda"}), 4) is None

@@ -73,7 +73,9 @@ def _input(name: str) -> Iterator[None]:
 
 @dataclass
 class TaskContext:
-    """What a handler may touch: the task's artifacts in the object store."""
+    """What a task's handler gets beside the task: the bus (its artifacts in the object store,
+    through the helpers below, and subjects to announce on), the engine's settings, and the
+    job's cancellation."""
 
     bus: Bus
     settings: Settings
@@ -130,7 +132,9 @@ class Actor:
 
 
 class ModelActor(Actor):
-    """A transcription runtime: load, unload and transcribe; the engine does the rest."""
+    """A runtime that serves models: `load` and `unload` them (the engine's model manager leases
+    them to tasks and live sessions). Its `run` transcribes with `transcribe`; a runtime whose
+    task is not transcription (diarize) gives its own `run`."""
 
     def load(self, runtime_model_id: str, path: Path) -> Any:
         """Load the model stored at `path`; return a handle (blocking, runs in a thread)."""

@@ -18,6 +18,7 @@ from dalston.config import Settings
 from dalston.contracts import (
     CANCEL_SUBJECT,
     EVENTS_STREAM,
+    JOB_AUDIO_OBJECT,
     JOB_EVENT_SUBJECT,
     JOBS_STREAM,
     ORCHESTRATOR_EVENTS_CONSUMER,
@@ -37,6 +38,7 @@ from dalston.contracts import (
 )
 from dalston.engines import EngineWatch, how_to_start
 from dalston.logs import get_logger
+from dalston.loops import until_stopped
 
 log = get_logger("dalston.orchestrator")
 
@@ -62,25 +64,14 @@ class Orchestrator:
         self._bus = await connect(self.settings, name="dalston-orchestrator")
         await self.engines.start(self._bus)
         await self._load_active()
-        loops = [
-            consume(self._bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, self._on_job_message),
-            consume(self._bus, EVENTS_STREAM, ORCHESTRATOR_EVENTS_CONSUMER, self._on_task_event),
-            self._sweep_forever(),
-        ]
         log.info("orchestrator started")
-        tasks = [asyncio.create_task(loop) for loop in loops]
-        stopping = asyncio.create_task(self._stopping.wait())
         try:
-            done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
-            if stopping not in done:
-                # A loop that ends would leave jobs queued forever behind a live process: exit
-                # instead, so the supervisor (`dalston up`, compose) starts a fresh orchestrator.
-                ended = done.pop()
-                raise RuntimeError(f"a consume loop ended: {ended.exception()!r}")
+            await until_stopped(
+                self._stopping,
+                consume(self._bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, self._on_job_message),
+                consume(self._bus, EVENTS_STREAM, ORCHESTRATOR_EVENTS_CONSUMER, self._on_task_event),
+                self._sweep_forever())
         finally:
-            for task in [*tasks, stopping]:
-                task.cancel()
-            await asyncio.gather(*tasks, stopping, return_exceptions=True)
             await self.engines.stop()
             await self._bus.close()
 
@@ -201,7 +192,7 @@ class Orchestrator:
             except UnknownModel as exc:
                 return self._rejected(request, created, Failure(code="unknown_model", message=str(exc)))
             diarizer = ModelRef(model=spec.id, runtime=spec.runtime, runtime_model_id=spec.runtime_model_id)
-        audio_object = request.audio_object or f"jobs/{request.id}/audio"
+        audio_object = request.audio_object or JOB_AUDIO_OBJECT.format(job_id=request.id)
         if request.audio is not None:
             await self._bus.artifacts.put(audio_object, request.audio)
         elif not request.audio_object:

@@ -48,11 +48,23 @@ def engine_layout(settings: Settings) -> tuple[int, int | None]:
     a machine without a GPU, one engine per core, as memory allows. A GPU is one engine's."""
     if settings.engines:
         return settings.engines, None
-    if Path("/dev/nvidia0").exists() or settings.device == "cuda":
+    if _on_gpu(settings):
         return 1, None
     cores = os.cpu_count() or 1
     engines = max(1, min(cores, int(psutil.virtual_memory().available // ENGINE_MEMORY_BYTES)))
     return engines, None if settings.cpu_threads else max(1, cores // engines)
+
+
+def _on_gpu(settings: Settings) -> bool:
+    return Path("/dev/nvidia0").exists() or settings.device == "cuda"
+
+
+def model_memory_share(settings: Settings, engines: int) -> str | None:
+    """Each CPU engine's part of the machine's RAM for its models (DALSTON_MODEL_MEMORY_GB),
+    where none is set: engines on one machine would otherwise each count all of it."""
+    if settings.model_memory_gb or _on_gpu(settings):
+        return None
+    return f"{psutil.virtual_memory().total / max(1, engines) / 2**30:.2f}"
 
 
 @dataclass
@@ -104,6 +116,7 @@ class Stack:
                                        self._child_env(nats_url, "webhooks")))
         default = Catalog.from_settings(self.settings).model(self.settings.default_model)
         engines, threads = engine_layout(self.settings)
+        share = model_memory_share(self.settings, engines * len(self.runtimes))
         for runtime in PIPELINE_RUNTIMES:
             self._add_engine(nats_url, runtime, f"{runtime}-{os.getpid()}")
         for runtime in (r for r in self.runtimes if r not in PIPELINE_RUNTIMES):
@@ -113,6 +126,8 @@ class Stack:
                 extra = {"DALSTON_PRELOAD_MODEL": default.id} if runtime == default.runtime else {}
                 if threads:
                     extra["DALSTON_CPU_THREADS"] = str(threads)
+                if share:
+                    extra["DALSTON_MODEL_MEMORY_GB"] = share
                 self._add_engine(nats_url, runtime, f"{runtime}-{os.getpid()}-{n}", **extra)
         for child in self.children:
             child.start()

@@ -29,6 +29,7 @@ from dalston.bus.layout import load_layout
 from dalston.config import ConfigError, Settings
 from dalston.contracts import EVENTS_STREAM, TERMINAL, WEBHOOKS_CONSUMER, JobEvent, decode, now
 from dalston.logs import get_logger
+from dalston.loops import until_stopped
 from dalston.webhook_targets import RESOLVE_TIMEOUT_SECONDS, RefusedTarget, check_target
 
 log = get_logger("dalston.webhooks")
@@ -87,18 +88,11 @@ class WebhookService:
         # Redirects are not followed: each hop would be a new, unchecked target.
         self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
                                        timeout=self.settings.webhook_timeout)
-        loop = asyncio.create_task(consume(self._bus, EVENTS_STREAM, WEBHOOKS_CONSUMER,
-                                           self._on_job_event, concurrent=MAX_DELIVERIES))
-        stopping = asyncio.create_task(self._stopping.wait())
         log.info("webhook service started")
         try:
-            done, _ = await asyncio.wait([loop, stopping], return_when=asyncio.FIRST_COMPLETED)
-            if stopping not in done:
-                raise RuntimeError(f"the consume loop ended: {loop.exception()!r}")
+            await until_stopped(self._stopping, consume(self._bus, EVENTS_STREAM, WEBHOOKS_CONSUMER,
+                                                        self._on_job_event, concurrent=MAX_DELIVERIES))
         finally:
-            for task in (loop, stopping):
-                task.cancel()
-            await asyncio.gather(loop, stopping, return_exceptions=True)
             await self._http.aclose()
             await self._bus.close()
 

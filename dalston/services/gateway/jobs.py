@@ -17,6 +17,7 @@ from dalston.bus.buckets import ObjectUnreadable
 from dalston.bus.connection import Bus
 from dalston.contracts import (
     CANCEL_SUBJECT,
+    JOB_AUDIO_OBJECT,
     JOB_EVENT_SUBJECT,
     SUBMIT_SUBJECT,
     TERMINAL,
@@ -76,7 +77,7 @@ class JobService:
         """Store the audio (streamed in chunks) and publish the job, admitted: its place among
         the unfinished jobs was reserved before its upload was read (admission.py). A checked
         `webhook_url` is called when the job ends."""
-        audio_object = f"jobs/{job_id}/audio"
+        audio_object = JOB_AUDIO_OBJECT.format(job_id=job_id)
         await self.bus.artifacts.put(audio_object, audio, {OWNER_HEADER: owner} if owner else None)
         try:
             await self.bus.publish(SUBMIT_SUBJECT, JobRequest(
@@ -104,7 +105,7 @@ class JobService:
 
     async def _submitted(self, job_id: str) -> JobRecord:
         """A job whose audio is stored but which no orchestrator has recorded yet: queued."""
-        audio_object = f"jobs/{job_id}/audio"
+        audio_object = JOB_AUDIO_OBJECT.format(job_id=job_id)
         headers = await self.bus.artifacts.headers(audio_object)
         if headers is None:
             raise JobNotFound(job_id)
