@@ -11,7 +11,6 @@ from dalston.pcm import SAMPLE_RATE, from_pcm16, resample, to_pcm16
 from dalston.sdk.turns import FRAME_BYTES, BufferFull, SpeechProbability, Turns
 from tests.audio_fixtures import AUDIO_DIR as AUDIO
 
-
 SPEAKER1 = AUDIO / "speaker1.wav"  # 24 kHz mono, as a session's audio is
 SPEAKER2 = AUDIO / "speaker2.wav"
 MAX_MS = 60_000
