@@ -126,8 +126,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     public_url: str = ""
     # Live sessions an engine serves at once, beside its one batch task (0: none).
     max_sessions: int = 2
-    # A live session whose client sent nothing for this many seconds is ended.
-    session_idle_timeout: float = 60.0
+    # A live session whose client sent less than a second of audio in this many seconds is
+    # ended (a WebSocket that holds a slot with a sliver of audio now and then, too).
+    session_idle_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # Audio a live session may hold uncommitted (client commits) or in one turn (server VAD:
+    # a turn this long is committed); past it, client commits get an error and the session closes.
+    max_session_buffer_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 60.0
+    # Realtime WebSockets one gateway keeps open at once; more are refused.
+    max_realtime_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
 
     @property
     def home(self) -> Path:

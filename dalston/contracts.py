@@ -562,12 +562,12 @@ SESSION_SAMPLE_RATE = 24_000
 class TurnDetection(Contract, kw_only=True):
     """Server voice activity detection: a turn starts at speech and ends after a silence."""
 
-    # 0 (any sound is speech) to 1 (only loud speech is).
+    # The speech probability (Silero VAD's, 0 to 1) above which a frame is speech.
     threshold: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
     # Audio kept from before the speech started.
-    prefix_padding_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 300
-    # Silence that ends a turn.
-    silence_duration_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 500
+    prefix_padding_ms: Annotated[int, msgspec.Meta(ge=0, le=2_000)] = 300
+    # Silence that ends a turn (OpenAI documents 200-5000 ms).
+    silence_duration_ms: Annotated[int, msgspec.Meta(ge=200, le=5_000)] = 500
 
 
 class SessionConfig(Contract, kw_only=True):
@@ -610,7 +610,7 @@ class SessionInput(Contract, kw_only=True):
     config: SessionConfig | None = None  # `configure`
 
 
-SessionOutputKind = Literal["speech_started", "speech_stopped", "committed", "delta", "completed",
+SessionOutputKind = Literal["speech_started", "speech_stopped", "committed", "partial", "completed",
                             "error", "cleared"]
 
 
@@ -621,7 +621,7 @@ class SessionOutput(Contract, kw_only=True):
     engine: Token
     item_id: str = ""
     audio_ms: int = 0  # speech_started, speech_stopped: where in the session's audio
-    text: str = ""  # delta: the new text; completed: the turn's text
+    text: str = ""  # partial: the turn's text so far (decoded again); completed: the turn's text
     seconds: float = 0.0  # completed: the turn's audio
     code: str = ""  # error
     message: str = ""  # error

@@ -163,6 +163,7 @@ async def test_client_commits_turns_without_turn_detection(stack, sentences):
      "unsupported_rate"),
     ({"type": "session.update", "session": session(None, format={"type": "audio/pcmu"})}, "unsupported_format"),
     ({"type": "session.update", "session": session({"type": "semantic_vad"})}, "unsupported_turn_detection"),
+    ({"type": "session.update", "session": session({**SERVER_VAD, "silence_duration_ms": 0})}, "invalid_turn_detection"),
     ({"type": "session.update", "session": {"type": "transcription", "audio": "loud"}}, "invalid_event"),
     ({"type": "input_audio_buffer.commit"}, "input_audio_buffer_commit_empty"),
     # Nested 1,000 deep: sent as text, since no JSON encoder goes that deep either.

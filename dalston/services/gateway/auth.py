@@ -96,3 +96,12 @@ def visible_owner(connection: ASGIConnection) -> str | None:
     and for anyone where no key is demanded."""
     key = verified_key(connection)
     return key.name if key and key.role != "admin" else None
+
+
+async def still_valid(connection: ASGIConnection) -> bool:
+    """Whether the key a long-lived connection (a realtime WebSocket) came in with is still
+    valid: a revoked key's sessions end."""
+    if verified_key(connection) is None:
+        return True  # no key was demanded
+    key = presented_key(connection)
+    return key is not None and await (await _keys(connection)).verify(key) is not None
