@@ -32,6 +32,7 @@ from dalston.contracts import (
 )
 from dalston.pcm import SampleBuffer
 from dalston.sdk.announcer import SegmentAnnouncer, SegmentSink
+from dalston.sentences import Sentences, sentences
 from dalston.transcript import on_recording_clock, segment_on_recording_clock
 
 if TYPE_CHECKING:
@@ -163,15 +164,26 @@ class ModelActor(Actor):
         # streamed job, whose text must come in order): each on the recording's clock.
         starts = task.starts or [task.offset]
         ends = [*starts[1:], task.end]
-        options, parts = task.options, []
+        # Segments are sentences made of the words' times (dalston.sentences): the runtime is
+        # always asked for words, which are kept where the request wants them.
+        keep_words = task.options.word_timestamps or task.options.logprobs
+        options = msgspec.structs.replace(task.options, word_timestamps=True)
+        parts = []
         try:
             for name, start, end in zip(task.inputs, starts, ends):
                 audio = await ctx.read_audio(name)
+                builder = Sentences(self.settings.segment_pause, self.settings.max_segment_seconds, keep_words)
 
-                def emit(segment: Segment, start: float = start, end: float | None = end) -> None:
-                    announce(segment_on_recording_clock(segment, start, end))
+                def emit(segment: Segment, start: float = start, end: float | None = end,
+                         builder: Sentences = builder) -> None:
+                    for sentence in builder.add(segment):
+                        announce(segment_on_recording_clock(sentence, start, end))
 
                 part = await asyncio.to_thread(self.transcribe, handle, audio, options, ctx.cancelled, emit)
+                for sentence in builder.close():
+                    announce(segment_on_recording_clock(sentence, start, end))
+                part = msgspec.structs.replace(part, segments=sentences(
+                    part.segments, self.settings.segment_pause, self.settings.max_segment_seconds, keep_words))
                 parts.append(on_recording_clock(part, start, end))
                 # The language the first piece heard, for the rest; the prompt leads only.
                 options = msgspec.structs.replace(options, prompt=None,
