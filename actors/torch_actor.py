@@ -8,15 +8,20 @@ from dalston.config import Settings
 from dalston.sdk import ModelActor
 
 
+def use_torch(settings: Settings) -> str:
+    """Applies the configured CPU threads to torch; the device to run on."""
+    if settings.cpu_threads > 0:
+        torch.set_num_threads(settings.cpu_threads)
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return settings.device
+
+
 class TorchActor(ModelActor):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        if settings.cpu_threads > 0:
-            torch.set_num_threads(settings.cpu_threads)
+        self._device = use_torch(settings)
 
     @property
     def device(self) -> str:
-        wanted = self.settings.device
-        if wanted == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return wanted
+        return self._device

@@ -114,7 +114,8 @@ class PypiSource(_Spec):
 
 
 class LocalSource(_Spec):
-    """A directory (or, for single-file runtimes, one file) on this machine."""
+    """A directory (or, for single-file runtimes, one file) on this machine: an absolute path,
+    or one inside the catalog folder (weights that ship with Dalston)."""
 
     path: str
 
@@ -156,6 +157,12 @@ class Hardware(_Spec):
     # None: the model does not run on a GPU.
     min_vram_gb: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
+    def memory_bytes(self, device: str) -> int:
+        """What the model takes where it runs, which engines count against their memory: VRAM
+        on a GPU, RAM on the CPU (or where it names no VRAM figure)."""
+        on_gpu = device != "cpu" and self.min_vram_gb is not None
+        return int((self.min_vram_gb if on_gpu else self.min_ram_gb) * 2**30)
+
 
 class ModelSpec(_Spec, kw_only=True):
     """A model users can name: its runtime, what it can do, and where to get it."""
@@ -192,7 +199,7 @@ class Catalog:
         runtimes = _read_dir(root, "runtimes", RuntimeSpec)
         models = _read_dir(root, "models", ModelSpec)
         _check_models(root, runtimes, models)
-        return cls(runtimes, models)
+        return cls(runtimes, {id: _anchored(root, model) for id, model in models.items()})
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Catalog:
@@ -275,9 +282,18 @@ def _check_models(root: Path, runtimes: dict[str, RuntimeSpec], models: dict[str
                                f"{seen[key]!r} - at `$.runtime_model_id`")
         seen[key] = model.id
         for source in model.sources:
-            if source.local is not None and not Path(source.local.path).is_absolute():
-                raise CatalogError(f"{name}: local source path {source.local.path!r} must be absolute"
-                                   " - at `$.sources`")
+            path = Path(source.local.path) if source.local is not None else None
+            if path is not None and not path.is_absolute() and ".." in path.parts:
+                raise CatalogError(f"{name}: local source path {source.local.path!r} must be absolute "
+                                   "or inside the catalog folder - at `$.sources`")
+
+
+def _anchored(root: Path, model: ModelSpec) -> ModelSpec:
+    """`model` with its relative local sources made absolute, under the catalog folder."""
+    sources = [Source(local=LocalSource(path=str(root.resolve() / source.local.path)))
+               if source.local is not None and not Path(source.local.path).is_absolute() else source
+               for source in model.sources]
+    return msgspec.structs.replace(model, sources=sources)
 
 
 def is_model_id(value: str) -> bool:

@@ -57,9 +57,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Audio longer than this is cut (at the quietest moment near each multiple) into pieces that
     # engines transcribe at once; see README for how the default was measured.
     chunk_seconds: Annotated[float, msgspec.Meta(ge=30.0)] = 60.0
-    # faster-whisper decodes this many speech windows of a file at once (1: one at a time).
-    # Faster on CPU too (scripts/batch_check.py), but segments then follow the VAD's regions.
-    batch_size: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    # faster-whisper decodes this many speech windows of a file at once (1: one at a time; 0: the
+    # engine picks, 8 on CPU and 16 on a GPU). Faster and deterministic (README, Benchmarks).
+    batch_size: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    # A segment ends at a pause this long (seconds), or at a sentence's end followed by a pause.
+    segment_pause: Annotated[float, msgspec.Meta(gt=0)] = 0.8
+    # ... and before it would run longer than this (seconds).
+    max_segment_seconds: Annotated[float, msgspec.Meta(gt=0)] = 15.0
     # How long audio, results and finished jobs' events are kept.
     retention_hours: float = 168.0
     # A task's ack deadline; engines refresh it while they work.
@@ -92,7 +96,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Engines of each transcription runtime that `dalston up` starts (0: one per CPU core as
     # memory allows, with one thread each per core; one on a machine with a GPU).
     engines: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
-    max_loaded_models: int = 1
+    # Models an engine holds at once, as memory allows (Ollama's default too).
+    max_loaded_models: Annotated[int, msgspec.Meta(ge=1)] = 3
+    # The memory an engine's loaded models may take, in GiB, counted by the catalog's
+    # `hardware` figures (0: all of the device's: VRAM on a GPU, RAM on the CPU).
+    model_memory_gb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # Seconds a model stays loaded after its last task ends (negative: forever, 0: unloaded at once).
     keep_alive: float = -1.0
     # A model to load at start (public id), and whether it stays loaded whatever comes.
@@ -125,9 +133,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     public_url: str = ""
     # Live sessions an engine serves at once, beside its one batch task (0: none).
     max_sessions: int = 2
-    # A live session whose client sent nothing for this many seconds is ended (a Wyoming
-    # connection too).
-    session_idle_timeout: float = 60.0
+    # A live session whose client sent less than a second of audio in this many seconds is
+    # ended (a WebSocket that holds a slot with a sliver of audio now and then, too); a Wyoming
+    # connection that sends nothing for this long, too.
+    session_idle_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # Audio a live session may hold uncommitted (client commits) or in one turn (server VAD:
+    # a turn this long is committed); past it, client commits get an error and the session closes.
+    max_session_buffer_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 60.0
+    # Realtime WebSockets one gateway keeps open at once; more are refused.
+    max_realtime_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
     # The Wyoming server for Home Assistant (`dalston serve wyoming`). Beyond loopback it needs
     # DALSTON_WYOMING_API_KEY (`dalston keys create`): the key its jobs run under, since
     # Wyoming itself carries no credentials.

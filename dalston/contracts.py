@@ -48,6 +48,9 @@ ORCHESTRATOR_EVENTS_CONSUMER = "orchestrator-events"
 # The webhook service's durable consumer of job events.
 WEBHOOKS_CONSUMER = "webhooks"
 ARTIFACTS_BUCKET = "artifacts"
+# A job's uploaded audio in the artifacts store, where the gateway puts it (and where a job
+# published with inline `audio` is stored); a NATS client may name another object.
+JOB_AUDIO_OBJECT = "jobs/{job_id}/audio"
 
 # The model token of tasks whose runtime needs no model (audio-prepare, merge).
 NO_MODEL = "none"
@@ -92,6 +95,8 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}\Z"
 JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
 # Task ids, runtimes and engine names become subject tokens and message ids.
 Token = Annotated[str, msgspec.Meta(pattern=_TOKEN_PATTERN)]
+# A task's capability: random hex (dalston.dag), or empty in a message that presents none.
+Grant = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{0,64}\Z")]
 ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN)]
 RuntimeModelId = Annotated[str, msgspec.Meta(pattern=RUNTIME_MODEL_ID_PATTERN)]
 # What a client may name as the model: an id, an alias such as `whisper-1`, or nothing (default).
@@ -199,7 +204,9 @@ class DiarizeOptions(Contract, kw_only=True):
 
 
 class TranscribeOptions(Contract, kw_only=True):
-    """What the user asked of the transcription; travels unchanged to the engine."""
+    """What the user asked of the transcription. Each task carries it, adjusted to its part
+    (`dag.task_message`): a later chunk gets the language the first one heard and no prompt,
+    and a job with speakers asks for word times."""
 
     # ISO 639-1 or 639-3, optionally with a region or script (`en`, `yue`, `zh-Hant`).
     language: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})?\Z")] | None = None
@@ -284,6 +291,7 @@ FAILURE_STATUS: dict[str, int] = {
     "wrong_runtime": 400,  # a task published to another runtime's subject
     "unknown_model": 404,
     "cancelled": 409,
+    "input_gone": 410,  # an object the task reads is missing or damaged (expired, purged)
     "overloaded": 429,  # DALSTON_MAX_QUEUED_JOBS jobs are unfinished: submit again later
     "internal": 500,  # a bug, or a transient fault that outlived its retries
     "engine_crashed": 500,  # the task kept killing the engines that ran it
@@ -313,6 +321,9 @@ class TaskRecord(Contract, kw_only=True):
     chunk: int | None = None
     status: TaskStatus = "pending"
     attempt: int = 0
+    # The attempt's capability: only the engine given the task knows it, and its reports and
+    # streamed segments must present it (dag.presents_grant).
+    grant: str = ""
     engine: str | None = None
     outputs: list[str] = []
     failure: Failure | None = None
@@ -347,7 +358,8 @@ class JobRecord(Contract, kw_only=True):
     duration: float | None = None
     # Where each piece of a long recording starts (seconds); one piece: [0.0].
     chunks: list[float] = []
-    # Transcribe tasks done out of all (every chunk of every channel), for progress displays.
+    # Transcribe tasks done out of all, for progress displays: one task per chunk of each
+    # channel, or one per channel where the text is streamed (its chunks in order).
     chunks_done: int = 0
     chunks_total: int = 0
     language: str | None = None
@@ -399,6 +411,8 @@ class Task(Contract, kw_only=True):
     end: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     attempt: int = 1
+    # What the engine's reports on this task present (TaskRecord.grant).
+    grant: Grant = ""
 
 
 TaskEventKind = Literal["started", "completed", "failed"]
@@ -421,6 +435,8 @@ class TaskEvent(Contract, kw_only=True):
     failure: Failure | None = None
     attempt: int = 1
     at: float = 0.0
+    # The task's grant (Task.grant): a report without it is dead-lettered.
+    grant: Grant = ""
 
 
 class DeadLetter(Contract, kw_only=True):
@@ -533,6 +549,8 @@ class TranscriptDelta(Contract, kw_only=True):
     seq: Annotated[int, msgspec.Meta(ge=0)]
     segment: Segment
     at: float = 0.0
+    # The task's grant (Task.grant): listeners drop a segment without it.
+    grant: Grant = ""
 
 
 # --- live sessions ------------------------------------------------------------------------
@@ -544,12 +562,12 @@ SESSION_SAMPLE_RATE = 24_000
 class TurnDetection(Contract, kw_only=True):
     """Server voice activity detection: a turn starts at speech and ends after a silence."""
 
-    # 0 (any sound is speech) to 1 (only loud speech is).
+    # The speech probability (Silero VAD's, 0 to 1) above which a frame is speech.
     threshold: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
     # Audio kept from before the speech started.
-    prefix_padding_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 300
-    # Silence that ends a turn.
-    silence_duration_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 500
+    prefix_padding_ms: Annotated[int, msgspec.Meta(ge=0, le=2_000)] = 300
+    # Silence that ends a turn (OpenAI documents 200-5000 ms).
+    silence_duration_ms: Annotated[int, msgspec.Meta(ge=200, le=5_000)] = 500
 
 
 class SessionConfig(Contract, kw_only=True):
@@ -592,7 +610,7 @@ class SessionInput(Contract, kw_only=True):
     config: SessionConfig | None = None  # `configure`
 
 
-SessionOutputKind = Literal["speech_started", "speech_stopped", "committed", "delta", "completed",
+SessionOutputKind = Literal["speech_started", "speech_stopped", "committed", "partial", "completed",
                             "error", "cleared"]
 
 
@@ -603,7 +621,7 @@ class SessionOutput(Contract, kw_only=True):
     engine: Token
     item_id: str = ""
     audio_ms: int = 0  # speech_started, speech_stopped: where in the session's audio
-    text: str = ""  # delta: the new text; completed: the turn's text
+    text: str = ""  # partial: the turn's text so far (decoded again); completed: the turn's text
     seconds: float = 0.0  # completed: the turn's audio
     code: str = ""  # error
     message: str = ""  # error

@@ -12,6 +12,8 @@ replayed after a crash with the same result.
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +30,10 @@ MERGE_RUNTIME = "merge"
 @dataclass(frozen=True)
 class AudioStage:
     """A stage that works on the prepared audio, side by side with the others, when the request
-    wants it; merge waits for them all. Another stage (alignment, redaction) is one more of
-    these and its runtime."""
+    wants it; merge waits for them all. Another stage that reads only the prepared audio is one
+    more of these, its runtime, and a model field on `JobRecord` (as `diarizer`). A stage that
+    reads a transcript (alignment, redaction) has not this shape: merge is wired in as the last
+    task (`advance`, `task_message`), and nothing runs after it."""
 
     stage: str
     wanted: Callable[[JobRecord], bool]
@@ -65,10 +69,37 @@ def task_id(job_id: str, key: str, attempt: int) -> str:
     return f"{job_id}-{key}-{attempt}"
 
 
+def new_grant() -> str:
+    """A task attempt's capability: unguessable, known to the orchestrator (the job record) and
+    to the engine the attempt is given to (its Task message)."""
+    return secrets.token_hex(16)
+
+
+def presents_grant(job: JobRecord, task_id: str, grant: str) -> bool:
+    """Whether `grant` is the capability of the job's task `task_id` (False for a task the job
+    does not list)."""
+    task = next((t for t in job.tasks.values() if t.id == task_id), None)
+    return task is not None and bool(task.grant) and hmac.compare_digest(task.grant.encode(), grant.encode())
+
+
+def refusal(job: JobRecord, event: TaskEvent) -> str | None:
+    """Why a report on one of the job's tasks must not be applied: it lacks the task's grant,
+    or names outputs outside the job's objects (another job's transcript, say). None for a
+    report that may be applied, and for one on a task the job does not list (stale or early:
+    `apply_event` and `is_early` decide)."""
+    if not any(t.id == event.task_id for t in job.tasks.values()):
+        return None
+    if not presents_grant(job, event.task_id, event.grant):
+        return f"the report on task {event.task_id} does not present its grant"
+    if any(not name.startswith(f"jobs/{job.id}/") for name in event.outputs):
+        return f"the report on task {event.task_id} names outputs outside job {job.id}"
+    return None
+
+
 def _new_task(job: JobRecord, key: str, stage: str, runtime: str, channel: int | None = None,
               chunk: int | None = None) -> None:
     job.tasks[key] = TaskRecord(id=task_id(job.id, key, 1), stage=stage, runtime=runtime,
-                                channel=channel, chunk=chunk, attempt=1)
+                                channel=channel, chunk=chunk, attempt=1, grant=new_grant())
 
 
 def start(job: JobRecord) -> None:
@@ -100,6 +131,7 @@ def apply_event(job: JobRecord, event: TaskEvent, max_attempts: int) -> bool:
             # A fresh attempt under a new id: reports of the old one become stale.
             task.attempt += 1
             task.id = task_id(job.id, key, task.attempt)
+            task.grant = new_grant()
             task.status, task.engine, task.started_at = "pending", None, None
             task.failure = failure
         else:
@@ -230,4 +262,5 @@ def task_message(job: JobRecord, key: str) -> Task:
     return Task(
         id=record.id, job_id=job.id, stage=record.stage, runtime=record.runtime, model=model,
         runtime_model_id=runtime_model_id, inputs=inputs, output=output, channel=record.channel,
-        options=options, speakers=speakers, offset=offset, starts=starts, end=end, attempt=record.attempt)
+        options=options, speakers=speakers, offset=offset, starts=starts, end=end, attempt=record.attempt,
+        grant=record.grant)

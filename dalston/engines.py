@@ -11,6 +11,16 @@ from dalston.contracts import HEARTBEATS_STREAM, ContractError, Heartbeat, decod
 
 # An engine that missed this many beats is gone, whether or not its TTL marker arrived yet.
 MISSED_BEATS = 3
+# How each runtime's engines are started, for messages that say so.
+_STARTED_BY_UP = ("audio-prepare", "merge", "diarize")
+
+
+def how_to_start(runtime: str) -> str:
+    """How a user starts an engine of `runtime`: with `dalston up`, or compose's service."""
+    if runtime in _STARTED_BY_UP:
+        return f"`dalston up` starts one; with compose: `docker compose up -d {runtime}`"
+    return (f"`dalston up --runtimes {runtime}`, or `dalston serve engine {runtime}`; with compose: "
+            f"`docker compose up -d {runtime}`")
 
 
 class EngineWatch:
@@ -25,8 +35,13 @@ class EngineWatch:
         self._on_change = on_change
         self._clock = clock
         self._subscription = None
+        # When an engine of each runtime last beat; kept after it is gone. The watch's start
+        # counts as a sighting of every runtime: engines that start beside it are not yet heard.
+        self._runtime_heard: dict[str, float] = {}
+        self._started = clock()
 
     async def start(self, bus: Bus) -> None:
+        self._started = self._clock()
         self._subscription = await follow_last_per_subject(bus, HEARTBEATS_STREAM, "heartbeat.>",
                                                            self._receive)
 
@@ -48,7 +63,7 @@ class EngineWatch:
             self._heard.pop(subject, None)
         else:
             self._beats[subject] = beat
-            self._heard[subject] = self._clock()
+            self._heard[subject] = self._runtime_heard[beat.runtime] = self._clock()
         if self._on_change:
             self._on_change(subject, beat)
 
@@ -57,6 +72,11 @@ class EngineWatch:
         (The server's expiry marker usually says so first; this covers a lost marker.)"""
         beat = self._beats.get(subject)
         return beat is None or self._heard[subject] + MISSED_BEATS * beat.interval < self._clock()
+
+    def seen_within(self, runtime: str, seconds: float) -> bool:
+        """Whether an engine of `runtime` is live, or was within `seconds` (restarting, say)."""
+        last = max(self._runtime_heard.get(runtime, self._started), self._started)
+        return bool(self.live(runtime)) or last + seconds >= self._clock()
 
     def live(self, runtime: str | None = None) -> list[Heartbeat]:
         return sorted(

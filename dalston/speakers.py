@@ -13,6 +13,7 @@ from collections.abc import Hashable, Sequence
 import msgspec
 
 from dalston.contracts import Segment, SpeakerTurn, Word
+from dalston.sentences import joined
 
 
 def speaker_label(number: int) -> str:
@@ -56,10 +57,9 @@ def _split(segment: Segment, words: list[Word]) -> list[Segment]:
             runs.append([word])
     if len(runs) == 1:
         return [msgspec.structs.replace(segment, words=words, speaker=words[0].speaker)]
-    spaced = any(w.word[:1].isspace() for w in words[1:])
     return [
         msgspec.structs.replace(
-            segment, words=run, speaker=run[0].speaker, text=_text(run, spaced),
+            segment, words=run, speaker=run[0].speaker, text=joined(run),
             # The first and last pieces keep the segment's outer edges.
             start=segment.start if n == 0 else run[0].start,
             end=segment.end if n == len(runs) - 1 else run[-1].end,
@@ -67,13 +67,6 @@ def _split(segment: Segment, words: list[Word]) -> list[Segment]:
             tokens=[])
         for n, run in enumerate(runs)
     ]
-
-
-def _text(words: list[Word], spaced: bool) -> str:
-    # Whisper's words carry their own leading space (and none before punctuation); NeMo's none.
-    if spaced:
-        return "".join(w.word for w in words).strip()
-    return " ".join(w.word.strip() for w in words)
 
 
 class _Timeline:

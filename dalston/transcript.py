@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -47,6 +47,10 @@ LANGUAGE_NAMES: dict[str, str] = {
 }
 
 _json = msgspec.json.Encoder()
+
+# Subtitle lines at most this long (characters), this many to a cue: the usual broadcast rule.
+CUE_LINE_CHARS = 42
+CUE_LINES = 2
 
 # The speaker of a segment no diarization covered, where a format demands one.
 UNKNOWN_SPEAKER = "unknown"
@@ -138,13 +142,13 @@ def render(
         body = (_speaker_lines(transcript) if _has_speakers(transcript) else transcript.text) + "\n"
     elif fmt == "srt":
         body = "".join(
-            f"{n}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{_prefixed(s, text)}\n\n"
-            for n, (s, text) in enumerate(_cues(transcript), start=1)
+            f"{n}\n{_timestamp(start, ',')} --> {_timestamp(end, ',')}\n{text}\n\n"
+            for n, (start, end, text) in enumerate(_subtitles(transcript, _label, _label), start=1)
         )
     elif fmt == "vtt":
         body = "WEBVTT\n\n" + "".join(
-            f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{_voiced(s, text)}\n\n"
-            for s, text in _cues(transcript)
+            f"{_timestamp(start, '.')} --> {_timestamp(end, '.')}\n{text}\n\n"
+            for start, end, text in _subtitles(transcript, _voice, lambda s: "")
         )
     elif fmt == "diarized_json":
         body = _json.encode(_diarized(transcript))
@@ -247,13 +251,53 @@ def _speaker_lines(transcript: Transcript) -> str:
     return "\n".join(f"{speaker or UNKNOWN_SPEAKER}: {' '.join(texts)}" for speaker, texts in lines)
 
 
-def _prefixed(segment: Segment, text: str) -> str:
-    return f"{segment.speaker}: {text}" if segment.speaker is not None else text
+def _label(segment: Segment) -> str:
+    return f"{segment.speaker}: " if segment.speaker is not None else ""
 
 
-def _voiced(segment: Segment, text: str) -> str:
+def _voice(segment: Segment) -> str:
     # WebVTT's voice span; a speaker label never holds `>`, which would end the tag.
-    return f"<v {segment.speaker}>{text}" if segment.speaker is not None else text
+    return f"<v {segment.speaker}>" if segment.speaker is not None else ""
+
+
+def _subtitles(transcript: Transcript, lead: Callable[[Segment], str],
+               shown: Callable[[Segment], str]) -> list[tuple[float, float, str]]:
+    """Subtitle cues (start, end, text): each segment's text in lines of at most CUE_LINE_CHARS
+    (the `shown` part of the `lead` before its first line counted), CUE_LINES lines a cue, as
+    subtitle editors split them; a word longer than a line stands alone on it. A cue's times are
+    its words' where the segment has them (one per word of its text), else its share of the
+    segment's characters."""
+    result = []
+    for segment, text in _cues(transcript):
+        tokens = text.split()
+        times = [(w.start, w.end) for w in segment.words] if len(segment.words) == len(tokens) \
+            else _spread(segment, tokens)
+        width, lines, first = CUE_LINE_CHARS - len(shown(segment)), [[]], 0
+        for n, token in enumerate(tokens):
+            line = lines[-1]
+            if line and len(" ".join([*line, token])) > width:
+                width = CUE_LINE_CHARS
+                if len(lines) == CUE_LINES:
+                    result.append((times[first][0], times[n - 1][1], _cue_text(lead(segment), lines)))
+                    lines, first, width = [], n, CUE_LINE_CHARS - len(shown(segment))
+                lines.append([])
+            lines[-1].append(token)
+        result.append((times[first][0], times[-1][1], _cue_text(lead(segment), lines)))
+    return result
+
+
+def _spread(segment: Segment, tokens: list[str]) -> list[tuple[float, float]]:
+    """Times for `tokens`, the segment's time shared out by their characters."""
+    total, per = len(" ".join(tokens)), segment.end - segment.start
+    times, at = [], 0
+    for token in tokens:
+        times.append((segment.start + per * at / total, segment.start + per * (at + len(token)) / total))
+        at += len(token) + 1
+    return times
+
+
+def _cue_text(lead: str, lines: list[list[str]]) -> str:
+    return lead + "\n".join(" ".join(line) for line in lines)
 
 
 def _cues(transcript: Transcript) -> list[tuple[Segment, str]]:

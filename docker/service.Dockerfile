@@ -1,5 +1,5 @@
-# The gateway, the orchestrator and the model-less engines (audio-prepare, merge): compose.yaml
-# picks the service with `command`. Audio decoding needs no system ffmpeg: the PyAV wheel
+# The gateway, the orchestrator and the engines of the base install (audio-prepare, merge, diarize):
+# compose.yaml picks the service with `command`. Audio decoding needs no system ffmpeg: the PyAV wheel
 # carries its own libraries.
 FROM python:3.11-slim
 

@@ -8,8 +8,8 @@ It answers what `huggingface_hub` 2.x asks when it downloads (see `HfApi.model_i
 - `HEAD|GET /{repo}/resolve/{rev}/{file}` -> the file, with `X-Repo-Commit`, `ETag`,
   `X-Linked-Size` and `Content-Length`; errors carry `X-Error-Code` as the Hub's do.
 
-Tests can make it serve a file short (while the listing still gives the true size) or fail
-every request, and read back which requests it got.
+Tests can make it serve a file short (while the listing still gives the true size), slowly
+(`rate` bytes a second), or fail every request, and read back which requests it got.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -30,6 +31,7 @@ class FakeHub:
         self.repos: dict[str, Path] = {}
         self.short: dict[tuple[str, str], int] = {}
         self.failing = False
+        self.rate: int | None = None  # bytes a second of each file body; None: at once
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -135,11 +137,18 @@ class _Handler(BaseHTTPRequestHandler):
                    "Content-Type": "application/octet-stream", "Accept-Ranges": "none"}
         self._send(200, headers, None, size)
         if body:
-            with open(file, "rb") as src:
-                left = size
-                while left > 0 and (chunk := src.read(min(left, 1 << 20))):
-                    self.wfile.write(chunk)
-                    left -= len(chunk)
+            self._send_file(file, size)
+
+    def _send_file(self, file: Path, size: int) -> None:
+        rate = self.hub.rate
+        block = 1 << 20 if rate is None else max(1, rate // 20)
+        with open(file, "rb") as src:
+            left = size
+            while left > 0 and (chunk := src.read(min(left, block))):
+                self.wfile.write(chunk)
+                left -= len(chunk)
+                if rate is not None:
+                    time.sleep(len(chunk) / rate)
 
     def _error(self, status: int, code: str | None, message: str) -> None:
         doc = json.dumps({"error": message}).encode()

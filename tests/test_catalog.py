@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
@@ -54,10 +55,22 @@ def test_every_model_is_complete(catalog: Catalog) -> None:
             assert model.languages == ["en"]
 
 
+def test_the_memory_a_model_takes_is_vram_on_a_gpu_and_ram_on_the_cpu(catalog: Catalog) -> None:
+    """What an engine counts against its memory (sdk/models.py), from the `hardware` figures."""
+    large = catalog.model("faster-whisper-large-v3").hardware
+    assert (large.min_ram_gb, large.min_vram_gb) == (8, 6)
+    assert large.memory_bytes("cpu") == 8 * 2**30
+    assert large.memory_bytes("cuda") == large.memory_bytes("cuda:1") == 6 * 2**30
+    cpu_only = msgspec.structs.replace(large, min_vram_gb=None)
+    assert cpu_only.memory_bytes("cuda") == 8 * 2**30
+
+
 def test_diarize_models(catalog: Catalog) -> None:
-    """GE2E's weights come from inside the Resemblyzer package; pyannote's pipeline from the Hub."""
+    """GE2E's weights (converted to ONNX) ship inside the catalog folder; pyannote's pipeline
+    comes from the Hub."""
     ge2e = catalog.model("resemblyzer-ge2e")
-    assert ge2e.sources[0].pypi.files == {"pretrained.pt": ["resemblyzer/pretrained.pt"]}
+    assert [source.label for source in ge2e.sources] == [f"local:{data_dir('catalog') / 'weights/resemblyzer-ge2e'}"]
+    assert (data_dir("catalog") / "weights/resemblyzer-ge2e/ge2e.onnx").stat().st_size == ge2e.size_bytes
     community = catalog.model("pyannote-speaker-diarization-community-1")
     assert community.sources[0].hf.repo == community.runtime_model_id == "pyannote/speaker-diarization-community-1"
     assert "HF_TOKEN" in community.description
@@ -148,6 +161,12 @@ def test_copy_loads(root: Path) -> None:
     assert Catalog.load(root).models.keys() == Catalog.load().models.keys()
 
 
+def test_a_relative_local_source_is_inside_the_catalog_folder(root: Path) -> None:
+    edit(root, "models", "faster-whisper-tiny", sources=[{"local": {"path": "weights/tiny"}}])
+    [source] = Catalog.load(root).model("faster-whisper-tiny").sources
+    assert source.local.path == str(root.resolve() / "weights" / "tiny")
+
+
 @pytest.mark.parametrize(("kind", "name", "changes", "expected"), [
     ("models", "faster-whisper-tiny", {"size_bytes": "big"}, "Expected `int`, got `str` - at `$.size_bytes`"),
     ("models", "faster-whisper-tiny", {"sise_bytes": 1}, "unknown field `sise_bytes`"),
@@ -161,7 +180,8 @@ def test_copy_loads(root: Path) -> None:
      "exactly one of `hf`, `pypi`, `local` - at `$.sources[0]`"),
     ("models", "faster-whisper-tiny", {"sources": [{"hf": {"repo": "a/b", "revison": "main"}}]},
      "unknown field `revison` - at `$.sources[0].hf`"),
-    ("models", "faster-whisper-tiny", {"sources": [{"local": {"path": "models/tiny"}}]}, "must be absolute"),
+    ("models", "faster-whisper-tiny", {"sources": [{"local": {"path": "../tiny"}}]},
+     "must be absolute or inside the catalog folder"),
     ("models", "faster-whisper-tiny", {"sources": []}, "at `$.sources`"),
     ("runtimes", "nemo", {"store_dir": "../x"}, "at `$.store_dir`"),
     ("runtimes", "nemo", {"chunk_seconds": 0}, "at `$.chunk_seconds`"),

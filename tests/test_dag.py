@@ -124,3 +124,31 @@ def test_a_redelivered_message_publishes_the_queued_tasks_again():
     bus = RecordingBus(job)
     asyncio.run(orchestrator_on(bus)._update("j1", lambda r: False, redrive=True))
     assert bus.calls == ["publish tasks.audio-prepare.none"]
+
+
+def test_a_report_must_present_its_tasks_grant_and_name_only_its_jobs_objects():
+    job = JobRecord(id="j", model="m", runtime="r", runtime_model_id="r", audio_object="jobs/j/audio")
+    dag.start(job)
+    task = job.tasks["prepare"]
+    assert len(task.grant) == 32 and dag.task_message(job, "prepare").grant == task.grant
+
+    def report(grant: str, outputs=("jobs/j/prepared/ch0/00000.f32",), task_id=task.id) -> TaskEvent:
+        return TaskEvent(task_id=task_id, job_id="j", kind="completed", engine="e", outputs=list(outputs),
+                         grant=grant)
+
+    assert dag.refusal(job, report(task.grant)) is None
+    assert "grant" in dag.refusal(job, report(""))
+    assert "grant" in dag.refusal(job, report("f" * 32))
+    assert "outside job j" in dag.refusal(job, report(task.grant, ["jobs/other/transcript.json"]))
+    assert dag.refusal(job, report("", task_id="j-prepare-9")) is None  # not listed: stale or early
+
+
+def test_a_retried_task_gets_a_new_grant():
+    job = JobRecord(id="j", model="m", runtime="r", runtime_model_id="r", audio_object="jobs/j/audio")
+    dag.start(job)
+    first = job.tasks["prepare"].grant
+    dag.apply_event(job, TaskEvent(task_id=job.tasks["prepare"].id, job_id="j", kind="failed", engine="e",
+                                   failure=Failure(code="internal", message="x", retryable=True)), 3)
+    again = job.tasks["prepare"]
+    assert again.attempt == 2 and again.grant and again.grant != first
+    assert not dag.presents_grant(job, again.id, first)

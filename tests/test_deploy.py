@@ -27,8 +27,9 @@ NATS_USER_OF = {"wyoming": "gateway"}
 
 
 def test_every_service_is_there():
-    assert {"nats", "gateway", "orchestrator", "audio-prepare", "merge", "faster-whisper", "nemo"} <= set(SERVICES)
-    assert set(ENGINES) == {"audio-prepare", "merge", "faster-whisper", "nemo"}
+    assert {"nats", "gateway", "orchestrator", "audio-prepare", "merge", "diarize", "faster-whisper",
+            "nemo"} <= set(SERVICES)
+    assert set(ENGINES) == {"audio-prepare", "merge", "diarize", "faster-whisper", "nemo"}
 
 
 @pytest.mark.parametrize("name", sorted(DALSTON))
@@ -40,8 +41,15 @@ def test_environment_is_settings(name):
     assert "DALSTON_NATS_REPLICAS" in env
     # Each service its own NATS user, whose password the nats service knows.
     user = env["DALSTON_NATS_USER"]
-    assert user == ("engine" if name in ENGINES else NATS_USER_OF.get(name, name))
+    assert user == ("engine" if name in ENGINES else "admin" if name == "layout" else NATS_USER_OF.get(name, name))
     assert env["DALSTON_NATS_PASSWORD"] == SERVICES["nats"]["environment"][f"DALSTON_NATS_{user.upper()}_PASSWORD"]
+
+
+def test_the_layout_is_applied_as_admin_before_every_service():
+    """Only admin may create streams, buckets and consumers (nats/accounts.conf)."""
+    assert SERVICES["layout"]["command"] == ["serve", "layout"]
+    for name in set(DALSTON) - {"layout"}:
+        assert "layout" in SERVICES[name]["depends_on"], name
 
 
 def test_engine_runtimes_are_in_the_catalog():

@@ -1,11 +1,14 @@
-"""The diarize runtime with the real GE2E encoder (Resemblyzer's weights, pulled into the store
-from inside its package): real speech, conversations of espeak-ng voices scored by DER, and an
-engine running `diarize` tasks straight off NATS, killed mid-task."""
+"""The diarize runtime with the real GE2E encoder (Resemblyzer's weights as ONNX, pulled into
+the store from the catalog folder): its embeddings against Resemblyzer's own on torch, real
+speech, conversations of espeak-ng voices scored by DER, and an engine running `diarize` tasks
+straight off NATS, killed mid-task."""
 
 from __future__ import annotations
 
 import importlib.util
 import signal
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -13,7 +16,9 @@ import numpy as np
 import pytest
 from faster_whisper.audio import decode_audio
 
+from actors.diarize import linkage
 from actors.diarize.actor import DiarizeActor
+from actors.diarize.ge2e import WEIGHTS
 from bench.conversations import THREE_VOICES, TWO_VOICES, conversation, der
 from dalston.catalog import Catalog
 from dalston.config import load_settings
@@ -40,19 +45,68 @@ MAX_DER = 0.15
 
 
 @pytest.fixture(scope="module")
-def ge2e(tmp_path_factory):
+def ge2e_path(tmp_path_factory):
     catalog = Catalog.load()
     store = ModelStore(tmp_path_factory.mktemp("models"))
     path = pull(catalog.model(MODEL), catalog.runtime("diarize"), store)
-    assert (path / "pretrained.pt").stat().st_size == catalog.model(MODEL).size_bytes
+    assert (path / WEIGHTS).stat().st_size == catalog.model(MODEL).size_bytes
+    return path
+
+
+@pytest.fixture(scope="module")
+def ge2e(ge2e_path):
     actor = DiarizeActor(load_settings({}))
-    handle = actor.load(MODEL, path)
+    handle = actor.load(MODEL, ge2e_path)
     yield handle
     actor.unload(handle)
 
 
 def diarize(handle, audio: np.ndarray, **counts):
     return handle.diarize(audio, DiarizeOptions(**counts), threading.Event())
+
+
+@pytest.mark.parametrize("rate", [1.25, 4.0])
+def test_embeddings_equal_resemblyzers_on_torch(ge2e, rate):
+    """The ONNX graph and the numpy mel frames against Resemblyzer's own (torch, librosa, the
+    original pretrained.pt), on real speech: the windows, their embeddings and the pooled one."""
+    from resemblyzer import VoiceEncoder  # the `diarize` extra, which the tests install
+    reference = VoiceEncoder("cpu", verbose=False)
+    for name in ("dialogue.wav", "speaker1.wav", "speaker2.wav"):
+        audio = decode_audio(str(AUDIO / name))
+        expected, expected_windows, expected_slices = reference.embed_utterance(audio, True, rate)
+        embedding, windows, slices = ge2e.encoder.embed_utterance(audio, True, rate)
+        assert slices == expected_slices and len(slices) > 1
+        assert np.abs(windows - expected_windows).max() < 1e-4
+        assert np.abs(embedding - expected).max() < 1e-4
+
+
+def test_the_runtime_diarizes_without_torch_scipy_or_librosa(ge2e_path):
+    """What the default install lacks: the GE2E path loads none of it (a fresh interpreter)."""
+    code = ("import sys, threading; from pathlib import Path; from faster_whisper.audio import decode_audio;"
+            "from actors.diarize.actor import DiarizeActor; from dalston.config import load_settings;"
+            "from dalston.contracts import DiarizeOptions;"
+            f"h = DiarizeActor(load_settings({{}})).load('{MODEL}', Path({str(ge2e_path)!r}));"
+            f"print(h.diarize(decode_audio({str(AUDIO / 'dialogue.wav')!r}), DiarizeOptions(), threading.Event())[0]);"
+            "print(sorted({'torch', 'scipy', 'librosa', 'resemblyzer'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['SPEAKER_0', 'SPEAKER_1']", "[]"]
+
+
+def test_linkage_is_scipys():
+    """The numpy average linkage and flat clusters make scipy's partitions."""
+    from scipy.cluster import hierarchy
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(2, 40))
+        centres = rng.normal(size=(int(rng.integers(1, 5)), 16))
+        points = centres[rng.integers(0, len(centres), n)] + rng.normal(scale=0.5, size=(n, 16))
+        ours, theirs = linkage.linkage(points), hierarchy.linkage(points, method="average", metric="cosine")
+        assert np.allclose(ours[:, 2], np.sort(theirs[:, 2]))
+        cuts = [(t, "distance") for t in (0.1, 0.2, 0.5)] + [(k, "maxclust") for k in range(1, n + 2)]
+        for t, criterion in cuts:
+            a, b = linkage.fcluster(ours, t, criterion), hierarchy.fcluster(theirs, t, criterion)
+            assert len(set(zip(a, b))) == len(set(a)) == len(set(b)), (t, criterion)
 
 
 def test_the_dialogue_has_two_speakers_one_per_sentence(ge2e):
@@ -93,7 +147,7 @@ def test_speaker_bounds_are_obeyed(ge2e):
 def test_a_folder_of_neither_kind_is_an_invalid_model(tmp_path):
     with pytest.raises(TaskFailed) as caught:
         DiarizeActor(load_settings({})).load("nothing", tmp_path)
-    assert caught.value.code == "invalid_model" and "pretrained.pt" in caught.value.message
+    assert caught.value.code == "invalid_model" and WEIGHTS in caught.value.message
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pyannote.audio") is not None, reason="pyannote.audio is installed")

@@ -120,3 +120,21 @@ async def test_a_beat_that_is_not_a_heartbeat_changes_nothing(data):
     watch = await watch_of(beat("a"))
     await watch._receive("heartbeat.faster-whisper.a", data)
     assert [b.engine for b in watch.live()] == ["a"]
+
+
+async def test_a_runtime_counts_as_seen_while_live_and_for_a_while_after():
+    """What decides between waiting for an engine (a restart) and refusing at once (none)."""
+    clock = Clock()
+    watch = await watch_of(beat("a"), clock=clock)
+    # The watch's start is a sighting of every runtime: engines starting beside it get the time.
+    assert watch.seen_within(RUNTIME, 10) and watch.seen_within("diarize", 10)
+    clock.now += 60
+    assert watch.seen_within(RUNTIME, 10) is False  # silent since its beat
+    assert watch.seen_within("diarize", 10) is False
+    await watch._receive("heartbeat.faster-whisper.a", encode(beat("a")))
+    clock.now += 30  # live no more (missed beats), and its expiry marker arrives...
+    await watch._receive("heartbeat.faster-whisper.a", None)
+    assert watch.live() == [] and watch.seen_within(RUNTIME, 31)  # ... but it was seen
+    assert not watch.seen_within(RUNTIME, 29)
+    await watch._receive("heartbeat.diarize.d", encode(beat("d", runtime="diarize")))
+    assert watch.seen_within("diarize", 0)  # live

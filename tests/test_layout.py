@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 
 from dalston.bus.connection import connect
+from dalston.catalog import Catalog
 from dalston.config import load_settings
-from dalston.contracts import JobRecord
+from dalston.contracts import TASKS_STREAM, JobRecord, task_consumer
+from dalston.services.layout import apply_layout
 
 
 async def max_ages(nats_env: dict[str, str], retention_hours: float) -> dict[str, float]:
@@ -41,5 +43,22 @@ async def test_a_job_record_and_its_audio_expire(nats_env):
         await asyncio.sleep(2.5)
         assert await bus.jobs.get("job-1") is None
         assert not await bus.artifacts.exists("jobs/job-1/audio")
+    finally:
+        await bus.close()
+
+
+async def test_the_admin_step_makes_a_task_queue_for_every_catalog_model(nats_env):
+    """Only admin may create consumers: `dalston up` and compose's `layout` service make every
+    task queue a published task can land in, so no service needs to create one."""
+    settings = load_settings(nats_env)
+    await apply_layout(settings)
+    bus = await connect(settings, name="test")
+    try:
+        names = {c.name for c in await bus.js.consumers_info(TASKS_STREAM)}
+        catalog = Catalog.load()
+        for model in catalog.models.values():
+            assert task_consumer(model.runtime, model.runtime_model_id) in names, model.id
+        for runtime in ("audio-prepare", "merge"):
+            assert task_consumer(runtime, None) in names
     finally:
         await bus.close()

@@ -231,6 +231,46 @@ def test_a_job_for_a_runtime_with_no_engine_fails_naming_it(system):
     assert "no nemo engine" in response.json()["error"]["message"]
 
 
+async def test_no_engine_is_a_503_at_once_and_a_restarting_engine_is_waited_for(tmp_path):
+    """A runtime with no engine, none seen for DALSTON_ENGINE_WAIT: refused at once, saying how
+    to start one (not a silent wait, then a failure). A runtime whose engine was seen within it
+    (killed, restarting) is waited for, and the job completes."""
+    wait = 20.0
+    stack = TestStack(tmp_path, DALSTON_ENGINE_WAIT=str(wait))
+    try:
+        stack.start_nats()
+        stack.start_pipeline()
+        started = time.monotonic()  # the gateway is ready: it watches engines
+        stack.start_engine("faster-whisper", "fw")
+        stack.wait_engines("audio-prepare", "merge", "fw")
+        # The gateway's own start counts as a sighting (engines start beside it): past it.
+        await asyncio.sleep(max(0.0, started + wait + 1 - time.monotonic()))
+
+        with open(AUDIO / "speaker1.wav", "rb") as audio:
+            asked = time.monotonic()
+            response = httpx.post(f"{stack.url}/v1/jobs", files={"file": audio},
+                                  data={"model": TINY, "diarize": "true"}, timeout=60)
+            answered = time.monotonic() - asked
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "no_engine" and answered < 2
+        assert "no diarize engine is running" in error["message"] and "`dalston up` starts one" in error["message"]
+
+        stack.stop("fw", sig=signal.SIGKILL)
+
+        async def gone() -> bool:
+            engines = httpx.get(f"{stack.url}/v1/engines").json()["data"]
+            return all(e["runtime"] != "faster-whisper" for e in engines)
+
+        await wait_for(gone, 10, 0.2)  # no faster-whisper engine is live...
+        job_id = submit(stack, AUDIO / "speaker1.wav", TINY)  # ... but one was: a 202
+        stack.start_engine("faster-whisper", "fw")
+        record = await wait_job(stack, job_id, timeout=120)
+        assert record["status"] == "completed", record
+    finally:
+        stack.close()
+
+
 async def test_an_engine_on_a_host_with_a_slow_clock_stays_live(system):
     """Liveness is judged by when beats arrive, not by the sender's clock: an engine whose
     clock is an hour behind is live while it beats, and drops out when it stops."""

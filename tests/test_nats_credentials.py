@@ -54,7 +54,9 @@ def test_login_is_the_named_user_else_the_admin_of_this_homes_running_server(tmp
     try:
         assert login(load_settings(home)) == {"user": "admin", "password": passwords["admin"]}
         named = {**home, "DALSTON_NATS_USER": "gateway", "DALSTON_NATS_PASSWORD": "pw"}
-        assert login(load_settings(named)) == {"user": "gateway", "password": "pw"}
+        # Its replies come to inboxes only it may subscribe to (nats/accounts.conf).
+        assert login(load_settings(named)) == {"user": "gateway", "password": "pw",
+                                               "inbox_prefix": "_INBOX_gateway"}
         # Another server never gets this home's admin password.
         assert login(load_settings({**home, "DALSTON_NATS_URL": "nats://elsewhere:4222"})) == {}
     finally:

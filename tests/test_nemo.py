@@ -57,7 +57,7 @@ def nemo_stack(tmp_path_factory):
         store.import_path(catalog.model(model_id), catalog.runtime("nemo"), files[name])
     system.start_nats()
     system.start_pipeline()
-    system.start_engine("nemo")
+    system.start_engine("nemo", DALSTON_MAX_LOADED_MODELS="1")  # one slot: every switch a swap
     system.start_engine("faster-whisper", "fw")
     system.wait_engines("audio-prepare", "merge", "nemo", "fw", timeout=120)
     yield system
@@ -101,6 +101,18 @@ def test_the_catalog_sets_the_window_length(tmp_path):
                                                    f"chunk_seconds: {CUT_SEARCH_SECONDS}"))
     with pytest.raises(CatalogError, match="chunk_seconds"):
         NemoActor(load_settings({"DALSTON_CATALOG_DIR": str(tmp_path / "catalog")}))
+
+
+def test_a_window_ends_in_the_pause_of_its_last_seconds():
+    """The cut found as the chunker finds its own (`dalston.chunking.quietest`): in half a
+    second of near silence, not at a 20 ms gap inside speech."""
+    chunk = 20
+    audio = np.random.default_rng(1).standard_normal(SAMPLE_RATE * (chunk + 15)).astype(np.float32)
+    pause = slice(int((chunk - 4) * SAMPLE_RATE), int((chunk - 3.5) * SAMPLE_RATE))
+    audio[pause] *= 0.05
+    audio[int((chunk - 1.5) * SAMPLE_RATE):][:SAMPLE_RATE // 50] = 0  # a plosive's gap
+    (first, window), _ = list(_windows(audio, chunk))
+    assert first == 0 and pause.start < len(window) < pause.stop
 
 
 async def settled(bus, tasks_done: int):

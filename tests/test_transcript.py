@@ -199,3 +199,27 @@ def test_subtitles_and_text_name_the_speaker(diarized):
     # Consecutive segments of one speaker are one line of text.
     assert render(diarized, "text")[0] == (
         "SPEAKER_0: That was hilarious.\nSPEAKER_1: What do you mean? Really serious.\n")
+
+
+def test_long_segments_are_split_into_cues_of_two_lines_of_at_most_42_characters():
+    said = ("The birch canoe slid on the smooth planks. Glue the sheet to the dark blue background. "
+            "It's easy to tell the depth of a well.").split()
+    words = [Word(start=n * 0.3, end=n * 0.3 + 0.25, word=f" {w}") for n, w in enumerate(said)]
+    timed = _segment(0.0, words[-1].end, " ".join(said), words=words, speaker="SPEAKER_0")
+    untimed = _segment(20.0, 30.0, "A rod is used to catch pink salmon and the source of the huge "
+                                   "river is the clear spring.")
+    transcript = Transcript(job_id="j", text="", segments=[timed, untimed])
+    srt = render(transcript, "srt")[0].split("\n\n")[:-1]
+    cues = [cue.split("\n", 2) for cue in srt]
+    lines = [line for _, _, text in cues for line in text.split("\n")]
+    assert all(len(line) <= 42 for line in lines) and all(len(text.split("\n")) <= 2 for *_, text in cues)
+    # Every word once, in order; the speaker leads the first line of each of its cues.
+    shown = " ".join(lines).replace("SPEAKER_0: ", "").split()
+    assert shown == said + untimed.text.split()
+    assert [text.startswith("SPEAKER_0: ") for *_, text in cues] == [True, True, False, False]
+    # A cue runs from its first word's start to its last word's end; untimed text shares its time.
+    assert cues[0][1] == "00:00:00,000 --> 00:00:04,150" and cues[1][1].startswith("00:00:04,200 --> ")
+    assert cues[2][1].startswith("00:00:20,000 --> ") and cues[3][1].endswith(" --> 00:00:30,000")
+    vtt = render(transcript, "vtt")[0]
+    assert vtt.count("<v SPEAKER_0>") == 2 and all(len(line) <= 42 for line in
+                                                    vtt.replace("<v SPEAKER_0>", "").split("\n"))

@@ -1,12 +1,33 @@
-"""Live audio's pure parts: cutting it into turns (server VAD, client commits) and resampling."""
+"""Live audio's pure parts: cutting real speech into turns (Silero server VAD, client commits), the\nbounds on what a session holds, and resampling."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import soundfile
 
 from dalston.contracts import SESSION_SAMPLE_RATE, TurnDetection
 from dalston.pcm import SAMPLE_RATE, from_pcm16, resample, to_pcm16
-from dalston.sdk.turns import Turns
+from dalston.sdk.turns import FRAME_BYTES, BufferFull, SpeechProbability, Turns
+from tests.audio_fixtures import AUDIO_DIR as AUDIO
+
+SPEAKER1 = AUDIO / "speaker1.wav"  # 24 kHz mono, as a session's audio is
+SPEAKER2 = AUDIO / "speaker2.wav"
+MAX_MS = 60_000
+
+
+def speech(path) -> bytes:
+    samples, rate = soundfile.read(path, dtype="int16")
+    assert rate == SESSION_SAMPLE_RATE
+    return samples.tobytes()
+
+
+def onset_ms(pcm: bytes) -> tuple[int, int]:
+    """Where a clean recording's speech starts and ends: its 10 ms frames above -40 dBFS."""
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+    frames = samples[: len(samples) // 240 * 240].reshape(-1, 240)
+    loud = np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) > 0.01)
+    return int(loud[0]) * 10, int(loud[-1] + 1) * 10
 
 
 def tone(ms: int, level: float = 0.3) -> bytes:
@@ -23,41 +44,79 @@ def feed_in_pieces(turns: Turns, audio: bytes, piece: int = 1234) -> list:
     return [e for start in range(0, len(audio), piece) for e in turns.feed(audio[start:start + piece])]
 
 
-def test_server_vad_finds_each_turn_with_its_padding():
-    turns = Turns(TurnDetection(prefix_padding_ms=300, silence_duration_ms=500))
-    events = feed_in_pieces(turns, quiet(1000) + tone(800) + quiet(700) + tone(400) + quiet(600))
+def test_server_vad_finds_each_turn_within_a_few_frames_of_its_speech():
+    one, two = speech(SPEAKER1), speech(SPEAKER2)
+    turns = Turns(TurnDetection(prefix_padding_ms=300, silence_duration_ms=500), MAX_MS)
+    events = feed_in_pieces(turns, quiet(1000) + one + quiet(1000) + two + quiet(1000))
     assert [e.kind for e in events] == ["speech_started", "speech_stopped", "committed"] * 2
-    first, second = events[2], events[5]
-    assert events[0].item_id == events[1].item_id == first.item_id != second.item_id
-    assert events[0].audio_ms == 700  # 1000 ms of quiet, less the 300 ms of padding kept
-    assert events[1].audio_ms == 1800
-    # Padding, speech, and the silence that ended the turn.
-    assert len(first.audio) == len(quiet(300) + tone(800) + quiet(500))
-    assert len(second.audio) == len(quiet(200) + tone(400) + quiet(500))
+    assert events[0].item_id == events[1].item_id == events[2].item_id != events[5].item_id
+    for (start, stopped), (offset, clip) in zip([events[0:2], events[3:5]], [(1000, one), (2000 + len(one) * 1000 // (2 * SESSION_SAMPLE_RATE), two)]):
+        truth_start, truth_end = (offset + ms for ms in onset_ms(clip))
+        # speech_started's audio_start_ms includes the prefix padding, as OpenAI documents it.
+        assert abs(start.audio_ms + 300 - truth_start) <= 300, (start.audio_ms, truth_start)
+        assert abs(stopped.audio_ms - truth_end) <= 300, (stopped.audio_ms, truth_end)
+    committed = events[2]
+    assert len(committed.audio) >= len(quiet(300) + quiet(500))  # padding, speech, the closing silence
 
 
 def test_a_pause_shorter_than_the_silence_stays_in_the_turn():
-    turns = Turns(TurnDetection(silence_duration_ms=500))
-    events = feed_in_pieces(turns, tone(500) + quiet(300) + tone(500) + quiet(500))
+    turns = Turns(TurnDetection(silence_duration_ms=800), MAX_MS)
+    events = feed_in_pieces(turns, speech(SPEAKER1) + quiet(300) + speech(SPEAKER2) + quiet(1000))
     assert [e.kind for e in events] == ["speech_started", "speech_stopped", "committed"]
 
 
-def test_the_threshold_decides_what_is_speech():
-    soft = tone(600, level=0.003) + quiet(600)  # about -53 dBFS
-    assert feed_in_pieces(Turns(TurnDetection(threshold=0.5)), soft) == []
-    assert len(feed_in_pieces(Turns(TurnDetection(threshold=0.0)), tone(600, level=0.01) + quiet(600))) == 3
+def test_tones_noise_and_silence_are_not_speech():
+    rng = np.random.default_rng(0)
+    noise = to_pcm16(0.1 * rng.standard_normal(SESSION_SAMPLE_RATE * 3))
+    for audio in (tone(3000), tone(3000, level=0.9), noise, quiet(3000)):
+        assert feed_in_pieces(Turns(TurnDetection(), MAX_MS), audio) == []
 
 
-def test_without_turn_detection_the_client_commits():
-    turns = Turns(None)
+def test_the_threshold_is_a_speech_probability():
+    one = quiet(500) + speech(SPEAKER1) + quiet(1000)
+    assert len(feed_in_pieces(Turns(TurnDetection(threshold=0.5), MAX_MS), one)) == 3
+    assert feed_in_pieces(Turns(TurnDetection(threshold=1.0), MAX_MS), one) == []
+
+
+def test_streamed_probabilities_match_one_pass():
+    audio = speech(SPEAKER1)[: len(speech(SPEAKER1)) // FRAME_BYTES * FRAME_BYTES]
+    whole = SpeechProbability()(audio)
+    stream = SpeechProbability()
+    pieces = [stream(audio[start:start + 5 * FRAME_BYTES]) for start in range(0, len(audio), 5 * FRAME_BYTES)]
+    assert np.abs(np.concatenate(pieces) - whole).max() < 0.1  # the resampler's edges differ, no more
+
+
+def test_a_held_turn_goes_on_past_its_silence_and_ends_at_the_next():
+    turns = Turns(TurnDetection(silence_duration_ms=500), MAX_MS)
+    turns.hold = True
+    events = feed_in_pieces(turns, speech(SPEAKER1) + quiet(1000))
+    assert [e.kind for e in events] == ["speech_started"]
+    turns.hold = False
+    assert [e.kind for e in turns.feed(quiet(100))] == ["speech_stopped", "committed"]
+
+
+def test_a_turn_as_long_as_the_buffer_is_committed_and_the_speech_goes_on():
+    turns = Turns(TurnDetection(silence_duration_ms=2000), 4000)
+    events = feed_in_pieces(turns, speech(SPEAKER1) + speech(SPEAKER2) + quiet(2500))
+    kinds = [e.kind for e in events]
+    assert kinds == ["speech_started", "speech_stopped", "committed", "speech_started", "speech_stopped",
+                     "committed"], kinds
+    assert len(events[2].audio) == 4000 * FRAME_BYTES // 32
+
+
+def test_without_turn_detection_the_client_commits_and_the_buffer_is_bounded():
+    turns = Turns(None, 2000)
     assert turns.commit() is None  # nothing to commit
-    assert turns.feed(tone(500) + quiet(2000) + tone(500)) == []
+    assert turns.feed(tone(500) + quiet(1000)) == []
     committed = turns.commit()
-    assert committed.kind == "committed" and len(committed.audio) == len(tone(500) + quiet(2000) + tone(500))
+    assert committed.kind == "committed" and len(committed.audio) == len(tone(500) + quiet(1000))
     assert turns.commit() is None
     turns.feed(tone(500))
     turns.clear()
     assert turns.commit() is None
+    turns.feed(quiet(1500))
+    with pytest.raises(BufferFull):
+        turns.feed(quiet(600))
 
 
 def test_resampling_keeps_a_tone_and_the_length():

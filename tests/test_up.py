@@ -11,6 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import nats.errors
@@ -119,7 +120,8 @@ async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_sto
         assert second.returncode == 1 and "already running" in second.stderr
 
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 7  # nats-server, gateway, orchestrator, webhooks, three engines
+        # nats-server, gateway, orchestrator, webhooks, four engines
+        assert len(children) >= 8
     assert not [c for c in children if running(c)]
     assert "Dalston is up" in (tmp_path / "up.log").read_text()
 
@@ -167,7 +169,7 @@ def test_jobs_complete_when_the_nats_server_is_killed(tmp_path):
         assert nats_server(up).pid != killed.pid
         # The engines beat into the new server (its memory streams are made again): all live
         # within a few beats.
-        every = {"audio-prepare", "merge", "faster-whisper"}
+        every = {"audio-prepare", "merge", "diarize", "faster-whisper"}
         assert wait_until(live_runtimes, lambda live: live == every, 20) == every
     assert "nats-server died; restarting" in (tmp_path / "up.log").read_text()
 
@@ -187,6 +189,13 @@ def test_transcribe_starts_dalston_in_the_background_and_down_stops_it(tmp_path)
         again = dalston(env, "transcribe", "-f", "srt", str(AUDIO / "speaker1.wav"))
         assert again.returncode == 0 and "00:00:00,000 -->" in again.stdout, again.stderr
         assert lock.holder() == pid
+        # The README's example: the default `up` diarizes, no flags, no extras (its engine
+        # loads the model on this first use).
+        diarized = dalston(env, "transcribe", "--diarize", str(AUDIO / "dialogue.wav"))
+        assert diarized.returncode == 0, diarized.stderr
+        turns = [line.split(":", 1) for line in diarized.stdout.strip().splitlines()]
+        assert [speaker for speaker, _ in turns] == ["SPEAKER_0", "SPEAKER_1"]
+        assert words(turns[1][1]) == words("What do you mean? I was really serious about it.")
 
         down = dalston(env, "down")
         assert down.returncode == 0 and f"Dalston stopped (pid {pid})" in down.stderr
@@ -209,3 +218,15 @@ def test_up_starts_one_single_threaded_engine_per_core_on_cpu(monkeypatch):
     assert up_module.engine_layout(load_settings({"DALSTON_CPU_THREADS": "2"})) == (4, None)
     assert up_module.engine_layout(load_settings({"DALSTON_ENGINES": "1"})) == (1, None)
     assert up_module.engine_layout(load_settings({"DALSTON_DEVICE": "cuda"})) == (1, None)
+
+
+def test_up_shares_the_ram_among_cpu_engines_for_their_models(monkeypatch):
+    """Each engine counts its models against its part of the RAM, not all of it."""
+    from dalston.config import load_settings
+    from dalston.services import up as up_module
+
+    monkeypatch.setattr(up_module.Path, "exists", lambda self: False)  # no GPU here
+    monkeypatch.setattr(up_module.psutil, "virtual_memory", lambda: SimpleNamespace(total=24 * 2**30))
+    assert up_module.model_memory_share(load_settings({}), 4) == "6.00"
+    assert up_module.model_memory_share(load_settings({"DALSTON_MODEL_MEMORY_GB": "3"}), 4) is None
+    assert up_module.model_memory_share(load_settings({"DALSTON_DEVICE": "cuda"}), 4) is None

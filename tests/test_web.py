@@ -101,7 +101,7 @@ def keyed_stack(tmp_path_factory):
                             headers={"Authorization": f"Bearer {system.key}"})
         # A user key runs installed models only: the admin installs the two the page uses.
         for model in (MODEL, system.settings.diarize_model):
-            subprocess.run([sys.executable, "-m", "dalston", "pull", model], check=True, timeout=300,
+            subprocess.run([sys.executable, "-m", "dalston", "models", "pull", model], check=True, timeout=300,
                            env={**system.env, "DALSTON_API_KEY": admin}, capture_output=True)
     except BaseException:
         system.close()

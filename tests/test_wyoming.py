@@ -78,7 +78,7 @@ def strict(stack) -> int:
     """A Wyoming server with small bounds: audio, connections, and time without a byte."""
     port = start_wyoming(stack, "wyoming-strict", DALSTON_MAX_AUDIO_SECONDS=str(STRICT_SECONDS),
                          DALSTON_WYOMING_MAX_CONNECTIONS=str(STRICT_CONNECTIONS),
-                         DALSTON_SESSION_IDLE_TIMEOUT=str(STRICT_IDLE))
+                         DALSTON_SESSION_IDLE_SECONDS=str(STRICT_IDLE))
     yield port
     stack.stop("wyoming-strict")
 

@@ -1,6 +1,6 @@
 """diarize runtime: who spoke when in prepared audio, with the GE2E speaker encoder
-(Resemblyzer) and the pipeline around it, or with a pyannote.audio pipeline. What a model's
-folder holds says which."""
+(Resemblyzer's, on onnxruntime: no torch) and the pipeline around it, or with a pyannote.audio
+pipeline (torch). What a model's folder holds says which."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from typing import Protocol
 import numpy as np
 
 from actors.diarize.ge2e import WEIGHTS, Ge2eDiarizer
-from actors.torch_actor import TorchActor
 from dalston.contracts import Diarization, DiarizeOptions, SpeakerTurn, Task, encode
 from dalston.pcm import SAMPLE_RATE
-from dalston.sdk import TaskContext, TaskFailed, TaskResult
+from dalston.sdk import ModelActor, TaskContext, TaskFailed, TaskResult
 
 # What a pyannote pipeline's folder holds (actors.diarize.pyannote_pipeline imports the optional
 # pyannote.audio, so it is imported only for such a model).
@@ -29,19 +28,19 @@ class Diarizer(Protocol):
     def unload(self) -> None: ...
 
 
-class DiarizeActor(TorchActor):
+class DiarizeActor(ModelActor):
     runtime = "diarize"
 
     def load(self, runtime_model_id: str, path: Path) -> Diarizer:
         if (path / WEIGHTS).is_file():
-            return Ge2eDiarizer(path, self.device)
+            return Ge2eDiarizer(path, self.settings.cpu_threads)
         if (path / PYANNOTE_CONFIG).is_file():
             try:
                 from actors.diarize.pyannote_pipeline import PyannoteDiarizer
             except ImportError as exc:
                 raise TaskFailed("invalid_model", f"{runtime_model_id} is a pyannote pipeline, and "
                                  f"pyannote.audio is not installed (the `pyannote` extra): {exc}") from None
-            return PyannoteDiarizer(path, self.device)
+            return PyannoteDiarizer(path, self.settings)
         raise TaskFailed("invalid_model", f"{runtime_model_id}: its folder holds neither {WEIGHTS} "
                          f"(a GE2E speaker encoder) nor {PYANNOTE_CONFIG} (a pyannote pipeline)")
 

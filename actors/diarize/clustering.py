@@ -1,5 +1,6 @@
-"""From speaker embeddings of pieces of speech to speaker turns: clustering with a measured
-threshold or a given count, then smoothing. Pure numpy and scipy, no model.
+"""From speaker embeddings of pieces of speech to speaker turns: spectral clustering whose
+count is the normalized maximum eigengap's (NME-SC), or clustering with a measured threshold
+or a given count, then smoothing. Pure numpy, no model.
 
 A piece is a stretch of one speech region (a few seconds at most) with one embedding pooled
 over it. Pooling over seconds of speech is what separates voices: embeddings of single 1.6 s
@@ -12,7 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
+
+from actors.diarize.linkage import fcluster, linkage
+
+# NME-SC (Park et al., "Auto-tuning spectral clustering for speaker diarization using normalized
+# maximum eigengap", 2019; as NeMo's offline clustering): each window keeps its p most alike
+# neighbours, for every p up to this share of the windows, and the p whose graph Laplacian shows
+# the clearest gap between its eigenvalues, relative to p, sets the count.
+MAX_NEIGHBOUR_SHARE = 0.25
+MAX_SPEAKERS = 8
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,70 @@ def cluster(embeddings: np.ndarray, weights: np.ndarray, reliable: np.ndarray, *
     labels = np.argmax(embeddings @ centroids.T, axis=1)
     labels[members] = found
     return Clustering(labels, centroids)
+
+
+def spectral(embeddings: np.ndarray, *, bounds: tuple[int, int] = (1, MAX_SPEAKERS),
+             seed: int = 0) -> np.ndarray:
+    """Speaker numbers (0..) of windows by NME-SC: the count from the normalized maximum
+    eigengap of the p-neighbour graph (clamped to `bounds`, min and max), then k-means on the
+    Laplacian's first eigenvectors. The count is a property of the graph, not of a similarity
+    threshold, so it does not depend on how alike one encoder makes voices in general; windows
+    over overlapped speech link to either voice and make no cluster of their own."""
+    vectors = _unit(np.asarray(embeddings, dtype=np.float64))
+    n = len(vectors)
+    low, high = bounds
+    if n < 2 or high <= 1:
+        return np.zeros(n, dtype=int)
+    affinity = vectors @ vectors.T
+    order = np.argsort(-affinity, axis=1)
+    best = None
+    for p in range(1, max(1, int(n * MAX_NEIGHBOUR_SHARE)) + 1):
+        laplacian = _laplacian(order, p)
+        eigenvalues = np.linalg.eigvalsh(laplacian)
+        gaps = np.diff(eigenvalues)[:min(MAX_SPEAKERS, n - 1)]
+        count = int(np.argmax(gaps)) + 1
+        ratio = (p / n) / (gaps[count - 1] / (eigenvalues[-1] + 1e-10) + 1e-10)
+        if best is None or ratio < best[0]:
+            best = (ratio, p, count)
+    _, p, count = best
+    count = min(max(count, low), high, n)
+    if count == 1:
+        return np.zeros(n, dtype=int)
+    features = np.linalg.eigh(_laplacian(order, p))[1][:, :count]
+    rng = np.random.default_rng(seed)
+    tries = [_kmeans(features, count, rng) for _ in range(10)]
+    _, labels = min(tries, key=lambda t: float(((features - t[0][t[1]]) ** 2).sum()))
+    return np.unique(labels, return_inverse=True)[1]
+
+
+def _kmeans(points: np.ndarray, count: int, rng: np.random.Generator,
+            rounds: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Centres and labels of `count` clusters of `points` by Lloyd's k-means, seeded by
+    k-means++ (each next seed drawn in proportion to its squared distance from the chosen)."""
+    centres = [points[rng.integers(len(points))]]
+    for _ in range(1, count):
+        distances = ((points[:, None, :] - np.array(centres)[None]) ** 2).sum(axis=2).min(axis=1)
+        total = distances.sum()
+        chosen = rng.choice(len(points), p=distances / total) if total > 0 else rng.integers(len(points))
+        centres.append(points[chosen])
+    centres = np.array(centres)
+    labels = np.zeros(len(points), dtype=int)
+    for _ in range(rounds):
+        labels = ((points[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+        moved = np.array([points[labels == c].mean(axis=0) if (labels == c).any() else centres[c]
+                          for c in range(count)])
+        if np.allclose(moved, centres):
+            break
+        centres = moved
+    return centres, labels
+
+
+def _laplacian(order: np.ndarray, p: int) -> np.ndarray:
+    """Graph Laplacian of the symmetrized graph linking each window to its `p` most alike."""
+    graph = np.zeros(order.shape)
+    np.put_along_axis(graph, order[:, :p], 1.0, axis=1)
+    graph = (graph + graph.T) / 2
+    return np.diag(graph.sum(axis=1)) - graph
 
 
 def _cut(tree: np.ndarray, embeddings: np.ndarray, weights: np.ndarray, wanted: int, min_share: float) -> np.ndarray:

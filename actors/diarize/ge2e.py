@@ -1,5 +1,6 @@
-"""Diarization with the GE2E speaker encoder (Resemblyzer): speech regions from Silero VAD,
-embeddings pooled over pieces of them, clustering, then turn boundaries placed by windows.
+"""Diarization with the GE2E speaker encoder (Resemblyzer's, on onnxruntime): speech regions
+from Silero VAD, embeddings pooled over pieces of them, clustering, then turn boundaries placed
+by windows.
 
 The constants were chosen by measurement on `bench/diarization.py`'s conversations (two and
 three espeak-ng voices, which are far more alike than real people) and on the real
@@ -14,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
-from resemblyzer import VoiceEncoder
 
-from actors.diarize.clustering import Piece, absorb_islands, best_split, cluster, join
+from actors.diarize.clustering import Piece, absorb_islands, best_split, cluster, join, spectral
+from actors.diarize.ge2e_encoder import Ge2eEncoder
 from dalston.contracts import DiarizeOptions, SpeakerTurn
 from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import TaskCancelled
 from dalston.speakers import labelled_turns
 
-WEIGHTS = "pretrained.pt"
+WEIGHTS = "ge2e.onnx"
 # Speech regions: a pause this long ends one (turns often change at short pauses).
 VAD = VadOptions(min_silence_duration_ms=150, speech_pad_ms=30, min_speech_duration_ms=100)
 # Regions are cut into equal pieces of at most this long, each embedded as a whole: long enough
@@ -31,6 +32,11 @@ PIECE_SECONDS = 5.0
 # Pieces shorter than this are not clustered (their embeddings are mostly padding), only
 # given the nearest speaker.
 RELIABLE_SECONDS = 1.0
+# With at least this many windows of speech, speakers are found by NME-SC over single windows
+# (`clustering.spectral`), WINDOW_RATE a second; with fewer (under ~12 s of speech) the graph is
+# too small for its eigengap to mean much, and pooled pieces are clustered by THRESHOLD.
+MIN_WINDOWS = 30
+WINDOW_RATE = 2.5
 # Clusters less alike than this (cosine, average linkage) are different speakers...
 THRESHOLD = 0.86
 # ... unless one holds less than this share of the speech: on long synthetic conversations
@@ -52,17 +58,21 @@ MIN_TURN_SECONDS = 1.0
 class Ge2eDiarizer:
     """A loaded GE2E encoder and the pipeline around it."""
 
-    def __init__(self, path: Path, device: str) -> None:
-        self.encoder = VoiceEncoder(device, verbose=False, weights_fpath=path / WEIGHTS)
-        # The first call compiles librosa's and torch's kernels (seconds): part of loading.
-        self.encoder.embed_utterance(np.zeros(SAMPLE_RATE, dtype=np.float32))
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        self.encoder = Ge2eEncoder(path / WEIGHTS, threads)
 
     def unload(self) -> None:
-        self.encoder.to("meta")
+        self.encoder = None
 
     def diarize(self, audio: np.ndarray, options: DiarizeOptions,
                 cancelled: threading.Event) -> tuple[list[str], list[SpeakerTurn]]:
-        pieces = _pieces(speech_regions(audio))
+        regions = speech_regions(audio)
+        windows, embeddings = self._windows(audio, regions, cancelled)
+        if len(windows) >= MIN_WINDOWS:
+            labels = spectral(embeddings, bounds=options.bounds).tolist()
+            labels = absorb_islands(windows, labels, bridge=BRIDGE_SECONDS, min_turn=MIN_TURN_SECONDS)
+            return labelled_turns(join(windows, labels, bridge=BRIDGE_SECONDS))
+        pieces = _pieces(regions)
         if not pieces:
             return [], []
         embeddings = []
@@ -76,6 +86,22 @@ class Ge2eDiarizer:
         labels = absorb_islands(pieces, found.labels.tolist(), bridge=BRIDGE_SECONDS, min_turn=MIN_TURN_SECONDS)
         pieces = self._place_boundaries(audio, pieces, labels, found.centroids, cancelled)
         return labelled_turns(join(pieces, labels, bridge=BRIDGE_SECONDS))
+
+    def _windows(self, audio: np.ndarray, regions: list[tuple[float, float]],
+                 cancelled: threading.Event) -> tuple[list[Piece], np.ndarray]:
+        """One embedding per 1.6 s window, WINDOW_RATE a second, over each region, and the
+        stretch each window speaks for: from halfway to the one before to halfway to the next."""
+        windows, embeddings = [], []
+        for number, (start, end) in enumerate(regions):
+            if cancelled.is_set():
+                raise TaskCancelled()
+            span = audio[_sample(start):_sample(end)]
+            _, partials, slices = self.encoder.embed_utterance(span, return_partials=True, rate=WINDOW_RATE)
+            centres = [start + (s.start + min(s.stop, len(span))) / 2 / SAMPLE_RATE for s in slices]
+            edges = [start] + [(a + b) / 2 for a, b in zip(centres, centres[1:])] + [end]
+            windows += [Piece(float(a), float(b), number) for a, b in zip(edges, edges[1:])]
+            embeddings += list(partials)
+        return windows, np.array(embeddings)
 
     def _embed(self, audio: np.ndarray, start: float, end: float) -> np.ndarray:
         return self.encoder.embed_utterance(audio[_sample(start):_sample(end)], rate=EMBED_RATE)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from pyannote.audio import Pipeline
 
+from actors.torch_actor import use_torch
+from dalston.config import Settings
 from dalston.contracts import DiarizeOptions, SpeakerTurn
 from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import TaskCancelled, TaskFailed
@@ -19,12 +21,12 @@ from dalston.speakers import labelled_turns
 
 
 class PyannoteDiarizer:
-    def __init__(self, path: Path, device: str) -> None:
+    def __init__(self, path: Path, settings: Settings) -> None:
         # A folder holding config.yaml reads its `$model/...` parts from itself: no Hub access.
         pipeline = Pipeline.from_pretrained(path)
         if pipeline is None:
             raise TaskFailed("invalid_model", f"{path.name}: config.yaml does not describe a pyannote pipeline")
-        self.pipeline = pipeline.to(torch.device(device))
+        self.pipeline = pipeline.to(torch.device(use_torch(settings)))
 
     def unload(self) -> None:
         self.pipeline = None

@@ -39,21 +39,28 @@ class FasterWhisperActor(ModelActor):
         # happen now even if a stray reference (a traceback, say) survives.
         handle.model.unload_model()
 
+    @property
+    def batch_size(self) -> int:
+        # 8 measured best on CPU (README, Benchmarks); a GPU has room for more windows at once.
+        return self.settings.batch_size or (16 if self.device == "cuda" else 8)
+
     def transcribe(self, handle: WhisperModel, audio: np.ndarray, options: TranscribeOptions,
                    cancelled: threading.Event, emit: SegmentSink) -> ChannelTranscript:
         vad_parameters = options.vad_parameters and msgspec.structs.asdict(options.vad_parameters)
-        # Batched decoding of a file's speech regions (found by the VAD), DALSTON_BATCH_SIZE > 1:
-        # faster (scripts/batch_check.py), but its segments are the VAD's regions, not sentences.
-        batched = self.settings.batch_size > 1 and options.vad
+        # Batched decoding of a file's speech regions (found by the VAD): faster, and deterministic
+        # (one temperature, no conditioning on earlier text). The SDK makes sentences of the words.
+        batched = self.batch_size > 1 and options.vad
         decoder = BatchedInferencePipeline(handle) if batched else handle
+        # Unbatched, a window that fails the compression or log-probability check is decoded
+        # again by sampling at higher temperatures: seeded, so one input gives one transcript.
+        ctranslate2.set_random_seed(0)
         pieces, info = decoder.transcribe(
-            audio, **({"batch_size": self.settings.batch_size} if batched else {}),
+            audio, **({"batch_size": self.batch_size} if batched else {}),
             language=options.language or None, task=options.task,
             initial_prompt=options.prompt or None, hotwords=options.hotwords or None,
             temperature=options.temperature or [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
             beam_size=options.beam_size, vad_filter=options.vad, vad_parameters=vad_parameters,
-            # A word's probability comes from the word-timestamp pass.
-            word_timestamps=options.word_timestamps or options.logprobs)
+            word_timestamps=options.word_timestamps)
         segments = []
         for piece in pieces:  # decoded lazily, one 30 s window at a time
             if cancelled.is_set():

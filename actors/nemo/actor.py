@@ -16,6 +16,7 @@ from nemo.utils import logging as nemo_logging
 
 from actors.torch_actor import TorchActor
 from dalston.catalog import Catalog, CatalogError
+from dalston.chunking import quietest
 from dalston.config import Settings
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
 from dalston.pcm import SAMPLE_RATE
@@ -24,10 +25,10 @@ from dalston.sdk.announcer import SegmentSink
 
 # Audio goes to the model in windows of the runtime's `chunk_seconds` (its catalog entry), so
 # memory stays bounded on long files and a cancelled job stops within one window.
-# Each window ends at the quietest 20 ms of its last seconds, so few words are cut in two;
-# a remainder shorter than this joins the window before it.
+# Each window ends at the quietest moment of its last seconds, found as the chunker finds its
+# cuts (`dalston.chunking.quietest`), so few words are cut in two; a remainder shorter than
+# this joins the window before it.
 CUT_SEARCH_SECONDS = 5
-CUT_FRAME = SAMPLE_RATE // 50
 # Shorter than this is no speech, and too short for the model's STFT.
 MIN_SAMPLES = SAMPLE_RATE // 10
 
@@ -92,8 +93,7 @@ def _windows(audio: np.ndarray, chunk_seconds: int) -> Iterator[tuple[int, np.nd
         if end + search >= len(audio):
             end = len(audio)
         else:
-            frames = audio[end - search:end].reshape(-1, CUT_FRAME)
-            end -= search - int(np.square(frames).sum(axis=1).argmin()) * CUT_FRAME
+            end -= search - quietest(np.square(audio[end - search:end], dtype=np.float32))
         if end - start >= MIN_SAMPLES:
             yield start, audio[start:end]
         start = end

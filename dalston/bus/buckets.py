@@ -6,17 +6,31 @@ errors: a missing key is None, an empty bucket has no keys, a lost compare-and-s
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import io
+import json
+import secrets
 from collections.abc import AsyncIterator
+from contextlib import suppress
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
-from nats.js.api import ObjectMeta
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import ObjectInfo, ObjectMetaOptions
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from nats.js.object_store import ObjectStore
 
 from dalston.contracts import JobRecord, Transcript, decode, encode
+
+# NATS's own clients' chunk size.
+CHUNK_BYTES = 128 * 1024
+# How long a read waits for the next chunk of an object before it calls the object gone.
+READ_STALL_SECONDS = 10.0
 
 
 class Bucket:
@@ -103,18 +117,59 @@ class JobRecords:
                 continue
 
 
-class Artifacts:
-    """The `artifacts` object store: uploads, prepared audio, per-stage results, transcripts."""
+class ObjectUnreadable(Exception):
+    """An object that cannot be read: missing, or (`gone`) listed but with chunks gone."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, name: str, reason: str, *, gone: bool) -> None:
+        super().__init__(f"object {name!r} {reason}")
+        self.gone = gone
+
+
+class Artifacts:
+    """The `artifacts` object store: uploads, prepared audio, per-stage results, transcripts.
+
+    Every read has a deadline: an object whose chunks are gone (expired, purged, a damaged
+    store) raises `ObjectUnreadable` at once or after READ_STALL_SECONDS without a chunk, never
+    hangs. Writes and deletes never purge (only NATS's admin may): the chunks a rewrite or a
+    delete leaves behind expire with the bucket (DALSTON_RETENTION_HOURS)."""
+
+    def __init__(self, js: JetStreamContext, store: ObjectStore, bucket: str) -> None:
+        self._js = js
         self._store = store
+        self._bucket = bucket
+        self._stream = f"OBJ_{bucket}"
 
     async def put(self, name: str, data: bytes | IO[bytes], headers: dict[str, str] | None = None) -> str:
         """Store `data` (bytes, or a file streamed in chunks) under `name`, with `headers`."""
-        # Object headers are lists of values, as NATS's own clients write them.
-        meta = ObjectMeta(name=name, headers={k: [v] for k, v in headers.items()}) if headers else None
-        await self._store.put(name, data, meta=meta)
+        source = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+        in_memory = isinstance(source, io.BytesIO)
+        nuid = secrets.token_hex(12)
+        chunk_subject = f"$O.{self._bucket}.C.{nuid}"
+        digest, size, chunks = hashlib.sha256(), 0, 0
+        while chunk := (source.read(CHUNK_BYTES) if in_memory
+                        else await asyncio.to_thread(source.read, CHUNK_BYTES)):
+            digest.update(chunk)
+            await self._js.publish(chunk_subject, chunk)
+            size, chunks = size + len(chunk), chunks + 1
+        info = ObjectInfo(
+            name=name, bucket=self._bucket, nuid=nuid, size=size, chunks=chunks,
+            digest="SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(),
+            mtime=datetime.now(timezone.utc).isoformat(),
+            # Object headers are lists of values, as NATS's own clients write them.
+            headers={k: [v] for k, v in headers.items()} if headers else None,
+            options=ObjectMetaOptions(max_chunk_size=CHUNK_BYTES))
+        await self._publish_meta(name, info)
         return name
+
+    async def _publish_meta(self, name: str, info: ObjectInfo) -> None:
+        meta = f"$O.{self._bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        await self._js.publish(meta, json.dumps(info.as_dict()).encode(), headers={"Nats-Rollup": "sub"})
+
+    async def _info(self, name: str) -> ObjectInfo:
+        try:
+            return await self._store.get_info(name)
+        except NotFoundError:  # also ObjectNotFoundError: missing, or deleted
+            raise ObjectUnreadable(name, "does not exist", gone=False) from None
 
     async def read(self, name: str) -> bytes:
         buffer = io.BytesIO()
@@ -123,11 +178,40 @@ class Artifacts:
 
     async def read_into(self, name: str, sink: IO[bytes]) -> None:
         """Write the object into `sink` chunk by chunk, as it arrives."""
-        # writeinto avoids nats-py's quadratic concatenation of chunks (nats.py issue 703).
-        await self._store.get(name, writeinto=sink)
+        info = await self._info(name)
+        if not info.size:
+            return
+        chunk_subject = f"$O.{self._bucket}.C.{info.nuid}"
+        state = (await self._js.stream_info(self._stream, subjects_filter=chunk_subject)).state
+        held = (state.subjects or {}).get(chunk_subject, 0)
+        if held != info.chunks:
+            raise ObjectUnreadable(name, f"holds {held} of its {info.chunks} chunks: the rest are gone",
+                                   gone=True)
+        digest, got = hashlib.sha256(), 0
+        loop = asyncio.get_running_loop()
+        subscription = await self._js.subscribe(chunk_subject, stream=self._stream, ordered_consumer=True)
+        try:
+            while got < info.chunks:
+                try:
+                    msg = await subscription.next_msg(timeout=READ_STALL_SECONDS)
+                except nats.errors.TimeoutError:
+                    raise ObjectUnreadable(name, f"sent no chunk for {READ_STALL_SECONDS:g} s after "
+                                                 f"{got} of {info.chunks}", gone=True) from None
+                # In a thread: the sink may be a file (nats-py's quadratic concatenation of
+                # chunks is avoided too: nats.py issue 703).
+                await loop.run_in_executor(None, sink.write, msg.data)
+                digest.update(msg.data)
+                got += 1
+                if msg.metadata.num_pending == 0 and got < info.chunks:
+                    raise ObjectUnreadable(name, f"ended after {got} of its {info.chunks} chunks", gone=True)
+        finally:
+            with suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+        if base64.urlsafe_b64encode(digest.digest()).decode() != (info.digest or "").partition("=")[2]:
+            raise ObjectUnreadable(name, "does not match its digest", gone=True)
 
     async def size(self, name: str) -> int:
-        return (await self._store.get_info(name)).size
+        return (await self._info(name)).size
 
     async def transcript(self, record: JobRecord) -> Transcript:
         """The transcript of a completed job."""
@@ -140,8 +224,8 @@ class Artifacts:
     async def headers(self, name: str) -> dict[str, str] | None:
         """The object's headers (first value of each), or None if there is no such object."""
         try:
-            info = await self._store.get_info(name)
-        except NotFoundError:
+            info = await self._info(name)
+        except ObjectUnreadable:
             return None
         return {k: v[0] if isinstance(v, list) else v for k, v in (info.headers or {}).items()}
 
@@ -149,7 +233,11 @@ class Artifacts:
         return await self.headers(name) is not None
 
     async def delete(self, name: str) -> None:
+        """Mark the object deleted: readers find it missing from now on."""
         try:
-            await self._store.delete(name)
-        except NotFoundError:
-            pass
+            info = await self._info(name)
+        except ObjectUnreadable:
+            return
+        info.deleted, info.size, info.chunks, info.digest = True, 0, 0, ""
+        info.mtime = datetime.now(timezone.utc).isoformat()
+        await self._publish_meta(name, info)

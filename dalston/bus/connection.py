@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -109,6 +109,10 @@ class Bus:
         """Another key-value bucket of the layout (the API keys')."""
         return Bucket(await self.js.key_value(name))
 
+    async def ensure_layout(self, task_queues: Iterable[tuple[str, str | None]] = ()) -> None:
+        """Apply the layout again (after NATS lost its memory streams, say)."""
+        await _ensure_layout_patiently(self.js, self.settings, task_queues)
+
     async def stream_problem(self, stream: str) -> str | None:
         """Why `stream` cannot be used now, or None when it answers."""
         try:
@@ -147,8 +151,10 @@ class Bus:
         await self.nc.drain()
 
 
-async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -> Bus:
-    """Connect (retrying until NATS answers, reconnecting forever) and make sure the layout exists."""
+async def connect(settings: Settings, name: str, *, apply_layout: bool = True,
+                  task_queues: Iterable[tuple[str, str | None]] = ()) -> Bus:
+    """Connect (retrying until NATS answers, reconnecting forever) and make sure the layout
+    exists, with the shared consumers of `task_queues` (the admin step's: dalston.bus.layout)."""
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", error=repr(exc))
 
@@ -168,19 +174,20 @@ async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -
             raise ConnectionError(f"NATS at {', '.join(settings.nats_servers)} refused us: {exc}") from None
     js = nc.jetstream(timeout=10)
     if apply_layout:
-        await _ensure_layout_patiently(js, settings)
+        await _ensure_layout_patiently(js, settings, task_queues)
     return Bus(nc=nc, js=js, settings=settings, jobs=JobRecords(await js.key_value(JOBS_BUCKET)),
-               artifacts=Artifacts(await js.object_store(ARTIFACTS_BUCKET)),
+               artifacts=Artifacts(js, await js.object_store(ARTIFACTS_BUCKET), ARTIFACTS_BUCKET),
                task_consumers=TaskConsumers(js, settings))
 
 
-async def _ensure_layout_patiently(js: JetStreamContext, settings: Settings) -> None:
+async def _ensure_layout_patiently(js: JetStreamContext, settings: Settings,
+                                   task_queues: Iterable[tuple[str, str | None]] = ()) -> None:
     """A new cluster's JetStream answers only once it has elected its leaders, and a service
     whose NATS user may only read the layout waits for the orchestrator to create it (a refused
     request reads as a timeout): retried as patiently as the connection itself."""
     for attempt in range(CONNECT_ATTEMPTS):
         try:
-            await ensure_layout(js, settings)
+            await ensure_layout(js, settings, task_queues)
             return
         except (nats.errors.TimeoutError, ServiceUnavailableError, BadRequestError) as exc:
             # 10005: a new cluster's nodes have not all joined JetStream yet.

@@ -57,6 +57,10 @@ def _private(path: Path) -> bool:
     return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
 
 
+def inbox_prefix(user: str) -> str:
+    return f"_INBOX_{user}"
+
+
 def service_environment(passwords: dict[str, str], user: str) -> dict[str, str]:
     """What a service reads its NATS user from (Settings.nats_user, nats_password)."""
     return {"DALSTON_NATS_USER": user, "DALSTON_NATS_PASSWORD": passwords[user]}
@@ -66,9 +70,14 @@ def login(settings: Settings) -> dict[str, str]:
     """The user and password to connect with, as nats.connect's keywords: DALSTON_NATS_USER's;
     else, while this home's `dalston up` runs its embedded server (no DALSTON_NATS_URL), its
     admin's (for the CLI of the account that runs it); else none. Not while it is down: whoever
-    listens on its port then is not Dalston's server, and must not learn the password."""
+    listens on its port then is not Dalston's server, and must not learn the password.
+
+    A named user's replies (JetStream's deliveries too) come to inboxes of its own,
+    `_INBOX_<user>.>`, the only ones nats/accounts.conf lets it subscribe to: no user reads
+    another's replies."""
     if settings.nats_user:
-        return {"user": settings.nats_user, "password": settings.nats_password}
+        return {"user": settings.nats_user, "password": settings.nats_password,
+                "inbox_prefix": inbox_prefix(settings.nats_user)}
     if settings.nats_url or (passwords := read_passwords(settings.home)) is None:
         return {}
     return {"user": ADMIN, "password": passwords[ADMIN]} if HomeLock(settings.home).holder() else {}

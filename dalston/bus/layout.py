@@ -1,13 +1,16 @@
 """Applies `nats/streams.yaml` to a JetStream account, idempotently.
 
-Every Dalston process calls `ensure_layout` at start-up; whichever comes first creates the
-streams, buckets and consumers, the others find them in place. No manual step. It reads before it
-writes and writes only what is missing or differs, so a service whose NATS user may only read
-the layout (see nats/accounts.conf) starts once the orchestrator has created it.
+Where NATS has users (nats/accounts.conf), only admin may create or change streams, buckets and
+consumers: the admin step (`dalston up`, compose's `layout` service: dalston/services/layout.py)
+applies the layout, with a task queue for every model of the catalog, before the services start.
+Every Dalston process still calls `ensure_layout` at start-up: it reads before it writes and
+writes only what is missing or differs, so a service whose user may only read the layout waits
+until it is in place, and on a NATS without users whichever process comes first creates it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -38,7 +41,10 @@ def _differs(current, wanted, fields) -> bool:
     return any(getattr(current, field) != getattr(wanted, field) for field in fields)
 
 
-async def ensure_layout(js: JetStreamContext, settings: Settings) -> None:
+async def ensure_layout(js: JetStreamContext, settings: Settings,
+                        task_queues: Iterable[tuple[str, str | None]] = ()) -> None:
+    """The layout, and the shared task consumer of each (runtime, runtime model id) in
+    `task_queues` (the admin step names every one of the catalog)."""
     layout = load_layout()
     replicas = settings.nats_replicas
     for name, spec in layout["streams"].items():
@@ -77,6 +83,9 @@ async def ensure_layout(js: JetStreamContext, settings: Settings) -> None:
                 current = None
             if current is None or _differs(current, config, [*spec, "num_replicas"]):
                 await js.add_consumer(stream, config)
+    consumers = TaskConsumers(js, settings)
+    for runtime, runtime_model_id in task_queues:
+        await consumers.ensure(runtime, runtime_model_id)
 
 
 def _ttl(spec: dict, settings: Settings) -> float | None:
@@ -101,9 +110,10 @@ async def _keep_for(js: JetStreamContext, stream: str, ttl: float | None) -> boo
 
 async def ensure_task_consumer(js: JetStreamContext, settings: Settings, runtime: str,
                                runtime_model_id: str | None) -> str:
-    """The shared pull consumer for one (runtime, model); creating it again is a no-op."""
+    """The shared pull consumer for one (runtime, model), created where it is missing (a user
+    that may not create consumers finds those of the catalog's models in place)."""
     durable = task_consumer(runtime, runtime_model_id)
-    await js.add_consumer(TASKS_STREAM, api.ConsumerConfig(
+    config = api.ConsumerConfig(
         durable_name=durable,
         filter_subject=task_subject(runtime, runtime_model_id),
         ack_policy=api.AckPolicy.EXPLICIT,
@@ -112,7 +122,13 @@ async def ensure_task_consumer(js: JetStreamContext, settings: Settings, runtime
         # must never drop it silently first.
         max_deliver=-1,
         num_replicas=settings.nats_replicas,
-    ))
+    )
+    try:
+        current = (await js.consumer_info(TASKS_STREAM, durable)).config
+    except NotFoundError:
+        current = None
+    if current is None or _differs(current, config, ["filter_subject", "ack_wait", "num_replicas"]):
+        await js.add_consumer(TASKS_STREAM, config)
     return durable
 
 

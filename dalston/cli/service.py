@@ -23,7 +23,7 @@ def register(commands) -> None:
     down.set_defaults(func=_down)
 
     serve = commands.add_parser("serve", help="run one service in the foreground")
-    serve.add_argument("service", choices=["gateway", "orchestrator", "webhooks", "wyoming", "engine"])
+    serve.add_argument("service", choices=["gateway", "orchestrator", "webhooks", "wyoming", "engine", "layout"])
     serve.add_argument("runtime", nargs="?", help="the engine's runtime (default: DALSTON_RUNTIME)")
     serve.set_defaults(func=_serve)
 

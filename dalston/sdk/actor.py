@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
@@ -16,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar
 import msgspec
 import numpy as np
 
+from dalston.bus.buckets import ObjectUnreadable
 from dalston.contracts import (
     TRANSCRIPT_SUBJECT,
     ChannelTranscript,
@@ -29,6 +32,7 @@ from dalston.contracts import (
 )
 from dalston.pcm import SampleBuffer
 from dalston.sdk.announcer import SegmentAnnouncer, SegmentSink
+from dalston.sentences import Sentences, sentences
 from dalston.transcript import on_recording_clock, segment_on_recording_clock
 
 if TYPE_CHECKING:
@@ -59,9 +63,20 @@ class TaskResult:
     language: str | None = None
 
 
+@contextmanager
+def _input(name: str) -> Iterator[None]:
+    """An input that cannot be read fails its task at once: it will not come back."""
+    try:
+        yield
+    except ObjectUnreadable as exc:
+        raise TaskFailed("input_gone", str(exc)) from None
+
+
 @dataclass
 class TaskContext:
-    """What a handler may touch: the task's artifacts in the object store."""
+    """What a task's handler gets beside the task: the bus (its artifacts in the object store,
+    through the helpers below, and subjects to announce on), the engine's settings, and the
+    job's cancellation."""
 
     bus: Bus
     settings: Settings
@@ -69,15 +84,18 @@ class TaskContext:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     async def read(self, name: str) -> bytes:
-        return await self.bus.artifacts.read(name)
+        with _input(name):
+            return await self.bus.artifacts.read(name)
 
     async def read_to(self, name: str, path: Path) -> None:
-        await self.bus.artifacts.read_to(name, path)
+        with _input(name):
+            await self.bus.artifacts.read_to(name, path)
 
     async def read_audio(self, name: str) -> np.ndarray:
         """Prepared audio (`dalston.pcm`), copied chunk by chunk into its one array."""
-        buffer = SampleBuffer(await self.bus.artifacts.size(name))
-        await self.bus.artifacts.read_into(name, buffer)
+        with _input(name):
+            buffer = SampleBuffer(await self.bus.artifacts.size(name))
+            await self.bus.artifacts.read_into(name, buffer)
         return buffer.samples()
 
     async def read_struct(self, name: str, kind: type) -> Any:
@@ -115,7 +133,9 @@ class Actor:
 
 
 class ModelActor(Actor):
-    """A transcription runtime: load, unload and transcribe; the engine does the rest."""
+    """A runtime that serves models: `load` and `unload` them (the engine's model manager leases
+    them to tasks and live sessions). Its `run` transcribes with `transcribe`; a runtime whose
+    task is not transcription (diarize) gives its own `run`."""
 
     def load(self, runtime_model_id: str, path: Path) -> Any:
         """Load the model stored at `path`; return a handle (blocking, runs in a thread)."""
@@ -137,22 +157,33 @@ class ModelActor(Actor):
 
         def delta(seq: int, segment: Segment) -> TranscriptDelta:
             return TranscriptDelta(job_id=task.job_id, task_id=task.id, channel=task.channel, seq=seq,
-                                   segment=segment, at=now())
+                                   segment=segment, at=now(), grant=task.grant)
 
         announce = SegmentAnnouncer(ctx.bus, TRANSCRIPT_SUBJECT.format(job_id=task.job_id), delta)
         # One piece of audio (a chunk, or a short recording), or a channel's chunks in order (a
         # streamed job, whose text must come in order): each on the recording's clock.
         starts = task.starts or [task.offset]
         ends = [*starts[1:], task.end]
-        options, parts = task.options, []
+        # Segments are sentences made of the words' times (dalston.sentences): the runtime is
+        # always asked for words, which are kept where the request wants them.
+        keep_words = task.options.word_timestamps or task.options.logprobs
+        options = msgspec.structs.replace(task.options, word_timestamps=True)
+        parts = []
         try:
             for name, start, end in zip(task.inputs, starts, ends):
                 audio = await ctx.read_audio(name)
+                builder = Sentences(self.settings.segment_pause, self.settings.max_segment_seconds, keep_words)
 
-                def emit(segment: Segment, start: float = start, end: float | None = end) -> None:
-                    announce(segment_on_recording_clock(segment, start, end))
+                def emit(segment: Segment, start: float = start, end: float | None = end,
+                         builder: Sentences = builder) -> None:
+                    for sentence in builder.add(segment):
+                        announce(segment_on_recording_clock(sentence, start, end))
 
                 part = await asyncio.to_thread(self.transcribe, handle, audio, options, ctx.cancelled, emit)
+                for sentence in builder.close():
+                    announce(segment_on_recording_clock(sentence, start, end))
+                part = msgspec.structs.replace(part, segments=sentences(
+                    part.segments, self.settings.segment_pause, self.settings.max_segment_seconds, keep_words))
                 parts.append(on_recording_clock(part, start, end))
                 # The language the first piece heard, for the rest; the prompt leads only.
                 options = msgspec.structs.replace(options, prompt=None,

@@ -44,5 +44,6 @@ class SegmentAnnouncer:
 
     async def close(self) -> None:
         """Once every segment reported so far is announced (call after the decoding thread ended)."""
-        self._queue.put_nowait(None)
+        # Behind the segments still scheduled by __call__ (callbacks run in order).
+        self._loop.call_soon(self._queue.put_nowait, None)
         await self._sender

@@ -38,11 +38,12 @@ from dalston.contracts import (
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
+from dalston.loops import running
 from dalston.pull import PullError, pull
 from dalston.sdk import memory
 from dalston.sdk.actor import Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult
 from dalston.sdk.intake import TaskIntake
-from dalston.sdk.models import ModelManager, NoModels
+from dalston.sdk.models import Located, ModelManager, NoModels
 from dalston.sdk.sessions import SessionHost
 from dalston.store import ModelStore
 
@@ -68,7 +69,8 @@ class Engine:
         self.started_at = now()
         self.models = ModelManager(
             load=actor.load, unload=actor.unload, locate=self._locate,
-            on_change=self._status_changed, max_loaded=settings.max_loaded_models,
+            on_change=self._status_changed, memory_bytes=self._model_memory(),
+            max_loaded=settings.max_loaded_models,
             keep_alive=settings.keep_alive) if isinstance(actor, ModelActor) else NoModels()
         self._bus: Bus | None = None
         self.peers = EngineWatch()  # what the other engines hold, for the choice of backlog
@@ -86,18 +88,15 @@ class Engine:
     async def run(self) -> None:
         self._bus = await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
         await self.peers.start(self._bus)
-        background = [asyncio.create_task(self._beat_forever()),
-                      asyncio.create_task(self.models.expire_forever())]
         log.info("engine started", runtime=self.runtime, engine=self.name)
         try:
-            await self._preload()
-            self._set_status("idle")
-            if self.sessions is not None:
-                await self.sessions.start(self._bus)
-            await self._work()
+            async with running(self._beat_forever(), self.models.expire_forever()):
+                await self._preload()
+                self._set_status("idle")
+                if self.sessions is not None:
+                    await self.sessions.start(self._bus)
+                await self._work()
         finally:
-            for job in background:
-                job.cancel()
             if self.sessions is not None:
                 await self.sessions.stop()
             self.status = "stopping"
@@ -238,7 +237,7 @@ class Engine:
     async def _event(self, task: Task, kind: str, *, result: TaskResult | None = None,
                      failure: Failure | None = None) -> None:
         event = TaskEvent(task_id=task.id, job_id=task.job_id, kind=kind, engine=self.name,
-                          failure=failure, attempt=task.attempt, at=now())
+                          failure=failure, attempt=task.attempt, at=now(), grant=task.grant)
         if result is not None:
             event.outputs = result.outputs
             event.channels = result.channels
@@ -250,15 +249,21 @@ class Engine:
 
     # --- models on disk ------------------------------------------------------------------------
 
-    async def _locate(self, runtime_model_id: str) -> tuple[str, Path]:
-        """The model's public id and its directory in the store, pulled first if not there."""
+    def _model_memory(self) -> int:
+        gb = self.settings.model_memory_gb
+        return int(gb * 2**30) if gb else memory.device_bytes(self.actor.device)
+
+    async def _locate(self, runtime_model_id: str) -> Located:
+        """The model's public id, its directory in the store (pulled first if not there), and
+        the memory it takes on this engine's device."""
         try:
             spec = self.catalog.by_runtime_model_id(self.runtime, runtime_model_id)
         except UnknownModel as exc:
             raise TaskFailed("unknown_model", str(exc)) from None
         path = self.store.path(self.runtime_spec.store_dir, runtime_model_id)
+        size = spec.hardware.memory_bytes(self.actor.device)
         if self.store.is_installed(self.runtime_spec, runtime_model_id):
-            return spec.id, path
+            return Located(spec.id, path, size)
         self._set_status("downloading")
         loop = asyncio.get_running_loop()
 
@@ -271,7 +276,7 @@ class Engine:
                 return pull(spec, self.runtime_spec, self.store, report)
 
         try:
-            return spec.id, await asyncio.to_thread(pull_mapped)
+            return Located(spec.id, await asyncio.to_thread(pull_mapped), size)
         except PullError as exc:
             self.error = str(exc)
             raise TaskFailed("model_unavailable", str(exc), retryable=False) from None

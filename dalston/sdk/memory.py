@@ -30,6 +30,20 @@ def vram_bytes() -> int | None:
     return int(cuda.memory_allocated()) if cuda else None
 
 
+def device_bytes(device: str) -> int:
+    """All the memory of `device`, which its loaded models share: the GPU's VRAM ("cuda",
+    "cuda:1"), else the machine's RAM."""
+    if device.startswith("cuda"):
+        try:
+            import torch
+        except ImportError:  # a GPU runtime without torch (CTranslate2 alone) cannot tell
+            pass
+        else:
+            index = int(device.partition(":")[2] or 0)
+            return int(torch.cuda.get_device_properties(index).total_memory)
+    return int(psutil.virtual_memory().total)
+
+
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

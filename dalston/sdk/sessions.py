@@ -20,6 +20,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 
@@ -31,7 +32,6 @@ from dalston.contracts import (
     SESSION_OUTPUT_SUBJECT,
     SESSION_SAMPLE_RATE,
     ContractError,
-    Segment,
     SessionClaim,
     SessionConfig,
     SessionInput,
@@ -44,9 +44,8 @@ from dalston.contracts import (
 from dalston.logs import get_logger
 from dalston.pcm import from_pcm16
 from dalston.sdk.actor import ModelActor
-from dalston.sdk.announcer import SegmentAnnouncer
 from dalston.sdk.models import ModelManager
-from dalston.sdk.turns import MIN_TURN_MS, TurnEvent, Turns
+from dalston.sdk.turns import MIN_TURN_MS, BufferFull, TurnEvent, Turns
 
 log = get_logger("dalston.engine.sessions")
 
@@ -118,17 +117,42 @@ class SessionHost:
             self._on_change()
 
 
+# Committed turns waiting to be transcribed: past it a client's commit is refused and server VAD
+# lets the turn in progress go on, so a flood of tiny commits cannot queue minutes of work.
+MAX_QUEUED_TURNS = 4
+# A turn's text so far is decoded again after this much new audio, and sent as a partial.
+PARTIAL_EVERY_BYTES = 2 * SESSION_SAMPLE_RATE  # 1 s of 16-bit audio
+# After this much silence a turn is decoded at once: if no speech follows, server VAD commits it
+# `silence_duration_ms` later with that decode already done (or under way).
+SPECULATE_BYTES = 2 * SESSION_SAMPLE_RATE * 192 // 1000
+
+
+@dataclass
+class Draft:
+    """A decode of a turn in progress: its audio up to `covered` bytes."""
+
+    item: str
+    covered: int
+    task: asyncio.Task
+
+
 class LiveSession:
     """One client's live audio: turns found by server VAD (or committed by the client), each
-    transcribed as soon as it ends, with a delta per decoded segment."""
+    transcribed as soon as it ends; while a turn goes on, its text so far as partials.
+
+    One decode at a time per session: a partial is only started while nothing waits to be
+    transcribed, and a committed turn reuses the last draft where it covers all its speech."""
 
     def __init__(self, host: SessionHost, request: SessionRequest) -> None:
         self.host, self.request, self.id = host, request, request.id
         self.config: SessionConfig = request.config
         self._bus: Bus = host._bus
         self._out = SESSION_OUTPUT_SUBJECT.format(session_id=self.id)
-        self._turns = Turns(self.config.turn_detection)
-        self._committed: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._turns = Turns(self.config.turn_detection, int(host.settings.max_session_buffer_seconds * 1000))
+        self._committed: asyncio.Queue[TurnEvent] = asyncio.Queue(MAX_QUEUED_TURNS)
+        self._decoding = asyncio.Lock()
+        self._draft: Draft | None = None
+        self._handle = None  # the model, once leased
         self._ended = asyncio.Event()
         self._cancelled = threading.Event()
         self._last_input = time.monotonic()
@@ -139,14 +163,16 @@ class LiveSession:
                                                 self._on_input)
 
     async def run(self) -> None:
+        idle = self.host.settings.session_idle_seconds
         try:
             async with self.host.models.use(self.request.runtime_model_id) as handle:
-                transcriber = asyncio.create_task(self._transcribe_turns(handle))
+                self._handle = handle
+                transcriber = asyncio.create_task(self._transcribe_turns())
                 try:
                     while not self._ended.is_set():
-                        if time.monotonic() - self._last_input > self.host.settings.session_idle_timeout:
-                            await self.end("session_idle", "no audio or events for "
-                                           f"{self.host.settings.session_idle_timeout:g} s; session ended")
+                        # A gateway that went away without closing: nothing comes, nothing waits.
+                        if time.monotonic() - self._last_input > idle and self._committed.empty():
+                            await self.end("session_idle", f"no audio or events for {idle:g} s; session ended")
                         try:
                             await asyncio.wait_for(self._ended.wait(), 1.0)
                         except TimeoutError:
@@ -158,6 +184,7 @@ class LiveSession:
             await self._say("error", code="session_failed", message=message[:1000])
         finally:
             self._cancelled.set()
+            self._draft = None
             await self._input.unsubscribe()
 
     async def end(self, code: str, message: str) -> None:
@@ -180,14 +207,9 @@ class LiveSession:
             await self._say("error", code="invalid_input", message=str(exc)[:1000])
             return
         if event.kind == "audio":
-            for found in self._turns.feed(event.audio):
-                await self._turn_event(found)
+            await self._audio(event.audio)
         elif event.kind == "commit":
-            if (found := self._turns.commit()) is None:
-                await self._say("error", code="input_audio_buffer_commit_empty",
-                                message=f"the buffer holds less than {MIN_TURN_MS} ms of audio")
-            else:
-                await self._turn_event(found)
+            await self._commit()
         elif event.kind == "clear":
             self._turns.clear()
             await self._say("cleared")
@@ -197,39 +219,81 @@ class LiveSession:
         elif event.kind == "close":
             self._ended.set()
 
+    async def _audio(self, pcm: bytes) -> None:
+        self._turns.hold = self._committed.full()
+        try:
+            found = self._turns.feed(pcm)
+        except BufferFull as exc:
+            await self.end("input_audio_buffer_full", f"{exc}; commit more often")
+            return
+        for event in found:
+            await self._turn_event(event)
+        self._draft_turn()
+
+    async def _commit(self) -> None:
+        if self._committed.full():
+            await self._say("error", code="turn_queue_full",
+                            message=f"{MAX_QUEUED_TURNS} committed turns wait to be transcribed; the buffer "
+                            "is kept: commit again once one is done")
+        elif (found := self._turns.commit()) is None:
+            await self._say("error", code="input_audio_buffer_commit_empty",
+                            message=f"the buffer holds less than {MIN_TURN_MS} ms of audio")
+        else:
+            await self._turn_event(found)
+
     async def _turn_event(self, found: TurnEvent) -> None:
         if found.kind == "committed":
-            self._committed.put_nowait((found.item_id, found.audio))
+            self._committed.put_nowait(found)
         await self._say(found.kind, item_id=found.item_id, audio_ms=found.audio_ms)
 
     # --- transcription ------------------------------------------------------------------
 
-    async def _transcribe_turns(self, handle) -> None:
-        while True:
-            item, pcm = await self._committed.get()
-            said: list[str] = []
+    def _draft_turn(self) -> None:
+        """Decode the turn in progress again, when enough is new or its speech may have ended."""
+        turn = self._turns.turn
+        if turn is None or self._handle is None or self._decoding.locked() or not self._committed.empty():
+            return
+        item, length, spoken = turn
+        done = self._draft.covered if self._draft is not None and self._draft.item == item else 0
+        paused = length - spoken >= SPECULATE_BYTES and done < spoken + SPECULATE_BYTES
+        if paused or length - done >= PARTIAL_EVERY_BYTES:
+            pcm = self._turns.turn_audio()
+            self._draft = Draft(item, length, asyncio.create_task(self._decode_draft(item, pcm)))
 
-            def delta(seq: int, segment: Segment) -> SessionOutput:
-                text = segment.text.strip()
-                return SessionOutput(kind="delta", engine=self.host.engine, item_id=item,
-                                     text=f" {text}" if seq and text else text)
+    async def _decode_draft(self, item: str, pcm: bytes) -> list[str] | None:
+        said = await self._decode(pcm)
+        if said:
+            await self._say("partial", item_id=item, text=" ".join(said))
+        return said
 
-            announce = SegmentAnnouncer(self._bus, self._out, delta)
-            # Server VAD has already cut the turn to its speech: the runtime's own VAD would
-            # only add to the latency. A committed turn may hold long silences: it keeps it.
-            options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None)
+    async def _decode(self, pcm: bytes) -> list[str] | None:
+        """The texts of a turn's segments; None (the client told) where decoding failed."""
+        # Server VAD has already cut the turn to its speech: the runtime's own VAD would
+        # only add to the latency. A committed turn may hold long silences: it keeps it.
+        options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None)
+        async with self._decoding:
             try:
-                result = await asyncio.to_thread(self.host.actor.transcribe, handle,
-                                                 from_pcm16(pcm, SESSION_SAMPLE_RATE),
-                                                 options, self._cancelled, announce)
-                said = [text for s in result.segments if (text := s.text.strip())]
+                result = await asyncio.to_thread(self.host.actor.transcribe, self._handle,
+                                                 from_pcm16(pcm, SESSION_SAMPLE_RATE), options,
+                                                 self._cancelled, lambda segment: None)
             except Exception as exc:  # noqa: BLE001 - one turn failed; the session goes on
+                if self._cancelled.is_set():
+                    return None  # the session ended under it
                 log.exception("turn not transcribed", session=self.id)
-                await self._say("error", item_id=item, code="transcription_failed",
-                                message=f"{type(exc).__name__}: {exc}"[:1000])
-                continue
-            finally:
-                await announce.close()
-            await self._say("completed", item_id=item, text=" ".join(said),
-                            seconds=len(pcm) / (2 * SESSION_SAMPLE_RATE))
+                await self._say("error", code="transcription_failed", message=f"{type(exc).__name__}: {exc}"[:1000])
+                return None
+        return [text for s in result.segments if (text := s.text.strip())]
 
+    async def _transcribe_turns(self) -> None:
+        while True:
+            turn = await self._committed.get()
+            draft, self._draft = self._draft, None
+            if draft is not None and draft.item == turn.item_id and draft.covered >= turn.spoken + SPECULATE_BYTES:
+                said = await draft.task  # all its speech was decoded already
+            else:
+                said = await self._decode(turn.audio)
+            self._committed.task_done()
+            if said is not None:
+                await self._say("completed", item_id=turn.item_id, text=" ".join(said),
+                                seconds=len(turn.audio) / (2 * SESSION_SAMPLE_RATE))
+            self._draft_turn()

@@ -9,13 +9,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO
 
+from dalston import dag
 from dalston.bus.connection import Bus
-from dalston.catalog import Catalog, ModelSpec
+from dalston.catalog import Catalog, ModelSpec, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import FAILURE_STATUS, JobRecord, TranscribeOptions, Transcript
-from dalston.engines import EngineWatch
+from dalston.engines import EngineWatch, how_to_start
 from dalston.keys import ApiKey
-from dalston.services.gateway.admission import Admission, UploadSlot
+from dalston.services.gateway.admission import Admission, Refused, UploadSlot
 from dalston.services.gateway.job_index import JobIndex
 from dalston.services.gateway.jobs import FollowedJob, JobService
 from dalston.services.gateway.models import ModelService
@@ -64,13 +65,13 @@ def check_completed(record: JobRecord) -> None:
 
 
 class Intake:
-    """One surface's way in: its jobs, its admission (which follows every job record) and the
-    models its keys may run."""
+    """One surface's way in: its jobs, its admission (which follows every job record), the
+    models its keys may run, and the engines that would run them."""
 
     def __init__(self, settings: Settings, catalog: Catalog, jobs: JobService, admission: Admission,
-                 models: ModelService) -> None:
+                 models: ModelService, engines: EngineWatch) -> None:
         self.settings, self.catalog = settings, catalog
-        self.jobs, self.admission, self.models = jobs, admission, models
+        self.jobs, self.admission, self.models, self.engines = jobs, admission, models, engines
 
     @classmethod
     def build(cls, bus: Bus, settings: Settings, catalog: Catalog, engines: EngineWatch, *,
@@ -84,7 +85,7 @@ class Intake:
                               served=lambda runtime: bool(engines.live(runtime)),
                               engine_wait=settings.engine_wait)
         return cls(settings, catalog, JobService(bus, index), admission,
-                   ModelService(bus, settings, catalog, engines))
+                   ModelService(bus, settings, catalog, engines), engines)
 
     async def start(self) -> None:
         await self.admission.start()
@@ -109,13 +110,15 @@ class Intake:
 
         Refused before its audio is received when DALSTON_MAX_QUEUED_JOBS jobs are unfinished
         or the key holds its share of them (429), or DALSTON_MAX_CONCURRENT_UPLOADS uploads
-        (or the key's half of them) are being received (503)."""
+        (or the key's half of them) are being received (503); and once it is received when a
+        runtime it needs has no engine (503)."""
         owner = key.name if key else None
         self.admission.reserve(job_id, owner, key.max_jobs if key else None)
         try:
             async with self.admission.receiving(owner) as slot:
                 audio = await receive(slot)
                 try:
+                    self.check_engines(audio)
                     await self.jobs.submit(job_id, audio.file, audio.filename, audio.model, audio.options,
                                            owner, webhook_url=audio.webhook_url)
                 finally:
@@ -124,6 +127,29 @@ class Intake:
             self.admission.release(job_id)
             raise
         return audio
+
+    def check_engines(self, audio: Audio) -> None:
+        """Refused (503) when a runtime the job needs has no live engine and had none for
+        DALSTON_ENGINE_WAIT: the orchestrator would only fail the job after that long. A runtime
+        seen within it (an engine restarting) is waited for, as the orchestrator does."""
+        for runtime in self._runtimes(audio):
+            if not self.engines.seen_within(runtime, self.settings.engine_wait):
+                raise Refused(503, "no_engine", f"no {runtime} engine is running, nor was one in the last "
+                              f"{self.settings.engine_wait:g} s (DALSTON_ENGINE_WAIT), and this job needs one: "
+                              f"{how_to_start(runtime)}", None)
+
+    def _runtimes(self, audio: Audio) -> list[str]:
+        """The runtimes a job's stages run on, as the orchestrator will plan them (a model it will
+        refuse needs nothing: the orchestrator says why)."""
+        settings = self.settings
+        try:
+            runtimes = [dag.PREPARE_RUNTIME, self.catalog.model(audio.model or settings.default_model,
+                                                                default=settings.default_model).runtime]
+            if audio.options.diarize is not None:
+                runtimes.append(self.catalog.model(settings.diarize_model).runtime)
+        except UnknownModel:
+            return []
+        return [*runtimes, dag.MERGE_RUNTIME]
 
     async def followed_submission(self, job_id: str, key: ApiKey | None,
                                   receive: Callable[[UploadSlot], Awaitable[Audio]], *,

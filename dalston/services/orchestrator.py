@@ -12,12 +12,13 @@ import time
 
 from dalston import dag
 from dalston.bus.connection import Bus, Msg, connect
-from dalston.bus.consumers import HandleLater, consume
+from dalston.bus.consumers import GiveUp, HandleLater, consume
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
     CANCEL_SUBJECT,
     EVENTS_STREAM,
+    JOB_AUDIO_OBJECT,
     JOB_EVENT_SUBJECT,
     JOBS_STREAM,
     ORCHESTRATOR_EVENTS_CONSUMER,
@@ -35,8 +36,9 @@ from dalston.contracts import (
     now,
     task_subject,
 )
-from dalston.engines import EngineWatch
+from dalston.engines import EngineWatch, how_to_start
 from dalston.logs import get_logger
+from dalston.loops import until_stopped
 
 log = get_logger("dalston.orchestrator")
 
@@ -62,25 +64,14 @@ class Orchestrator:
         self._bus = await connect(self.settings, name="dalston-orchestrator")
         await self.engines.start(self._bus)
         await self._load_active()
-        loops = [
-            consume(self._bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, self._on_job_message),
-            consume(self._bus, EVENTS_STREAM, ORCHESTRATOR_EVENTS_CONSUMER, self._on_task_event),
-            self._sweep_forever(),
-        ]
         log.info("orchestrator started")
-        tasks = [asyncio.create_task(loop) for loop in loops]
-        stopping = asyncio.create_task(self._stopping.wait())
         try:
-            done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
-            if stopping not in done:
-                # A loop that ends would leave jobs queued forever behind a live process: exit
-                # instead, so the supervisor (`dalston up`, compose) starts a fresh orchestrator.
-                ended = done.pop()
-                raise RuntimeError(f"a consume loop ended: {ended.exception()!r}")
+            await until_stopped(
+                self._stopping,
+                consume(self._bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, self._on_job_message),
+                consume(self._bus, EVENTS_STREAM, ORCHESTRATOR_EVENTS_CONSUMER, self._on_task_event),
+                self._sweep_forever())
         finally:
-            for task in [*tasks, stopping]:
-                task.cancel()
-            await asyncio.gather(*tasks, stopping, return_exceptions=True)
             await self.engines.stop()
             await self._bus.close()
 
@@ -201,7 +192,7 @@ class Orchestrator:
             except UnknownModel as exc:
                 return self._rejected(request, created, Failure(code="unknown_model", message=str(exc)))
             diarizer = ModelRef(model=spec.id, runtime=spec.runtime, runtime_model_id=spec.runtime_model_id)
-        audio_object = request.audio_object or f"jobs/{request.id}/audio"
+        audio_object = request.audio_object or JOB_AUDIO_OBJECT.format(job_id=request.id)
         if request.audio is not None:
             await self._bus.artifacts.put(audio_object, request.audio)
         elif not request.audio_object:
@@ -230,9 +221,13 @@ class Orchestrator:
 
     async def _on_task_event(self, msg: Msg) -> None:
         event = decode(msg.data, TaskEvent)
-        record = await self._update(
-            event.job_id, lambda r: dag.apply_event(r, event, self.settings.task_max_attempts),
-            redrive=msg.metadata.num_delivered > 1)
+
+        def apply(record: JobRecord) -> bool:
+            if (reason := dag.refusal(record, event)) is not None:
+                raise GiveUp(reason)  # a forged report: dead-lettered, never applied
+            return dag.apply_event(record, event, self.settings.task_max_attempts)
+
+        record = await self._update(event.job_id, apply, redrive=msg.metadata.num_delivered > 1)
         if record is not None and dag.is_early(record, event):
             raise EarlyEvent(f"job {record.id} does not list task {event.task_id} yet")
 
@@ -286,8 +281,7 @@ class Orchestrator:
                 dag.finish(record, "failed", Failure(
                     code="no_engine", retryable=True,
                     message=f"no {runtime} engine is running: the task waited "
-                            f"{self.settings.engine_wait:.0f} s (start one, e.g. "
-                            f"`dalston up --runtimes {runtime}`)"))
+                            f"{self.settings.engine_wait:.0f} s (start one: {how_to_start(runtime)})"))
                 return True
 
             await self._update(job_id, fail)

@@ -1,5 +1,6 @@
 """Runs one service in this process until SIGINT or SIGTERM: gateway, orchestrator, webhooks,
-the Wyoming server, or an engine of one runtime."""
+the Wyoming server, an engine of one runtime, or the layout keeper (the admin step, as a
+service)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def serve(service: str, settings: Settings, runtime: str | None = None) -> None:
         from dalston.services.orchestrator import Orchestrator
 
         asyncio.run(_until_signalled(Orchestrator(settings)))
+    elif service == "layout":
+        from dalston.services.layout import LayoutKeeper
+
+        asyncio.run(_until_signalled(LayoutKeeper(settings)))
     elif service == "webhooks":
         from dalston.services.webhooks import WebhookService
 

@@ -4,8 +4,8 @@ Starts an embedded nats-server (JetStream on disk under DALSTON_HOME, open only 
 nats/accounts.conf, whose passwords DALSTON_HOME keeps) unless DALSTON_NATS_URL names one, then
 the gateway, the Wyoming server for Home Assistant (as a NATS user it is the gateway; not where
 it would listen beyond loopback without DALSTON_WYOMING_API_KEY), the orchestrator, the webhook
-service (where DALSTON_WEBHOOK_SECRET is set) and one engine per runtime as child processes,
-each with its own NATS user. A child or the embedded
+service (where DALSTON_WEBHOOK_SECRET is set), one engine of each pipeline runtime and the
+transcription engines as child processes, each with its own NATS user. A child or the embedded
 server that dies is restarted; Ctrl-C or SIGTERM stops everything, services before NATS.
 """
 
@@ -24,17 +24,19 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from dalston.bus.connection import connect
 from dalston.bus.credentials import ADMIN, home_passwords, service_environment
 from dalston.bus.server import EmbeddedNats, HomeLock
 from dalston.catalog import Catalog
 from dalston.config import Settings
 from dalston.logs import configure, get_logger
+from dalston.services.layout import apply_layout
 from dalston.services.wyoming.server import listen_problem
 
 log = get_logger("dalston.up")
 
-PIPELINE_RUNTIMES = ("audio-prepare", "merge")
+# One engine each, whatever the transcription runtimes: every job's stages, and diarization
+# (which loads its model on first use, so a stack that never diarizes pays only an idle process).
+PIPELINE_RUNTIMES = ("audio-prepare", "merge", "diarize")
 DEFAULT_RUNTIMES = ("faster-whisper",)
 RESTART_DELAY = 2.0
 # What one CPU engine needs beside the others: the default model (base) and its buffers.
@@ -48,11 +50,23 @@ def engine_layout(settings: Settings) -> tuple[int, int | None]:
     a machine without a GPU, one engine per core, as memory allows. A GPU is one engine's."""
     if settings.engines:
         return settings.engines, None
-    if Path("/dev/nvidia0").exists() or settings.device == "cuda":
+    if _on_gpu(settings):
         return 1, None
     cores = os.cpu_count() or 1
     engines = max(1, min(cores, int(psutil.virtual_memory().available // ENGINE_MEMORY_BYTES)))
     return engines, None if settings.cpu_threads else max(1, cores // engines)
+
+
+def _on_gpu(settings: Settings) -> bool:
+    return Path("/dev/nvidia0").exists() or settings.device == "cuda"
+
+
+def model_memory_share(settings: Settings, engines: int) -> str | None:
+    """Each CPU engine's part of the machine's RAM for its models (DALSTON_MODEL_MEMORY_GB),
+    where none is set: engines on one machine would otherwise each count all of it."""
+    if settings.model_memory_gb or _on_gpu(settings):
+        return None
+    return f"{psutil.virtual_memory().total / max(1, engines) / 2**30:.2f}"
 
 
 @dataclass
@@ -108,15 +122,18 @@ class Stack:
                                        self._child_env(nats_url, "webhooks")))
         default = Catalog.from_settings(self.settings).model(self.settings.default_model)
         engines, threads = engine_layout(self.settings)
+        share = model_memory_share(self.settings, engines * len(self.runtimes))
         for runtime in PIPELINE_RUNTIMES:
             self._add_engine(nats_url, runtime, f"{runtime}-{os.getpid()}")
-        for runtime in self.runtimes:
+        for runtime in (r for r in self.runtimes if r not in PIPELINE_RUNTIMES):
             for n in range(engines):
                 # Engines that serve the default model pull and load it at start, so the first
                 # request does not wait for a download.
                 extra = {"DALSTON_PRELOAD_MODEL": default.id} if runtime == default.runtime else {}
                 if threads:
                     extra["DALSTON_CPU_THREADS"] = str(threads)
+                if share:
+                    extra["DALSTON_MODEL_MEMORY_GB"] = share
                 self._add_engine(nats_url, runtime, f"{runtime}-{os.getpid()}-{n}", **extra)
         for child in self.children:
             child.start()
@@ -163,9 +180,8 @@ class Stack:
             log.error("nats-server did not restart; trying again", error=repr(exc))
 
     def _start_nats(self) -> None:
-        """The embedded server, with the layout applied as admin: its memory streams (HEARTBEATS)
-        die with it, and services apply the layout only as they start (after a restart no
-        engine would be seen live), or, where they may only read it, wait for the orchestrator."""
+        """The embedded server, with the layout applied as admin (the only user that may): its
+        memory streams (HEARTBEATS) die with it, and the services may only read the layout."""
         self.nats_started_at = time.monotonic()
         self.nats.start()
         try:
@@ -175,10 +191,8 @@ class Stack:
             raise
 
     async def _apply_layout(self) -> None:
-        settings = msgspec.structs.replace(self.settings, nats_url=self.nats.url, nats_user=ADMIN,
-                                           nats_password=self.nats.passwords[ADMIN])
-        bus = await connect(settings, name="dalston-up")
-        await bus.close()
+        await apply_layout(msgspec.structs.replace(
+            self.settings, nats_url=self.nats.url, nats_user=ADMIN, nats_password=self.nats.passwords[ADMIN]))
 
     def request_stop(self, *_: object) -> None:
         self._stop = True

@@ -22,12 +22,14 @@ import httpx
 from standardwebhooks import Webhook
 
 from dalston import __version__
+from dalston.bus.buckets import ObjectUnreadable
 from dalston.bus.connection import Bus, Msg, connect
 from dalston.bus.consumers import GiveUp, HandleLater, consume
 from dalston.bus.layout import load_layout
 from dalston.config import ConfigError, Settings
 from dalston.contracts import EVENTS_STREAM, TERMINAL, WEBHOOKS_CONSUMER, JobEvent, decode, now
 from dalston.logs import get_logger
+from dalston.loops import until_stopped
 from dalston.webhook_targets import RESOLVE_TIMEOUT_SECONDS, RefusedTarget, check_target
 
 log = get_logger("dalston.webhooks")
@@ -86,18 +88,11 @@ class WebhookService:
         # Redirects are not followed: each hop would be a new, unchecked target.
         self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
                                        timeout=self.settings.webhook_timeout)
-        loop = asyncio.create_task(consume(self._bus, EVENTS_STREAM, WEBHOOKS_CONSUMER,
-                                           self._on_job_event, concurrent=MAX_DELIVERIES))
-        stopping = asyncio.create_task(self._stopping.wait())
         log.info("webhook service started")
         try:
-            done, _ = await asyncio.wait([loop, stopping], return_when=asyncio.FIRST_COMPLETED)
-            if stopping not in done:
-                raise RuntimeError(f"the consume loop ended: {loop.exception()!r}")
+            await until_stopped(self._stopping, consume(self._bus, EVENTS_STREAM, WEBHOOKS_CONSUMER,
+                                                        self._on_job_event, concurrent=MAX_DELIVERIES))
         finally:
-            for task in (loop, stopping):
-                task.cancel()
-            await asyncio.gather(loop, stopping, return_exceptions=True)
             await self._http.aclose()
             await self._bus.close()
 
@@ -136,7 +131,10 @@ class WebhookService:
                           "code": event.failure.code, "message": event.failure.message}}
         if event.status == "completed" and event.transcript_object:
             data["transcript_url"] = f"{self._public_url}/v1/jobs/{event.job_id}/transcript"
-            transcript = await self._bus.artifacts.read(event.transcript_object)
+            try:
+                transcript = await self._bus.artifacts.read(event.transcript_object)
+            except ObjectUnreadable as exc:  # it will not come back: no retry can deliver it
+                raise GiveUp(f"webhook of job {event.job_id}: its transcript is unreadable: {exc}") from None
             if len(transcript) <= INLINE_TRANSCRIPT_BYTES:
                 data["transcript"] = json.loads(transcript)
         return json.dumps({

@@ -46,10 +46,10 @@ RESTART_SECONDS = 1.0
 
 
 class Refused(Exception):
-    """The gateway cannot take the request now; `retry_after` seconds is when to try again.
-    `code` is the error code (and the reason in dalston_refusals_total)."""
+    """The gateway cannot take the request now; `retry_after` seconds is when to try again
+    (None: no telling). `code` is the error code (and the reason in dalston_refusals_total)."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: int) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code

@@ -351,12 +351,12 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-@get("/healthz", summary="The gateway process is up")
+@get("/healthz", summary="The gateway process is up", opt={"open": True})
 async def healthz() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
 
 
-@get("/readyz", summary="NATS is connected and the streams exist")
+@get("/readyz", summary="NATS is connected and the streams exist", opt={"open": True})
 async def readyz(request: Request) -> Response:
     bus: Bus = request.app.state.bus
     problems = []

@@ -4,7 +4,7 @@ Keys are demanded whenever the gateway listens beyond loopback, or with DALSTON_
 a gateway on loopback alone is one user's, as Ollama's is. A key comes as `Authorization: Bearer
 <key>` (OpenAI clients) or `xi-api-key: <key>` (ElevenLabs clients); a browser, which cannot set
 headers on a WebSocket, offers it as the subprotocol `openai-insecure-api-key.<key>` as OpenAI's
-browser clients do. Health checks and routes marked `opt={"open": True}` (the web page's files)
+browser clients do. Routes marked `opt={"open": True}` (health checks, the web page's files)
 stay open; routes marked `opt={"admin": True}` need an admin key. Keys are never logged.
 
 A job belongs to the key that submitted it: a user key sees only its own jobs, an admin key all.
@@ -19,7 +19,6 @@ from litestar.handlers import BaseRouteHandler
 from dalston.config import LOOPBACK_HOSTS, Settings
 from dalston.keys import ApiKey, KeyStore
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 KEY_STATE = "api_key"  # where the guard leaves the verified key's record for the handlers
 
@@ -59,7 +58,7 @@ async def _keys(connection: ASGIConnection) -> KeyStore:
 async def require_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
     """Litestar guard: lets the request through, or raises 401 or 403."""
     settings: Settings = connection.app.state.settings
-    if not auth_required(settings) or connection.url.path in OPEN_PATHS or handler.opt.get("open"):
+    if not auth_required(settings) or handler.opt.get("open"):
         return
     key = presented_key(connection)
     if key is None:
@@ -95,3 +94,12 @@ def visible_owner(connection: ASGIConnection) -> str | None:
     and for anyone where no key is demanded."""
     key = verified_key(connection)
     return key.name if key and key.role != "admin" else None
+
+
+async def still_valid(connection: ASGIConnection) -> bool:
+    """Whether the key a long-lived connection (a realtime WebSocket) came in with is still
+    valid: a revoked key's sessions end."""
+    if verified_key(connection) is None:
+        return True  # no key was demanded
+    key = presented_key(connection)
+    return key is not None and await (await _keys(connection)).verify(key) is not None

@@ -135,7 +135,8 @@ async def submit(request: Request, job_id: str, read: Callable[[Request], Awaita
 
     Refused before a byte of the upload is read when DALSTON_MAX_QUEUED_JOBS jobs are
     unfinished or the key holds its share of them (429), or DALSTON_MAX_CONCURRENT_UPLOADS
-    uploads (or the key's half of them) are being received (503), all with Retry-After."""
+    uploads (or the key's half of them) are being received (503), all with Retry-After; and
+    once its form is read when a runtime it needs has no engine (503)."""
     reading = _Reading(request, read)
     with _refusals(request):
         await intake(request).submit(job_id, verified_key(request), reading)

@@ -12,9 +12,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import IO
 
+from dalston import dag
+from dalston.bus.buckets import ObjectUnreadable
 from dalston.bus.connection import Bus
 from dalston.contracts import (
     CANCEL_SUBJECT,
+    JOB_AUDIO_OBJECT,
     JOB_EVENT_SUBJECT,
     SUBMIT_SUBJECT,
     TERMINAL,
@@ -53,6 +56,17 @@ class JobNotFound(LookupError):
         super().__init__(f"no job {job_id[:80]!r}")
 
 
+class TranscriptGone(Exception):
+    """A completed job whose transcript is missing or damaged (expired, purged): a 410."""
+
+    status_code = 410
+    code = "transcript_gone"
+
+    def __init__(self, job_id: str, cause: ObjectUnreadable) -> None:
+        self.detail = f"the transcript of job {job_id} is no longer available: {cause}"
+        super().__init__(self.detail)
+
+
 class JobService:
     def __init__(self, bus: Bus, index: JobIndex) -> None:
         self.bus = bus
@@ -63,7 +77,7 @@ class JobService:
         """Store the audio (streamed in chunks) and publish the job, admitted: its place among
         the unfinished jobs was reserved before its upload was read (admission.py). A checked
         `webhook_url` is called when the job ends."""
-        audio_object = f"jobs/{job_id}/audio"
+        audio_object = JOB_AUDIO_OBJECT.format(job_id=job_id)
         await self.bus.artifacts.put(audio_object, audio, {OWNER_HEADER: owner} if owner else None)
         try:
             await self.bus.publish(SUBMIT_SUBJECT, JobRequest(
@@ -91,7 +105,7 @@ class JobService:
 
     async def _submitted(self, job_id: str) -> JobRecord:
         """A job whose audio is stored but which no orchestrator has recorded yet: queued."""
-        audio_object = f"jobs/{job_id}/audio"
+        audio_object = JOB_AUDIO_OBJECT.format(job_id=job_id)
         headers = await self.bus.artifacts.headers(audio_object)
         if headers is None:
             raise JobNotFound(job_id)
@@ -115,7 +129,11 @@ class JobService:
         return [r for r in records if r], len(ids) > limit
 
     async def transcript(self, record: JobRecord) -> Transcript:
-        return await self.bus.artifacts.transcript(record)
+        try:
+            return await self.bus.artifacts.transcript(record)
+        except ObjectUnreadable as exc:
+            log.warning("transcript unreadable", job=record.id, reason=str(exc))
+            raise TranscriptGone(record.id, exc) from None
 
     async def cancel(self, job_id: str, owner: str | None) -> None:
         await self.get(job_id, owner)
@@ -129,6 +147,7 @@ class FollowedJob:
         self.jobs, self.id, self.owner = jobs, job_id, owner
         self._queue: asyncio.Queue[TranscriptDelta | None] = asyncio.Queue()
         self._subscriptions: list = []
+        self._record: JobRecord | None = None  # the tasks' grants, for the segments
 
     @classmethod
     async def start(cls, jobs: JobService, job_id: str, owner: str | None, segments: bool) -> FollowedJob:
@@ -159,12 +178,23 @@ class FollowedJob:
         try:
             while (item := await asyncio.wait_for(self._queue.get(), deadline - time.monotonic())) is not None:
                 # A task run again after its engine died repeats the segments already sent.
-                if item.seq >= sent.get(item.task_id, 0):
+                if item.seq >= sent.get(item.task_id, 0) and await self._granted(item):
                     sent[item.task_id] = item.seq + 1
                     yield item
             yield await self.jobs.get(self.id, self.owner)
         finally:
             await self.close()
+
+    async def _granted(self, delta: TranscriptDelta) -> bool:
+        """Whether the segment comes from the engine given its task: it presents the task's
+        grant, which the job record holds (read again only for a task it did not list yet)."""
+        record = self._record
+        if record is None or not any(t.id == delta.task_id for t in record.tasks.values()):
+            record = self._record = await self.jobs.bus.jobs.get(self.id)
+        if record is None or not dag.presents_grant(record, delta.task_id, delta.grant):
+            log.warning("transcript delta without its task's grant dropped", job=self.id, task=delta.task_id)
+            return False
+        return True
 
     async def close(self) -> None:
         subscriptions, self._subscriptions = self._subscriptions, []

@@ -41,7 +41,7 @@ class ModelNotInstalled(PermissionError):
 
     def __init__(self, model: str, key: str) -> None:
         super().__init__(f"{model} is not installed, and key {key!r} is a user key: only an admin key "
-                         f"pulls models (POST /v1/models/{model}/pull, or `dalston pull {model}`)")
+                         f"pulls models (POST /v1/models/{model}/pull, or `dalston models pull {model}`)")
 
 
 class ModelService:

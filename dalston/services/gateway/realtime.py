@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import time
 import uuid
 from typing import Any
 
@@ -43,13 +45,16 @@ from dalston.contracts import (
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
-from dalston.services.gateway.auth import job_owner
+from dalston.services.gateway.auth import job_owner, still_valid, verified_key
+from dalston.services.gateway.session_bounds import ACTIVE_SECONDS, AudioPace, SessionSlots
 
 log = get_logger("dalston.gateway.realtime")
 
 CLAIM_ATTEMPTS = 5
 CLAIM_TIMEOUT_SECONDS = 2.0
 ENGINE_CHECK_SECONDS = 0.5
+# How often a session checks that its key is still valid (a revoked key's sessions end).
+KEY_CHECK_SECONDS = 2.0
 # Audio goes to the engine in pieces well under NATS's max_payload.
 AUDIO_PIECE_BYTES = 256 * 1024
 # Offered by browsers beside the key's subprotocol (auth.py); a browser drops a connection
@@ -70,55 +75,94 @@ async def realtime(socket: WebSocket, intent: str = "") -> None:
     offered = {p.strip() for p in socket.headers.get("sec-websocket-protocol", "").split(",")}
     await socket.accept(subprotocols=REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None)
     state = socket.app.state
-    session = RealtimeTranscription(socket, state.bus, state.catalog, state.settings, state.engines,
-                                    job_owner(socket))
+    if "realtime_slots" not in state:
+        state.realtime_slots = SessionSlots(state.settings.max_realtime_connections, state.engines)
+    slots: SessionSlots = state.realtime_slots
+    session = RealtimeTranscription(socket, state.bus, state.catalog, state.settings, state.engines, slots)
     if intent != "transcription":
         await session.send_error("unsupported_intent", "Dalston serves transcription sessions only: "
                                  "connect with ?intent=transcription", "intent")
-        await socket.close()
+    elif not slots.connect():
+        await session.send_error("too_many_sessions", f"this gateway has {slots.max_connections} realtime "
+                                 "connections open (DALSTON_MAX_REALTIME_CONNECTIONS); try again later")
+    else:
+        try:
+            await session.serve()
+        finally:
+            slots.disconnect()
         return
-    await session.serve()
+    await socket.close(code=1008)
 
 
 class RealtimeTranscription:
     """One client's transcription session."""
 
     def __init__(self, socket: WebSocket, bus: Bus, catalog: Catalog, settings: Settings,
-                 engines: EngineWatch, owner: str | None) -> None:
+                 engines: EngineWatch, slots: SessionSlots) -> None:
         self.socket, self.bus, self.catalog, self.settings = socket, bus, catalog, settings
-        self.engines, self.owner = engines, owner
+        self.engines, self.slots, self.owner = engines, slots, job_owner(socket)
         self.id = uuid.uuid4().hex
         self.model = catalog.model(settings.default_model)
         self.config = SessionConfig()
-        self.engine: str | None = None  # the engine serving the session, once claimed
+        self._engine: str | None = None
+        self._pace = AudioPace(settings.session_idle_seconds)
+        self._ending = asyncio.Event()  # set where the gateway ends the session
         self._send_lock = asyncio.Lock()
         self._previous_item: str | None = None
+        self._shown: dict[str, str] = {}  # item -> the text its deltas have sent (turns in progress)
+
+    @property
+    def engine(self) -> str | None:
+        """The engine serving the session, once claimed: it holds one of the key's slots."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: str | None) -> None:
+        if self._engine is None and engine is not None:
+            self.slots.hold(self.owner)
+        elif self._engine is not None and engine is None:
+            self.slots.release(self.owner)
+        self._engine = engine
 
     # --- the client's side ---------------------------------------------------------------
 
     async def serve(self) -> None:
         outputs = await self.bus.subscribe(SESSION_OUTPUT_SUBJECT.format(session_id=self.id), self._on_output)
-        watch = asyncio.create_task(self._watch_engine())
+        tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch()),
+                 asyncio.create_task(self._ending.wait())]
         try:
             await self.send({"type": "session.created", "session": self.describe()})
-            while True:
-                try:
-                    raw = await self.socket.receive_data(mode="text")
-                except WebSocketDisconnect:
-                    return
-                try:
-                    await self._handle(raw)
-                except ClientError as exc:
-                    await self.send_error(exc.code, exc.message, exc.param)
-                except (AttributeError, TypeError, ValueError) as exc:
-                    # A field of the wrong JSON type (a string where an object belongs, say).
-                    await self.send_error("invalid_event", f"the event's fields are not of the expected "
-                                          f"types: {type(exc).__name__}: {exc}"[:500])
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            watch.cancel()
+            for task in tasks:
+                task.cancel()
             await outputs.unsubscribe()
             if self.engine is not None:
                 await self._forward(SessionInput(kind="close"))
+                self.engine = None
+            if self._ending.is_set():
+                with contextlib.suppress(Exception):  # the client may be gone already
+                    await self.socket.close(code=1008)
+
+    async def _end(self, code: str, message: str) -> None:
+        """The gateway ends the session: the client is told why, then the socket closes."""
+        await self.send_error(code, message)
+        self._ending.set()
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                raw = await self.socket.receive_data(mode="text")
+            except WebSocketDisconnect:
+                return
+            try:
+                await self._handle(raw)
+            except ClientError as exc:
+                await self.send_error(exc.code, exc.message, exc.param)
+            except (AttributeError, TypeError, ValueError) as exc:
+                # A field of the wrong JSON type (a string where an object belongs, say).
+                await self.send_error("invalid_event", f"the event's fields are not of the expected "
+                                      f"types: {type(exc).__name__}: {exc}"[:500])
 
     async def _handle(self, raw: str | bytes) -> None:
         try:
@@ -201,6 +245,7 @@ class RealtimeTranscription:
                               "audio")
         if self.engine is None:
             await self._claim()
+        await self._pace.take(len(pcm) / (2 * SESSION_SAMPLE_RATE))
         for start in range(0, len(pcm), AUDIO_PIECE_BYTES):
             await self._forward(SessionInput(kind="audio", audio=pcm[start:start + AUDIO_PIECE_BYTES]))
 
@@ -230,6 +275,10 @@ class RealtimeTranscription:
     # --- the engine's side ---------------------------------------------------------------
 
     async def _claim(self) -> None:
+        key = verified_key(self.socket)
+        if refusal := self.slots.refusal(self.owner, self.model.runtime, getattr(key, "max_sessions", None)):
+            raise ClientError("session_limit", f"{refusal}; end one first, or ask for a higher "
+                              "max_sessions (`dalston keys create --max-sessions N`)")
         request = SessionRequest(id=self.id, model=self.model.id, runtime=self.model.runtime,
                                  runtime_model_id=self.model.runtime_model_id, config=self.config,
                                  owner=self.owner)
@@ -269,25 +318,47 @@ class RealtimeTranscription:
             await self.send({"type": "input_audio_buffer.committed", "previous_item_id": self._previous_item,
                              **item})
             self._previous_item = out.item_id
-        elif out.kind == "delta":
-            await self.send({"type": "conversation.item.input_audio_transcription.delta", "content_index": 0,
-                             "delta": out.text, **item})
+        elif out.kind == "partial":
+            await self._delta(out.item_id, out.text)
         elif out.kind == "completed":
+            await self._delta(out.item_id, out.text)
+            self._shown.pop(out.item_id, None)
             await self.send({"type": "conversation.item.input_audio_transcription.completed",
                              "content_index": 0, "transcript": out.text,
                              "usage": {"type": "duration", "seconds": out.seconds}, **item})
         elif out.kind == "cleared":
             await self.send({"type": "input_audio_buffer.cleared"})
         elif out.kind == "error":
-            if out.code in ("session_failed", "session_idle", "engine_stopping"):
+            if out.code in ("session_failed", "session_idle", "engine_stopping", "input_audio_buffer_full"):
                 self.engine = None  # that engine ended the session: the next audio claims anew
-            await self.send_error(out.code, out.message)
+            if out.code == "input_audio_buffer_full":
+                await self._end(out.code, out.message)
+            else:
+                await self.send_error(out.code, out.message)
 
-    async def _watch_engine(self) -> None:
-        """The client hears of an engine that died (its heartbeats stopped); the next audio
-        claims another."""
+    async def _delta(self, item: str, text: str) -> None:
+        """OpenAI's deltas add to what came before: a partial that extends the text shown so
+        far sends what it adds; one that revises it waits for a later partial or the final text
+        (ElevenLabs' partial_transcript, which replaces, can send each as it is)."""
+        shown = self._shown.get(item, "")
+        if text.startswith(shown) and len(text) > len(shown):
+            self._shown[item] = text
+            await self.send({"type": "conversation.item.input_audio_transcription.delta", "content_index": 0,
+                             "delta": text[len(shown):], "item_id": item})
+
+    async def _watch(self) -> None:
+        """Ends an idle session, and one whose key was revoked; tells the client of an engine
+        that died (its heartbeats stopped): the next audio claims another."""
+        checked = time.monotonic()
         while True:
             await asyncio.sleep(ENGINE_CHECK_SECONDS)
+            if self._pace.idle():
+                return await self._end("session_idle", f"less than {ACTIVE_SECONDS:g} s of audio in "
+                                       f"{self.settings.session_idle_seconds:g} s (DALSTON_SESSION_IDLE_SECONDS)")
+            if time.monotonic() - checked >= KEY_CHECK_SECONDS:
+                checked = time.monotonic()
+                if not await still_valid(self.socket):
+                    return await self._end("invalid_api_key", "the API key of this session was revoked")
             engine = self.engine
             if engine is not None and self.engines.silent(
                     HEARTBEAT_SUBJECT.format(runtime=self.model.runtime, engine=engine)):

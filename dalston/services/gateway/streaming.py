@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from dalston.contracts import FAILURE_STATUS, TranscriptDelta
-from dalston.services.gateway.jobs import FollowedJob
+from dalston.services.gateway.jobs import FollowedJob, TranscriptGone
 
 # Whisper's encoder turns each 30 s window into 1500 positions: the audio's input tokens.
 AUDIO_TOKENS_PER_SECOND = 50
@@ -41,7 +41,11 @@ async def transcript_events(followed: FollowedJob, timeout: float) -> AsyncItera
                                   "delta": f" {text}" if said_anything else text})
                     said_anything = True
             elif item.status == "completed":
-                transcript = await followed.jobs.transcript(item)
+                try:
+                    transcript = await followed.jobs.transcript(item)
+                except TranscriptGone as exc:
+                    yield _error(exc.status_code, exc.detail, exc.code)
+                    return
                 audio_tokens = round(transcript.duration * AUDIO_TOKENS_PER_SECOND)
                 text_tokens = sum(len(s.tokens) for s in transcript.segments)
                 yield _event({"type": "transcript.text.done", "text": transcript.text, "usage": {

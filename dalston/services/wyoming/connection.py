@@ -26,7 +26,7 @@ from dalston.contracts import MAX_PROMPT_CHARS, ContractError, TranscribeOptions
 from dalston.keys import ApiKey
 from dalston.logs import get_logger
 from dalston.services.gateway.admission import Refused, UploadSlot
-from dalston.services.gateway.jobs import new_job_id
+from dalston.services.gateway.jobs import TranscriptGone, new_job_id
 from dalston.services.gateway.models import ModelNotInstalled
 from dalston.services.intake import Audio, JobFailed, transcription_problem
 from dalston.services.wyoming.framing import BadFrame, read_event
@@ -96,7 +96,7 @@ def _hotwords(data: dict[str, Any]) -> str | None:
 class Connection:
     def __init__(self, server: WyomingServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.server, self.reader, self.writer = server, reader, writer
-        self.timeout = server.settings.session_idle_timeout
+        self.timeout = server.settings.session_idle_seconds
         self.request: Request | None = None
         self.utterance: Utterance | None = None
 
@@ -121,7 +121,7 @@ class Connection:
         try:
             return await read_event(self.reader, self.timeout)
         except TimeoutError:
-            raise ClientError("timeout", f"nothing came for {self.timeout:g} s (DALSTON_SESSION_IDLE_TIMEOUT)") from None
+            raise ClientError("timeout", f"nothing came for {self.timeout:g} s (DALSTON_SESSION_IDLE_SECONDS)") from None
 
     async def _handle(self, event: Event) -> None:
         if Describe.is_type(event.type):
@@ -218,7 +218,7 @@ class Connection:
         except TimeoutError:
             raise ClientError("timeout", f"transcription did not finish within {timeout:g} s "
                                          "(DALSTON_REQUEST_TIMEOUT)") from None
-        except JobFailed as exc:
+        except (JobFailed, TranscriptGone) as exc:
             raise ClientError(exc.code, str(exc)) from None
         log.info("transcribed", job=job_id, model=request.model.id, seconds=round(transcript.duration, 2))
         await self._send(Transcript(text=transcript.text, language=transcript.language))
