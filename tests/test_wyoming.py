@@ -78,7 +78,9 @@ def strict(stack) -> int:
     """A Wyoming server with small bounds: audio, connections, and time without a byte."""
     port = start_wyoming(stack, "wyoming-strict", DALSTON_MAX_AUDIO_SECONDS=str(STRICT_SECONDS),
                          DALSTON_WYOMING_MAX_CONNECTIONS=str(STRICT_CONNECTIONS),
-                         DALSTON_SESSION_IDLE_SECONDS=str(STRICT_IDLE))
+                         DALSTON_SESSION_IDLE_SECONDS=str(STRICT_IDLE),
+                         # A runtime without an engine is refused at once, not waited for.
+                         DALSTON_ENGINE_WAIT="0")
     yield port
     stack.stop("wyoming-strict")
 
@@ -90,11 +92,12 @@ def audio(tmp_path_factory) -> dict[str, bytes]:
             "command": pcm(speak("Turn on the kitchen lights.", "en-us", tmp), tmp)}
 
 
-async def home_assistant(port: int, audio: bytes, language: str | None = "en") -> list[Event]:
-    """What Home Assistant's `async_process_audio_stream` does: every event up to the
-    transcript (or an error)."""
+async def home_assistant(port: int, audio: bytes, language: str | None = "en", model: str | None = None
+                         ) -> list[Event]:
+    """What Home Assistant's `async_process_audio_stream` does (which names no model): every
+    event up to the transcript (or an error)."""
     async with AsyncTcpClient("127.0.0.1", port) as client:
-        await client.write_event(Transcribe(language=language).event())
+        await client.write_event(Transcribe(name=model, language=language).event())
         await client.write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event())
         for start in range(0, len(audio), CHUNK_BYTES):
             await client.write_event(AudioChunk(rate=RATE, width=WIDTH, channels=CHANNELS,
@@ -289,6 +292,11 @@ async def test_two_hundred_connections_at_once_are_served_or_told_busy(strict, a
         await asyncio.sleep(0.1)
     text = text_of(events)
     assert word_error_rate("That was hilarious, I can't believe you said that.", text) <= 0.2, text
+
+
+async def test_a_model_no_engine_runs_is_refused(strict, audio):
+    events = await home_assistant(strict, audio["speaker1"], model="parakeet-tdt-0.6b-v2")
+    assert error_code(events) == "no_engine" and "nemo" in Error.from_event(events[-1]).text
 
 
 async def test_the_strict_server_still_serves_after_all_that(strict, audio):
