@@ -321,17 +321,23 @@ def test_a_key_that_is_not_valid_stops_it_at_start(stack):
     assert result.returncode == 2 and "not a valid key" in result.stderr, result.stderr[-3000:]
 
 
-async def test_with_a_key_beyond_loopback_its_jobs_are_the_keys(stack, audio):
+async def test_with_a_key_beyond_loopback_its_jobs_are_the_keys_until_it_is_revoked(stack, wyoming, audio):
+    # A user key runs installed models only: one job on loopback, without a key, installs it.
+    text_of(await home_assistant(wyoming, audio["speaker1"]))
     bus = await stack.bus()
     try:
-        key = await (await KeyStore.open(bus)).create("home-assistant")
+        keys = await KeyStore.open(bus)
+        key = await keys.create("home-assistant")
+        port = start_wyoming(stack, "wyoming-keyed", DALSTON_WYOMING_HOST="0.0.0.0", DALSTON_WYOMING_API_KEY=key)
+        try:
+            text = text_of(await home_assistant(port, audio["speaker1"]))
+            newest = httpx.get(f"{stack.url}/v1/jobs", params={"limit": 1}).json()["data"][0]
+            await keys.revoke("home-assistant")
+            revoked = await home_assistant(port, audio["speaker1"])
+        finally:
+            stack.stop("wyoming-keyed")
     finally:
         await bus.close()
-    port = start_wyoming(stack, "wyoming-keyed", DALSTON_WYOMING_HOST="0.0.0.0", DALSTON_WYOMING_API_KEY=key)
-    try:
-        text = text_of(await home_assistant(port, audio["speaker1"]))
-    finally:
-        stack.stop("wyoming-keyed")
     assert "hilarious" in text.lower()
-    newest = httpx.get(f"{stack.url}/v1/jobs", params={"limit": 1}).json()["data"][0]
     assert newest["owner"] == "home-assistant" and newest["model"] == MODEL
+    assert error_code(revoked) == "invalid_api_key"
