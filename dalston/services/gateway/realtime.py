@@ -13,7 +13,6 @@ from typing import Any
 import msgspec
 from litestar import WebSocket, websocket
 
-from dalston.catalog import UnknownModel
 from dalston.contracts import (
     SESSION_SAMPLE_RATE,
     ContractError,
@@ -95,11 +94,7 @@ class RealtimeTranscription(RealtimeSession):
         transcription = audio_input.get("transcription")
         if transcription:
             if "model" in transcription:
-                try:
-                    model = self.catalog.model(str(transcription["model"]), default=self.settings.default_model)
-                except UnknownModel as exc:
-                    raise ClientError("model_not_found", str(exc),
-                                      "session.audio.input.transcription.model") from None
+                model = self.choose_model(str(transcription["model"]), "session.audio.input.transcription.model")
             try:
                 options = convert({**msgspec.to_builtins(options),
                                    "language": transcription.get("language", options.language),
@@ -107,9 +102,6 @@ class RealtimeTranscription(RealtimeSession):
             except ContractError as exc:
                 raise ClientError("invalid_transcription", str(exc),
                                   f"session.audio.input.transcription.{exc.field}") from None
-        if model.id != self.model.id and self.engine is not None:
-            raise ClientError("model_fixed", "the model cannot change once audio has been sent",
-                              "session.audio.input.transcription.model")
         self.model = model
         await self.reconfigure(SessionConfig(options=options, turn_detection=turn_detection))
         await self.send({"type": "session.updated", "session": self.describe()})

@@ -23,6 +23,7 @@ from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
 from dalston.bus.connection import Msg
+from dalston.catalog import ModelSpec, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
     HEARTBEAT_SUBJECT,
@@ -40,6 +41,8 @@ from dalston.contracts import (
 )
 from dalston.logs import get_logger
 from dalston.services.gateway.auth import job_owner, still_valid, verified_key
+from dalston.services.gateway.intake import transcription_problem
+from dalston.services.gateway.models import ModelNotInstalled
 from dalston.services.gateway.session_bounds import ACTIVE_SECONDS, AudioPace, SessionSlots
 
 log = get_logger("dalston.gateway.realtime")
@@ -191,6 +194,23 @@ class RealtimeSession:
                 pass
 
     # --- what a client asks ---------------------------------------------------------------
+
+    def choose_model(self, name: str, param: str) -> ModelSpec:
+        """The catalog model `name` (an alias of the default model, or a model id) that this
+        client may transcribe with; ClientError naming `param` otherwise."""
+        try:
+            model = self.catalog.model(name, default=self.settings.default_model)
+        except UnknownModel as exc:
+            raise ClientError("model_not_found", str(exc), param) from None
+        if (problem := transcription_problem(self.catalog, model)) is not None:
+            raise ClientError("model_not_found", problem, param)
+        try:
+            self.socket.app.state.models.require_usable(model, verified_key(self.socket))
+        except ModelNotInstalled as exc:
+            raise ClientError("model_not_installed", str(exc), param) from None
+        if model.id != self.model.id and self.engine is not None:
+            raise ClientError("model_fixed", "the model cannot change once audio has been sent", param)
+        return model
 
     async def append(self, pcm: bytes) -> None:
         """Audio for the session: 16-bit PCM at its sample rate."""
