@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 from typing import Any
 
 import msgspec
@@ -31,7 +30,8 @@ from dalston.contracts import (
     convert,
 )
 from dalston.elevenlabs_shape import ISO_639_3, scribe_words, whisper_language
-from dalston.services.gateway.elevenlabs import SCRIBE_MODELS
+from dalston.services.gateway.elevenlabs import SCRIBE_MODELS, flag_field, number_field
+from dalston.services.gateway.intake import ApiError
 from dalston.services.gateway.realtime_session import ClientError, RealtimeSession, parse_event
 from dalston.services.gateway.session_bounds import BURST_SECONDS
 
@@ -94,7 +94,15 @@ class ScribeSession(RealtimeSession):
     # --- the session's configuration: the URL's query ---------------------------------------
 
     def configure(self, query: MultiDict) -> None:
-        self.model = self.choose_model(_choice(query, "model_id", None) or REALTIME_MODELS[-1], "model_id")
+        try:
+            self._configure(query)
+        except ApiError as exc:  # a field the batch API's readers refused
+            raise _invalid(exc.param or "query", str(exc.detail)) from None
+
+    def _configure(self, query: MultiDict) -> None:
+        model_id = _choice(query, "model_id", None) or REALTIME_MODELS[-1]
+        self.model = self.choose_model(self.settings.default_model if model_id in REALTIME_MODELS else model_id,
+                                       "model_id")
         audio_format = _choice(query, "audio_format", "pcm_16000")
         if audio_format not in AUDIO_FORMATS:
             raise _invalid("audio_format", f"audio_format {audio_format[:40]!r} is not supported; use one of "
@@ -105,14 +113,16 @@ class ScribeSession(RealtimeSession):
         for name in UNSUPPORTED:
             if query.get(name):
                 raise _invalid(name, f"{name} is not supported by Dalston")
-        if _flag(query, "no_verbatim"):
+        if flag_field(query, "no_verbatim"):
             raise _invalid("no_verbatim", "no_verbatim is not supported by Dalston")
-        _flag(query, "enable_logging")  # taken: Dalston keeps no session's audio anyway
-        _flag(query, "filter_background_audio")  # taken: server VAD is what filters here
-        self.include_timestamps = _flag(query, "include_timestamps")
-        self.include_language = _flag(query, "include_language_detection")
-        vad = {field: _number(query, name, kind, low, high, default) * factor
-               for name, (field, kind, low, high, default, factor) in VAD_PARAMETERS.items()}
+        flag_field(query, "enable_logging")  # taken: Dalston keeps no session's audio anyway
+        flag_field(query, "filter_background_audio")  # taken: server VAD is what filters here
+        self.include_timestamps = flag_field(query, "include_timestamps")
+        self.include_language = flag_field(query, "include_language_detection")
+        vad = {}
+        for name, (field, kind, low, high, default, factor) in VAD_PARAMETERS.items():
+            value = number_field(query, name, kind, low, high)
+            vad[field] = (default if value is None else value) * factor
         keyterms = [term.strip() for term in query.getall("keyterms", []) if term.strip()]
         try:
             # The contracts bound every field (the language code, the keyterms' length).
@@ -217,22 +227,3 @@ def _choice(query: MultiDict, name: str, default: str | None) -> str | None:
     value = query.get(name)
     return default if value is None else str(value)[:200]
 
-
-def _flag(query: MultiDict, name: str) -> bool:
-    value = str(query.get(name) or "false").lower()
-    if value not in ("true", "false"):
-        raise _invalid(name, f"{name} is true or false")
-    return value == "true"
-
-
-def _number(query: MultiDict, name: str, kind: type, low: float, high: float, default: float) -> float:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:  # NaN fails too
-        raise _invalid(name, f"{name} is a number from {low:g} to {high:g}")
-    return value

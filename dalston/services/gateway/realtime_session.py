@@ -25,17 +25,13 @@ from litestar.exceptions import WebSocketDisconnect
 from dalston.bus.connection import Msg
 from dalston.catalog import ModelSpec, UnknownModel
 from dalston.config import Settings
+from dalston.contracts import SessionClaim, SessionConfig, SessionInput, SessionOutput, SessionRequest
 from dalston.contracts import (
     HEARTBEAT_SUBJECT,
     SESSION_CLAIM_SUBJECT,
     SESSION_INPUT_SUBJECT,
     SESSION_OUTPUT_SUBJECT,
     ContractError,
-    SessionClaim,
-    SessionConfig,
-    SessionInput,
-    SessionOutput,
-    SessionRequest,
     decode,
     subject_token,
 )
