@@ -155,7 +155,7 @@ async def test_hostile_messages_get_clear_errors_and_the_session_goes_on(stack, 
         ('{"message_type": "input_audio_chunk", "audio_base_64": 7}', "input_error", "invalid_audio"),
         ('{"message_type": "input_audio_chunk", "audio_base_64": "AAAA", "sample_rate": 8000}', "input_error",
          "invalid_audio"),
-        ('{"message_type": "input_audio_chunk", "audio_base_64": "AAA="}', "input_error", "invalid_audio"),  # odd
+        ('{"message_type": "input_audio_chunk", "audio_base_64": "AA=="}', "input_error", "invalid_audio"),  # one byte
         ('{"message_type": "input_audio_chunk", "audio_base_64": "", "commit": true}', "input_error",
          "input_audio_buffer_commit_empty"),
     ]
