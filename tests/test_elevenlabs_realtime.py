@@ -102,23 +102,25 @@ def committed_text(messages: list[dict]) -> str:
     return " ".join(m["text"] for m in messages if m["text"].strip())
 
 
-async def vad_session(system: TestStack, audio, recording: Path, **options) -> tuple[Scribe, list[dict]]:
+async def vad_session(system: TestStack, audio, recording: Path, real_time: bool,
+                     **options) -> tuple[Scribe, list[dict]]:
     """`recording` through a VAD session, then a sentence of its own: turns are transcribed in
     order, so once the sentence's transcript is in, so are all the recording's. The session and
-    its committed transcripts, the sentence's last."""
+    its committed transcripts, the sentence's last. Server VAD needs no real time: without it the
+    audio goes as fast as the gateway takes it (it paces past a burst)."""
     scribe = await Scribe.open(system, commit_strategy=CommitStrategy.VAD, **options)
     await scribe.until("session_started")
     pause = bytes(16_000 * 2 * 2)  # longer than the default vad_silence_threshold_secs
-    # Server VAD needs no real time: as fast as the gateway takes it (it paces past a burst).
     await scribe.send(audio(recording, 16_000) + pause + audio(AUDIO / "speaker1.wav", 16_000) + pause,
-                      chunk_ms=500, real_time=False)
+                      chunk_ms=CHUNK_MS if real_time else 500, real_time=real_time)
     committed = await scribe.until_said("hilarious")
     assert words(committed[-1]["text"]) == words(SPEAKER1)
     return scribe, committed
 
 
 async def test_vad_commits_the_call_as_the_batch_api_transcribes_it(stack, audio, batch):
-    scribe, committed = await vad_session(stack, audio, CALL)  # ElevenLabs' default VAD parameters
+    # Live, at 1x, with ElevenLabs' default VAD parameters: partials while the call goes on.
+    scribe, committed = await vad_session(stack, audio, CALL, real_time=True)
     await scribe.close()
     config = scribe.of("session_started")[0]["config"]
     assert (config["commit_strategy"], config["sample_rate"], config["vad_silence_threshold_secs"],
@@ -132,9 +134,9 @@ async def test_vad_commits_the_call_as_the_batch_api_transcribes_it(stack, audio
 
 
 async def test_vad_cuts_a_meeting_into_turns_with_word_times_on_the_session_clock(stack, audio, batch):
-    scribe, committed = await vad_session(stack, audio, MEETING, vad_silence_threshold_secs=0.5, vad_threshold=0.5,
-                                          min_speech_duration_ms=100, min_silence_duration_ms=150,
-                                          include_timestamps=True)
+    scribe, committed = await vad_session(stack, audio, MEETING, real_time=False, vad_silence_threshold_secs=0.5,
+                                          vad_threshold=0.5, min_speech_duration_ms=100,
+                                          min_silence_duration_ms=150, include_timestamps=True)
     timed = await scribe.until("committed_transcript_with_timestamps", len(committed))
     await scribe.close()
     assert scribe.of("session_started")[0]["config"]["vad_silence_threshold_secs"] == 0.5

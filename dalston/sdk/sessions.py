@@ -169,6 +169,7 @@ class LiveSession:
             async with self.host.models.use(self.request.runtime_model_id) as handle:
                 self._handle = handle
                 transcriber = asyncio.create_task(self._transcribe_turns())
+                self._draft_turn()  # audio that came while the model loaded: its partial now
                 try:
                     while not self._ended.is_set():
                         # A gateway that went away without closing: nothing comes, nothing waits.

@@ -153,7 +153,7 @@ class ScribeSession(RealtimeSession):
 
     async def handle(self, raw: str | bytes) -> None:
         # Refused before it is parsed: a chunk past the bound costs no more than its reading.
-        most = MAX_CHUNK_SECONDS * 2 * self.config.sample_rate
+        most = int(MAX_CHUNK_SECONDS * 2 * self.config.sample_rate)
         if len(raw) > most * 4 // 3 + MESSAGE_OVERHEAD:
             raise ClientError("chunk_size_exceeded", f"a message of {len(raw)} bytes; a chunk holds at most "
                               f"{MAX_CHUNK_SECONDS:g} s of audio ({most} bytes, base64 encoded)", "audio_base_64")
