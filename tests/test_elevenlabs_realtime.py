@@ -170,7 +170,7 @@ async def test_manual_commits_at_24_khz(stack, audio, batch):
     await scribe.close()
     batch_text = await batch(CALL)
     error = word_error_rate(batch_text, committed["text"])
-    print(f"manual: WER against batch {error:.3f}", {"batch": batch_text, "live": committed["text"]})
+    print(f"manual, call at 24 kHz: WER against batch {error:.3f}")
     assert error <= 0.1, (batch_text, committed["text"])
     assert not scribe.of("committed_transcript_with_timestamps")  # not asked for
 
@@ -238,25 +238,46 @@ async def test_a_session_it_cannot_serve_is_refused_with_the_reason(stack, optio
 
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory):
-    """NATS and a gateway that demands keys (no engine: the handshake is all these tests need)."""
-    system = TestStack(tmp_path_factory.mktemp("scribe-auth"), DALSTON_REQUIRE_AUTH="true")
+    """NATS and a gateway that demands keys, keeps two sessions open at most and closes idle ones
+    after 4 s (no engine: what these tests ask of a session comes before its first audio);
+    and an admin key (allowed any model)."""
+    system = TestStack(tmp_path_factory.mktemp("scribe-auth"), DALSTON_REQUIRE_AUTH="true",
+                       DALSTON_MAX_REALTIME_CONNECTIONS="2", DALSTON_SESSION_IDLE_SECONDS="4")
     system.start_nats()
     system.start("gateway", "gateway")
     system.wait_http()
-    yield system
+    created = subprocess.run([sys.executable, "-m", "dalston", "keys", "create", "ops", "--admin"],
+                             env=system.env, capture_output=True, text=True, timeout=60, check=True)
+    yield system, created.stdout.strip()
     system.close()
 
 
+async def test_a_full_gateway_refuses_one_more_session_and_an_idle_one_is_closed(locked):
+    system, key = locked
+    first, second = [await Scribe.open(system, api_key=key) for _ in range(2)]
+    third = await Scribe.open(system, api_key=key)
+    (refusal,) = await third.until("resource_exhausted")
+    (closed,) = await third.until("close")
+    assert refusal["code"] == "too_many_sessions" and closed["code"] == 1008
+    # Neither sends audio: each is closed as idle, and its place is free again.
+    for scribe in (first, second):
+        (idle,) = await scribe.until("insufficient_audio_activity", timeout=30)
+        (closed,) = await scribe.until("close")
+        assert idle["code"] == "session_idle" and closed["code"] == 1008
+    fourth = await Scribe.open(system, api_key=key)
+    await fourth.until("session_started")
+    await fourth.close()
+
+
 async def test_a_wrong_key_is_refused_at_the_handshake(locked):
+    system, key = locked
     with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
-        await Scribe.open(locked, api_key="dsk_not-a-real-key")
+        await Scribe.open(system, api_key="dsk_not-a-real-key")
     assert refused.value.response.status_code in (401, 403)
     with pytest.raises(websockets.exceptions.InvalidStatus):  # no key at all
-        await websockets.connect(f"ws://127.0.0.1:{locked.http_port}/v1/speech-to-text/realtime")
-    # The gateway goes on serving: an admin key (allowed any model) opens a session.
-    created = subprocess.run([sys.executable, "-m", "dalston", "keys", "create", "ops", "--admin"],
-                             env=locked.env, capture_output=True, text=True, timeout=60, check=True)
-    scribe = await Scribe.open(locked, api_key=created.stdout.strip())
+        await websockets.connect(f"ws://127.0.0.1:{system.http_port}/v1/speech-to-text/realtime")
+    # The gateway goes on serving the right key.
+    scribe = await Scribe.open(system, api_key=key)
     (started,) = await scribe.until("session_started")
     await scribe.close()
     assert started["session_id"]

@@ -126,6 +126,9 @@ class RealtimeSession:
             await self._serve()
         finally:
             self.slots.disconnect()
+        if self._ending.is_set():  # once its place is free: a client told of the end may come again
+            with contextlib.suppress(Exception):  # the client may be gone already
+                await self.socket.close(code=1008)
 
     async def refuse(self, error: ClientError) -> None:
         await self.send_error(error.code, error.message, error.param)
@@ -158,9 +161,6 @@ class RealtimeSession:
             if self.engine is not None:
                 await self._forward(SessionInput(kind="close"))
                 self.engine = None
-            if self._ending.is_set():
-                with contextlib.suppress(Exception):  # the client may be gone already
-                    await self.socket.close(code=1008)
 
     async def end(self, code: str, message: str) -> None:
         """The gateway ends the session: the client is told why, then the socket closes."""
