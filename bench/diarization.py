@@ -6,25 +6,22 @@ recording: the real conversations of tests/data/conversations and espeak-ng conv
   except where the recording's overlap floor (tests/data/conversations/README.md) is above that.
 - Wall time of a job without and with `diarize=true` through the whole system (diarize runs
   beside transcription on an engine of its own), and their ratio. Target: <= 1.3.
-- WER and cpWER where the words are known (`<name>.stm`): cpWER is CHiME-6's concatenated
-  minimum-permutation WER, each speaker's words end to end, speakers paired to minimize errors.
+- WER and cpWER (bench/wer.py) where the words are known (`<name>.stm`).
 """
 
 from __future__ import annotations
 
-import itertools
-import re
 import statistics
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import soundfile
 
 from actors.diarize.actor import DiarizeActor
 from bench.conversations import THREE_VOICES, TWO_VOICES, Recording, conversation, der, recordings
+from bench.wer import cpwer, wer
 from dalston.catalog import Catalog
 from dalston.config import load_settings
 from dalston.contracts import DiarizeOptions
@@ -42,40 +39,6 @@ def synthetic() -> list[Recording]:
     return [Recording(f"espeak_{len(voices)}voices_{seed}", talk.audio, talk.turns, None)
             for voices in (TWO_VOICES, THREE_VOICES) for seed in range(2)
             for talk in [conversation(voices, turns=10, seed=seed)]]
-
-
-def tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def edits(reference: list[str], hypothesis: list[str]) -> int:
-    """Word-level Levenshtein distance."""
-    row = list(range(len(hypothesis) + 1))
-    for i, word in enumerate(reference, 1):
-        previous, row[0] = row[0], i
-        for j, other in enumerate(hypothesis, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
-    return row[-1]
-
-
-def wer(reference: list[tuple[str, str]], hypothesis: list[tuple[str, str]]) -> float:
-    words = [w for _, text in reference for w in tokens(text)]
-    return edits(words, [w for _, text in hypothesis for w in tokens(text)]) / len(words)
-
-
-def cpwer(reference: list[tuple[str, str]], hypothesis: list[tuple[str, str]]) -> float:
-    """(speaker, text) pairs in time order, each side; a speaker missing on one side has no words."""
-    def by_speaker(pairs):
-        spoken: dict[str, list[str]] = {}
-        for speaker, text in pairs:
-            spoken.setdefault(speaker, []).extend(tokens(text))
-        return list(spoken.values())
-    truth, found = by_speaker(reference), by_speaker(hypothesis)
-    size = max(len(truth), len(found))
-    truth, found = truth + [[]] * (size - len(truth)), found + [[]] * (size - len(found))
-    cost = np.array([[edits(t, f) for f in found] for t in truth])
-    best = min(sum(cost[i, j] for i, j in enumerate(order)) for order in itertools.permutations(range(size)))
-    return best / sum(len(t) for t in truth)
 
 
 def _diarization_rows(root: Path, talks: list[Recording]) -> dict[str, str]:
