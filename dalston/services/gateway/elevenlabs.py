@@ -31,9 +31,9 @@ from dalston.services.gateway.intake import (
     jobs,
     raise_for_failure,
     require_usable,
-    transcription_problem,
 )
 from dalston.services.gateway.jobs import JobNotFound, new_job_id
+from dalston.services.intake import transcription_problem
 
 log = get_logger("dalston.gateway")
 
