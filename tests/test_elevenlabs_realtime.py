@@ -176,7 +176,7 @@ async def test_manual_commits_at_24_khz(stack, audio, batch):
 
 
 async def test_hostile_messages_get_clear_errors_and_the_session_goes_on(stack, audio):
-    scribe = await Scribe.open(stack)
+    scribe = await Scribe.open(stack, include_language_detection=True)
     await scribe.until("session_started")
     socket = scribe.connection.websocket  # the client's own WebSocket, for what its send() never sends
     hostile = [
@@ -211,7 +211,7 @@ async def test_hostile_messages_get_clear_errors_and_the_session_goes_on(stack, 
     await scribe.connection.commit()
     (committed,) = await scribe.until("committed_transcript")
     await scribe.close()
-    assert words(committed["text"]) == words(SPEAKER1)
+    assert words(committed["text"]) == words(SPEAKER1) and committed["language_code"] == "eng"
 
 
 @pytest.mark.parametrize("options, param", [
