@@ -23,7 +23,7 @@ DALSTON = {name: spec for name, spec in SERVICES.items() if "build" in spec}
 ENGINES = {name: spec for name, spec in DALSTON.items() if "DALSTON_RUNTIME" in spec["environment"]}
 SETTINGS_VARS = {f"DALSTON_{f.encode_name.upper()}" for f in msgspec.structs.fields(Settings)}
 # Services that speak to NATS as another does: the Wyoming server submits as the gateway.
-NATS_USER_OF = {"wyoming": "gateway"}
+NATS_USER_OF = {"wyoming": "gateway", "layout": "admin"}
 
 
 def test_every_service_is_there():
@@ -41,7 +41,7 @@ def test_environment_is_settings(name):
     assert "DALSTON_NATS_REPLICAS" in env
     # Each service its own NATS user, whose password the nats service knows.
     user = env["DALSTON_NATS_USER"]
-    assert user == ("engine" if name in ENGINES else "admin" if name == "layout" else NATS_USER_OF.get(name, name))
+    assert user == ("engine" if name in ENGINES else NATS_USER_OF.get(name, name))
     assert env["DALSTON_NATS_PASSWORD"] == SERVICES["nats"]["environment"][f"DALSTON_NATS_{user.upper()}_PASSWORD"]
 
 

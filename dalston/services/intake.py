@@ -65,8 +65,8 @@ def check_completed(record: JobRecord) -> None:
 
 
 class Intake:
-    """One surface's way in: its jobs, its admission (which follows every job record), the
-    models its keys may run, and the engines that would run them."""
+    """One surface's way in: its jobs, its admission (which follows every job record) and the
+    models its keys may run."""
 
     def __init__(self, settings: Settings, catalog: Catalog, jobs: JobService, admission: Admission,
                  models: ModelService, engines: EngineWatch) -> None:
@@ -110,15 +110,15 @@ class Intake:
 
         Refused before its audio is received when DALSTON_MAX_QUEUED_JOBS jobs are unfinished
         or the key holds its share of them (429), or DALSTON_MAX_CONCURRENT_UPLOADS uploads
-        (or the key's half of them) are being received (503); and once it is received when a
-        runtime it needs has no engine (503)."""
+        (or the key's half of them) are being received (503); once it is received, when a
+        runtime it needs has no engine (503 `no_engine`)."""
         owner = key.name if key else None
         self.admission.reserve(job_id, owner, key.max_jobs if key else None)
         try:
             async with self.admission.receiving(owner) as slot:
                 audio = await receive(slot)
                 try:
-                    self.check_engines(audio)
+                    self.check_engines(audio.model, audio.options)
                     await self.jobs.submit(job_id, audio.file, audio.filename, audio.model, audio.options,
                                            owner, webhook_url=audio.webhook_url)
                 finally:
@@ -128,25 +128,25 @@ class Intake:
             raise
         return audio
 
-    def check_engines(self, audio: Audio) -> None:
+    def check_engines(self, model: str, options: TranscribeOptions) -> None:
         """Refused (503) when a runtime the job needs has no live engine and had none for
         DALSTON_ENGINE_WAIT: the orchestrator would only fail the job after that long. A runtime
         seen within it (an engine restarting) is waited for, as the orchestrator does."""
-        for runtime in self._runtimes(audio):
-            if not self.engines.seen_within(runtime, self.settings.engine_wait):
+        wait = self.settings.engine_wait
+        for runtime in self._runtimes(model, options):
+            if not self.engines.seen_within(runtime, wait):
                 raise Refused(503, "no_engine", f"no {runtime} engine is running, nor was one in the last "
-                              f"{self.settings.engine_wait:g} s (DALSTON_ENGINE_WAIT), and this job needs one: "
+                              f"{wait:g} s (DALSTON_ENGINE_WAIT), and this job needs one: "
                               f"{how_to_start(runtime)}", None)
 
-    def _runtimes(self, audio: Audio) -> list[str]:
-        """The runtimes a job's stages run on, as the orchestrator will plan them (a model it will
-        refuse needs nothing: the orchestrator says why)."""
-        settings = self.settings
+    def _runtimes(self, model: str, options: TranscribeOptions) -> list[str]:
+        """The runtimes a job's stages run on, as the orchestrator will plan them (a model it
+        will refuse needs nothing: the orchestrator says why)."""
+        default = self.settings.default_model
         try:
-            runtimes = [dag.PREPARE_RUNTIME, self.catalog.model(audio.model or settings.default_model,
-                                                                default=settings.default_model).runtime]
-            if audio.options.diarize is not None:
-                runtimes.append(self.catalog.model(settings.diarize_model).runtime)
+            runtimes = [dag.PREPARE_RUNTIME, self.catalog.model(model or default, default=default).runtime]
+            if options.diarize is not None:
+                runtimes.append(self.catalog.model(self.settings.diarize_model).runtime)
         except UnknownModel:
             return []
         return [*runtimes, dag.MERGE_RUNTIME]

@@ -1,6 +1,5 @@
 """Runs one service in this process until SIGINT or SIGTERM: gateway, orchestrator, webhooks,
-the Wyoming server, an engine of one runtime, or the layout keeper (the admin step, as a
-service)."""
+the Wyoming server, an engine of one runtime, or the layout keeper (the admin step, as a service)."""
 
 from __future__ import annotations
 

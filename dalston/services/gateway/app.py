@@ -1,5 +1,6 @@
 """The Litestar app: `/v1/audio/transcriptions` and `/v1/audio/translations`
-(OpenAI-compatible), `/v1/speech-to-text` (ElevenLabs-compatible, elevenlabs.py), `/v1/jobs`,
+(OpenAI-compatible), `/v1/speech-to-text` (ElevenLabs-compatible, elevenlabs.py) and its realtime
+WebSocket (elevenlabs_realtime.py), `/v1/realtime` (realtime.py), `/v1/jobs`,
 models, engines, health. Every route is a thin translation between HTTP and NATS."""
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 from dalston.services.gateway.auth import require_key, visible_owner
 from dalston.services.gateway.elevenlabs import elevenlabs_api
+from dalston.services.gateway.elevenlabs_realtime import scribe_realtime
 from dalston.services.gateway.form import BadForm, read_form
 from dalston.services.gateway.intake import (
     ApiError,
@@ -415,7 +417,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[create_transcription, create_translation, submit_job, get_job, list_jobs, cancel_job,
                         get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
-                        metrics, healthz, readyz, elevenlabs_api, realtime, web_page],
+                        metrics, healthz, readyz, elevenlabs_api, scribe_realtime, realtime, web_page],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
         guards=[require_key],
