@@ -25,21 +25,25 @@ from litestar.exceptions import WebSocketDisconnect
 from dalston.bus.connection import Msg
 from dalston.catalog import ModelSpec, UnknownModel
 from dalston.config import Settings
-from dalston.contracts import SessionClaim, SessionConfig, SessionInput, SessionOutput, SessionRequest
 from dalston.contracts import (
     HEARTBEAT_SUBJECT,
     SESSION_CLAIM_SUBJECT,
     SESSION_INPUT_SUBJECT,
     SESSION_OUTPUT_SUBJECT,
     ContractError,
+    SessionClaim,
+    SessionConfig,
+    SessionInput,
+    SessionOutput,
+    SessionRequest,
     decode,
     subject_token,
 )
 from dalston.logs import get_logger
 from dalston.services.gateway.auth import job_owner, still_valid, verified_key
-from dalston.services.intake import transcription_problem
 from dalston.services.gateway.models import ModelNotInstalled
 from dalston.services.gateway.session_bounds import ACTIVE_SECONDS, AudioPace, SessionSlots
+from dalston.services.intake import transcription_problem
 
 log = get_logger("dalston.gateway.realtime")
 
