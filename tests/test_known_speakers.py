@@ -11,11 +11,13 @@ import subprocess
 import sys
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import soundfile
 from openai import OpenAI
 
+from actors.diarize.known_speakers import match
 from tests.stack import AUDIO, TestStack, wait_job
 
 MODEL = "faster-whisper-tiny.en"
@@ -120,38 +122,31 @@ def test_enrolled_voices_name_speakers_by_name_alone_on_both_forms(stack):
     assert httpx.get(f"{stack.url}/v1/voices").json()["data"] == []
 
 
-def bad_forms() -> list[tuple[str, dict, str]]:
+def bad_requests() -> list[tuple[str, dict, str]]:
     good = data_url(AGENT)
+    names, references = "known_speaker_names", "known_speaker_references"
     return [
-        ("not audio", {NAMES: ["a"], REFERENCES: ["data:audio/wav;base64," + base64.b64encode(b"no sound " * 99).decode()]},
+        ("not audio", {names: ["a"], references: ["data:audio/wav;base64," + base64.b64encode(b"no sound " * 99).decode()]},
          REFERENCES),
-        ("not a data URL", {NAMES: ["a"], REFERENCES: ["https://example.com/agent.wav"]}, REFERENCES),
-        ("five references", {NAMES: list("abcde"), REFERENCES: [good] * 5}, REFERENCES),
-        ("five names", {NAMES: list("abcde")}, NAMES),
-        ("a clip of one second", {NAMES: ["a"], REFERENCES: [data_url(cut(CALL, 11.0, 12.0))]}, REFERENCES),
-        ("a clip of twelve seconds", {NAMES: ["a"], REFERENCES: [data_url(cut(CALL, 6.0, 18.0))]}, REFERENCES),
-        ("a name of 65 characters", {NAMES: ["x" * 65], REFERENCES: [good]}, NAMES),
-        ("a name with a control character", {NAMES: ["agent\x07"], REFERENCES: [good]}, NAMES),
-        ("two names, one reference", {NAMES: ["a", "b"], REFERENCES: [good]}, REFERENCES),
-        ("a reference without a name", {REFERENCES: [good]}, REFERENCES),
-        ("a name twice", {NAMES: ["a", "a"], REFERENCES: [good, good]}, NAMES),
-        ("a name no voice was enrolled under", {NAMES: ["nobody"]}, NAMES),
+        ("not a data URL", {names: ["a"], references: ["https://example.com/agent.wav"]}, REFERENCES),
+        ("five references", {names: list("abcde"), references: [good] * 5}, REFERENCES),
+        ("five names", {names: list("abcde")}, NAMES),
+        ("a clip of one second", {names: ["a"], references: [data_url(cut(CALL, 11.0, 12.0))]}, REFERENCES),
+        ("a clip of twelve seconds", {names: ["a"], references: [data_url(cut(CALL, 6.0, 18.0))]}, REFERENCES),
+        ("a name of 65 characters", {names: ["x" * 65], references: [good]}, NAMES),
+        ("a name with a control character", {names: ["agent\x07"], references: [good]}, NAMES),
+        ("two names, one reference", {names: ["a", "b"], references: [good]}, REFERENCES),
+        ("a reference without a name", {references: [good]}, REFERENCES),
+        ("a name twice", {names: ["a", "a"], references: [good, good]}, NAMES),
+        ("a name no voice was enrolled under", {names: ["nobody"]}, NAMES),
     ]
 
 
-@pytest.mark.parametrize("why, form, param", bad_forms(), ids=[why for why, _, _ in bad_forms()])
-def test_bad_known_speakers_are_a_400_naming_the_field(stack, why, form, param):
-    with open(AUDIO / "speaker1.wav", "rb") as audio:
-        response = httpx.post(f"{stack.url}/v1/audio/transcriptions", files={"file": audio},
-                              data={"model": MODEL, "response_format": "diarized_json", **form})
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == param
-
-
-def test_the_openai_client_hears_which_field_is_wrong(stack):
+@pytest.mark.parametrize("why, known, param", bad_requests(), ids=[why for why, _, _ in bad_requests()])
+def test_bad_known_speakers_are_a_400_naming_the_field(stack, why, known, param):
     with pytest.raises(openai.BadRequestError) as refused:
-        transcribe(stack, known_speaker_names=["agent", "customer"], known_speaker_references=[data_url(AGENT)])
-    assert refused.value.param == REFERENCES
+        transcribe(stack, **known)
+    assert refused.value.param == param
 
 
 @pytest.mark.parametrize("name, clip, param", [
@@ -203,3 +198,20 @@ def test_a_voice_is_its_keys_alone(keyed):
     assert len(httpx.get(f"{system.url}/v1/voices", headers=admin).json()["data"]) == 2
     assert httpx.delete(f"{system.url}/v1/voices/{voice['id']}", headers=alice).status_code == 200
     assert httpx.get(f"{system.url}/v1/voices", headers=alice).json()["data"] == []
+
+
+def unit(*values: float) -> np.ndarray:
+    vector = np.array(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_each_voice_names_one_speaker_at_most_and_a_faint_likeness_none():
+    near, nearer, far = unit(1, 0.3, 0), unit(1, 0.1, 0), unit(0, 0, 1)
+    voices = {"SPEAKER_0": near, "SPEAKER_1": nearer, "SPEAKER_2": far}
+    # Two speakers are like "agent" (cosines 0.98, 1.0): the closer one alone takes the name.
+    assert match(voices, [("agent", unit(1, 0.1, 0))]) == {"SPEAKER_1": "agent"}
+    # Pairs go most alike first: "boss" is most like SPEAKER_1 too, but "agent" is more so and
+    # takes it; "boss" names the next best speaker left.
+    assert match(voices, [("boss", unit(1, 0.12, 0)), ("agent", unit(1, 0.1, 0))]) == \
+        {"SPEAKER_1": "agent", "SPEAKER_0": "boss"}
+    assert match(voices, [("stranger", unit(0, 1, 0.2))]) == {}  # nobody above MATCH_THRESHOLD

@@ -20,7 +20,7 @@ from dalston.pcm import SAMPLE_RATE
 # Cosine between a 1.5-10 s clip of a voice and a diarized speaker's turns, at or above which
 # the speaker may be that voice. Measured on the real conversations of tests/data/conversations
 # (`python -m bench.known_speakers`): a clip against its own speaker's other turns 0.70-0.93
-# (5th percentile to max), against another speaker of the recording 0.49-0.90, against a stranger
+# (5th to 95th percentile), against another speaker of the recording 0.49-0.90, against a stranger
 # 0.46-0.85. They overlap, so the pairing (most alike first) does most of the work; at 0.80, 21 of
 # 22 clips still name a speaker (16 the right one: GE2E tells AMI's room-microphone voices apart
 # poorly) and 26% of strangers' clips name someone (all AMI, who share one room's sound; 0.85
