@@ -137,6 +137,7 @@ def bad_requests() -> list[tuple[str, dict, str]]:
         ("a name with a control character", {names: ["agent\x07"], references: [good]}, NAMES),
         ("two names, one reference", {names: ["a", "b"], references: [good]}, REFERENCES),
         ("a reference without a name", {references: [good]}, REFERENCES),
+        ("a name an unnamed speaker has", {names: ["SPEAKER_1"], references: [good]}, NAMES),
         ("a name twice", {names: ["a", "a"], references: [good, good]}, NAMES),
         ("a name no voice was enrolled under", {names: ["nobody"]}, NAMES),
     ]

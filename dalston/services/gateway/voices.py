@@ -61,6 +61,8 @@ MAX_VOICES_PER_KEY = 100
 
 
 _VOICE_ID = re.compile(r"voice_[0-9a-f]{32}")
+# The labels of speakers no voice names: a known speaker called so would be taken for one.
+_ANONYMOUS = re.compile(r"(?:CH\d+_)?SPEAKER_\d+")
 
 
 def asks_known_speakers(form) -> bool:
@@ -102,6 +104,8 @@ def checked_name(name: str, param: str) -> str:
                             f"one has {len(name)}", param=param)
     if any(unicodedata.category(c) == "Cc" for c in name):
         raise ApiError(400, "a speaker name may not hold control characters", param=param)
+    if _ANONYMOUS.fullmatch(name):
+        raise ApiError(400, f"{name!r} is how unnamed speakers are labelled; pick another name", param=param)
     return name
 
 
@@ -152,7 +156,8 @@ async def embed(request: Request, model: ModelSpec, clip: np.ndarray) -> list[fl
     """The embedding of `clip` by `model`, from one of its runtime's engines."""
     bus = request.app.state.bus
     answer = await bus.request(VOICE_EMBED_SUBJECT.format(runtime=subject_token(model.runtime)),
-                               VoiceEmbedRequest(model=model.runtime_model_id, pcm16=to_pcm16(clip)),
+                               VoiceEmbedRequest(model=model.runtime_model_id,
+                                                 pcm16=to_pcm16(clip[:int(MAX_VOICE_CLIP_SECONDS * SAMPLE_RATE)])),
                                timeout=EMBED_TIMEOUT_SECONDS)
     if answer is None:
         watch: EngineWatch = request.app.state.engines
