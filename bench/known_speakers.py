@@ -17,13 +17,13 @@ import soundfile
 
 from actors.diarize.ge2e import WEIGHTS
 from actors.diarize.ge2e_encoder import Ge2eEncoder
-from actors.diarize.known_speakers import EMBED_RATE, MATCH_THRESHOLD, embed_voice
+from actors.diarize.known_speakers import EMBED_RATE, MATCH_THRESHOLD, at_level, embed_voice
 from dalston.pcm import SAMPLE_RATE
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "conversations"
 MODEL = Path(__file__).resolve().parent.parent / "catalog" / "weights" / "resemblyzer-ge2e" / WEIGHTS
 MIN_CLIP, MAX_CLIP = 1.5, 10.0
-THRESHOLDS = (0.65, 0.70, 0.75, 0.80, 0.85)
+THRESHOLDS = (0.65, 0.70, 0.72, 0.75, 0.78, 0.80, 0.85)
 
 
 def _turns(rttm: Path) -> list[tuple[float, float, str]]:
@@ -65,7 +65,7 @@ def main() -> None:
             for left_out in [None, *own]:
                 rest = [speech[i] for i in own if i != left_out]
                 if sum(map(len, rest)) >= SAMPLE_RATE:
-                    pooled[rttm.stem, speaker, left_out] = encoder.embed_utterance(np.concatenate(rest), rate=EMBED_RATE)
+                    pooled[rttm.stem, speaker, left_out] = encoder.embed_utterance(at_level(np.concatenate(rest)), rate=EMBED_RATE)
     same, other, stranger, turn_same, turn_other = [], [], [], [], []
     for recording, speaker, index, clip in clips:
         for (rec, spk, left_out), voice in pooled.items():

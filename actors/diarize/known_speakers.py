@@ -19,13 +19,19 @@ from dalston.pcm import SAMPLE_RATE
 
 # Cosine between a 1.5-10 s clip of a voice and a diarized speaker's turns, at or above which
 # the speaker may be that voice. Measured on the real conversations of tests/data/conversations
-# (`python -m bench.known_speakers`): a clip against its own speaker's other turns 0.70-0.93
-# (5th to 95th percentile), against another speaker of the recording 0.49-0.90, against a stranger
-# 0.46-0.85. They overlap, so the pairing (most alike first) does most of the work; at 0.80, 21 of
-# 22 clips still name a speaker (16 the right one: GE2E tells AMI's room-microphone voices apart
-# poorly) and 26% of strangers' clips name someone (all AMI, who share one room's sound; 0.85
-# would halve that and lose a third of the true names).
-MATCH_THRESHOLD = 0.80
+# (`python -m bench.known_speakers`, levels evened as below): a clip against its own speaker's
+# other turns 0.53-0.92 (5th to 95th percentile, median 0.84), against another speaker of the
+# recording 0.45-0.81 (median 0.65), against a stranger 0.44-0.75 (median 0.58). They overlap, so
+# the pairing (most alike first) does part of the work. At 0.75, 19 of 22 clips name the right
+# speaker of their recording, none a wrong one, and 8% of strangers' clips name someone (all AMI
+# voices against AMI voices, one room's sound); 0.78 would name 2 fewer right and 1% of strangers,
+# 0.72 one more right and 17% of strangers: 0.75 is near where misses and false names balance.
+MATCH_THRESHOLD = 0.75
+# The encoder reads mel power, not its log, so its embeddings move with the level: a clip and a
+# speaker's turns are both brought to the level Resemblyzer's `preprocess_wav` gives utterances
+# (dBFS of the mean power) before they are compared. On the conversations above, raw levels
+# named the right speaker from 16 of 22 clips and a wrong one from 6.
+SPEECH_DBFS = -30.0
 # Windows a second for a voice's embedding (as ge2e's pooled pieces).
 EMBED_RATE = 1.25
 # A speaker's voice is embedded from at most this much of its speech (its longest turns):
@@ -39,7 +45,15 @@ def embed_voice(encoder: Ge2eEncoder, clip: np.ndarray) -> np.ndarray:
     """The unit GE2E embedding of the speech in `clip` (16 kHz float32), pauses left out."""
     regions = get_speech_timestamps(clip, CLIP_VAD)
     speech = np.concatenate([clip[r["start"]:r["end"]] for r in regions]) if regions else clip
-    return encoder.embed_utterance(speech, rate=EMBED_RATE)
+    return encoder.embed_utterance(at_level(speech), rate=EMBED_RATE)
+
+
+def at_level(speech: np.ndarray) -> np.ndarray:
+    """`speech` scaled to a mean power of SPEECH_DBFS."""
+    power = float(np.mean(np.square(speech, dtype=np.float64))) if len(speech) else 0.0
+    if power <= 0.0:
+        return speech
+    return (speech * 10 ** ((SPEECH_DBFS - 10 * np.log10(power)) / 20)).astype(np.float32)
 
 
 def speaker_voices(encoder: Ge2eEncoder, audio: np.ndarray,
@@ -59,7 +73,7 @@ def speaker_voices(encoder: Ge2eEncoder, audio: np.ndarray,
             total += end - turn.start
         speech = np.concatenate(pieces)
         if len(speech):
-            voices[speaker] = encoder.embed_utterance(speech, rate=EMBED_RATE)
+            voices[speaker] = encoder.embed_utterance(at_level(speech), rate=EMBED_RATE)
     return voices
 
 
