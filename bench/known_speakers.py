@@ -65,7 +65,8 @@ def main() -> None:
             for left_out in [None, *own]:
                 rest = [speech[i] for i in own if i != left_out]
                 if sum(map(len, rest)) >= SAMPLE_RATE:
-                    pooled[rttm.stem, speaker, left_out] = encoder.embed_utterance(at_level(np.concatenate(rest)), rate=EMBED_RATE)
+                    speech = at_level(np.concatenate(rest))
+                    pooled[rttm.stem, speaker, left_out] = encoder.embed_utterance(speech, rate=EMBED_RATE)
     same, other, stranger, turn_same, turn_other = [], [], [], [], []
     for recording, speaker, index, clip in clips:
         for (rec, spk, left_out), voice in pooled.items():

@@ -41,11 +41,11 @@ from dalston.contracts import (
     Voice,
     VoiceEmbedReply,
     VoiceEmbedRequest,
-    decode as decode_message,
     encode,
     now,
     subject_token,
 )
+from dalston.contracts import decode as decode_message
 from dalston.engines import EngineWatch, how_to_start
 from dalston.pcm import SAMPLE_RATE, to_pcm16
 from dalston.services.gateway.auth import job_owner, visible_owner
@@ -118,7 +118,8 @@ def reference_bytes(reference: str, index: int) -> bytes:
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, f"known_speaker_references ({index}) is not valid base64", param=REFERENCES) from None
+        raise ApiError(400, f"known_speaker_references ({index}) is not valid base64",
+                       param=REFERENCES) from None
 
 
 async def clip_samples(audio: bytes | io.IOBase, what: str, param: str = REFERENCES) -> np.ndarray:
@@ -128,7 +129,9 @@ async def clip_samples(audio: bytes | io.IOBase, what: str, param: str = REFEREN
         with tempfile.TemporaryDirectory(prefix="dalston-voice-") as directory:
             source = io.BytesIO(audio) if isinstance(audio, bytes) else audio
             prepared = decode(source, Path(directory), max_duration=MAX_VOICE_CLIP_SECONDS, max_channels=1)
-            return np.fromfile(prepared.channels[0], dtype=np.float32) if prepared.channels else np.zeros(0, np.float32)
+            if not prepared.channels:
+                return np.zeros(0, np.float32)
+            return np.fromfile(prepared.channels[0], dtype=np.float32)
 
     try:
         samples = await asyncio.to_thread(run)
@@ -155,9 +158,9 @@ def diarize_model(request: Request) -> ModelSpec:
 async def embed(request: Request, model: ModelSpec, clip: np.ndarray) -> list[float]:
     """The embedding of `clip` by `model`, from one of its runtime's engines."""
     bus = request.app.state.bus
+    pcm16 = to_pcm16(clip[:int(MAX_VOICE_CLIP_SECONDS * SAMPLE_RATE)])
     answer = await bus.request(VOICE_EMBED_SUBJECT.format(runtime=subject_token(model.runtime)),
-                               VoiceEmbedRequest(model=model.runtime_model_id,
-                                                 pcm16=to_pcm16(clip[:int(MAX_VOICE_CLIP_SECONDS * SAMPLE_RATE)])),
+                               VoiceEmbedRequest(model=model.runtime_model_id, pcm16=pcm16),
                                timeout=EMBED_TIMEOUT_SECONDS)
     if answer is None:
         watch: EngineWatch = request.app.state.engines
@@ -222,7 +225,8 @@ def _everyone(request: Request) -> bool:
     return visible_owner(request) is None
 
 
-@post("/v1/voices", status_code=201, summary="Enroll a voice: its name and a 1.5-10 s clip (only its embedding is kept)")
+@post("/v1/voices", status_code=201,
+      summary="Enroll a voice: its name and a 1.5-10 s clip (only its embedding is kept)")
 async def enroll_voice(request: Request) -> dict[str, Any]:
     try:
         form = await read_form(request)
