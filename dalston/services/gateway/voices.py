@@ -88,6 +88,12 @@ async def known_speakers(request: Request, form) -> list[dict[str, Any]]:
         if missing:
             raise ApiError(400, f"no voice named {missing[0]!r} is enrolled for this key (POST /v1/voices), "
                                 "and no known_speaker_references were sent", param=NAMES)
+        model = diarize_model(request)
+        stale = [n for n in names if stored[n].model != model.id]
+        if stale:
+            # Another model's embeddings are not comparable with this one's.
+            raise ApiError(400, f"the voice {stale[0]!r} was enrolled with {stored[stale[0]].model}, and "
+                                f"speakers are now told apart by {model.id}: enroll it again", param=NAMES)
         return [{"name": n, "embedding": stored[n].embedding, "model": stored[n].model} for n in names]
     clips = [await clip_samples(reference_bytes(ref, i), f"known_speaker_references ({i})")
              for i, ref in enumerate(references)]
