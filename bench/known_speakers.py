@@ -5,6 +5,7 @@ Each reference turn of 1.5-10 s (overlapped speech cut out) plays a known speake
 compared, as the diarize engine compares, with the pooled embedding of each speaker's *other*
 turns: its own speaker's (same), another speaker's of the same recording (other), and the
 speakers of the other recordings (stranger; AMI participants who recur are not strangers).
+Clips and pooled turns are brought to one level first, as the engine does (`at_level`).
 Also turn against turn. Prints quantiles of each, and how many would be named wrongly or
 missed at a few thresholds."""
 
