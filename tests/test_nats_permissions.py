@@ -79,6 +79,14 @@ REFUSED = [
     ("engine", "publish", "$JS.API.STREAM.PURGE.TASKS", "empty the task queue"),
     ("engine", "publish", "events.job.some-job", "announce a job done"),
     ("gateway", "publish", "transcript.some-job", "forge a job's streamed text"),
+    # Enrolled voices are the gateway's: a job carries the embeddings of its own known speakers.
+    ("engine", "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read any key's voices"),
+    ("engine", "publish", "$JS.API.CONSUMER.CREATE.KV_voices", "list every key's voices"),
+    ("engine", "publish", "$KV.voices.some-voice", "enroll or overwrite a voice"),
+    ("engine", "publish", "voices.embed.diarize", "ask for embeddings as if it were the gateway"),
+    ("orchestrator", "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read voices"),
+    ("webhooks", "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read voices"),
+    ("gateway", "subscribe", "voices.embed.*", "answer embed requests in an engine's place"),
     ("orchestrator", "publish", "$KV.apikeys.some-digest", "mint an API key"),
     ("webhooks", "publish", "jobs.submit", "submit jobs"),
     ("webhooks", "publish", "events.job.some-job", "announce a job done"),
@@ -204,7 +212,7 @@ async def test_streams_open_to_ephemeral_consumers_hold_no_durable_one(locked):
     updates it: the streams where services may send it must hold none to update."""
     conf = (NATS_DIR / "accounts.conf").read_text()
     open_streams = set(re.findall(r'"\$JS\.API\.CONSUMER\.CREATE\.(\w+)"', conf))
-    assert open_streams == {"KV_jobs", "OBJ_artifacts", "HEARTBEATS"}
+    assert open_streams == {"KV_jobs", "KV_voices", "OBJ_artifacts", "HEARTBEATS"}
     bus = await locked.bus()
     try:
         for stream in open_streams:
