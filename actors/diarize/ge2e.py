@@ -1,10 +1,11 @@
 """Diarization with the GE2E speaker encoder (Resemblyzer's, on onnxruntime): speech regions
-from Silero VAD, embeddings pooled over pieces of them, clustering, then turn boundaries placed
-by windows.
+from Silero VAD, the speech raised to the encoder's level, then NME-SC over single windows or,
+on little speech, clustering of embeddings pooled over pieces with turn boundaries placed by
+windows.
 
-The constants were chosen by measurement on `bench/diarization.py`'s conversations (two and
-three espeak-ng voices, which are far more alike than real people) and on the real
-`dialogue.wav`; see that benchmark for DER and speed.
+The clustering constants were chosen by measurement on conversations of espeak-ng voices (far
+more alike than real people) and the real `dialogue.wav`; the VAD threshold on the real
+recordings of tests/data/conversations. `bench/diarization.py` has DER, count and speed.
 """
 
 from __future__ import annotations
