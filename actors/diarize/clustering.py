@@ -21,10 +21,9 @@ from actors.diarize.linkage import fcluster, linkage
 # neighbours, for every p from 2 up to this share of the windows; each p's graph Laplacian gives
 # a count (its largest eigengap). The count is the one most p give (NeMo's
 # `maj_vote_spk_count`): on a few dozen windows the single p with the clearest gap relative to
-# p is often a small one whose graph falls apart into turns (each window's nearest neighbours
-# are the windows overlapping it), counting 6-8 speakers in a 20 s talk of two. Of the p that
-# give it, the one with the clearest gap relative to p (the normalized maximum eigengap) shapes
-# the clusters.
+# p is often a small one whose graph falls apart into single turns, counting 6-8 speakers in a
+# 20 s talk of two. Of the p that give it, the one with the clearest gap relative to p (the
+# normalized maximum eigengap) shapes the clusters.
 MAX_NEIGHBOUR_SHARE = 0.25
 MAX_SPEAKERS = 8
 
@@ -84,9 +83,10 @@ def spectral(embeddings: np.ndarray, *, bounds: tuple[int, int] = (1, MAX_SPEAKE
              seed: int = 0) -> np.ndarray:
     """Speaker numbers (0..) of windows by NME-SC: the count most p-neighbour graphs show by
     their largest eigengap (clamped to `bounds`, min and max), then k-means on the first
-    eigenvectors of the Laplacian of the p with the clearest normalized gap for that count. The count is a property of the graph, not of a similarity
-    threshold, so it does not depend on how alike one encoder makes voices in general; windows
-    over overlapped speech link to either voice and make no cluster of their own."""
+    eigenvectors of the Laplacian of the p with the clearest normalized gap for that count. The
+    count is a property of the graph, not of a similarity threshold, so it does not depend on
+    how alike one encoder makes voices in general; windows over overlapped speech link to
+    either voice and make no cluster of their own."""
     vectors = _unit(np.asarray(embeddings, dtype=np.float64))
     n = len(vectors)
     low, high = bounds
