@@ -5,7 +5,7 @@ Each reference turn of 1.5-10 s (overlapped speech cut out) plays a known speake
 compared, as the diarize engine compares, with the pooled embedding of each speaker's *other*
 turns: its own speaker's (same), another speaker's of the same recording (other), and the
 speakers of the other recordings (stranger; AMI participants who recur are not strangers).
-Clips and pooled turns are brought to one level first, as the engine does (`at_level`).
+Clips and pooled turns are brought to one level first, as the engine does (`levelled`).
 Also turn against turn. Prints quantiles of each, and how many would be named wrongly or
 missed at a few thresholds."""
 
@@ -17,8 +17,8 @@ import numpy as np
 import soundfile
 
 from actors.diarize.ge2e import WEIGHTS
-from actors.diarize.ge2e_encoder import Ge2eEncoder
-from actors.diarize.known_speakers import EMBED_RATE, MATCH_THRESHOLD, at_level, embed_voice
+from actors.diarize.ge2e_encoder import Ge2eEncoder, levelled
+from actors.diarize.known_speakers import EMBED_RATE, MATCH_THRESHOLD, embed_voice
 from dalston.pcm import SAMPLE_RATE
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "conversations"
@@ -49,7 +49,8 @@ def _speech(audio: np.ndarray, turn, turns) -> np.ndarray:
     return piece[_alone(turn, turns, SAMPLE_RATE)[:len(piece)]]
 
 
-def main() -> None:
+def run(root: Path) -> list[str]:
+    lines = []
     encoder = Ge2eEncoder(MODEL)
     clips = []  # (recording, speaker, turn index, embedding)
     pooled = {}  # (recording, speaker, left-out turn index or None) -> embedding
@@ -66,8 +67,8 @@ def main() -> None:
             for left_out in [None, *own]:
                 rest = [speech[i] for i in own if i != left_out]
                 if sum(map(len, rest)) >= SAMPLE_RATE:
-                    speech = at_level(np.concatenate(rest))
-                    pooled[rttm.stem, speaker, left_out] = encoder.embed_utterance(speech, rate=EMBED_RATE)
+                    pooled[rttm.stem, speaker, left_out] = encoder.embed_utterance(
+                        levelled(np.concatenate(rest)), rate=EMBED_RATE)
     same, other, stranger, turn_same, turn_other = [], [], [], [], []
     for recording, speaker, index, clip in clips:
         for (rec, spk, left_out), voice in pooled.items():
@@ -82,16 +83,16 @@ def main() -> None:
         for rec_b, spk_b, _, b in clips[i + 1:]:
             if rec_a == rec_b:
                 (turn_same if spk_a == spk_b else turn_other).append(float(a @ b))
-    print(f"{len(clips)} clips of {MIN_CLIP}-{MAX_CLIP} s; threshold now {MATCH_THRESHOLD}")
-    print(f"{'clip vs':<28} {'n':>5} {'min':>6} {'p5':>6} {'p50':>6} {'p95':>6} {'max':>6}")
+    lines.append(f"{len(clips)} clips of {MIN_CLIP}-{MAX_CLIP} s; threshold now {MATCH_THRESHOLD}")
+    lines.append(f"{'clip vs':<28} {'n':>5} {'min':>6} {'p5':>6} {'p50':>6} {'p95':>6} {'max':>6}")
     for name, values in [("own speaker's other turns", same), ("another speaker, same rec.", other),
                          ("a stranger (other rec.)", stranger), ("turn vs turn, same speaker", turn_same),
                          ("turn vs turn, other speaker", turn_other)]:
         q = np.quantile(values, [0, 0.05, 0.5, 0.95, 1])
-        print(f"{name:<28} {len(values):>5} " + " ".join(f"{v:6.3f}" for v in q))
+        lines.append(f"{name:<28} {len(values):>5} " + " ".join(f"{v:6.3f}" for v in q))
     # As the engine decides: a clip names the speaker of the recording most like it, if at or
     # above the threshold. Its own recording: right, wrong or missed; another one: named anyone.
-    print("a clip names the most alike speaker of a recording, at or above the threshold:")
+    lines.append("a clip names the most alike speaker of a recording, at or above the threshold:")
     for threshold in THRESHOLDS:
         right = wrong = missed = accepted = 0
         for recording, speaker, index, clip in clips:
@@ -110,9 +111,6 @@ def main() -> None:
                           if r == rec and left_out is None and s != speaker]
                 accepted += max(scores) >= threshold
         strangers = len(clips) * (len({r for r, _, _ in pooled}) - 1)
-        print(f"  {threshold:.2f}: own recording right {right}, wrong {wrong}, missed {missed}; "
+        lines.append(f"  {threshold:.2f}: own recording right {right}, wrong {wrong}, missed {missed}; "
               f"other recordings named someone {accepted}/{strangers}")
-
-
-if __name__ == "__main__":
-    main()
+    return lines

@@ -18,7 +18,7 @@ import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from actors.diarize.clustering import Piece, absorb_islands, best_split, cluster, join, spectral
-from actors.diarize.ge2e_encoder import Ge2eEncoder
+from actors.diarize.ge2e_encoder import Ge2eEncoder, levelled
 from dalston.contracts import DiarizeOptions, SpeakerTurn
 from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import TaskCancelled
@@ -33,9 +33,6 @@ WEIGHTS = "ge2e.onnx"
 # other six choose 0.25 (once 0.2); DER with true speaker labels on the windows went down on 5
 # of the 7 held out.
 VAD = VadOptions(threshold=0.25, min_silence_duration_ms=150, speech_pad_ms=30, min_speech_duration_ms=100)
-# The level Resemblyzer's `preprocess_wav` raises every quieter utterance to before the encoder,
-# in training and in use (`normalize_volume`, dBFS of the mean power).
-SPEECH_DBFS = -30.0
 # Regions are cut into equal pieces of at most this long, each embedded as a whole: long enough
 # to pool many windows, short enough that a turn change without a pause shows.
 PIECE_SECONDS = 5.0
@@ -145,18 +142,14 @@ def speech_regions(audio: np.ndarray) -> list[tuple[float, float]]:
 
 
 def at_training_level(audio: np.ndarray, regions: list[tuple[float, float]]) -> np.ndarray:
-    """`audio` raised, if its speech is quieter, to SPEECH_DBFS, as Resemblyzer's preprocessing
-    raises every utterance (never lowers: `increase_only`). The encoder reads mel power, not its
-    log, so its embeddings move with the level: far room microphones 10 dB quieter than that
-    make voices look alike (AMI: same-speaker against other-speaker cosine 0.75 against 0.72
-    as recorded, 0.69 against 0.57 raised)."""
+    """`audio` raised, if its speech is quieter, to the encoder's level, as Resemblyzer's
+    preprocessing raises every utterance (never lowers: `increase_only`). Far room microphones
+    10 dB quieter than that make voices look alike (AMI: same-speaker against other-speaker
+    cosine 0.75 against 0.72 as recorded, 0.69 against 0.57 raised)."""
     if not regions:
         return audio
     speech = np.concatenate([audio[_sample(start):_sample(end)] for start, end in regions])
-    power = float(np.mean(np.square(speech, dtype=np.float64)))
-    if not 0.0 < power < 10 ** (SPEECH_DBFS / 10):
-        return audio
-    return (audio * 10 ** ((SPEECH_DBFS - 10 * math.log10(power)) / 20)).astype(np.float32)
+    return levelled(audio, speech, raise_only=True)
 
 
 def _pieces(regions: list[tuple[float, float]]) -> list[Piece]:

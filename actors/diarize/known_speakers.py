@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
-from actors.diarize.ge2e_encoder import Ge2eEncoder
+from actors.diarize.ge2e_encoder import Ge2eEncoder, levelled
 from dalston.contracts import SpeakerTurn
 from dalston.pcm import SAMPLE_RATE
 
@@ -27,11 +27,9 @@ from dalston.pcm import SAMPLE_RATE
 # voices against AMI voices, one room's sound); 0.78 would name 2 fewer right and 1% of strangers,
 # 0.72 one more right and 17% of strangers: 0.75 is near where misses and false names balance.
 MATCH_THRESHOLD = 0.75
-# The encoder reads mel power, not its log, so its embeddings move with the level: a clip and a
-# speaker's turns are both brought to the level Resemblyzer's `preprocess_wav` gives utterances
-# (dBFS of the mean power) before they are compared. On the conversations above, raw levels
-# named the right speaker from 16 of 22 clips and a wrong one from 6.
-SPEECH_DBFS = -30.0
+# A clip and a speaker's turns are both brought to the encoder's level (`levelled`, both ways)
+# before they are compared: on the conversations above, raw levels named the right speaker
+# from 16 of 22 clips and a wrong one from 6.
 # Windows a second for a voice's embedding (as ge2e's pooled pieces).
 EMBED_RATE = 1.25
 # A speaker's voice is embedded from at most this much of its speech (its longest turns):
@@ -45,15 +43,7 @@ def embed_voice(encoder: Ge2eEncoder, clip: np.ndarray) -> np.ndarray:
     """The unit GE2E embedding of the speech in `clip` (16 kHz float32), pauses left out."""
     regions = get_speech_timestamps(clip, CLIP_VAD)
     speech = np.concatenate([clip[r["start"]:r["end"]] for r in regions]) if regions else clip
-    return encoder.embed_utterance(at_level(speech), rate=EMBED_RATE)
-
-
-def at_level(speech: np.ndarray) -> np.ndarray:
-    """`speech` scaled to a mean power of SPEECH_DBFS."""
-    power = float(np.mean(np.square(speech, dtype=np.float64))) if len(speech) else 0.0
-    if power <= 0.0:
-        return speech
-    return (speech * 10 ** ((SPEECH_DBFS - 10 * np.log10(power)) / 20)).astype(np.float32)
+    return encoder.embed_utterance(levelled(speech), rate=EMBED_RATE)
 
 
 def speaker_voices(encoder: Ge2eEncoder, audio: np.ndarray,
@@ -73,7 +63,7 @@ def speaker_voices(encoder: Ge2eEncoder, audio: np.ndarray,
             total += end - turn.start
         speech = np.concatenate(pieces)
         if len(speech):
-            voices[speaker] = encoder.embed_utterance(at_level(speech), rate=EMBED_RATE)
+            voices[speaker] = encoder.embed_utterance(levelled(speech), rate=EMBED_RATE)
     return voices
 
 
