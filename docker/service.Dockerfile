@@ -1,7 +1,10 @@
 # The gateway, the orchestrator and the model-less engines (audio-prepare, merge): compose.yaml
 # picks the service with `command`. Audio decoding needs no system ffmpeg: the PyAV wheel
 # carries its own libraries.
-FROM python:3.11-slim
+# BASE: any Debian-like image with Python 3.11+ and pip (scripts/compose-check --local-base
+# builds one from Debian's packages).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
