@@ -13,12 +13,15 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 1000 dalston && mkdir /models && chown dalston /models
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The dependencies first, from pyproject.toml alone: a change to the code reinstalls only Dalston.
+COPY pyproject.toml ./
+RUN python -c "import subprocess, sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; subprocess.run([sys.executable, '-m', 'pip', 'install', *deps], check=True)"
+COPY README.md ./
 COPY dalston dalston
 COPY actors actors
 COPY catalog catalog
 COPY nats nats
-RUN pip install . && rm -rf /src
+RUN pip install --no-deps . && rm -rf /src
 
 WORKDIR /home/dalston
 USER dalston
