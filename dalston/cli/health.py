@@ -8,10 +8,8 @@ import asyncio
 import socket
 import urllib.request
 
-import nats
-
+from dalston.bus.connection import connect
 from dalston.bus.consumers import consumer_state_at
-from dalston.bus.credentials import login
 from dalston.config import Settings
 from dalston.contracts import (EVENTS_STREAM, HEARTBEAT_SUBJECT, HEARTBEATS_STREAM, JOBS_STREAM,
                                ORCHESTRATOR_JOBS_CONSUMER, WEBHOOKS_CONSUMER, subject_token)
@@ -60,15 +58,13 @@ async def _webhooks(settings: Settings) -> bool:
 async def _engine(settings: Settings) -> bool:
     """Its last heartbeat is in JetStream (a beat expires three intervals after it was sent). The
     engine is the container's PID 1 and names itself <hostname>-1 unless DALSTON_ENGINE_ID says."""
-    nc = await nats.connect(servers=settings.nats_servers, connect_timeout=TIMEOUT, allow_reconnect=False,
-                            max_reconnect_attempts=0, **login(settings))
+    bus = await connect(settings, "health", apply_layout=False)
     try:
         name = subject_token(settings.engine_id or f"{socket.gethostname()}-1")
         subject = HEARTBEAT_SUBJECT.format(runtime=settings.runtime, engine=name)
-        await nc.jetstream(timeout=TIMEOUT).get_last_msg(HEARTBEATS_STREAM, subject)
-        return True
+        return await bus.last(HEARTBEATS_STREAM, subject) is not None
     finally:
-        await nc.close()
+        await bus.close()
 
 
 CHECKS = {"gateway": _gateway, "orchestrator": _orchestrator, "webhooks": _webhooks, "engine": _engine}
