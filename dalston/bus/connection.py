@@ -152,13 +152,30 @@ async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", error=repr(exc))
 
+    restoring: set[asyncio.Task] = set()
+
+    async def restore_layout() -> None:
+        try:
+            await ensure_layout(js, settings)
+        except Exception as exc:  # noqa: BLE001 - a user that may only read: the orchestrator restores it
+            log.info("layout not restored after reconnecting", error=repr(exc))
+
+    async def on_reconnect() -> None:
+        # A restarted single NATS comes back without its memory streams (HEARTBEATS): the
+        # orchestrator, which may create the layout, puts them back, without holding up the
+        # reconnect.
+        if apply_layout:
+            task = asyncio.create_task(restore_layout())
+            restoring.add(task)
+            task.add_done_callback(restoring.discard)
+
     # nats-py does not retry a first connect; services often start before NATS is ready.
     for attempt in range(CONNECT_ATTEMPTS):
         try:
             nc = await nats.connect(
                 servers=settings.nats_servers, name=name, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True, drain_timeout=5,
-                error_cb=on_error, **login(settings))
+                error_cb=on_error, reconnected_cb=on_reconnect, **login(settings))
             break
         except (OSError, nats.errors.NoServersError) as exc:
             if attempt == CONNECT_ATTEMPTS - 1:
