@@ -1,13 +1,18 @@
 """The JetStream layout on a real nats-server: job records and artifacts expire after the
-retention, together, and a changed retention reaches buckets made before it."""
+retention, together, and a changed retention reaches buckets made before it; a restarted NATS
+gets its memory stream back."""
 
 from __future__ import annotations
 
 import asyncio
 
 from dalston.bus.connection import connect
+from dalston.bus.credentials import home_passwords, service_environment
+from dalston.bus.server import EmbeddedNats
 from dalston.config import load_settings
-from dalston.contracts import JobRecord
+from dalston.contracts import HEARTBEATS_STREAM, JobRecord
+from dalston.loopback import free_port
+from tests.stack import wait_for
 
 
 async def max_ages(nats_env: dict[str, str], retention_hours: float) -> dict[str, float]:
@@ -43,3 +48,30 @@ async def test_a_job_record_and_its_audio_expire(nats_env):
         assert not await bus.artifacts.exists("jobs/job-1/audio")
     finally:
         await bus.close()
+
+
+async def test_a_restarted_nats_gets_its_memory_stream_back(tmp_path):
+    """HEARTBEATS lives in memory, so a single NATS restarted on its store comes back without it;
+    the process that may create the layout (the orchestrator; here the admin) puts it back when
+    it reconnects, and engines beat again."""
+    passwords = home_passwords(tmp_path / "home")
+    server = EmbeddedNats(tmp_path / "nats", free_port(), passwords)
+    server.start()
+    bus = await connect(load_settings({"DALSTON_NATS_URL": server.url, **service_environment(passwords, "admin")}),
+                        name="test")
+
+    async def heartbeats_there() -> bool:
+        try:
+            await bus.js.stream_info(HEARTBEATS_STREAM)
+            return True
+        except Exception:  # noqa: BLE001 - gone, or NATS still restarting
+            return False
+
+    try:
+        assert await heartbeats_there()
+        server.stop()
+        server.start()
+        await wait_for(heartbeats_there)
+    finally:
+        await bus.close()
+        server.stop()
