@@ -33,6 +33,8 @@ from dalston.logs import get_logger
 __all__ = ["Bus", "Msg", "connect"]
 log = get_logger("dalston.bus")
 CONNECT_ATTEMPTS = 60
+# The NATS users that may create streams and buckets ("": a server without users).
+LAYOUT_OWNERS = ("", "orchestrator", "admin")
 PUBLISH_PATIENCE = 30.0
 
 
@@ -155,16 +157,21 @@ async def connect(settings: Settings, name: str, *, apply_layout: bool = True) -
     restoring: set[asyncio.Task] = set()
 
     async def restore_layout() -> None:
-        try:
-            await ensure_layout(js, settings)
-        except Exception as exc:  # noqa: BLE001 - a user that may only read: the orchestrator restores it
-            log.info("layout not restored after reconnecting", error=repr(exc))
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                await ensure_layout(js, settings)
+                return
+            except Exception as exc:  # noqa: BLE001 - JetStream still recovering its streams
+                if attempt == CONNECT_ATTEMPTS - 1:
+                    log.warning("layout not restored after reconnecting", error=repr(exc))
+                await asyncio.sleep(0.5)
 
     async def on_reconnect() -> None:
-        # A restarted single NATS comes back without its memory streams (HEARTBEATS): the
-        # orchestrator, which may create the layout, puts them back, without holding up the
-        # reconnect.
-        if apply_layout:
+        # A restarted single NATS comes back without its memory stream (HEARTBEATS): whoever may
+        # create the layout (accounts.conf: the orchestrator, admin; anyone without users) puts
+        # it back, as patiently as at start (JetStream answers a moment after the server), and
+        # without holding up the reconnect.
+        if apply_layout and settings.nats_user in LAYOUT_OWNERS:
             task = asyncio.create_task(restore_layout())
             restoring.add(task)
             task.add_done_callback(restoring.discard)
