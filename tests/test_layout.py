@@ -5,8 +5,10 @@ gets its memory stream back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from dalston.bus.connection import connect
+from dalston.bus.consumers import follow_last_per_subject
 from dalston.bus.credentials import home_passwords, service_environment
 from dalston.bus.server import EmbeddedNats
 from dalston.config import load_settings
@@ -53,7 +55,7 @@ async def test_a_job_record_and_its_audio_expire(nats_env):
 async def test_a_restarted_nats_gets_its_memory_stream_back(tmp_path):
     """HEARTBEATS lives in memory, so a single NATS restarted on its store comes back without it;
     the process that may create the layout (the orchestrator; here the admin) puts it back when
-    it reconnects, and engines beat again."""
+    it reconnects, and those who follow the beats follow the new stream."""
     passwords = home_passwords(tmp_path / "home")
     server = EmbeddedNats(tmp_path / "nats", free_port(), passwords)
     server.start()
@@ -67,11 +69,28 @@ async def test_a_restarted_nats_gets_its_memory_stream_back(tmp_path):
         except Exception:  # noqa: BLE001 - gone, or NATS still restarting
             return False
 
+    heard: list[bytes | None] = []
+
+    async def on_beat(subject: str, data: bytes | None) -> None:
+        heard.append(data)
+
+    follower = await follow_last_per_subject(bus, HEARTBEATS_STREAM, "heartbeat.>", on_beat)
     try:
         assert await heartbeats_there()
+        # Many beats before: the old stream's sequence is far ahead of the new one's.
+        for _ in range(100):
+            await bus.js.publish("heartbeat.test.before", b"1")
+        await wait_for(lambda: asyncio.sleep(0, b"1" in heard))
         server.stop()
         server.start()
         await wait_for(heartbeats_there)
+        # Its followers follow the new stream: a beat published after the restart is heard.
+        async def after() -> bool:
+            with contextlib.suppress(Exception):
+                await bus.js.publish("heartbeat.test.after", b"2")
+            return b"2" in heard
+        await wait_for(after, timeout=30, interval=1.0)
     finally:
+        await follower.unsubscribe()
         await bus.close()
         server.stop()
