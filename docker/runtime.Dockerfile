@@ -4,22 +4,31 @@
 # No weights are baked in: the engine pulls a model into /models (a shared volume) on first use.
 # faster-whisper on CUDA also needs cuBLAS and cuDNN 9, e.g.
 #   --build-arg PACKAGES="nvidia-cublas-cu12 nvidia-cudnn-cu12==9.*"
-FROM python:3.11-slim
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
-ARG RUNTIME=faster-whisper
-ARG EXTRAS=""
-ARG PACKAGES=""
+# Up to the pip install, the same steps as service.Dockerfile: the builder reuses those layers,
+# so faster-whisper (a dependency of dalston itself) costs no second install.
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN useradd --create-home --uid 1000 dalston && mkdir /models && chown dalston /models
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The dependencies first, from pyproject.toml alone: a change to the code reinstalls only Dalston.
+COPY pyproject.toml ./
+RUN python -c "import subprocess, sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; subprocess.run([sys.executable, '-m', 'pip', 'install', *deps], check=True)"
+COPY README.md ./
 COPY dalston dalston
 COPY actors actors
 COPY catalog catalog
 COPY nats nats
-RUN pip install ".${EXTRAS:+[$EXTRAS]}" $PACKAGES && rm -rf /src
+RUN pip install --no-deps . && rm -rf /src
+
+ARG RUNTIME=faster-whisper
+ARG EXTRAS=""
+ARG PACKAGES=""
+# The runtime's extras, from the installed dalston's metadata (faster-whisper has none).
+RUN if [ -n "$EXTRAS$PACKAGES" ]; then pip install ${EXTRAS:+"dalston[$EXTRAS]"} $PACKAGES; fi
 
 WORKDIR /home/dalston
 USER dalston

@@ -1,7 +1,10 @@
 # The gateway, the orchestrator and the engines of the base install (audio-prepare, merge, diarize):
 # compose.yaml picks the service with `command`. Audio decoding needs no system ffmpeg: the PyAV wheel
 # carries its own libraries.
-FROM python:3.11-slim
+# BASE: any Debian-like image with Python 3.11+ and pip (scripts/compose-check --local-base
+# builds one from Debian's packages).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -10,12 +13,15 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 1000 dalston && mkdir /models && chown dalston /models
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The dependencies first, from pyproject.toml alone: a change to the code reinstalls only Dalston.
+COPY pyproject.toml ./
+RUN python -c "import subprocess, sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; subprocess.run([sys.executable, '-m', 'pip', 'install', *deps], check=True)"
+COPY README.md ./
 COPY dalston dalston
 COPY actors actors
 COPY catalog catalog
 COPY nats nats
-RUN pip install . && rm -rf /src
+RUN pip install --no-deps . && rm -rf /src
 
 WORKDIR /home/dalston
 USER dalston

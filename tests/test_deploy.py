@@ -1,7 +1,7 @@
 """compose.yaml agrees with the code: settings, runtimes, the model store, images, health checks.
 
-No Docker engine runs here, so the file is read, not run; the NATS configs it mounts are
-started for real in test_nats_permissions.py and test_cluster.py.
+The suite reads the file; scripts/compose-check runs it for real (after the suite in CI). The
+NATS configs it mounts are started for real in test_nats_permissions.py and test_cluster.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from dalston.catalog import Catalog
+from dalston.cli.health import CHECKS
 from dalston.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,16 +107,32 @@ def test_wyoming_listens_beyond_loopback_behind_a_profile_with_its_key():
     assert spec["ports"] == [f"{env['DALSTON_WYOMING_PORT']}:{env['DALSTON_WYOMING_PORT']}"]
 
 
-@pytest.mark.parametrize("name", ["nats", "gateway", *sorted(ENGINES)])
+@pytest.mark.parametrize("name", sorted(DALSTON))
 def test_health_checks(name):
+    # A plain command string: podman-compose 1.0 mangles list forms shared through an anchor.
     test = SERVICES[name]["healthcheck"]["test"]
-    assert test[0] == "CMD"
-    if name == "nats":
-        assert "http://127.0.0.1:8222/healthz?js-enabled-only=true" in test
-    elif name == "gateway":
-        assert any("/readyz" in part for part in test)
-    else:
-        assert any("HEARTBEAT" in part for part in test)
+    expected = "engine" if name in ENGINES else name
+    assert test == f"dalston health {expected}"
+    assert expected in CHECKS
+
+
+def test_nats_health_check_and_image():
+    spec = SERVICES["nats"]
+    assert "http://127.0.0.1:8222/healthz?js-enabled-only=true" in spec["healthcheck"]["test"]
+    # The official image unless DALSTON_NATS_IMAGE names another (compose-check --local-base).
+    assert spec["image"] == "${DALSTON_NATS_IMAGE:-nats:2.15-alpine}"
+
+
+def test_only_the_gateway_is_published():
+    assert [name for name, spec in SERVICES.items() if spec.get("ports")] == ["gateway"]
+
+
+def test_base_image_is_a_build_argument():
+    for name, spec in DALSTON.items():
+        assert spec["build"]["args"]["BASE"] == "${DALSTON_BASE_IMAGE:-python:3.11-slim}", name
+    for dockerfile in ("service", "runtime"):
+        text = (ROOT / f"docker/{dockerfile}.Dockerfile").read_text()
+        assert "ARG BASE=python:3.11-slim\nFROM ${BASE}\n" in text, dockerfile
 
 
 def test_nats_mounts_its_config_and_keeps_jetstream():

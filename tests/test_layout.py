@@ -1,15 +1,22 @@
 """The JetStream layout on a real nats-server: job records and artifacts expire after the
-retention, together, and a changed retention reaches buckets made before it."""
+retention, together, and a changed retention reaches buckets made before it; a restarted NATS
+gets its memory stream back."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from dalston.bus.connection import connect
+from dalston.bus.consumers import follow_last_per_subject
+from dalston.bus.credentials import home_passwords, service_environment
+from dalston.bus.server import EmbeddedNats
 from dalston.catalog import Catalog
 from dalston.config import load_settings
-from dalston.contracts import TASKS_STREAM, JobRecord, task_consumer
-from dalston.services.layout import apply_layout
+from dalston.contracts import HEARTBEATS_STREAM, TASKS_STREAM, JobRecord, task_consumer
+from dalston.loopback import free_port
+from dalston.services.layout import LayoutKeeper, apply_layout
+from tests.stack import wait_for
 
 
 async def max_ages(nats_env: dict[str, str], retention_hours: float) -> dict[str, float]:
@@ -62,3 +69,51 @@ async def test_the_admin_step_makes_a_task_queue_for_every_catalog_model(nats_en
             assert task_consumer(runtime, None) in names
     finally:
         await bus.close()
+
+
+async def test_a_restarted_nats_gets_its_memory_stream_back(tmp_path):
+    """HEARTBEATS lives in memory, so a single NATS restarted on its store comes back without it;
+    the layout keeper (compose's `layout` service, as admin) puts it back, and those who follow
+    the beats follow the new stream."""
+    passwords = home_passwords(tmp_path / "home")
+    server = EmbeddedNats(tmp_path / "nats", free_port(), passwords)
+    server.start()
+    keeper = LayoutKeeper(load_settings({"DALSTON_NATS_URL": server.url, **service_environment(passwords, "admin")}))
+    keeping = asyncio.create_task(keeper.run())
+    bus = await connect(load_settings({"DALSTON_NATS_URL": server.url, **service_environment(passwords, "admin")}),
+                        name="test", apply_layout=False)
+
+    async def heartbeats_there() -> bool:
+        try:
+            await bus.js.stream_info(HEARTBEATS_STREAM)
+            return True
+        except Exception:  # noqa: BLE001 - gone, or NATS still restarting
+            return False
+
+    heard: list[bytes | None] = []
+
+    async def on_beat(subject: str, data: bytes | None) -> None:
+        heard.append(data)
+
+    follower = await follow_last_per_subject(bus, HEARTBEATS_STREAM, "heartbeat.>", on_beat)
+    try:
+        assert await heartbeats_there()
+        # Many beats before: the old stream's sequence is far ahead of the new one's.
+        for _ in range(100):
+            await bus.js.publish("heartbeat.test.before", b"1")
+        await wait_for(lambda: asyncio.sleep(0, b"1" in heard))
+        server.stop()
+        server.start()
+        await wait_for(heartbeats_there)
+        # Its followers follow the new stream: a beat published after the restart is heard.
+        async def after() -> bool:
+            with contextlib.suppress(Exception):
+                await bus.js.publish("heartbeat.test.after", b"2")
+            return b"2" in heard
+        await wait_for(after, timeout=30, interval=1.0)
+    finally:
+        await follower.unsubscribe()
+        await bus.close()
+        keeper.stop()
+        await keeping
+        server.stop()

@@ -9,6 +9,7 @@ dead-lettered, and no message, however hostile, ends the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -165,18 +166,65 @@ def _state(info) -> ConsumerState:
                          unacked=info.num_ack_pending or 0, waiting=info.num_waiting or 0)
 
 
+# How often a follower looks whether its stream was created anew.
+STREAM_RECHECK_SECONDS = 5.0
+
+
+class LastPerSubject:
+    """The subscription follow_last_per_subject returns. A single NATS restarted loses a memory
+    stream (HEARTBEATS) and the orchestrator creates it anew; an ordered consumer would resume at
+    the old stream's sequence and hear nothing, so a stream created anew is followed afresh."""
+
+    def __init__(self, bus: Bus, stream: str, subjects: str,
+                 on_message: Callable[[str, bytes | None], Awaitable[None]]) -> None:
+        self._bus, self._stream, self._subjects, self._on_message = bus, stream, subjects, on_message
+        self._subscription = None
+        self._created = None
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._created = (await self._bus.js.stream_info(self._stream)).created
+        self._subscription = await self._subscribe()
+        self._watch = asyncio.create_task(self._follow_new_streams())
+
+    async def unsubscribe(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await self._subscription.unsubscribe()
+
+    async def _receive(self, msg: Msg) -> None:
+        expired = not msg.data or bool((msg.headers or {}).get("Nats-Marker-Reason"))
+        await self._on_message(msg.subject, None if expired else msg.data)
+
+    async def _subscribe(self):
+        return await self._bus.js.subscribe(
+            self._subjects, stream=self._stream, cb=self._receive, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            # The consumer lives on one node: a missed idle beat after 2 s recreates it elsewhere,
+            # so a cluster node's death hides engines for seconds, not ~15 s.
+            idle_heartbeat=1.0)
+
+    async def _follow_new_streams(self) -> None:
+        while True:
+            await asyncio.sleep(STREAM_RECHECK_SECONDS)
+            try:
+                created = (await self._bus.js.stream_info(self._stream)).created
+                if created == self._created:
+                    continue
+                log.warning("stream created anew; following it afresh", stream=self._stream)
+                with contextlib.suppress(Exception):
+                    await self._subscription.unsubscribe()
+                self._subscription = await self._subscribe()
+                self._created = created
+            except Exception as exc:  # noqa: BLE001 - NATS away or the stream not back yet: look again
+                log.info("stream not checked", stream=self._stream, error=repr(exc))
+
+
 async def follow_last_per_subject(bus: Bus, stream: str, subjects: str,
-                                  on_message: Callable[[str, bytes | None], Awaitable[None]]):
+                                  on_message: Callable[[str, bytes | None], Awaitable[None]]) -> LastPerSubject:
     """Call `on_message(subject, data)` with the last message of every subject matching
     `subjects`, then with each new one; `data` is None where the server says that a subject's
     message expired (its TTL marker). Returns the subscription (`unsubscribe()` ends it)."""
-    async def receive(msg: Msg) -> None:
-        expired = not msg.data or bool((msg.headers or {}).get("Nats-Marker-Reason"))
-        await on_message(msg.subject, None if expired else msg.data)
-
-    return await bus.js.subscribe(
-        subjects, stream=stream, cb=receive, ordered_consumer=True,
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-        # The consumer lives on one node: a missed idle beat after 2 s recreates it elsewhere,
-        # so a cluster node's death hides engines for seconds, not ~15 s.
-        idle_heartbeat=1.0)
+    follower = LastPerSubject(bus, stream, subjects, on_message)
+    await follower.start()
+    return follower
