@@ -123,8 +123,9 @@ def test_nats_health_check_and_image():
     assert spec["image"] == "${DALSTON_NATS_IMAGE:-nats:2.15-alpine}"
 
 
-def test_only_the_gateway_is_published():
-    assert [name for name, spec in SERVICES.items() if spec.get("ports")] == ["gateway"]
+def test_only_the_gateway_and_wyoming_are_published():
+    # Wyoming only behind its profile, and with its key (the test above).
+    assert [name for name, spec in SERVICES.items() if spec.get("ports")] == ["gateway", "wyoming"]
 
 
 def test_base_image_is_a_build_argument():

@@ -81,7 +81,7 @@ async def test_a_restarted_nats_gets_its_memory_stream_back(tmp_path):
     keeper = LayoutKeeper(load_settings({"DALSTON_NATS_URL": server.url, **service_environment(passwords, "admin")}))
     keeping = asyncio.create_task(keeper.run())
     bus = await connect(load_settings({"DALSTON_NATS_URL": server.url, **service_environment(passwords, "admin")}),
-                        name="test", apply_layout=False)
+                        name="test")
 
     async def heartbeats_there() -> bool:
         try:

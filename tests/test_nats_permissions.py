@@ -408,15 +408,20 @@ async def test_streams_and_live_sessions_work_with_the_services_own_users(locked
         assert "violation" not in locked.log_text(name).lower(), name
 
 
-def test_compose_engine_health_check_passes_as_the_engine_user(locked):
-    """The health check compose runs in an engine container, against a live engine (started by
-    the test above) with the engine's NATS user."""
+@pytest.mark.parametrize("service", ["engine", "orchestrator", "layout"])
+def test_compose_health_checks_pass_as_each_services_user(locked, service):
+    """The health checks compose runs (`dalston health <service>`), against the live services
+    started by the tests above, each with its own NATS user; an engine that is not there fails."""
     if "faster-whisper" not in locked.processes:
         pytest.skip("needs the running system of the test above")
-    check = yaml.safe_load((NATS_DIR.parent / "compose.yaml").read_text())["x-engine-healthcheck"]["test"]
-    env = {**locked.env, **credentials("engine"), "DALSTON_RUNTIME": "faster-whisper",
+    check = yaml.safe_load((NATS_DIR.parent / "compose.yaml").read_text())
+    assert f"dalston health {service}" in json.dumps(check)
+    user = {"engine": "engine", "orchestrator": "orchestrator", "layout": "admin"}[service]
+    env = {**locked.env, **credentials(user), "DALSTON_RUNTIME": "faster-whisper",
            "DALSTON_ENGINE_ID": "faster-whisper"}
-    assert subprocess.run([sys.executable, *check[2:]], env=env, timeout=30).returncode == 0
-    env["DALSTON_ENGINE_ID"] = "no-such-engine"
-    assert subprocess.run([sys.executable, *check[2:]], env=env, timeout=30,
-                          capture_output=True).returncode != 0
+    health = [sys.executable, "-m", "dalston", "health", service]
+    done = subprocess.run(health, env=env, timeout=30, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    if service == "engine":
+        env["DALSTON_ENGINE_ID"] = "no-such-engine"
+        assert subprocess.run(health, env=env, timeout=30, capture_output=True).returncode != 0
