@@ -7,10 +7,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
@@ -19,19 +19,26 @@ from dalston.bus.buckets import Artifacts, Bucket, JobRecords
 from dalston.bus.credentials import login
 from dalston.bus.layout import TaskConsumers, ensure_layout
 from dalston.config import Settings
+from dalston.bus.delivery import Subscription
 from dalston.contracts import (
     ARTIFACTS_BUCKET,
     DEADLETTER_SUBJECT,
     JOBS_BUCKET,
     Contract,
+    ContractError,
+    Endpoint,
+    Rep,
+    Req,
+    decode,
     dead_letter,
     encode,
     subject_token,
 )
 from dalston.logs import get_logger
 
-__all__ = ["Bus", "Msg", "connect"]
+__all__ = ["Bus", "connect"]
 log = get_logger("dalston.bus")
+T = TypeVar("T")
 CONNECT_ATTEMPTS = 60
 PUBLISH_PATIENCE = 30.0
 
@@ -75,19 +82,65 @@ class Bus:
         """Publish without keeping it (progress that only live listeners want)."""
         await self.nc.publish(subject, encode(message))
 
-    async def request(self, subject: str, message: Contract, timeout: float) -> bytes | None:
-        """Ask whoever listens on `subject` (one member, where they form a queue group): the
-        answer, or None when nobody listens or nobody answers within `timeout` seconds."""
+    async def request(self, endpoint: Endpoint[Req, Rep], message: Req, timeout: float,
+                      **tokens: str) -> Rep | None:
+        """Ask whoever serves `endpoint` on its subject filled with `tokens` (one member, where
+        they form a queue group): the answer, or None when nobody serves it, nobody answers
+        within `timeout` seconds, or the answer breaks its contract."""
+        subject = endpoint.subject.format(**tokens)
         try:
-            return (await self.nc.request(subject, encode(message), timeout=timeout)).data
+            answer = await self.nc.request(subject, encode(message), timeout=timeout)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             return None
+        try:
+            return decode(answer.data, endpoint.reply)
+        except ContractError as exc:
+            log.warning("bad answer dropped", subject=subject[:256], error=str(exc)[:300])
+            return None
 
-    async def subscribe(self, subject: str, handler: Callable[[Msg], Awaitable[None]], *,
-                        queue: str = "") -> Subscription:
-        """Call `handler` with every message on `subject` from now on (one member of `queue`
-        gets each, where a queue group is named)."""
-        return await self.nc.subscribe(subject, queue=queue, cb=handler)
+    async def serve(self, endpoint: Endpoint[Req, Rep], handler: Callable[[Req], Awaitable[Rep | None]],
+                    *, queue: str = "", **tokens: str) -> Subscription:
+        """Answer every request on `endpoint` (its subject filled with `tokens`, wildcards
+        allowed) with what `handler` returns; None answers nothing. A request that breaks its
+        contract is dropped unanswered: its asker times out."""
+        async def receive(msg: Msg) -> None:
+            try:
+                request = decode(msg.data, endpoint.request)
+            except ContractError as exc:
+                log.warning("bad request dropped", subject=msg.subject[:256], error=str(exc)[:300])
+                return
+            answer = await handler(request)
+            if answer is not None and msg.reply:
+                await msg.respond(encode(answer))
+
+        return await self.nc.subscribe(endpoint.subject.format(**tokens), queue=queue, cb=receive)
+
+    async def subscribe(self, subject: str, handler: Callable[[T], Awaitable[None]], *, kind: type[T],
+                        queue: str = "", on_invalid: Callable[[ContractError], Awaitable[None]] | None = None
+                        ) -> Subscription:
+        """Call `handler` with every message on `subject` from now on, decoded as `kind` (one
+        member of `queue` gets each, where a queue group is named). One that breaks its contract
+        goes to `on_invalid`, or is dropped with a warning."""
+        async def receive(msg: Msg) -> None:
+            try:
+                payload = decode(msg.data, kind)
+            except ContractError as exc:
+                if on_invalid is not None:
+                    await on_invalid(exc)
+                else:
+                    log.warning("bad message dropped", subject=msg.subject[:256], error=str(exc)[:300])
+                return
+            await handler(payload)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=receive)
+
+    async def doorbell(self, subjects: str, ring: Callable[[str], Awaitable[None]]) -> Subscription:
+        """Call `ring(subject)` for every message on a subject matching `subjects`, without
+        reading it: the message itself is taken elsewhere (from its stream)."""
+        async def receive(msg: Msg) -> None:
+            await ring(msg.subject)
+
+        return await self.nc.subscribe(subjects, cb=receive)
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
         """Keep a message nobody can process (with the reason and its head) in DEADLETTER, and
@@ -149,6 +202,26 @@ class Bus:
             with suppress(nats.errors.Error):
                 await subscription.unsubscribe()
         await self.nc.drain()
+
+
+@dataclass
+class Settled:
+    """How a message taken from JetStream is settled (`delivery.Settlement`)."""
+
+    bus: Bus
+    msg: Msg
+
+    async def in_progress(self) -> None:
+        await self.msg.in_progress()
+
+    async def ack(self, confirm: bool) -> None:
+        await (self.msg.ack_sync() if confirm else self.msg.ack())
+
+    async def nak(self, delay: float) -> None:
+        await self.msg.nak(delay=delay or None)
+
+    async def dead_letter(self, reason: str) -> None:
+        await self.bus.dead_letter(self.msg, reason)
 
 
 async def connect(settings: Settings, name: str, *, apply_layout: bool = True,

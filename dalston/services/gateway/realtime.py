@@ -22,17 +22,16 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
-from dalston.bus.connection import Bus, Msg
+from dalston.bus.connection import Bus
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
     HEARTBEAT_SUBJECT,
-    SESSION_CLAIM_SUBJECT,
+    SESSION_CLAIMS,
     SESSION_INPUT_SUBJECT,
     SESSION_OUTPUT_SUBJECT,
     SESSION_SAMPLE_RATE,
     ContractError,
-    SessionClaim,
     SessionConfig,
     SessionInput,
     SessionOutput,
@@ -40,7 +39,6 @@ from dalston.contracts import (
     TranscribeOptions,
     TurnDetection,
     convert,
-    decode,
     subject_token,
 )
 from dalston.engines import EngineWatch
@@ -127,7 +125,8 @@ class RealtimeTranscription:
     # --- the client's side ---------------------------------------------------------------
 
     async def serve(self) -> None:
-        outputs = await self.bus.subscribe(SESSION_OUTPUT_SUBJECT.format(session_id=self.id), self._on_output)
+        outputs = await self.bus.subscribe(SESSION_OUTPUT_SUBJECT.format(session_id=self.id), self._on_output,
+                                           kind=SessionOutput)
         tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch()),
                  asyncio.create_task(self._ending.wait())]
         try:
@@ -282,13 +281,12 @@ class RealtimeTranscription:
         request = SessionRequest(id=self.id, model=self.model.id, runtime=self.model.runtime,
                                  runtime_model_id=self.model.runtime_model_id, config=self.config,
                                  owner=self.owner)
-        subject = SESSION_CLAIM_SUBJECT.format(runtime=subject_token(self.model.runtime),
-                                               model=subject_token(self.model.runtime_model_id))
         reason = "no engine of the runtime is running"
         for attempt in range(CLAIM_ATTEMPTS):
-            answer = await self.bus.request(subject, request, CLAIM_TIMEOUT_SECONDS)
-            if answer is not None:
-                claim = decode(answer, SessionClaim)
+            claim = await self.bus.request(SESSION_CLAIMS, request, CLAIM_TIMEOUT_SECONDS,
+                                           runtime=subject_token(self.model.runtime),
+                                           model=subject_token(self.model.runtime_model_id))
+            if claim is not None:
                 if claim.accepted:
                     self.engine = claim.engine
                     log.info("session claimed", session=self.id, engine=claim.engine)
@@ -301,12 +299,7 @@ class RealtimeTranscription:
     async def _forward(self, event: SessionInput) -> None:
         await self.bus.announce(SESSION_INPUT_SUBJECT.format(session_id=self.id), event)
 
-    async def _on_output(self, msg: Msg) -> None:
-        try:
-            out = decode(msg.data, SessionOutput)
-        except ContractError as exc:
-            log.warning("bad session output", session=self.id, error=str(exc)[:300])
-            return
+    async def _on_output(self, out: SessionOutput) -> None:
         if out.engine != self.engine:
             return  # an engine the session has moved away from
         item = {"item_id": out.item_id}
