@@ -12,14 +12,15 @@ from typing import TypeVar
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 import nats
 from dalston.bus.buckets import Artifacts, Bucket, JobRecords
 from dalston.bus.credentials import login
+from dalston.bus.delivery import Subscription
 from dalston.bus.layout import TaskConsumers, ensure_layout
 from dalston.config import Settings
-from dalston.bus.delivery import Subscription
 from dalston.contracts import (
     ARTIFACTS_BUCKET,
     DEADLETTER_SUBJECT,
@@ -29,8 +30,8 @@ from dalston.contracts import (
     Endpoint,
     Rep,
     Req,
-    decode,
     dead_letter,
+    decode,
     encode,
     subject_token,
 )
@@ -186,6 +187,28 @@ class Bus:
         info = await self.js.stream_info(stream, subjects_filter=subjects)
         return dict(info.state.subjects or {})
 
+    async def consumer_states(self, stream: str, prefix: str = "") -> list[ConsumerState]:
+        """The consumers of `stream` whose names start with `prefix` (one request)."""
+        return [consumer_state_of(info) for info in await self.js.consumers_info(stream)
+                if info.name.startswith(prefix)]
+
+    async def follow_last_per_subject(self, stream: str, subjects: str,
+                                      on_message: Callable[[str, bytes | None], Awaitable[None]]
+                                      ) -> Subscription:
+        """Call `on_message(subject, data)` with the last message of every subject matching
+        `subjects`, then with each new one; `data` is None where the server says that a
+        subject's message expired (its TTL marker). `unsubscribe()` ends it."""
+        async def receive(msg: Msg) -> None:
+            expired = not msg.data or bool((msg.headers or {}).get("Nats-Marker-Reason"))
+            await on_message(msg.subject, None if expired else msg.data)
+
+        return await self.js.subscribe(
+            subjects, stream=stream, cb=receive, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            # The consumer lives on one node: a missed idle beat after 2 s recreates it elsewhere,
+            # so a cluster node's death hides engines for seconds, not ~15 s.
+            idle_heartbeat=1.0)
+
     async def pull(self, durable: str, stream: str) -> JetStreamContext.PullSubscription:
         """A pull subscription on the durable consumer `durable` of `stream`."""
         subscription = await self.js.pull_subscribe_bind(durable, stream=stream)
@@ -202,6 +225,19 @@ class Bus:
             with suppress(nats.errors.Error):
                 await subscription.unsubscribe()
         await self.nc.drain()
+
+
+@dataclass
+class ConsumerState:
+    name: str
+    pending: int  # not delivered yet
+    unacked: int  # delivered, neither acknowledged nor failed yet
+    waiting: int  # pull requests waiting for messages: consumers at work
+
+
+def consumer_state_of(info) -> ConsumerState:
+    return ConsumerState(name=info.name, pending=info.num_pending or 0,
+                         unacked=info.num_ack_pending or 0, waiting=info.num_waiting or 0)
 
 
 @dataclass
@@ -248,7 +284,7 @@ async def connect(settings: Settings, name: str, *, apply_layout: bool = True,
     js = nc.jetstream(timeout=10)
     if apply_layout:
         await _ensure_layout_patiently(js, settings, task_queues)
-    return Bus(nc=nc, js=js, settings=settings, jobs=JobRecords(await js.key_value(JOBS_BUCKET)),
+    return Bus(nc=nc, js=js, settings=settings, jobs=JobRecords(Bucket(await js.key_value(JOBS_BUCKET))),
                artifacts=Artifacts(js, await js.object_store(ARTIFACTS_BUCKET), ARTIFACTS_BUCKET),
                task_consumers=TaskConsumers(js, settings))
 

@@ -1,5 +1,5 @@
 """Taking messages from JetStream: the consume loop of a durable consumer, single fetches from a
-shared task queue, the state of consumers, and following the last message per subject.
+shared task queue, and the state of a consumer for status reports.
 
 Every way a message can be handled badly ends the same way (`delivery.RedeliveryPolicy`): a
 message that breaks its contract is dead-lettered, one that fails is redelivered a bounded number
@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 
 import nats
-from dalston.bus.connection import Bus, Settled
-from dalston.bus.delivery import Delivery, RedeliveryPolicy, handle
+from dalston.bus.connection import Bus, ConsumerState, Settled, consumer_state_of
 from dalston.bus.credentials import login
+from dalston.bus.delivery import Delivery, RedeliveryPolicy, handle
 from dalston.bus.layout import load_layout
 from dalston.config import Settings
 from dalston.logs import get_logger
@@ -110,21 +108,8 @@ class PullQueue(Generic[T]):
         return await admitted(self._bus, msg, self._kind, self._policy)
 
 
-@dataclass
-class ConsumerState:
-    name: str
-    pending: int  # not delivered yet
-    unacked: int  # delivered, neither acknowledged nor failed yet
-    waiting: int  # pull requests waiting for messages: consumers at work
-
-
-async def consumer_states(bus: Bus, stream: str, prefix: str = "") -> list[ConsumerState]:
-    """The consumers of `stream` whose names start with `prefix` (one request)."""
-    return [_state(info) for info in await bus.js.consumers_info(stream) if info.name.startswith(prefix)]
-
-
 async def consumer_state(bus: Bus, stream: str, durable: str) -> ConsumerState:
-    return _state(await bus.js.consumer_info(stream, durable))
+    return consumer_state_of(await bus.js.consumer_info(stream, durable))
 
 
 async def consumer_state_at(settings: Settings, stream: str, durable: str,
@@ -137,30 +122,8 @@ async def consumer_state_at(settings: Settings, stream: str, durable: str,
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the answer
         raise ConnectionError(f"unreachable ({exc})") from None
     try:
-        return _state(await nc.jetstream(timeout=timeout).consumer_info(stream, durable))
+        return consumer_state_of(await nc.jetstream(timeout=timeout).consumer_info(stream, durable))
     except Exception:  # noqa: BLE001 - no layout yet, or no permission to look
         return None
     finally:
         await nc.close()
-
-
-def _state(info) -> ConsumerState:
-    return ConsumerState(name=info.name, pending=info.num_pending or 0,
-                         unacked=info.num_ack_pending or 0, waiting=info.num_waiting or 0)
-
-
-async def follow_last_per_subject(bus: Bus, stream: str, subjects: str,
-                                  on_message: Callable[[str, bytes | None], Awaitable[None]]):
-    """Call `on_message(subject, data)` with the last message of every subject matching
-    `subjects`, then with each new one; `data` is None where the server says that a subject's
-    message expired (its TTL marker). Returns the subscription (`unsubscribe()` ends it)."""
-    async def receive(msg: Msg) -> None:
-        expired = not msg.data or bool((msg.headers or {}).get("Nats-Marker-Reason"))
-        await on_message(msg.subject, None if expired else msg.data)
-
-    return await bus.js.subscribe(
-        subjects, stream=stream, cb=receive, ordered_consumer=True,
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-        # The consumer lives on one node: a missed idle beat after 2 s recreates it elsewhere,
-        # so a cluster node's death hides engines for seconds, not ~15 s.
-        idle_heartbeat=1.0)

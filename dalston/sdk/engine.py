@@ -88,8 +88,9 @@ class Engine:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def run(self) -> None:
-        self._bus = await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
+    async def run(self, bus: Bus | None = None) -> None:
+        """Serve until stopped, on `bus` (the in-memory one, say) or a new NATS connection."""
+        self._bus = bus or await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
         await self.peers.start(self._bus)
         log.info("engine started", runtime=self.runtime, engine=self.name)
         try:
@@ -105,7 +106,8 @@ class Engine:
             self.status = "stopping"
             await self._beat(ttl=1)
             await self.peers.stop()
-            await self._bus.close()
+            if bus is None:
+                await self._bus.close()
 
     def stop(self) -> None:
         """Stop taking tasks; a task under way is handed back to the queue for another engine."""

@@ -15,10 +15,17 @@ from collections import Counter
 from collections.abc import Callable
 
 from dalston.bus.connection import Bus
-from dalston.bus.consumers import PullQueue, consumer_states
+from dalston.bus.consumers import PullQueue
 from dalston.bus.delivery import Delivery, RedeliveryPolicy
 from dalston.config import Settings
-from dalston.contracts import TASKS_STREAM, Heartbeat, Task, subject_token, task_consumer, task_consumer_prefix
+from dalston.contracts import (
+    TASKS_STREAM,
+    Heartbeat,
+    Task,
+    subject_token,
+    task_consumer,
+    task_consumer_prefix,
+)
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 
@@ -104,7 +111,7 @@ class TaskIntake:
     async def _backlog(self) -> tuple[dict[str, int], list[str]]:
         """This runtime's consumers with undelivered tasks (and how many), and those whose
         delivered tasks are unacked: a dead engine's task comes back there after ack_wait."""
-        states = await consumer_states(self._bus, TASKS_STREAM, task_consumer_prefix(self.runtime))
+        states = await self._bus.consumer_states(TASKS_STREAM, task_consumer_prefix(self.runtime))
         return ({s.name: s.pending for s in states if s.pending}, [s.name for s in states if s.unacked])
 
     def _held_consumers(self) -> set[str]:

@@ -66,8 +66,9 @@ class Orchestrator:
         self._active: set[str] = set()
         self._stopping = asyncio.Event()
 
-    async def run(self) -> None:
-        self._bus = await connect(self.settings, name="dalston-orchestrator")
+    async def run(self, bus: Bus | None = None) -> None:
+        """Serve until stopped, on `bus` (the in-memory one, say) or a new NATS connection."""
+        self._bus = bus or await connect(self.settings, name="dalston-orchestrator")
         await self.engines.start(self._bus)
         await self._load_active()
         log.info("orchestrator started")
@@ -81,7 +82,8 @@ class Orchestrator:
                 self._sweep_forever())
         finally:
             await self.engines.stop()
-            await self._bus.close()
+            if bus is None:
+                await self._bus.close()
 
     def stop(self) -> None:
         self._stopping.set()

@@ -84,8 +84,9 @@ class WebhookService:
         self._stopping = asyncio.Event()
         self._under_way: Counter[str] = Counter()  # deliveries under way per target
 
-    async def run(self) -> None:
-        self._bus = await connect(self.settings, name="dalston-webhooks")
+    async def run(self, bus: Bus | None = None) -> None:
+        """Serve until stopped, on `bus` (the in-memory one, say) or a new NATS connection."""
+        self._bus = bus or await connect(self.settings, name="dalston-webhooks")
         # Redirects are not followed: each hop would be a new, unchecked target.
         self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
                                        timeout=self.settings.webhook_timeout)
@@ -96,7 +97,8 @@ class WebhookService:
                                                         concurrent=MAX_DELIVERIES))
         finally:
             await self._http.aclose()
-            await self._bus.close()
+            if bus is None:
+                await self._bus.close()
 
     def stop(self) -> None:
         self._stopping.set()

@@ -11,9 +11,9 @@ from dalston.bus.connection import Bus
 from dalston.catalog import Catalog, ModelSpec
 from dalston.config import Settings
 from dalston.contracts import (
+    MODEL_PULLS,
     PULL_ENDED,
     PULL_PROGRESS_SUBJECT,
-    MODEL_PULLS,
     PullProgress,
     PullRequest,
     now,
