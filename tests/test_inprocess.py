@@ -58,6 +58,18 @@ def settings(tmp_path, **env: str) -> Settings:
                           "DALSTON_TASK_ACK_WAIT": "3", **env})
 
 
+async def until(condition, timeout: float = 30):
+    """`condition()`'s first true value (it may be a coroutine's); TimeoutError past `timeout`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            value = condition()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            await asyncio.sleep(0.01)
+
+
 # --- the bus ----------------------------------------------------------------------------------
 
 
@@ -102,8 +114,7 @@ async def test_a_failing_handler_gets_each_attempt_then_its_message_is_dead_lett
     try:
         await bus.publish(SUBMIT_SUBJECT, JobRequest(id="j1"))
         await bus.raw(SUBMIT_SUBJECT, b'{"id": 7}')  # breaks its contract: never handled
-        while len(bus.dead_letters()) < 2:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(bus.dead_letters()) == 2)
     finally:
         loop.cancel()
     assert attempts == [1, 2, 3]
@@ -181,6 +192,63 @@ async def test_admission_refuses_past_the_bound_and_unknown_models(tmp_path):
         assert await bus.messages_by_subject("TASKS", "tasks.>") == {"tasks.audio-prepare.none": 2}
         await bus.publish(CANCEL_SUBJECT, CancelRequest(id="first"))
         assert (await events.ended("first")).status == "cancelled"
+
+
+async def test_a_record_is_committed_before_its_tasks_are_published(tmp_path):
+    """With several orchestrators, whichever takes an engine's report must find the task in the
+    committed record."""
+    bus = MemoryBus(settings(tmp_path))
+    order: list[str] = []
+    create, update, publish = bus.jobs.create, bus.jobs.update, bus.publish
+
+    async def creating(record):
+        order.append(f"create {','.join(sorted(record.tasks))}")
+        return await create(record)
+
+    async def committing(record, revision):
+        order.append(f"commit {','.join(sorted(record.tasks))}")
+        return await update(record, revision)
+
+    async def publishing(subject, message, **options):
+        order.append(f"publish {subject}")
+        await publish(subject, message, **options)
+
+    bus.jobs.create, bus.jobs.update, bus.publish = creating, committing, publishing
+    events = await events_of(bus)
+    async with running(bus, Orchestrator(settings(tmp_path, DALSTON_ENGINE_WAIT="600"))):
+        await bus.publish(SUBMIT_SUBJECT, JobRequest(id="j1", audio=b"RIFF"))
+        async def queued():
+            record = await bus.jobs.get("j1")
+            return record if record is not None and record.status == "queued" else None
+        prepare = (await until(queued)).tasks["prepare"]
+        await bus.publish(TASK_EVENT_SUBJECT.format(job_id="j1"), TaskEvent(
+            task_id=prepare.id, job_id="j1", kind="completed", engine="e", grant=prepare.grant,
+            outputs=["jobs/j1/prepared/ch0/00000.f32"], channels=1, duration=1.0))
+        await until(lambda: any(e.status == "running" for e in events.seen))
+    tasks = [entry for entry in order if entry.startswith(("create", "commit", "publish tasks."))]
+    assert tasks == ["create prepare", "publish tasks.audio-prepare.none",
+                     "commit prepare,transcribe-0", "publish tasks.faster-whisper.base"]
+
+
+async def test_a_submission_whose_tasks_were_not_published_is_redriven_when_it_comes_again(tmp_path):
+    """The orchestrator died (here: its publish failed) between committing a job and publishing
+    its task: the submission, redelivered, finds the record and publishes the queued task."""
+    bus = MemoryBus(settings(tmp_path))
+    publish, failures = bus.publish, []
+
+    async def failing_once(subject, message, **options):
+        if subject.startswith("tasks.") and not failures:
+            failures.append(subject)
+            raise ConnectionError("NATS went away")
+        await publish(subject, message, **options)
+
+    bus.publish = failing_once
+    async with running(bus, Orchestrator(settings(tmp_path, DALSTON_ENGINE_WAIT="600"))):
+        await bus.publish(SUBMIT_SUBJECT, JobRequest(id="j1", audio=b"RIFF"))
+        await until(lambda: bus.messages_by_subject("TASKS", "tasks.>"))
+    assert failures == ["tasks.audio-prepare.none"]
+    assert await bus.messages_by_subject("TASKS", "tasks.>") == {"tasks.audio-prepare.none": 1}
+    assert (await bus.jobs.get("j1")).tasks["prepare"].status == "queued"
 
 
 def wav(seconds: float) -> bytes:
@@ -284,8 +352,7 @@ async def test_a_task_that_keeps_killing_engines_is_failed_by_the_policy(tmp_pat
         (taken,) = await queue.fetch(1, timeout=1)
         await taken.nak()
     async with running(bus, Engine(MergeActor(config), config)):
-        while not reports:
-            await asyncio.sleep(0.01)
+        await until(lambda: reports)
     assert [(r.kind, r.failure.code) for r in reports] == [("failed", "engine_crashed")]
     assert "2 times" in reports[0].failure.message
     (state,) = await bus.consumer_states("TASKS", durable)
