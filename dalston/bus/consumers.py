@@ -1,5 +1,6 @@
 """Taking messages from JetStream: the consume loop of a durable consumer, single fetches from a
-shared task queue, and the state of a consumer for status reports.
+shared task queue, and the state of a consumer for status reports. The loop and the fetches run
+on the in-memory bus too (`memory.MemoryBus`), whose messages settle as nats-py's do.
 
 Every way a message can be handled badly ends the same way (`delivery.RedeliveryPolicy`): a
 message that breaks its contract is dead-lettered, one that fails is redelivered a bounded number
