@@ -3,11 +3,11 @@
 import tempfile
 from pathlib import Path
 
-from bench import diarization, diarized_jobs, job_list, latency, long_audio, memory, models
+from bench import diarization, job_list, latency, live_turns, long_audio, memory, models, wyoming_vs_http
 
 BENCHMARKS = {"latency": latency.run, "models": models.run, "memory": memory.run,
               "long_audio": long_audio.run, "diarization": diarization.run,
-              "diarized_jobs": diarized_jobs.run, "job_list": job_list.run}
+              "job_list": job_list.run, "wyoming_vs_http": wyoming_vs_http.run, "live_turns": live_turns.run}
 
 if __name__ == "__main__":
     for name, run in BENCHMARKS.items():

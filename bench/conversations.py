@@ -1,5 +1,6 @@
-"""Conversations with known turns, spoken by espeak-ng voices, and the diarization error rate
-against them (pyannote.metrics). The diarization tests and `bench/diarization.py` share them.
+"""Conversations with known turns: spoken by espeak-ng voices, and real recordings from
+tests/data/conversations (see its README); and the diarization error rate against them
+(pyannote.metrics). The diarization tests and `bench/diarization.py` share them.
 
 espeak-ng voices are much closer to each other than real people are (whole-turn GE2E
 embeddings: same voice 0.87-0.94 cosine, different voices 0.69-0.84), which makes these a hard
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile
 from scipy.signal import resample_poly
 
 from dalston.contracts import SpeakerTurn
 from dalston.pcm import SAMPLE_RATE
 
+REAL = Path(__file__).resolve().parent.parent / "tests" / "data" / "conversations"
 TWO_VOICES = ("en-us+m3", "en-gb+f3")
 THREE_VOICES = ("en-us+m3", "en-gb+f3", "en-us+m7")
 # The DER's collar, as pyannote.metrics means it: this many seconds centred on each true
@@ -51,6 +54,36 @@ class Conversation:
     @property
     def speakers(self) -> set[str]:
         return {t.speaker for t in self.turns}
+
+
+@dataclass
+class Recording:
+    name: str
+    audio: np.ndarray  # 16 kHz mono float32
+    turns: list[SpeakerTurn]  # the reference turns (RTTM)
+    words: list[tuple[str, str]] | None  # (speaker, text) per reference segment (STM), if any
+
+    @property
+    def speakers(self) -> set[str]:
+        return {t.speaker for t in self.turns}
+
+
+def recordings() -> list[Recording]:
+    """The real conversations, in name order."""
+    found = []
+    for path in sorted(REAL.glob("*.flac")):
+        audio, rate = soundfile.read(path, dtype="float32")
+        assert rate == SAMPLE_RATE, path
+        turns = []
+        for line in path.with_suffix(".rttm").read_text().splitlines():
+            fields = line.split()
+            start, duration = float(fields[3]), float(fields[4])
+            turns.append(SpeakerTurn(start=start, end=start + duration, speaker=fields[7]))
+        stm = path.with_suffix(".stm")
+        words = ([(f[2], " ".join(f[5:])) for f in (line.split() for line in stm.read_text().splitlines()) if f]
+                 if stm.exists() else None)
+        found.append(Recording(path.stem, audio, turns, words))
+    return found
 
 
 def speak(text: str, voice: str) -> np.ndarray:

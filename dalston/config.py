@@ -14,6 +14,9 @@ from typing import Annotated
 import msgspec
 import platformdirs
 
+# Hosts that listen on this machine alone: a service there is its one user's.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
 
 class ConfigError(ValueError):
     """A `DALSTON_*` variable holds a value that cannot be used."""
@@ -138,6 +141,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_session_buffer_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 60.0
     # Realtime WebSockets one gateway keeps open at once; more are refused.
     max_realtime_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    # The Wyoming server for Home Assistant (`dalston serve wyoming`). Beyond loopback it needs
+    # DALSTON_WYOMING_API_KEY (`dalston keys create`): the key its jobs run under, since
+    # Wyoming itself carries no credentials.
+    wyoming_host: str = "127.0.0.1"
+    wyoming_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 10300
+    wyoming_api_key: str = ""
+    # Wyoming connections served at once; more are told the server is busy and closed.
+    wyoming_max_connections: Annotated[int, msgspec.Meta(ge=1)] = 32
 
     @property
     def home(self) -> Path:

@@ -556,8 +556,10 @@ class TranscriptDelta(Contract, kw_only=True):
 
 # --- live sessions ------------------------------------------------------------------------
 
-# The one format of live audio: 16-bit little-endian mono PCM at 24 kHz (OpenAI Realtime's).
+# Live audio is 16-bit little-endian mono PCM, at 24 kHz (OpenAI Realtime's) unless a session
+# says otherwise: the rates that the 32 ms frames of server VAD divide into whole samples.
 SESSION_SAMPLE_RATE = 24_000
+SESSION_SAMPLE_RATES = (8_000, 16_000, 24_000, 48_000)
 
 
 class TurnDetection(Contract, kw_only=True):
@@ -569,13 +571,20 @@ class TurnDetection(Contract, kw_only=True):
     prefix_padding_ms: Annotated[int, msgspec.Meta(ge=0, le=2_000)] = 300
     # Silence that ends a turn (OpenAI documents 200-5000 ms).
     silence_duration_ms: Annotated[int, msgspec.Meta(ge=200, le=5_000)] = 500
+    # Speech that starts a turn (shorter is a click or a cough).
+    min_speech_ms: Annotated[int, msgspec.Meta(ge=32, le=2_000)] = 96
+    # A pause this long ends the speech: the turn is decoded at once, so that the commit
+    # `silence_duration_ms` later finds its text ready.
+    min_silence_ms: Annotated[int, msgspec.Meta(ge=32, le=5_000)] = 192
 
 
 class SessionConfig(Contract, kw_only=True):
-    """How a live session transcribes: turn detection (None: the client commits turns)."""
+    """How a live session transcribes: turn detection (None: the client commits turns), and
+    its audio's sample rate (fixed once the session is claimed)."""
 
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     turn_detection: TurnDetection | None = msgspec.field(default_factory=TurnDetection)
+    sample_rate: Literal[SESSION_SAMPLE_RATES] = SESSION_SAMPLE_RATE  # type: ignore[valid-type]
 
 
 class SessionRequest(Contract, kw_only=True):
@@ -606,7 +615,7 @@ class SessionInput(Contract, kw_only=True):
     """On `session.<id>.in`, from the session's client (the gateway) to its engine."""
 
     kind: SessionInputKind
-    # `audio`: 16-bit little-endian mono PCM at SESSION_SAMPLE_RATE.
+    # `audio`: 16-bit little-endian mono PCM at the session's sample rate.
     audio: Annotated[bytes, msgspec.Meta(max_length=4 * 1024 * 1024)] = b""
     config: SessionConfig | None = None  # `configure`
 
@@ -624,6 +633,9 @@ class SessionOutput(Contract, kw_only=True):
     audio_ms: int = 0  # speech_started, speech_stopped: where in the session's audio
     text: str = ""  # partial: the turn's text so far (decoded again); completed: the turn's text
     seconds: float = 0.0  # completed: the turn's audio
+    # completed, where the session's options ask for word timestamps: on the session's clock.
+    words: list[Word] = []
+    language: str | None = None  # completed: the language heard
     code: str = ""  # error
     message: str = ""  # error
 

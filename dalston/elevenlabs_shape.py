@@ -77,7 +77,7 @@ def _chunk(transcript: Transcript, granularity: str, formats: tuple[str, ...],
         "language_code": ISO_639_3.get(language, language) if language else "und",
         "language_probability": transcript.language_probability or 0.0,
         "text": transcript.text,
-        "words": _words(transcript.segments, granularity, channel),
+        "words": scribe_words(transcript.segments, granularity, channel),
     }
     if channel is not None:
         result["channel_index"] = channel
@@ -86,7 +86,7 @@ def _chunk(transcript: Transcript, granularity: str, formats: tuple[str, ...],
     return result
 
 
-def _words(segments: list[Segment], granularity: str, channel: int | None) -> list[dict[str, Any]]:
+def scribe_words(segments: list[Segment], granularity: str, channel: int | None) -> list[dict[str, Any]]:
     """Words, and a `spacing` between each two; without timestamps where none were asked for
     (or the engine gave none)."""
     timed = granularity != "none"
@@ -160,7 +160,7 @@ def export(transcript: Transcript, fmt: str) -> dict[str, Any]:
     else:
         content = _json.encode({"segments": [
             {"text": s.text.strip(), "start": _seconds(s.start), "end": _seconds(s.end),
-             "speaker_id": _speaker_id(s), "words": _words([s], "word", None)}
+             "speaker_id": _speaker_id(s), "words": scribe_words([s], "word", None)}
             for s in transcript.segments]}).decode()
     return {"requested_format": fmt, "file_extension": extension, "content_type": media_type,
             "is_base64_encoded": False, "content": content}

@@ -22,6 +22,8 @@ SERVICES = COMPOSE["services"]
 DALSTON = {name: spec for name, spec in SERVICES.items() if "build" in spec}
 ENGINES = {name: spec for name, spec in DALSTON.items() if "DALSTON_RUNTIME" in spec["environment"]}
 SETTINGS_VARS = {f"DALSTON_{f.encode_name.upper()}" for f in msgspec.structs.fields(Settings)}
+# Services that speak to NATS as another does: the Wyoming server submits as the gateway.
+NATS_USER_OF = {"wyoming": "gateway", "layout": "admin"}
 
 
 def test_every_service_is_there():
@@ -39,7 +41,7 @@ def test_environment_is_settings(name):
     assert "DALSTON_NATS_REPLICAS" in env
     # Each service its own NATS user, whose password the nats service knows.
     user = env["DALSTON_NATS_USER"]
-    assert user == ("engine" if name in ENGINES else "admin" if name == "layout" else name)
+    assert user == ("engine" if name in ENGINES else NATS_USER_OF.get(name, name))
     assert env["DALSTON_NATS_PASSWORD"] == SERVICES["nats"]["environment"][f"DALSTON_NATS_{user.upper()}_PASSWORD"]
 
 
@@ -56,7 +58,7 @@ def test_engine_runtimes_are_in_the_catalog():
         assert spec["environment"]["DALSTON_RUNTIME"] in runtimes, name
 
 
-@pytest.mark.parametrize("name", ["gateway", *sorted(ENGINES)])
+@pytest.mark.parametrize("name", ["gateway", "wyoming", *sorted(ENGINES)])
 def test_models_volume_is_the_store(name):
     spec = DALSTON[name]
     store = spec["environment"]["DALSTON_MODELS_DIR"]
@@ -93,6 +95,15 @@ def test_gateway_listens_beyond_loopback():
     env = SERVICES["gateway"]["environment"]
     assert env["DALSTON_HTTP_HOST"] == "0.0.0.0"
     assert SERVICES["gateway"]["ports"] == [f"{env['DALSTON_HTTP_PORT']}:{env['DALSTON_HTTP_PORT']}"]
+
+
+def test_wyoming_listens_beyond_loopback_behind_a_profile_with_its_key():
+    # ... which makes its key mandatory (dalston/services/wyoming/server.py).
+    spec = SERVICES["wyoming"]
+    env = spec["environment"]
+    assert spec["profiles"] == ["wyoming"] and spec["command"] == ["serve", "wyoming"]
+    assert env["DALSTON_WYOMING_HOST"] == "0.0.0.0" and "DALSTON_WYOMING_API_KEY" in env
+    assert spec["ports"] == [f"{env['DALSTON_WYOMING_PORT']}:{env['DALSTON_WYOMING_PORT']}"]
 
 
 @pytest.mark.parametrize("name", ["nats", "gateway", *sorted(ENGINES)])

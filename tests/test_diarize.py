@@ -19,7 +19,7 @@ from faster_whisper.audio import decode_audio
 from actors.diarize import linkage
 from actors.diarize.actor import DiarizeActor
 from actors.diarize.ge2e import WEIGHTS
-from bench.conversations import THREE_VOICES, TWO_VOICES, conversation, der
+from bench.conversations import THREE_VOICES, TWO_VOICES, conversation, der, recordings
 from dalston.catalog import Catalog
 from dalston.config import load_settings
 from dalston.contracts import (
@@ -42,6 +42,22 @@ from tests.stack import AUDIO, TestStack, heartbeat, wait_for
 
 MODEL = "resemblyzer-ge2e"
 MAX_DER = 0.15
+# Issue 18's targets on real speech: DER without the speaker count, and with it.
+MAX_DER_FOUND, MAX_DER_GIVEN = 0.20, 0.15
+# The real recordings' overlap floors (tests/data/conversations/README.md): the least DER a
+# diarizer that gives each instant one speaker can reach. A target under its floor is not asked.
+FLOORS = {"call_2spk": 0.08, "ami_2spk_a": 0.05, "ami_2spk_b": 0.08, "ami_3spk_a": 0.18, "ami_3spk_b": 0.14,
+          "ami_4spk_a": 0.26, "ami_4spk_b": 0.51}
+# Where the GE2E diarizer falls short today (bench/diarization.py has the numbers): strict, so
+# that a fix shows here.
+SHORT = {
+    "ami_2spk_a": "counts 4 speakers (2)",
+    "ami_2spk_b": "count right, but DER 0.16 with the count",
+    "ami_3spk_a": "counts 4 speakers (3)",
+    "ami_3spk_b": "count right, but DER 0.54 without the count and with it (confusion 0.30)",
+    "ami_4spk_a": "counts 1 speaker (4): Silero finds a third of its 11 s of speech, the rest quiet muffled talk",
+    "ami_4spk_b": "counts 6 speakers (4): half of its speech is overlapped",
+}
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +151,26 @@ def test_conversations_of_synthetic_voices(ge2e, voices, seed):
     assert der(talk.turns, turns) <= MAX_DER
     _, told = diarize(ge2e, talk.audio, num_speakers=len(voices))
     assert der(talk.turns, told) <= MAX_DER
+
+
+@pytest.fixture(scope="module")
+def real_conversations():
+    return {talk.name: talk for talk in recordings()}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=SHORT[name]))
+                                  if name in SHORT else name for name in FLOORS])
+def test_real_conversations(ge2e, real_conversations, name):
+    """Real people (tests/data/conversations): the count found is right, and DER is within the
+    targets wherever the recording's overlap floor leaves room for them."""
+    talk = real_conversations[name]
+    counted, turns = diarize(ge2e, talk.audio)
+    assert len(counted) == len(talk.speakers)
+    if FLOORS[name] < MAX_DER_FOUND:
+        assert der(talk.turns, turns) <= MAX_DER_FOUND
+    if FLOORS[name] < MAX_DER_GIVEN:
+        _, told = diarize(ge2e, talk.audio, num_speakers=len(talk.speakers))
+        assert der(talk.turns, told) <= MAX_DER_GIVEN
 
 
 def test_speaker_bounds_are_obeyed(ge2e):

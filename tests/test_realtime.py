@@ -12,6 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from bench.wer import edits
 from tests.audio_fixtures import convert, speak
 from tests.stack import AUDIO, TestStack, words
 
@@ -92,12 +93,7 @@ class Events:
 
 
 def wer(reference: list[str], hypothesis: list[str]) -> float:
-    row = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        previous, row[0] = row[0], i
-        for j, hyp in enumerate(hypothesis, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (ref != hyp))
-    return row[-1] / max(1, len(reference))
+    return edits(reference, hypothesis) / max(1, len(reference))
 
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"

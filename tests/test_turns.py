@@ -8,12 +8,13 @@ import soundfile
 
 from dalston.contracts import SESSION_SAMPLE_RATE, TurnDetection
 from dalston.pcm import SAMPLE_RATE, from_pcm16, resample, to_pcm16
-from dalston.sdk.turns import FRAME_BYTES, BufferFull, SpeechProbability, Turns
+from dalston.sdk.turns import FRAME_MS, BufferFull, SpeechProbability, Turns
 from tests.audio_fixtures import AUDIO_DIR as AUDIO
 
 SPEAKER1 = AUDIO / "speaker1.wav"  # 24 kHz mono, as a session's audio is
 SPEAKER2 = AUDIO / "speaker2.wav"
 MAX_MS = 60_000
+FRAME_BYTES = SESSION_SAMPLE_RATE * FRAME_MS // 1000 * 2
 
 
 def speech(path) -> bytes:
@@ -133,3 +134,23 @@ def test_resampling_removes_what_the_lower_rate_cannot_hold():
     t = np.arange(SESSION_SAMPLE_RATE) / SESSION_SAMPLE_RATE
     high = (0.5 * np.sin(2 * np.pi * 10_000 * t)).astype(np.float32)  # above 16 kHz's Nyquist
     assert np.abs(resample(high, SESSION_SAMPLE_RATE, SAMPLE_RATE)[200:-200]).max() < 0.05
+
+
+def test_a_16_khz_session_finds_the_same_turn_where_it_is():
+    audio = speech(SPEAKER1)
+    at_16k = to_pcm16(resample(np.frombuffer(audio, "<i2").astype(np.float32) / 32768, SESSION_SAMPLE_RATE, 16_000))
+    found = {}
+    for rate, pcm in ((SESSION_SAMPLE_RATE, audio), (16_000, at_16k)):
+        turns = Turns(TurnDetection(silence_duration_ms=500), MAX_MS, rate)
+        turns.feed(bytes(rate * 2))  # a second of silence first
+        events = feed_in_pieces(turns, pcm + bytes(rate * 2))
+        assert [e.kind for e in events] == ["speech_started", "speech_stopped", "committed"]
+        committed = events[2]
+        assert committed.start_ms + turns.ms(len(committed.audio)) == committed.audio_ms
+        found[rate] = (events[0].audio_ms, events[1].audio_ms, committed.start_ms)
+    assert all(abs(a - b) <= 2 * FRAME_MS for a, b in zip(found[SESSION_SAMPLE_RATE], found[16_000])), found
+
+
+def test_speech_shorter_than_min_speech_starts_no_turn():
+    clip = speech(SPEAKER1)
+    assert feed_in_pieces(Turns(TurnDetection(min_speech_ms=2000), MAX_MS), clip + quiet(1000)) == []

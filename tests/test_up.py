@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import stat
@@ -16,6 +17,9 @@ import httpx
 import nats.errors
 import psutil
 import pytest
+from wyoming.client import AsyncTcpClient
+from wyoming.event import Event
+from wyoming.info import Describe, Info
 
 import nats
 from dalston.bus.credentials import CREDENTIALS_FILE
@@ -29,6 +33,7 @@ def fresh_machine(tmp_path, port: int) -> dict[str, str]:
     """The environment of a machine where Dalston never ran: its own home, free ports."""
     return {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DALSTON_HOME": str(tmp_path / "home"),
             "DALSTON_HTTP_PORT": str(port), "DALSTON_NATS_PORT": str(free_port()),
+            "DALSTON_WYOMING_PORT": str(free_port()),
             "DALSTON_DEFAULT_MODEL": "faster-whisper-tiny.en", "HF_HUB_OFFLINE": "1"}
 
 
@@ -63,6 +68,20 @@ def nats_server(up: subprocess.Popen) -> psutil.Process:
     return next(p for p in psutil.Process(up.pid).children() if p.name() == "nats-server")
 
 
+async def describe_wyoming(port: int) -> Event:
+    """The first answer to `describe`, once the Wyoming server listens."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            async with AsyncTcpClient("127.0.0.1", port) as client:
+                await client.write_event(Describe().event())
+                return await asyncio.wait_for(client.read_event(), 60)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def connect_anonymously(port: str) -> None:
     nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, max_reconnect_attempts=0)
     await nc.close()
@@ -77,6 +96,8 @@ async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_sto
             response = httpx.post(f"http://127.0.0.1:{port}/v1/audio/transcriptions",
                                   files={"file": audio}, data={"response_format": "text"}, timeout=120)
         assert words(response.text) == SPEAKER1
+        # Home Assistant's Wyoming server came up with it.
+        assert Info.is_type((await describe_wyoming(int(env["DALSTON_WYOMING_PORT"]))).type)
 
         # Another local account, without the passwords, cannot even connect.
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):

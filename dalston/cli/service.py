@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from dalston.config import Settings
+from dalston.config import ConfigError, Settings
 
 # `up` stops its services, then NATS: give it as long as it gives them.
 DOWN_TIMEOUT = 60.0
@@ -23,7 +23,7 @@ def register(commands) -> None:
     down.set_defaults(func=_down)
 
     serve = commands.add_parser("serve", help="run one service in the foreground")
-    serve.add_argument("service", choices=["gateway", "orchestrator", "webhooks", "engine", "layout"])
+    serve.add_argument("service", choices=["gateway", "orchestrator", "webhooks", "wyoming", "engine", "layout"])
     serve.add_argument("runtime", nargs="?", help="the engine's runtime (default: DALSTON_RUNTIME)")
     serve.set_defaults(func=_serve)
 
@@ -73,7 +73,11 @@ def _alive(pid: int) -> bool:
 def _serve(args, settings: Settings) -> int:
     from dalston.services.runner import serve
 
-    serve(args.service, settings, args.runtime)
+    try:
+        serve(args.service, settings, args.runtime)
+    except ConfigError as exc:  # a service that must not start as configured says why
+        print(f"dalston: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

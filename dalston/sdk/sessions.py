@@ -30,8 +30,8 @@ from dalston.contracts import (
     SESSION_CLAIMS,
     SESSION_INPUT_SUBJECT,
     SESSION_OUTPUT_SUBJECT,
-    SESSION_SAMPLE_RATE,
     ContractError,
+    Segment,
     SessionClaim,
     SessionConfig,
     SessionInput,
@@ -115,10 +115,7 @@ class SessionHost:
 # lets the turn in progress go on, so a flood of tiny commits cannot queue minutes of work.
 MAX_QUEUED_TURNS = 4
 # A turn's text so far is decoded again after this much new audio, and sent as a partial.
-PARTIAL_EVERY_BYTES = 2 * SESSION_SAMPLE_RATE  # 1 s of 16-bit audio
-# After this much silence a turn is decoded at once: if no speech follows, server VAD commits it
-# `silence_duration_ms` later with that decode already done (or under way).
-SPECULATE_BYTES = 2 * SESSION_SAMPLE_RATE * 192 // 1000
+PARTIAL_EVERY_MS = 1000
 
 
 @dataclass
@@ -142,10 +139,14 @@ class LiveSession:
         self.config: SessionConfig = request.config
         self._bus: Bus = host._bus
         self._out = SESSION_OUTPUT_SUBJECT.format(session_id=self.id)
-        self._turns = Turns(self.config.turn_detection, int(host.settings.max_session_buffer_seconds * 1000))
+        # The rate is the claim's: a later `configure` changes how turns are found, not the audio.
+        self.rate = request.config.sample_rate
+        self._turns = Turns(self.config.turn_detection, int(host.settings.max_session_buffer_seconds * 1000),
+                            self.rate)
         self._committed: asyncio.Queue[TurnEvent] = asyncio.Queue(MAX_QUEUED_TURNS)
         self._decoding = asyncio.Lock()
         self._draft: Draft | None = None
+        self._language: str | None = None  # as the last decode heard it
         self._handle = None  # the model, once leased
         self._ended = asyncio.Event()
         self._cancelled = threading.Event()
@@ -163,6 +164,7 @@ class LiveSession:
             async with self.host.models.use(self.request.runtime_model_id) as handle:
                 self._handle = handle
                 transcriber = asyncio.create_task(self._transcribe_turns())
+                self._draft_turn()  # audio that came while the model loaded: its partial now
                 try:
                     while not self._ended.is_set():
                         # A gateway that went away without closing: nothing comes, nothing waits.
@@ -242,6 +244,16 @@ class LiveSession:
 
     # --- transcription ------------------------------------------------------------------
 
+    def _bytes(self, ms: int) -> int:
+        return 2 * self.rate * ms // 1000
+
+    def _pause(self) -> int:
+        """Bytes of a pause that ends a turn's speech (TurnDetection.min_silence_ms): the turn is
+        decoded then, so that server VAD's commit finds its text ready. A client's commit
+        needs no pause: a decode of all the audio is its text."""
+        vad = self.config.turn_detection
+        return 0 if vad is None else self._bytes(vad.min_silence_ms)
+
     def _draft_turn(self) -> None:
         """Decode the turn in progress again, when enough is new or its speech may have ended."""
         turn = self._turns.turn
@@ -249,26 +261,27 @@ class LiveSession:
             return
         item, length, spoken = turn
         done = self._draft.covered if self._draft is not None and self._draft.item == item else 0
-        paused = length - spoken >= SPECULATE_BYTES and done < spoken + SPECULATE_BYTES
-        if paused or length - done >= PARTIAL_EVERY_BYTES:
+        pause = self._pause()
+        paused = pause > 0 and length - spoken >= pause and done < spoken + pause
+        if paused or length - done >= self._bytes(PARTIAL_EVERY_MS):
             pcm = self._turns.turn_audio()
             self._draft = Draft(item, length, asyncio.create_task(self._decode_draft(item, pcm)))
 
-    async def _decode_draft(self, item: str, pcm: bytes) -> list[str] | None:
+    async def _decode_draft(self, item: str, pcm: bytes) -> list[Segment] | None:
         said = await self._decode(pcm)
         if said:
-            await self._say("partial", item_id=item, text=" ".join(said))
+            await self._say("partial", item_id=item, text=_text(said))
         return said
 
-    async def _decode(self, pcm: bytes) -> list[str] | None:
-        """The texts of a turn's segments; None (the client told) where decoding failed."""
+    async def _decode(self, pcm: bytes) -> list[Segment] | None:
+        """A turn's segments that hold words; None (the client told) where decoding failed."""
         # Server VAD has already cut the turn to its speech: the runtime's own VAD would
         # only add to the latency. A committed turn may hold long silences: it keeps it.
         options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None)
         async with self._decoding:
             try:
                 result = await asyncio.to_thread(self.host.actor.transcribe, self._handle,
-                                                 from_pcm16(pcm, SESSION_SAMPLE_RATE), options,
+                                                 from_pcm16(pcm, self.rate), options,
                                                  self._cancelled, lambda segment: None)
             except Exception as exc:  # noqa: BLE001 - one turn failed; the session goes on
                 if self._cancelled.is_set():
@@ -276,18 +289,27 @@ class LiveSession:
                 log.exception("turn not transcribed", session=self.id)
                 await self._say("error", code="transcription_failed", message=f"{type(exc).__name__}: {exc}"[:1000])
                 return None
-        return [text for s in result.segments if (text := s.text.strip())]
+        self._language = result.language
+        return [s for s in result.segments if s.text.strip()]
 
     async def _transcribe_turns(self) -> None:
         while True:
             turn = await self._committed.get()
             draft, self._draft = self._draft, None
-            if draft is not None and draft.item == turn.item_id and draft.covered >= turn.spoken + SPECULATE_BYTES:
+            if draft is not None and draft.item == turn.item_id and draft.covered >= turn.spoken + self._pause():
                 said = await draft.task  # all its speech was decoded already
             else:
                 said = await self._decode(turn.audio)
             self._committed.task_done()
             if said is not None:
-                await self._say("completed", item_id=turn.item_id, text=" ".join(said),
-                                seconds=len(turn.audio) / (2 * SESSION_SAMPLE_RATE))
+                # Word times from the turn's start to the session's clock.
+                offset = turn.start_ms / 1000
+                words = [msgspec.structs.replace(w, start=w.start + offset, end=w.end + offset)
+                         for s in said for w in s.words] if self.config.options.word_timestamps else []
+                await self._say("completed", item_id=turn.item_id, text=_text(said), words=words,
+                                language=self._language, seconds=len(turn.audio) / (2 * self.rate))
             self._draft_turn()
+
+
+def _text(segments: list[Segment]) -> str:
+    return " ".join(s.text.strip() for s in segments)

@@ -9,7 +9,7 @@ iterator, silence needs a probability 0.15 below the threshold, and speech must 
 frames to start a turn, so a click does not. Without turn detection the audio gathers until the
 client commits it.
 
-The audio held is bounded: a client-committed buffer past `max_ms` is refused (`BufferFull`), a
+Audio comes at the session's sample rate (SessionConfig.sample_rate). The audio held is bounded: a client-committed buffer past `max_ms` is refused (`BufferFull`), a
 server VAD turn that long is committed where it stands and the speech goes on in a new turn.
 """
 
@@ -25,10 +25,6 @@ from dalston.contracts import SESSION_SAMPLE_RATE, TurnDetection
 from dalston.pcm import SAMPLE_RATE, resample
 
 FRAME_MS = 32  # Silero VAD's frame: 512 samples at 16 kHz
-FRAME_BYTES = SESSION_SAMPLE_RATE * FRAME_MS // 1000 * 2
-# A turn starts after this much speech in a row (Silero's iterator waits 250 ms before it
-# keeps a region; a live turn cannot wait that long, a cough is shorter than this anyway).
-START_FRAMES = 3
 # Silence is a probability this far below the threshold (Silero's hysteresis).
 SILENCE_MARGIN = 0.15
 # A commit with less audio than this has nothing to transcribe.
@@ -44,8 +40,9 @@ class TurnEvent:
     kind: str  # speech_started, speech_stopped or committed
     item_id: str
     audio_ms: int = 0  # speech_started, speech_stopped: where in the session's audio
-    audio: bytes = b""  # committed: the turn, 16-bit PCM at SESSION_SAMPLE_RATE
+    audio: bytes = b""  # committed: the turn, 16-bit PCM at the session's rate
     spoken: int = 0  # committed: bytes of `audio` up to the end of its speech
+    start_ms: int = 0  # committed: where `audio` starts in the session's audio
 
 
 @functools.cache
@@ -68,14 +65,15 @@ class SpeechProbability:
 
     SAMPLES, CONTEXT = 512, 64
 
-    def __init__(self) -> None:
+    def __init__(self, rate: int = SESSION_SAMPLE_RATE) -> None:
+        self.rate = rate
         self._state = np.zeros((1, 1, 128), np.float32), np.zeros((1, 1, 128), np.float32)
         self._context = np.zeros((1, self.CONTEXT), np.float32)
 
     def __call__(self, pcm: bytes) -> np.ndarray:
         """One probability per FRAME_MS of `pcm` (whole frames of session audio)."""
         samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-        frames = resample(samples, SESSION_SAMPLE_RATE, SAMPLE_RATE).reshape(-1, self.SAMPLES)
+        frames = resample(samples, self.rate, SAMPLE_RATE).reshape(-1, self.SAMPLES)
         tails = np.concatenate([self._context, frames[:-1, -self.CONTEXT:]])
         self._context = frames[-1:, -self.CONTEXT:]
         (h, c) = self._state
@@ -85,16 +83,17 @@ class SpeechProbability:
 
 
 class Turns:
-    def __init__(self, detection: TurnDetection | None, max_ms: int) -> None:
+    def __init__(self, detection: TurnDetection | None, max_ms: int, rate: int = SESSION_SAMPLE_RATE) -> None:
         self.detection = detection  # None: the client commits
-        self.max_bytes = max_ms * FRAME_BYTES // FRAME_MS
+        self.rate, self.frame_bytes = rate, rate * FRAME_MS // 1000 * 2
+        self.max_bytes = max_ms * self.frame_bytes // FRAME_MS
         # While set, server VAD does not end a turn at a silence (the session's queue of turns
         # is full): the turn goes on, and ends at the first silence after it is cleared.
         self.hold = False
-        self._speech = SpeechProbability()
+        self._speech = SpeechProbability(rate)
         self._buffer = bytearray()  # the turn so far (or, between turns, the prefix padding)
         self._partial = b""  # the start of a frame not complete yet
-        self._audio_ms = 0  # of the session's audio so far
+        self._audio_bytes = 0  # of the session's audio so far
         self._item: str | None = None  # the turn in progress
         self._run = 0  # speech frames in a row before a turn
         self._silence_ms = 0
@@ -108,36 +107,49 @@ class Turns:
     def turn_audio(self) -> bytes:
         return bytes(self._buffer)
 
+    def ms(self, size: int) -> int:
+        """`size` bytes of the session's audio in milliseconds."""
+        return size * 1000 // (2 * self.rate)
+
+    @property
+    def _audio_ms(self) -> int:
+        return self.ms(self._audio_bytes)
+
     def feed(self, pcm: bytes) -> list[TurnEvent]:
         """Take in audio; what server VAD saw in it."""
         if self.detection is None:
             if len(self._buffer) + len(pcm) > self.max_bytes:
-                raise BufferFull(f"the buffer holds more than {self.max_bytes // FRAME_BYTES * FRAME_MS // 1000} s "
+                raise BufferFull(f"the buffer holds more than {self.ms(self.max_bytes) // 1000} s "
                                  "of uncommitted audio (DALSTON_MAX_SESSION_BUFFER_SECONDS)")
+            # What the client will commit is one turn from its first audio: its partials show.
+            self._item = self._item or _item_id()
             self._buffer += pcm
-            self._audio_ms += len(pcm) * 1000 // (2 * SESSION_SAMPLE_RATE)
+            self._audio_bytes += len(pcm)
+            self._spoken = len(self._buffer)
             return []
-        data, events = self._partial + pcm, []
-        whole = len(data) // FRAME_BYTES * FRAME_BYTES
+        data, events, size = self._partial + pcm, [], self.frame_bytes
+        whole = len(data) // size * size
         self._partial = data[whole:]
         if whole:
             for number, probability in enumerate(self._speech(data[:whole])):
-                frame = data[number * FRAME_BYTES:(number + 1) * FRAME_BYTES]
-                events += self._frame(frame, float(probability))
+                events += self._frame(data[number * size:(number + 1) * size], float(probability))
         return events
 
     def _frame(self, frame: bytes, probability: float) -> list[TurnEvent]:
         vad = self.detection
-        self._audio_ms += FRAME_MS
+        self._audio_bytes += len(frame)
         self._buffer += frame
         if self._item is None:
             self._run = self._run + 1 if probability >= vad.threshold else 0
-            if self._run >= START_FRAMES:
+            # A turn starts after min_speech_ms of speech in a row (Silero's iterator waits 250 ms
+            # before it keeps a region; a live turn cannot wait that long).
+            start_frames = max(1, -(-vad.min_speech_ms // FRAME_MS))
+            if self._run >= start_frames:
                 self._item, self._silence_ms, self._spoken = _item_id(), 0, len(self._buffer)
-                speech_ms = START_FRAMES * FRAME_MS
-                padding = min(vad.prefix_padding_ms, len(self._buffer) * FRAME_MS // FRAME_BYTES - speech_ms)
+                speech_ms = start_frames * FRAME_MS
+                padding = min(vad.prefix_padding_ms, self.ms(len(self._buffer)) - speech_ms)
                 return [TurnEvent("speech_started", self._item, self._audio_ms - speech_ms - padding)]
-            keep = (vad.prefix_padding_ms // FRAME_MS + START_FRAMES) * FRAME_BYTES
+            keep = (vad.prefix_padding_ms // FRAME_MS + start_frames) * self.frame_bytes
             del self._buffer[:max(0, len(self._buffer) - keep)]
             return []
         if probability >= vad.threshold - SILENCE_MARGIN:
@@ -159,10 +171,10 @@ class Turns:
 
     def commit(self) -> TurnEvent | None:
         """The buffer as a committed turn; None when it holds too little audio to be one."""
-        if len(self._buffer) < MIN_TURN_MS * FRAME_BYTES // FRAME_MS:
+        if self.ms(len(self._buffer)) < MIN_TURN_MS:
             return None
-        spoken = self._spoken if self.detection is not None else len(self._buffer)
-        event = TurnEvent("committed", self._item or _item_id(), self._audio_ms, bytes(self._buffer), spoken)
+        event = TurnEvent("committed", self._item or _item_id(), self._audio_ms, bytes(self._buffer),
+                          self._spoken, self.ms(self._audio_bytes - len(self._buffer)))
         self.clear()
         return event
 

@@ -1,5 +1,5 @@
 """Runs one service in this process until SIGINT or SIGTERM: gateway, orchestrator, webhooks,
-an engine of one runtime, or the layout keeper (the admin step, as a service)."""
+the Wyoming server, an engine of one runtime, or the layout keeper (the admin step, as a service)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def serve(service: str, settings: Settings, runtime: str | None = None) -> None:
         from dalston.services.webhooks import WebhookService
 
         asyncio.run(_until_signalled(WebhookService(settings)))
+    elif service == "wyoming":
+        from dalston.services.wyoming.server import WyomingServer
+
+        asyncio.run(_until_signalled(WyomingServer(settings, Catalog.from_settings(settings))))
     elif service == "engine":
         from dalston.sdk.engine import Engine
 

@@ -2,10 +2,11 @@
 
 Starts an embedded nats-server (JetStream on disk under DALSTON_HOME, open only to the users of
 nats/accounts.conf, whose passwords DALSTON_HOME keeps) unless DALSTON_NATS_URL names one, then
-the gateway, the orchestrator, the webhook service (where DALSTON_WEBHOOK_SECRET is set), one
-engine of each pipeline runtime and the transcription engines as child processes, each with its
-own NATS user. A child or the embedded server that dies is restarted; Ctrl-C or SIGTERM stops
-everything, services before NATS.
+the gateway, the Wyoming server for Home Assistant (as a NATS user it is the gateway; not where
+it would listen beyond loopback without DALSTON_WYOMING_API_KEY), the orchestrator, the webhook
+service (where DALSTON_WEBHOOK_SECRET is set), one engine of each pipeline runtime and the
+transcription engines as child processes, each with its own NATS user. A child or the embedded
+server that dies is restarted; Ctrl-C or SIGTERM stops everything, services before NATS.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dalston.catalog import Catalog
 from dalston.config import Settings
 from dalston.logs import configure, get_logger
 from dalston.services.layout import apply_layout
+from dalston.services.wyoming.server import listen_problem
 
 log = get_logger("dalston.up")
 
@@ -109,6 +111,10 @@ class Stack:
             self._start_nats()
             nats_url = self.nats.url
         self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url, "gateway")))
+        if (problem := listen_problem(self.settings)) is None:
+            self.children.append(Child("wyoming", ["serve", "wyoming"], self._child_env(nats_url, "gateway")))
+        else:
+            log.warning("wyoming server not started", reason=problem)
         self.children.append(Child("orchestrator", ["serve", "orchestrator"],
                                    self._child_env(nats_url, "orchestrator")))
         if self.settings.webhook_secret:  # without it the gateway refuses webhooks
@@ -229,7 +235,9 @@ def up(settings: Settings, runtimes: list[str]) -> int:
     signal.signal(signal.SIGINT, stack.request_stop)
     try:
         if stack.wait_ready():
-            print(f"Dalston is up: http://{settings.http_host}:{settings.http_port} "
+            wyoming = (f", Wyoming tcp://{settings.wyoming_host}:{settings.wyoming_port}"
+                       if listen_problem(settings) is None else "")
+            print(f"Dalston is up: http://{settings.http_host}:{settings.http_port}{wyoming} "
                   f"(NATS {stack.nats.url if stack.nats else settings.nats_url}; "
                   f"runtimes: {', '.join(runtimes)}). Ctrl-C stops it.", flush=True)
         stack.run_forever()

@@ -1,5 +1,6 @@
 """The Litestar app: `/v1/audio/transcriptions` and `/v1/audio/translations`
-(OpenAI-compatible), `/v1/speech-to-text` (ElevenLabs-compatible, elevenlabs.py), `/v1/jobs`,
+(OpenAI-compatible), `/v1/speech-to-text` (ElevenLabs-compatible, elevenlabs.py) and its realtime
+WebSocket (elevenlabs_realtime.py), `/v1/realtime` (realtime.py), `/v1/jobs`,
 models, engines, health. Every route is a thin translation between HTTP and NATS."""
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from dalston.contracts import (
 )
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
-from dalston.services.gateway.admission import Admission
 from dalston.services.gateway.auth import require_key, visible_owner
 from dalston.services.gateway.elevenlabs import elevenlabs_api
+from dalston.services.gateway.elevenlabs_realtime import scribe_realtime
 from dalston.services.gateway.form import BadForm, read_form
 from dalston.services.gateway.intake import (
     ApiError,
@@ -49,15 +50,15 @@ from dalston.services.gateway.intake import (
     raise_for_failure,
     require_usable,
     submit,
-    transcription_problem,
 )
-from dalston.services.gateway.job_index import JobIndex, UnknownCursor
-from dalston.services.gateway.jobs import JobNotFound, JobService, new_job_id
+from dalston.services.gateway.job_index import UnknownCursor
+from dalston.services.gateway.jobs import JobNotFound, new_job_id
 from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.services.gateway.realtime import realtime
 from dalston.services.gateway.streaming import transcript_events
 from dalston.services.gateway.web import web_page
+from dalston.services.intake import Intake, transcription_problem
 from dalston.transcript import FORMATS, render
 
 log = get_logger("dalston.gateway")
@@ -397,31 +398,26 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
         await engines.start(bus)
         app.state.bus = bus
         app.state.engines = engines
-        index = JobIndex()
-        app.state.jobs = JobService(bus, index)
-        # The metrics show the admission's count; the admission tells them of each job that ends,
+        # The metrics show the admission's count; the intake tells them of each job that ends,
         # and the index of each record.
-        metrics = GatewayMetrics(engines, lambda: admission.unfinished, settings.max_queued_jobs)
-        admission = Admission(bus, settings.max_queued_jobs, settings.max_concurrent_uploads,
-                              on_record=index.observe, on_ended=metrics.job_ended,
-                              served=lambda runtime: bool(engines.live(runtime)),
-                              engine_wait=settings.engine_wait)
+        metrics = GatewayMetrics(engines, lambda: intake.admission.unfinished, settings.max_queued_jobs)
+        intake = Intake.build(bus, settings, catalog, engines, on_ended=metrics.job_ended)
         app.state.metrics = metrics
-        app.state.admission = admission
-        await admission.start()
-        app.state.models = ModelService(bus, settings, catalog, engines)
+        app.state.intake = intake
+        await intake.start()
+        app.state.models = intake.models
         await app.state.models.start()
         try:
             yield
         finally:
-            await admission.stop()
+            await intake.stop()
             await engines.stop()
             await bus.close()
 
     app = Litestar(
         route_handlers=[create_transcription, create_translation, submit_job, get_job, list_jobs, cancel_job,
                         get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
-                        metrics, healthz, readyz, elevenlabs_api, realtime, web_page],
+                        metrics, healthz, readyz, elevenlabs_api, scribe_realtime, realtime, web_page],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
         guards=[require_key],

@@ -16,10 +16,9 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
 
-from dalston.config import Settings
+from dalston.config import LOOPBACK_HOSTS, Settings
 from dalston.keys import ApiKey, KeyStore
 
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 KEY_STATE = "api_key"  # where the guard leaves the verified key's record for the handlers
 
@@ -33,7 +32,7 @@ class AuthError(HTTPException):
 
 
 def auth_required(settings: Settings) -> bool:
-    return settings.require_auth or settings.http_host not in LOOPBACK
+    return settings.require_auth or settings.http_host not in LOOPBACK_HOSTS
 
 
 def presented_key(connection: ASGIConnection) -> str | None:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from litestar import Request, Response, Router, get, post
-from litestar.datastructures import FormMultiDict, UploadFile
+from litestar.datastructures import FormMultiDict, MultiDict, UploadFile
 from litestar.exceptions import HTTPException
 
 from dalston.catalog import Catalog, UnknownModel
@@ -31,9 +31,9 @@ from dalston.services.gateway.intake import (
     jobs,
     raise_for_failure,
     require_usable,
-    transcription_problem,
 )
 from dalston.services.gateway.jobs import JobNotFound, new_job_id
+from dalston.services.intake import transcription_problem
 
 log = get_logger("dalston.gateway")
 
@@ -59,14 +59,15 @@ def _error_response(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=status, headers=getattr(exc, "headers", None))
 
 
-def _flag(form: FormMultiDict, name: str) -> bool:
+def flag_field(form: MultiDict, name: str) -> bool:
+    """The field (of a form, or a WebSocket's query) as true or false; absent is false."""
     value = str(form.get(name) or "false").lower()
     if value not in ("true", "false", "1", "0"):
         raise _invalid(name, f"{name} must be true or false")
     return value in ("true", "1")
 
 
-def _number(form: FormMultiDict, name: str, kind: type, low: float, high: float) -> Any:
+def number_field(form: MultiDict, name: str, kind: type, low: float, high: float) -> Any:
     """The field as `kind`, from `low` to `high`; None where it is not sent."""
     raw = str(form.get(name) or "")
     if not raw:
@@ -107,9 +108,9 @@ def _export_formats(form: FormMultiDict) -> tuple[str, ...]:
 def _diarize(form: FormMultiDict) -> DiarizeOptions | None:
     """ElevenLabs' diarize, num_speakers (the most speakers) and diarization_threshold (taken,
     bounded, not used yet)."""
-    num_speakers = _number(form, "num_speakers", int, 1, MAX_SPEAKERS)
-    _number(form, "diarization_threshold", float, 0.0, 1.0)
-    if not _flag(form, "diarize"):
+    num_speakers = number_field(form, "num_speakers", int, 1, MAX_SPEAKERS)
+    number_field(form, "diarization_threshold", float, 0.0, 1.0)
+    if not flag_field(form, "diarize"):
         return None
     return DiarizeOptions(num_speakers=num_speakers)
 
@@ -169,12 +170,12 @@ async def _read(request: Request) -> Submission:
     granularity = str(form.get("timestamps_granularity") or "word")
     if granularity not in GRANULARITIES:
         raise _invalid("timestamps_granularity", f"timestamps_granularity must be one of {', '.join(GRANULARITIES)}")
-    _flag(form, "tag_audio_events")  # taken; Whisper does not tag audio events
+    flag_field(form, "tag_audio_events")  # taken; Whisper does not tag audio events
     keyterms = [k.strip() for key in ("keyterms[]", "keyterms") for k in form.getall(key, []) if str(k).strip()]
     try:
         # The contract bounds every field (language code, temperature range, hotwords length).
         options = convert({"language": whisper_language(str(form.get("language_code") or "")) or None,
-                           "temperature": _number(form, "temperature", float, 0.0, 1.0) or 0.0,
+                           "temperature": number_field(form, "temperature", float, 0.0, 1.0) or 0.0,
                            "word_timestamps": granularity != "none",
                            "hotwords": ", ".join(keyterms) or None, "diarize": _diarize(form)},
                           TranscribeOptions)
@@ -184,8 +185,8 @@ async def _read(request: Request) -> Submission:
     if (problem := catalog.language_problem(model, options.language)) is not None:
         raise _invalid("language_code", problem)
     require_usable(request, model, options)
-    shape = {"granularity": granularity, "multichannel": _flag(form, "use_multi_channel"),
-             "formats": _export_formats(form), "webhook": _flag(form, "webhook")}
+    shape = {"granularity": granularity, "multichannel": flag_field(form, "use_multi_channel"),
+             "formats": _export_formats(form), "webhook": flag_field(form, "webhook")}
     upload, fetch = _audio(request, form)
     return Submission(upload, model.id, options, webhook_url=str(form.get("webhook_url") or ""), shape=shape,
                       fetch=fetch)

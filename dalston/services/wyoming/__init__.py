@@ -1,0 +1,1 @@
+"""The Wyoming protocol server, for Home Assistant's voice assistants (`dalston serve wyoming`)."""
