@@ -80,8 +80,9 @@ def recordings() -> list[Recording]:
             start, duration = float(fields[3]), float(fields[4])
             turns.append(SpeakerTurn(start=start, end=start + duration, speaker=fields[7]))
         stm = path.with_suffix(".stm")
-        words = ([(f[2], " ".join(f[5:])) for f in (line.split() for line in stm.read_text().splitlines()) if f]
-                 if stm.exists() else None)
+        words = None
+        if stm.exists():
+            words = [(f[2], " ".join(f[5:])) for f in map(str.split, stm.read_text().splitlines()) if f]
         found.append(Recording(path.stem, audio, turns, words))
     return found
 

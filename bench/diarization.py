@@ -54,8 +54,8 @@ def _diarization_rows(root: Path, talks: list[Recording]) -> dict[str, str]:
             found, turns = handle.diarize(talk.audio, DiarizeOptions(), threading.Event())
             seconds = time.perf_counter() - started
             _, told = handle.diarize(talk.audio, DiarizeOptions(num_speakers=count), threading.Event())
-            rows[talk.name] = (f"{talk.name:22s} {len(talk.audio) / SAMPLE_RATE:4.0f} s  speakers {count} found "
-                               f"{len(found)} {'right' if len(found) == count else 'WRONG'}  DER found "
+            rows[talk.name] = (f"{talk.name:22s} {len(talk.audio) / SAMPLE_RATE:4.0f} s  speakers {count} "
+                               f"found {len(found)} {'right' if len(found) == count else 'WRONG'}  DER found "
                                f"{der(talk.turns, turns):.3f} given {der(talk.turns, told):.3f}  RTF "
                                f"{seconds * SAMPLE_RATE / len(talk.audio):.3f}")
     finally:

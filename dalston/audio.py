@@ -43,6 +43,10 @@ class InvalidAudio(ValueError):
     """The input is not audio we can decode; the message says why in the user's terms."""
 
 
+class AudioTooLong(InvalidAudio):
+    """Audio longer than the `max_duration` asked of `decode`."""
+
+
 @dataclass
 class PreparedAudio:
     """Decoded audio: one raw float32 file in [-1, 1] at `SAMPLE_RATE` per distinct channel."""
@@ -200,10 +204,10 @@ class _ChannelFiles:
         return self._difference[i, j] <= SAME_CHANNEL_THRESHOLD * energy
 
 
-def _too_long(max_duration: float, stated: float | None = None) -> InvalidAudio:
+def _too_long(max_duration: float, stated: float | None = None) -> AudioTooLong:
     """Audio over the limit; `stated` is the length its header gives, where it was refused unread."""
     length = "is longer" if stated is None else f"lasts {_span(stated)}, longer"
-    return InvalidAudio(f"the audio {length} than the limit of {_span(max_duration)} "
+    return AudioTooLong(f"the audio {length} than the limit of {_span(max_duration)} "
                         "set by DALSTON_MAX_AUDIO_SECONDS")
 
 

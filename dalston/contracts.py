@@ -35,6 +35,9 @@ TRANSCRIPT_SUBJECT = "transcript.{job_id}"
 SESSION_CLAIM_SUBJECT = "sessions.{runtime}.{model}"
 SESSION_INPUT_SUBJECT = "session.{session_id}.in"
 SESSION_OUTPUT_SUBJECT = "session.{session_id}.out"
+# A voice's embedding (core NATS): a request on a runtime's subject that one of its engines
+# answers with the embedding of the clip it carries (`VoiceEmbedRequest`).
+VOICE_EMBED_SUBJECT = "voices.embed.{runtime}"
 
 JOBS_STREAM = "JOBS"
 TASKS_STREAM = "TASKS"
@@ -42,6 +45,8 @@ EVENTS_STREAM = "EVENTS"
 HEARTBEATS_STREAM = "HEARTBEATS"
 DEADLETTER_STREAM = "DEADLETTER"
 JOBS_BUCKET = "jobs"
+# Enrolled voices (`Voice`), by id; only the gateway reads or writes them.
+VOICES_BUCKET = "voices"
 # The orchestrators' durable consumers (nats/streams.yaml): while one runs, its long-poll fetch
 # waits on the first.
 ORCHESTRATOR_JOBS_CONSUMER = "orchestrator-jobs"
@@ -179,13 +184,36 @@ MAX_SPEAKERS = 32
 SpeakerCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_SPEAKERS)]
 
 
+# Known speakers a request may name (OpenAI's limit), and how long their clips may be.
+MAX_KNOWN_SPEAKERS = 4
+MIN_VOICE_CLIP_SECONDS = 1.5
+MAX_VOICE_CLIP_SECONDS = 10.0
+MAX_SPEAKER_NAME_CHARS = 64
+# A voice's embedding: GE2E's 256 dimensions, with room for a larger encoder's.
+MAX_EMBEDDING_DIMENSIONS = 1024
+SpeakerName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SPEAKER_NAME_CHARS,
+                                          pattern=r"^[^\x00-\x1f\x7f-\x9f]+\Z")]
+Embedding = Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_EMBEDDING_DIMENSIONS)]
+
+
+class KnownSpeaker(Contract, kw_only=True):
+    """A voice the diarizer names: the speaker whose turns match `embedding` (unit length, from
+    the diarize model `model`) is called `name` rather than SPEAKER_n."""
+
+    name: SpeakerName
+    embedding: Embedding
+    model: str
+
+
 class DiarizeOptions(Contract, kw_only=True):
     """Who spoke when: how many speakers to find. Nothing set means the diarizer counts them;
-    `num_speakers` fixes the count, `min_speakers` and `max_speakers` bound it."""
+    `num_speakers` fixes the count, `min_speakers` and `max_speakers` bound it. Speakers whose
+    voice matches one of `known_speakers` carry its name."""
 
     num_speakers: SpeakerCount | None = None
     min_speakers: SpeakerCount | None = None
     max_speakers: SpeakerCount | None = None
+    known_speakers: Annotated[list[KnownSpeaker], msgspec.Meta(max_length=MAX_KNOWN_SPEAKERS)] = []
 
     def __post_init__(self) -> None:
         # Raised here, msgspec reports it as a ValidationError of the message that carries it.
@@ -516,6 +544,34 @@ class Transcript(Contract, kw_only=True):
     language_probability: float | None = None
 
 
+class VoiceEmbedRequest(Contract, kw_only=True):
+    """Asked of a diarize engine on VOICE_EMBED_SUBJECT: the embedding of a clip of one voice
+    (16-bit PCM at 16 kHz, mono, MIN..MAX_VOICE_CLIP_SECONDS) by the model `model` (its runtime
+    model id)."""
+
+    model: str
+    pcm16: Annotated[bytes, msgspec.Meta(max_length=int(MAX_VOICE_CLIP_SECONDS * 16000) * 2)]
+
+
+class VoiceEmbedReply(Contract, kw_only=True):
+    """A diarize engine's answer: the clip's unit embedding, or why there is none."""
+
+    embedding: list[float] = []
+    error: str | None = None
+
+
+class Voice(Contract, kw_only=True):
+    """An enrolled voice (the `voices` bucket): a name and the embedding of a clip of it, never
+    the clip; it belongs to the API key `owner` (None where the gateway demands no keys)."""
+
+    id: str
+    name: SpeakerName
+    embedding: Embedding
+    model: str
+    owner: str | None = None
+    created_at: float = 0.0
+
+
 class SpeakerTurn(Contract, kw_only=True):
     """One stretch of time (seconds) in which one speaker talks."""
 
@@ -745,6 +801,9 @@ SESSION_CLAIMS: Endpoint[SessionRequest, SessionClaim] = Endpoint(SESSION_CLAIM_
                                                                   SessionClaim)
 # One gateway takes each request to pull a model into the store (gateway/models.py).
 MODEL_PULLS: Endpoint[PullRequest, Contract] = Endpoint(PULL_SUBJECT, PullRequest)
+# One engine of a runtime answers with the embedding of a voice's clip (sdk/voices.py).
+VOICE_EMBEDS: Endpoint[VoiceEmbedRequest, VoiceEmbedReply] = Endpoint(VOICE_EMBED_SUBJECT, VoiceEmbedRequest,
+                                                                      VoiceEmbedReply)
 
 
 def json_schemas() -> dict[str, Any]:

@@ -55,8 +55,9 @@ SHORT = {
     "ami_2spk_b": "count right, but DER 0.16 with the count",
     "ami_3spk_a": "counts 4 speakers (3)",
     "ami_3spk_b": "count right, but DER 0.54 without the count and with it (confusion 0.30)",
-    "ami_4spk_a": "counts 1 speaker (4): Silero finds a third of its 11 s of speech, the rest quiet muffled talk",
-    "ami_4spk_b": "counts 6 speakers (4): half of its speech is overlapped",
+    "ami_4spk_a": "counts 1 speaker (4): Silero finds a third of its 11 s of speech (the rest is quiet, "
+                  "muffled talk)",
+    "ami_4spk_b": "counts 1 speaker (4): half of its speech is overlapped",
 }
 
 

@@ -21,7 +21,7 @@ import nats
 from dalston.bus.connection import connect
 from dalston.bus.credentials import inbox_prefix
 from dalston.config import load_settings
-from dalston.contracts import DeadLetter, TaskEvent, decode, encode
+from dalston.contracts import HEARTBEAT_SUBJECT, DeadLetter, Heartbeat, TaskEvent, decode, encode
 from dalston.services.layout import apply_layout
 from tests.nats_nodes import NATS_DIR, NatsNode
 from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, free_port, wait_for, wait_ok, words
@@ -79,6 +79,14 @@ REFUSED = [
     ("engine", "publish", "$JS.API.STREAM.PURGE.TASKS", "empty the task queue"),
     ("engine", "publish", "events.job.some-job", "announce a job done"),
     ("gateway", "publish", "transcript.some-job", "forge a job's streamed text"),
+    # Enrolled voices are the gateway's: a job carries the embeddings of its own known speakers.
+    ("engine", "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read any key's voices"),
+    ("engine", "publish", "$JS.API.CONSUMER.CREATE.KV_voices", "list every key's voices"),
+    ("engine", "publish", "$KV.voices.some-voice", "enroll or overwrite a voice"),
+    ("engine", "publish", "voices.embed.diarize", "ask for embeddings as if it were the gateway"),
+    ("orchestrator", "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read voices"),
+    ("webhooks", "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read voices"),
+    ("gateway", "subscribe", "voices.embed.*", "answer embed requests in an engine's place"),
     ("orchestrator", "publish", "$KV.apikeys.some-digest", "mint an API key"),
     ("webhooks", "publish", "jobs.submit", "submit jobs"),
     ("webhooks", "publish", "events.job.some-job", "announce a job done"),
@@ -204,7 +212,7 @@ async def test_streams_open_to_ephemeral_consumers_hold_no_durable_one(locked):
     updates it: the streams where services may send it must hold none to update."""
     conf = (NATS_DIR / "accounts.conf").read_text()
     open_streams = set(re.findall(r'"\$JS\.API\.CONSUMER\.CREATE\.(\w+)"', conf))
-    assert open_streams == {"KV_jobs", "OBJ_artifacts", "HEARTBEATS"}
+    assert open_streams == {"KV_jobs", "KV_voices", "OBJ_artifacts", "HEARTBEATS"}
     bus = await locked.bus()
     try:
         for stream in open_streams:
@@ -325,14 +333,24 @@ async def test_an_engine_cannot_report_on_a_task_it_was_not_given(locked, forger
     the job is untouched."""
     if "faster-whisper" not in locked.processes:
         pytest.skip("needs the running system of the test above")
-    with (AUDIO / "speaker1.wav").open("rb") as audio:  # nemo: no engine runs it, the task waits
-        response = httpx.post(f"{locked.url}/v1/jobs", files={"file": audio},
-                              data={"model": "parakeet-tdt-0.6b-v2"}, timeout=60)
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
     bus = await locked.bus()
     nc = await connect_as(locked, "engine", [])
     try:
+        # A nemo engine seen a moment ago (as if restarting): the job is taken and its task waits,
+        # since no engine runs it now.
+        await nc.publish(HEARTBEAT_SUBJECT.format(runtime="nemo", engine="nemo-gone"), encode(Heartbeat(
+            runtime="nemo", engine="nemo-gone", host="elsewhere", status="stopping", version="0")))
+        await nc.flush()
+
+        async def submitted():
+            with (AUDIO / "speaker1.wav").open("rb") as audio:
+                response = httpx.post(f"{locked.url}/v1/jobs", files={"file": audio},
+                                      data={"model": "parakeet-tdt-0.6b-v2"}, timeout=60)
+            return response if response.status_code != 503 else None  # until the gateway heard it
+        response = await wait_for(submitted, 10)
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+
         async def transcribe_queued():
             record = await bus.jobs.get(job_id)
             return record and next((t for t in record.tasks.values()

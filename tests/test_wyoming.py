@@ -78,7 +78,9 @@ def strict(stack) -> int:
     """A Wyoming server with small bounds: audio, connections, and time without a byte."""
     port = start_wyoming(stack, "wyoming-strict", DALSTON_MAX_AUDIO_SECONDS=str(STRICT_SECONDS),
                          DALSTON_WYOMING_MAX_CONNECTIONS=str(STRICT_CONNECTIONS),
-                         DALSTON_SESSION_IDLE_SECONDS=str(STRICT_IDLE))
+                         DALSTON_SESSION_IDLE_SECONDS=str(STRICT_IDLE),
+                         # A runtime without an engine is refused at once, not waited for.
+                         DALSTON_ENGINE_WAIT="0")
     yield port
     stack.stop("wyoming-strict")
 
@@ -90,11 +92,12 @@ def audio(tmp_path_factory) -> dict[str, bytes]:
             "command": pcm(speak("Turn on the kitchen lights.", "en-us", tmp), tmp)}
 
 
-async def home_assistant(port: int, audio: bytes, language: str | None = "en") -> list[Event]:
-    """What Home Assistant's `async_process_audio_stream` does: every event up to the
-    transcript (or an error)."""
+async def home_assistant(port: int, audio: bytes, language: str | None = "en", model: str | None = None
+                         ) -> list[Event]:
+    """What Home Assistant's `async_process_audio_stream` does (which names no model): every
+    event up to the transcript (or an error)."""
     async with AsyncTcpClient("127.0.0.1", port) as client:
-        await client.write_event(Transcribe(language=language).event())
+        await client.write_event(Transcribe(name=model, language=language).event())
         await client.write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event())
         for start in range(0, len(audio), CHUNK_BYTES):
             await client.write_event(AudioChunk(rate=RATE, width=WIDTH, channels=CHANNELS,
@@ -291,6 +294,11 @@ async def test_two_hundred_connections_at_once_are_served_or_told_busy(strict, a
     assert word_error_rate("That was hilarious, I can't believe you said that.", text) <= 0.2, text
 
 
+async def test_a_model_no_engine_runs_is_refused(strict, audio):
+    events = await home_assistant(strict, audio["speaker1"], model="parakeet-tdt-0.6b-v2")
+    assert error_code(events) == "no_engine" and "nemo" in Error.from_event(events[-1]).text
+
+
 async def test_the_strict_server_still_serves_after_all_that(strict, audio):
     text = text_of(await home_assistant(strict, audio["speaker1"]))
     assert word_error_rate("That was hilarious, I can't believe you said that.", text) <= 0.2, text
@@ -313,17 +321,23 @@ def test_a_key_that_is_not_valid_stops_it_at_start(stack):
     assert result.returncode == 2 and "not a valid key" in result.stderr, result.stderr[-3000:]
 
 
-async def test_with_a_key_beyond_loopback_its_jobs_are_the_keys(stack, audio):
+async def test_with_a_key_beyond_loopback_its_jobs_are_the_keys_until_it_is_revoked(stack, wyoming, audio):
+    # A user key runs installed models only: one job on loopback, without a key, installs it.
+    text_of(await home_assistant(wyoming, audio["speaker1"]))
     bus = await stack.bus()
     try:
-        key = await (await KeyStore.open(bus)).create("home-assistant")
+        keys = await KeyStore.open(bus)
+        key = await keys.create("home-assistant")
+        port = start_wyoming(stack, "wyoming-keyed", DALSTON_WYOMING_HOST="0.0.0.0", DALSTON_WYOMING_API_KEY=key)
+        try:
+            text = text_of(await home_assistant(port, audio["speaker1"]))
+            newest = httpx.get(f"{stack.url}/v1/jobs", params={"limit": 1}).json()["data"][0]
+            await keys.revoke("home-assistant")
+            revoked = await home_assistant(port, audio["speaker1"])
+        finally:
+            stack.stop("wyoming-keyed")
     finally:
         await bus.close()
-    port = start_wyoming(stack, "wyoming-keyed", DALSTON_WYOMING_HOST="0.0.0.0", DALSTON_WYOMING_API_KEY=key)
-    try:
-        text = text_of(await home_assistant(port, audio["speaker1"]))
-    finally:
-        stack.stop("wyoming-keyed")
     assert "hilarious" in text.lower()
-    newest = httpx.get(f"{stack.url}/v1/jobs", params={"limit": 1}).json()["data"][0]
     assert newest["owner"] == "home-assistant" and newest["model"] == MODEL
+    assert error_code(revoked) == "invalid_api_key"

@@ -18,8 +18,12 @@ from actors.diarize.linkage import fcluster, linkage
 
 # NME-SC (Park et al., "Auto-tuning spectral clustering for speaker diarization using normalized
 # maximum eigengap", 2019; as NeMo's offline clustering): each window keeps its p most alike
-# neighbours, for every p up to this share of the windows, and the p whose graph Laplacian shows
-# the clearest gap between its eigenvalues, relative to p, sets the count.
+# neighbours, for every p from 2 up to this share of the windows; each p's graph Laplacian gives
+# a count (its largest eigengap). The count is the one most p give (NeMo's
+# `maj_vote_spk_count`): on a few dozen windows the single p with the clearest gap relative to
+# p is often a small one whose graph falls apart into single turns, counting 6-8 speakers in a
+# 20 s talk of two. Of the p that give it, the one with the clearest gap relative to p (the
+# normalized maximum eigengap) shapes the clusters.
 MAX_NEIGHBOUR_SHARE = 0.25
 MAX_SPEAKERS = 8
 
@@ -77,11 +81,12 @@ def cluster(embeddings: np.ndarray, weights: np.ndarray, reliable: np.ndarray, *
 
 def spectral(embeddings: np.ndarray, *, bounds: tuple[int, int] = (1, MAX_SPEAKERS),
              seed: int = 0) -> np.ndarray:
-    """Speaker numbers (0..) of windows by NME-SC: the count from the normalized maximum
-    eigengap of the p-neighbour graph (clamped to `bounds`, min and max), then k-means on the
-    Laplacian's first eigenvectors. The count is a property of the graph, not of a similarity
-    threshold, so it does not depend on how alike one encoder makes voices in general; windows
-    over overlapped speech link to either voice and make no cluster of their own."""
+    """Speaker numbers (0..) of windows by NME-SC: the count most p-neighbour graphs show by
+    their largest eigengap (clamped to `bounds`, min and max), then k-means on the first
+    eigenvectors of the Laplacian of the p with the clearest normalized gap for that count. The
+    count is a property of the graph, not of a similarity threshold, so it does not depend on
+    how alike one encoder makes voices in general; windows over overlapped speech link to
+    either voice and make no cluster of their own."""
     vectors = _unit(np.asarray(embeddings, dtype=np.float64))
     n = len(vectors)
     low, high = bounds
@@ -89,16 +94,16 @@ def spectral(embeddings: np.ndarray, *, bounds: tuple[int, int] = (1, MAX_SPEAKE
         return np.zeros(n, dtype=int)
     affinity = vectors @ vectors.T
     order = np.argsort(-affinity, axis=1)
-    best = None
-    for p in range(1, max(1, int(n * MAX_NEIGHBOUR_SHARE)) + 1):
+    found = []  # (count, normalized gap ratio, p)
+    for p in range(2, max(2, int(n * MAX_NEIGHBOUR_SHARE)) + 1):
         laplacian = _laplacian(order, p)
         eigenvalues = np.linalg.eigvalsh(laplacian)
         gaps = np.diff(eigenvalues)[:min(MAX_SPEAKERS, n - 1)]
         count = int(np.argmax(gaps)) + 1
-        ratio = (p / n) / (gaps[count - 1] / (eigenvalues[-1] + 1e-10) + 1e-10)
-        if best is None or ratio < best[0]:
-            best = (ratio, p, count)
-    _, p, count = best
+        found.append((count, (p / n) / (gaps[count - 1] / (eigenvalues[-1] + 1e-10) + 1e-10), p))
+    votes = np.bincount([c for c, _, _ in found])
+    count = int(np.argmax(votes))  # a tie goes to the fewer speakers
+    _, p = min((ratio, p) for c, ratio, p in found if c == count)
     count = min(max(count, low), high, n)
     if count == 1:
         return np.zeros(n, dtype=int)

@@ -1,10 +1,11 @@
 """Diarization with the GE2E speaker encoder (Resemblyzer's, on onnxruntime): speech regions
-from Silero VAD, embeddings pooled over pieces of them, clustering, then turn boundaries placed
-by windows.
+from Silero VAD, the speech raised to the encoder's level, then NME-SC over single windows or,
+on little speech, clustering of embeddings pooled over pieces with turn boundaries placed by
+windows.
 
-The constants were chosen by measurement on `bench/diarization.py`'s conversations (two and
-three espeak-ng voices, which are far more alike than real people) and on the real
-`dialogue.wav`; see that benchmark for DER and speed.
+The clustering constants were chosen by measurement on conversations of espeak-ng voices (far
+more alike than real people) and the real `dialogue.wav`; the VAD threshold on the real
+recordings of tests/data/conversations. `bench/diarization.py` has DER, count and speed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from actors.diarize.clustering import Piece, absorb_islands, best_split, cluster, join, spectral
-from actors.diarize.ge2e_encoder import Ge2eEncoder
+from actors.diarize.ge2e_encoder import Ge2eEncoder, levelled
 from dalston.contracts import DiarizeOptions, SpeakerTurn
 from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import TaskCancelled
@@ -27,13 +28,11 @@ WEIGHTS = "ge2e.onnx"
 # Speech regions: a pause this long ends one (turns often change at short pauses). Silero's
 # threshold 0.5 is made for cutting audio for ASR; it drops far and soft room-microphone speech
 # that a diarizer is scored on (AMI excerpts: 18-77% of the reference speech time outside its
-# regions). 0.25 (its end-of-speech threshold 0.15 below, as Silero sets it) was chosen leave-one-out on the real
-# recordings in tests/data/conversations: held out each in turn, the other six choose 0.25 (once
-# 0.2); detection error with true speaker labels went down on 5 of the 7 held out.
+# regions). 0.25 (its end-of-speech threshold 0.15 below, as Silero sets it) was chosen
+# leave-one-out on the real recordings in tests/data/conversations: held out each in turn, the
+# other six choose 0.25 (once 0.2); DER with true speaker labels on the windows went down on 5
+# of the 7 held out.
 VAD = VadOptions(threshold=0.25, min_silence_duration_ms=150, speech_pad_ms=30, min_speech_duration_ms=100)
-# The level Resemblyzer's `preprocess_wav` brings every utterance to before the encoder, in
-# training and in use (`normalize_volume`, dBFS of the mean power).
-SPEECH_DBFS = -30.0
 # Regions are cut into equal pieces of at most this long, each embedded as a whole: long enough
 # to pool many windows, short enough that a turn change without a pause shows.
 PIECE_SECONDS = 5.0
@@ -143,17 +142,14 @@ def speech_regions(audio: np.ndarray) -> list[tuple[float, float]]:
 
 
 def at_training_level(audio: np.ndarray, regions: list[tuple[float, float]]) -> np.ndarray:
-    """`audio` scaled so that its speech is at SPEECH_DBFS. The encoder reads mel power, not its
-    log, so its embeddings move with the level: a far room microphone 10 dB quieter than the
-    speech it was trained on makes voices look alike (AMI: same-speaker against other-speaker
-    cosine 0.75 against 0.72 raw, 0.69 against 0.57 levelled)."""
+    """`audio` raised, if its speech is quieter, to the encoder's level, as Resemblyzer's
+    preprocessing raises every utterance (never lowers: `increase_only`). Far room microphones
+    10 dB quieter than that make voices look alike (AMI: same-speaker against other-speaker
+    cosine 0.75 against 0.72 as recorded, 0.69 against 0.57 raised)."""
     if not regions:
         return audio
     speech = np.concatenate([audio[_sample(start):_sample(end)] for start, end in regions])
-    power = float(np.mean(np.square(speech, dtype=np.float64)))
-    if power <= 0.0:
-        return audio
-    return (audio * 10 ** ((SPEECH_DBFS - 10 * math.log10(power)) / 20)).astype(np.float32)
+    return levelled(audio, speech, raise_only=True)
 
 
 def _pieces(regions: list[tuple[float, float]]) -> list[Piece]:

@@ -19,6 +19,20 @@ MEL_CHANNELS = 40
 PARTIAL_FRAMES = 160
 # Partials are fed to the LSTM this many at a time, so a long stretch bounds its memory.
 BATCH = 64
+# The level Resemblyzer's `preprocess_wav` raises every quieter utterance to before the encoder,
+# in training and in use (`normalize_volume`, dBFS of the mean power). The encoder reads mel
+# power, not its log, so its embeddings move with the level.
+SPEECH_DBFS = -30.0
+
+
+def levelled(audio: np.ndarray, speech: np.ndarray | None = None, *, raise_only: bool = False) -> np.ndarray:
+    """`audio` scaled so that `speech` (by default `audio` itself) has a mean power of
+    SPEECH_DBFS; with `raise_only`, left as it is where its speech is louder already."""
+    speech = audio if speech is None else speech
+    power = float(np.mean(np.square(speech, dtype=np.float64))) if len(speech) else 0.0
+    if power <= 0.0 or (raise_only and power >= 10 ** (SPEECH_DBFS / 10)):
+        return audio
+    return (audio * 10 ** ((SPEECH_DBFS - 10 * np.log10(power)) / 20)).astype(np.float32)
 
 
 class Ge2eEncoder:

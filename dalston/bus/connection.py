@@ -86,31 +86,29 @@ class Bus:
     async def request(self, endpoint: Endpoint[Req, Rep], message: Req, timeout: float,
                       **tokens: str) -> Rep | None:
         """Ask whoever serves `endpoint` on its subject filled with `tokens` (one member, where
-        they form a queue group): the answer, or None when nobody serves it, nobody answers
-        within `timeout` seconds, or the answer breaks its contract."""
-        subject = endpoint.subject.format(**tokens)
+        they form a queue group): the answer, or None when nobody serves it or nobody answers
+        within `timeout` seconds; ContractError where the answer breaks its contract."""
         try:
-            answer = await self.nc.request(subject, encode(message), timeout=timeout)
+            answer = await self.nc.request(endpoint.subject.format(**tokens), encode(message), timeout=timeout)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             return None
-        try:
-            return decode(answer.data, endpoint.reply)
-        except ContractError as exc:
-            log.warning("bad answer dropped", subject=subject[:256], error=str(exc)[:300])
-            return None
+        return decode(answer.data, endpoint.reply)
 
     async def serve(self, endpoint: Endpoint[Req, Rep], handler: Callable[[Req], Awaitable[Rep | None]],
-                    *, queue: str = "", **tokens: str) -> Subscription:
+                    *, queue: str = "", on_invalid: Callable[[ContractError], Awaitable[Rep | None]] | None = None,
+                    **tokens: str) -> Subscription:
         """Answer every request on `endpoint` (its subject filled with `tokens`, wildcards
-        allowed) with what `handler` returns; None answers nothing. A request that breaks its
-        contract is dropped unanswered: its asker times out."""
+        allowed) with what `handler` returns, one request at a time; None answers nothing. A
+        request that breaks its contract is answered by `on_invalid`, or dropped unanswered (its
+        asker times out)."""
         async def receive(msg: Msg) -> None:
             try:
                 request = decode(msg.data, endpoint.request)
             except ContractError as exc:
-                log.warning("bad request dropped", subject=msg.subject[:256], error=str(exc)[:300])
-                return
-            answer = await handler(request)
+                log.warning("bad request", subject=msg.subject[:256], error=str(exc)[:300])
+                answer = await on_invalid(exc) if on_invalid is not None else None
+            else:
+                answer = await handler(request)
             if answer is not None and msg.reply:
                 await msg.respond(encode(answer))
 

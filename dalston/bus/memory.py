@@ -435,14 +435,16 @@ class MemoryBus:
         return self._subscribe(subjects, "", receive)
 
     async def serve(self, endpoint: Endpoint[Req, Rep], handler: Callable[[Req], Awaitable[Rep | None]],
-                    *, queue: str = "", **tokens: str) -> _Subscription:
+                    *, queue: str = "", on_invalid: Callable[[ContractError], Awaitable[Rep | None]] | None = None,
+                    **tokens: str) -> _Subscription:
         async def receive(subject: str, data: bytes, reply: asyncio.Future | None) -> None:
             try:
                 request = decode(data, endpoint.request)
             except ContractError as exc:
-                log.warning("bad request dropped", subject=subject[:256], error=str(exc)[:300])
-                return
-            answer = await handler(request)
+                log.warning("bad request", subject=subject[:256], error=str(exc)[:300])
+                answer = await on_invalid(exc) if on_invalid is not None else None
+            else:
+                answer = await handler(request)
             if answer is not None and reply is not None and not reply.done():
                 reply.set_result(encode(answer))
 
@@ -457,10 +459,7 @@ class MemoryBus:
             answer = await asyncio.wait_for(reply, timeout)
         except TimeoutError:
             return None
-        try:
-            return decode(answer, endpoint.reply)
-        except ContractError:
-            return None
+        return decode(answer, endpoint.reply)
 
     # --- streams -------------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from dalston.sdk.actor import Actor, ModelActor, TaskCancelled, TaskContext, Tas
 from dalston.sdk.intake import TaskIntake
 from dalston.sdk.models import Located, ModelManager, NoModels
 from dalston.sdk.sessions import SessionHost
+from dalston.sdk.voices import VoiceEmbedder, VoiceHost
 from dalston.store import ModelStore
 
 log = get_logger("dalston.engine")
@@ -85,6 +86,8 @@ class Engine:
         self.sessions = SessionHost(settings, self.name, actor, self.models, self._sessions_changed) \
             if isinstance(actor, ModelActor) and self.catalog.runs(self.runtime, "transcribe") \
             and settings.max_sessions > 0 else None
+        # Voice embeddings for the gateway (runtimes whose models embed voices: diarize).
+        self.voices = VoiceHost(self.runtime, actor, self.models) if isinstance(actor, VoiceEmbedder) else None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -99,8 +102,12 @@ class Engine:
                 self._set_status("idle")
                 if self.sessions is not None:
                     await self.sessions.start(self._bus)
+                if self.voices is not None:
+                    await self.voices.start(self._bus)
                 await self._work()
         finally:
+            if self.voices is not None:
+                await self.voices.stop()
             if self.sessions is not None:
                 await self.sessions.stop()
             self.status = "stopping"

@@ -39,7 +39,7 @@ from dalston.logs import get_logger
 from dalston.services.gateway.auth import require_key, visible_owner
 from dalston.services.gateway.elevenlabs import elevenlabs_api
 from dalston.services.gateway.elevenlabs_realtime import scribe_realtime
-from dalston.services.gateway.form import BadForm, read_form
+from dalston.services.gateway.form import BadForm, list_values, read_form
 from dalston.services.gateway.intake import (
     ApiError,
     Submission,
@@ -57,6 +57,13 @@ from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.services.gateway.realtime import realtime
 from dalston.services.gateway.streaming import transcript_events
+from dalston.services.gateway.voices import (
+    asks_known_speakers,
+    delete_voice,
+    enroll_voice,
+    known_speakers,
+    list_voices,
+)
 from dalston.services.gateway.web import web_page
 from dalston.services.intake import Intake, transcription_problem
 from dalston.transcript import FORMATS, render
@@ -82,11 +89,6 @@ def _error_response(request: Request, exc: Exception) -> Response:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return Response({"error": {"message": message, "type": kind, "param": getattr(exc, "param", None),
                                "code": code}}, status_code=status, headers=getattr(exc, "headers", None))
-
-
-def _values(form, name: str) -> list[str]:
-    """Every value of a list field, sent as `name[]` (OpenAI's clients) or as `name`."""
-    return [str(v) for key in (f"{name}[]", name) if key in form for v in form.getall(key)]
 
 
 def _vad_parameters(form) -> dict[str, float] | None:
@@ -118,11 +120,12 @@ def _vad_parameters(form) -> dict[str, float] | None:
         raise ApiError(400, "chunking_strategy parameters must be numbers", param="chunking_strategy") from None
 
 
-def _diarize_options(form, response_format: str, model: ModelSpec) -> dict[str, int] | None:
-    """Who spoke: asked by `diarize=true` (or a speaker count, or response_format=diarized_json),
-    with `num_speakers`, or `min_speakers` and `max_speakers`; None when not asked."""
+def _diarize_options(form, response_format: str, model: ModelSpec) -> dict[str, Any] | None:
+    """Who spoke: asked by `diarize=true` (or a speaker count, known speakers, or
+    response_format=diarized_json), with `num_speakers`, or `min_speakers` and `max_speakers`;
+    None when not asked."""
     counts = {name: str(form.get(name)) for name in SPEAKER_FIELDS if str(form.get(name) or "")}
-    asked = str(form.get("diarize") or "").lower() in ("true", "1", "yes")
+    asked = str(form.get("diarize") or "").lower() in ("true", "1", "yes") or asks_known_speakers(form)
     if not (asked or counts or response_format == "diarized_json"):
         return None
     if not model.capabilities.word_timestamps:
@@ -153,7 +156,7 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
         raise ApiError(404, str(exc), code="model_not_found", param="model") from None
     if (problem := transcription_problem(catalog, model)) is not None:
         raise ApiError(400, problem, code="wrong_runtime", param="model")
-    granularities = _values(form, "timestamp_granularities")
+    granularities = list_values(form, "timestamp_granularities")
     unknown = set(granularities) - set(TIMESTAMP_GRANULARITIES)
     if unknown:
         raise ApiError(400, f"unknown timestamp_granularities {sorted(unknown)}; use segment or word",
@@ -167,12 +170,15 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
         temperature = math.nan
     if not math.isfinite(temperature):
         raise ApiError(400, "temperature must be a finite number from 0 to 1", param="temperature")
-    include = _values(form, "include")
+    include = list_values(form, "include")
     if set(include) - set(INCLUDES):
         raise ApiError(400, f"unknown include {sorted(set(include) - set(INCLUDES))}; use logprobs",
                        param="include[]")
-    keywords = [k.strip() for k in _values(form, "keywords") if k.strip()]
+    keywords = [k.strip() for k in list_values(form, "keywords") if k.strip()]
     stream = str(form.get("stream") or "").lower() in ("true", "1")
+    diarize = _diarize_options(form, response_format, model)
+    if diarize is not None and asks_known_speakers(form):
+        diarize["known_speakers"] = await known_speakers(request, form)
     try:
         # The contract bounds every field (prompt length, temperature range, language code).
         options = convert({"language": str(form.get("language") or "") or None,
@@ -181,7 +187,7 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
                            "task": task or str(form.get("task") or "transcribe"),
                            "hotwords": ", ".join(keywords) or None,
                            "vad_parameters": _vad_parameters(form), "logprobs": "logprobs" in include,
-                           "diarize": _diarize_options(form, response_format, model),
+                           "diarize": diarize,
                            "stream": stream},
                           TranscribeOptions)
     except ContractError as exc:
@@ -417,6 +423,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[create_transcription, create_translation, submit_job, get_job, list_jobs, cancel_job,
                         get_transcript, list_engines, list_models, get_model, pull_model, delete_model,
+                        enroll_voice, list_voices, delete_voice,
                         metrics, healthz, readyz, elevenlabs_api, scribe_realtime, realtime, web_page],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},

@@ -14,10 +14,16 @@ from litestar import Request
 from litestar.datastructures import FormMultiDict, UploadFile
 from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
 
+from dalston.contracts import MAX_KNOWN_SPEAKERS
+
 # A model id, a language, a prompt (2048 characters, up to 4 bytes each), options: well below.
 MAX_FIELD_BYTES = 64 * 1024
 # The form has a file and a handful of options.
 MAX_PARTS = 64
+# Known speakers' clips come as data URLs in text fields (OpenAI's form), up to
+# MAX_KNOWN_SPEAKERS of them: 10 s of 16-bit stereo WAV at 48 kHz, in base64, fits.
+REFERENCE_FIELDS = ("known_speaker_references[]", "known_speaker_references")
+MAX_REFERENCE_BYTES = 3 * 1024 * 1024
 
 
 class BadForm(ValueError):
@@ -56,15 +62,19 @@ async def read_form(request: Request) -> FormMultiDict:
                             raise BadForm(f"only one file may be sent; `{part.name}` is a second one",
                                           param=part.name)
                         segment = part
+                        if segment.name in REFERENCE_FIELDS and sum(
+                                name in REFERENCE_FIELDS for name, _ in fields) >= MAX_KNOWN_SPEAKERS:
+                            raise BadForm(f"at most {MAX_KNOWN_SPEAKERS} known_speaker_references may be sent",
+                                          param="known_speaker_references[]")
                         data = UploadFile(content_type=part.content_type or "application/octet-stream",
                                           filename=part.filename, headers=dict(part.headerlist)) \
                             if part.filename else bytearray()
                     elif part:
                         if isinstance(data, UploadFile):
                             await data.write(part)
-                        elif len(data) + len(part) > MAX_FIELD_BYTES:
+                        elif len(data) + len(part) > _limit(segment.name):
                             raise BadForm(f"the field `{segment.name}` is longer than "
-                                          f"{MAX_FIELD_BYTES // 1024} KB", param=segment.name)
+                                          f"{_limit(segment.name) // 1024} KB", param=segment.name)
                         else:
                             data.extend(part)
                     else:  # the end of a part
@@ -82,6 +92,16 @@ async def read_form(request: Request) -> FormMultiDict:
             raise BadForm(f"the multipart form cannot be read: {exc}") from None
         raise
     return FormMultiDict(fields)
+
+
+def list_values(form: FormMultiDict, name: str) -> list[str]:
+    """Every value of a list field, sent as `name[]` (OpenAI's clients) or as `name`."""
+    bare = name.removesuffix("[]")
+    return [str(v) for key in (f"{bare}[]", bare) if key in form for v in form.getall(key)]
+
+
+def _limit(field: str) -> int:
+    return MAX_REFERENCE_BYTES if field in REFERENCE_FIELDS else MAX_FIELD_BYTES
 
 
 def _text(segment: MultipartSegment, data: bytearray) -> str:

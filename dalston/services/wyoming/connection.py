@@ -26,7 +26,7 @@ from dalston.contracts import MAX_PROMPT_CHARS, ContractError, TranscribeOptions
 from dalston.keys import ApiKey
 from dalston.logs import get_logger
 from dalston.services.gateway.admission import Refused, UploadSlot
-from dalston.services.gateway.jobs import new_job_id
+from dalston.services.gateway.jobs import TranscriptGone, new_job_id
 from dalston.services.gateway.models import ModelNotInstalled
 from dalston.services.intake import Audio, JobFailed, transcription_problem
 from dalston.services.wyoming.framing import BadFrame, read_event
@@ -218,7 +218,7 @@ class Connection:
         except TimeoutError:
             raise ClientError("timeout", f"transcription did not finish within {timeout:g} s "
                                          "(DALSTON_REQUEST_TIMEOUT)") from None
-        except JobFailed as exc:
+        except (JobFailed, TranscriptGone) as exc:
             raise ClientError(exc.code, str(exc)) from None
         log.info("transcribed", job=job_id, model=request.model.id, seconds=round(transcript.duration, 2))
         await self._send(Transcript(text=transcript.text, language=transcript.language))
