@@ -1,11 +1,12 @@
 # Two commands on a fresh machine: `make up` runs Dalston with its default model, `make test`
 # runs the test suite. Both create .venv on first use; the tests add the test, NeMo and diarize extras.
+# `make test-fast` runs the tests that need no nats-server (the services on the in-memory bus).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
 
-.PHONY: up test bench clean
+.PHONY: up test test-fast bench clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,13 @@ up: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	scripts/system-deps
 	$(PY) -m pytest
+
+# Static, pure and in-process tests: no nats-server, no process started.
+FAST_TESTS := tests/test_layers.py tests/test_delivery.py tests/test_inprocess.py tests/test_dag.py \
+	tests/test_intake.py tests/test_model_manager.py tests/test_loops.py
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q $(FAST_TESTS)
 
 bench: $(VENV)/.installed-test
 	scripts/system-deps

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 import sys
 import time
-from typing import Annotated, Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -779,6 +780,30 @@ SCHEMA_TYPES: tuple[type[Contract], ...] = (
     DeadLetter, PullRequest, PullProgress, Diarization, TranscriptDelta, SessionRequest,
     SessionClaim, SessionInput, SessionOutput,
 )
+
+
+Req = TypeVar("Req", bound=Contract)
+Rep = TypeVar("Rep", bound=Contract)
+
+
+@dataclass(frozen=True)
+class Endpoint(Generic[Req, Rep]):
+    """A request/reply service on NATS (as nats.py's `micro`): the subject its requests come on
+    (with `{}` fields), their contract, and its answer's (None: asked, never answered)."""
+
+    subject: str
+    request: type[Req]
+    reply: type[Rep] | None = None
+
+
+# An engine with a free session slot answers a session request with its claim (sdk/sessions.py).
+SESSION_CLAIMS: Endpoint[SessionRequest, SessionClaim] = Endpoint(SESSION_CLAIM_SUBJECT, SessionRequest,
+                                                                  SessionClaim)
+# One gateway takes each request to pull a model into the store (gateway/models.py).
+MODEL_PULLS: Endpoint[PullRequest, Contract] = Endpoint(PULL_SUBJECT, PullRequest)
+# One engine of a runtime answers with the embedding of a voice's clip (sdk/voices.py).
+VOICE_EMBEDS: Endpoint[VoiceEmbedRequest, VoiceEmbedReply] = Endpoint(VOICE_EMBED_SUBJECT, VoiceEmbedRequest,
+                                                                      VoiceEmbedReply)
 
 
 def json_schemas() -> dict[str, Any]:

@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 
 from dalston.bus.connection import Bus
-from dalston.bus.consumers import follow_last_per_subject
 from dalston.contracts import HEARTBEATS_STREAM, ContractError, Heartbeat, decode
 
 # An engine that missed this many beats is gone, whether or not its TTL marker arrived yet.
@@ -42,8 +41,7 @@ class EngineWatch:
 
     async def start(self, bus: Bus) -> None:
         self._started = self._clock()
-        self._subscription = await follow_last_per_subject(bus, HEARTBEATS_STREAM, "heartbeat.>",
-                                                           self._receive)
+        self._subscription = await bus.follow_last_per_subject(HEARTBEATS_STREAM, "heartbeat.>", self._receive)
 
     async def stop(self) -> None:
         if self._subscription is not None:

@@ -8,7 +8,7 @@ import time
 from dalston.bus import consumers
 from dalston.bus.connection import connect
 from dalston.config import load_settings
-from dalston.contracts import JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, SUBMIT_SUBJECT
+from dalston.contracts import JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, SUBMIT_SUBJECT, JobRequest, encode
 
 
 async def test_a_bus_closes_at_once_after_its_consume_loop_idled_and_took_messages(nats_env, monkeypatch):
@@ -17,16 +17,17 @@ async def test_a_bus_closes_at_once_after_its_consume_loop_idled_and_took_messag
     waited out its drain timeout (5 s) at every stop of the orchestrator and the engines."""
     monkeypatch.setattr(consumers, "FETCH_WAIT_SECONDS", 0.2)
     bus = await connect(load_settings(nats_env), name="test")
-    handled: list[bytes] = []
+    handled: list[str] = []
 
-    async def handler(msg) -> None:
-        handled.append(msg.data)
+    async def handler(delivery) -> None:
+        handled.append(delivery.payload.id)
 
-    loop = asyncio.create_task(consumers.consume(bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, handler))
+    loop = asyncio.create_task(consumers.consume(bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, handler,
+                                                 kind=JobRequest))
     try:
         await asyncio.sleep(0.5)  # idle past a fetch's wait
         for n in range(3):
-            await bus.js.publish(SUBMIT_SUBJECT, b"%d" % n)
+            await bus.js.publish(SUBMIT_SUBJECT, encode(JobRequest(id=f"job{n}", model="m")))
         while len(handled) < 3:
             await asyncio.sleep(0.02)
     finally:

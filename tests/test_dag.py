@@ -1,15 +1,10 @@
-"""The job DAG as pure functions, and the order in which the orchestrator commits and publishes:
-no NATS, milliseconds."""
+"""The job DAG as pure functions: no NATS, milliseconds. (The order in which the orchestrator
+commits and publishes is tested on the in-memory bus: test_inprocess.py.)"""
 
 from __future__ import annotations
 
-import asyncio
-from types import SimpleNamespace
-
 from dalston import dag
-from dalston.config import load_settings
-from dalston.contracts import Failure, JobRecord, TaskEvent, decode, encode
-from dalston.services.orchestrator import Orchestrator
+from dalston.contracts import Failure, JobRecord, TaskEvent
 
 
 def new_job() -> JobRecord:
@@ -71,59 +66,6 @@ def test_reports_on_tasks_not_listed_yet_are_early():
     assert not dag.apply_event(job, later_stage, max_attempts=3)
     listed = TaskEvent(task_id="j1-prepare-1", job_id="j1", kind="started", engine="e")
     assert not dag.is_early(job, listed)
-
-
-class RecordingBus:
-    """The two things the orchestrator does with NATS, in the order it does them."""
-
-    def __init__(self, record: JobRecord) -> None:
-        self.calls: list[str] = []
-        self.record, self.revision = record, 1
-        self.jobs = SimpleNamespace(load=self._load, update=self._update)
-        self.task_consumers = SimpleNamespace(ensure=self._ensure)
-
-    async def _load(self, job_id):
-        return decode(encode(self.record), JobRecord), self.revision
-
-    async def _update(self, record, revision):
-        self.calls.append("commit")
-        self.record, self.revision = record, self.revision + 1
-        return True
-
-    async def _ensure(self, runtime, runtime_model_id):
-        return "durable"
-
-    async def publish(self, subject, message, msg_id=None, **_):
-        self.calls.append(f"publish {subject}")
-
-
-def orchestrator_on(bus: RecordingBus) -> Orchestrator:
-    orchestrator = Orchestrator(load_settings({}))
-    orchestrator._bus = bus
-    return orchestrator
-
-
-def test_the_record_is_committed_before_its_tasks_are_published():
-    job = new_job()
-    dag.advance(job)
-    bus = RecordingBus(job)
-    event = TaskEvent(task_id=job.tasks["prepare"].id, job_id="j1", kind="completed", engine="e",
-                      outputs=["p0"], channels=1, duration=1.0)
-    asyncio.run(orchestrator_on(bus)._update(
-        "j1", lambda r: dag.apply_event(r, event, max_attempts=3)))
-    assert bus.calls[0] == "commit"
-    assert bus.calls[1] == "publish tasks.faster-whisper.tiny_en"
-    assert bus.record.tasks["transcribe-0"].status == "queued"
-
-
-def test_a_redelivered_message_publishes_the_queued_tasks_again():
-    """The last try may have died between commit and publish: nothing changes, but the queued
-    task goes out again (its message id makes that a no-op if it had gone out)."""
-    job = new_job()
-    dag.advance(job)
-    bus = RecordingBus(job)
-    asyncio.run(orchestrator_on(bus)._update("j1", lambda r: False, redrive=True))
-    assert bus.calls == ["publish tasks.audio-prepare.none"]
 
 
 def test_a_report_must_present_its_tasks_grant_and_name_only_its_jobs_objects():

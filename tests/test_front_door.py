@@ -22,7 +22,6 @@ from dalston.contracts import (
     JobRecord,
     JobRequest,
     TaskRecord,
-    decode,
 )
 from dalston.services.gateway.admission import Admission, Refused
 from dalston.services.gateway.form import MAX_FIELD_BYTES
@@ -344,11 +343,8 @@ async def test_a_nats_job_past_the_bound_fails_overloaded(front):
 
         events: asyncio.Queue[JobEvent] = asyncio.Queue()
 
-        async def on_event(msg):
-            await events.put(decode(msg.data, JobEvent))
-
         refused_id = uuid.uuid4().hex
-        subscription = await bus.subscribe(f"events.job.{refused_id}", on_event)
+        subscription = await bus.subscribe(f"events.job.{refused_id}", events.put, kind=JobEvent)
         await bus.publish(SUBMIT_SUBJECT, JobRequest(id=refused_id, model=MODEL, audio=audio))
         event = await asyncio.wait_for(events.get(), 60)
         await subscription.unsubscribe()

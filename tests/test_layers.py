@@ -38,6 +38,22 @@ def test_only_the_bus_speaks_nats_py():
     assert speaking == []
 
 
+def test_handlers_get_deliveries_not_nats_messages():
+    """Outside the bus nobody names nats-py's `Msg` nor reads a message's JetStream metadata:
+    handlers get a `Delivery` (or a decoded payload), and the bus settles and counts."""
+    naming = []
+    for folder in ("dalston", "actors"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.is_relative_to(ROOT / "dalston" / "bus"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Name) and node.id == "Msg"
+                        or isinstance(node, ast.Attribute) and node.attr in ("Msg", "metadata")
+                        or isinstance(node, ast.alias) and node.name == "Msg"):
+                    naming.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert naming == []
+
+
 def package_of(module: str) -> str:
     """The package a module belongs to, one level below `dalston` (`dalston.cli.jobs` ->
     `dalston.cli`); top-level modules are their own package."""

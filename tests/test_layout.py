@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 
 from dalston.bus.connection import connect
-from dalston.bus.consumers import follow_last_per_subject
 from dalston.bus.credentials import home_passwords, service_environment
 from dalston.bus.server import EmbeddedNats
 from dalston.catalog import Catalog
@@ -95,7 +94,7 @@ async def test_a_restarted_nats_gets_its_memory_stream_back(tmp_path):
     async def on_beat(subject: str, data: bytes | None) -> None:
         heard.append(data)
 
-    follower = await follow_last_per_subject(bus, HEARTBEATS_STREAM, "heartbeat.>", on_beat)
+    follower = await bus.follow_last_per_subject(HEARTBEATS_STREAM, "heartbeat.>", on_beat)
     try:
         assert await heartbeats_there()
         # Many beats before: the old stream's sequence is far ahead of the new one's.

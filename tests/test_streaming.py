@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from dalston.contracts import TRANSCRIPT_SUBJECT, TranscriptDelta, decode
+from dalston.contracts import TRANSCRIPT_SUBJECT, TranscriptDelta
 from tests.audio_fixtures import speak
 from tests.stack import AUDIO, DIALOGUE_WORDS, wait_job, words
 
@@ -107,10 +107,10 @@ async def test_a_nats_client_follows_the_segments(stack):
     bus = await stack.bus()
     received: list[TranscriptDelta] = []
 
-    async def on_delta(msg):
-        received.append(decode(msg.data, TranscriptDelta))
+    async def on_delta(delta: TranscriptDelta) -> None:
+        received.append(delta)
 
-    subscription = await bus.subscribe(TRANSCRIPT_SUBJECT.format(job_id="*"), on_delta)
+    subscription = await bus.subscribe(TRANSCRIPT_SUBJECT.format(job_id="*"), on_delta, kind=TranscriptDelta)
     try:
         async with httpx.AsyncClient(timeout=120) as http:
             with open(AUDIO / "dialogue.wav", "rb") as audio:

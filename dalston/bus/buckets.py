@@ -87,8 +87,8 @@ class Bucket:
 class JobRecords:
     """The `jobs` bucket: one `JobRecord` per job id, changed by compare-and-set."""
 
-    def __init__(self, kv: KeyValue) -> None:
-        self._bucket = Bucket(kv)
+    def __init__(self, bucket: Bucket) -> None:
+        self._bucket = bucket  # or the in-memory bus's, which has the same methods
 
     async def load(self, job_id: str) -> tuple[JobRecord, int] | None:
         """The record and its revision, or None if there is none."""

@@ -9,19 +9,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dalston.bus.connection import Bus, Msg, connect
+from dalston.bus.connection import Bus, connect
 from dalston.catalog import Catalog
 from dalston.config import Settings
 from dalston.contracts import (
     PULL_PROGRESS_SUBJECT,
     PULL_SUBJECT,
-    ContractError,
     Heartbeat,
     JobRecord,
     PullProgress,
     PullRequest,
     Transcript,
-    decode,
     now,
     subject_token,
 )
@@ -65,7 +63,7 @@ class DashboardData:
         # The layout is the services' business: a dashboard only reads it.
         self.bus = await connect(self.settings, name="dalston-dashboard", apply_layout=False)
         await self._watch.start(self.bus)
-        await self.bus.subscribe(PULL_PROGRESS_SUBJECT.format(model="*"), self._on_progress)
+        await self.bus.subscribe(PULL_PROGRESS_SUBJECT.format(model="*"), self._on_progress, kind=PullProgress)
         self._jobs_task = asyncio.create_task(self._follow_jobs())
 
     async def stop(self) -> None:
@@ -103,11 +101,7 @@ class DashboardData:
         return [ModelState.of(spec, self.catalog.runtime(spec.runtime), self.store, live, self.pulls.get(spec.id))
                 for spec in self.catalog.models.values()]
 
-    async def _on_progress(self, msg: Msg) -> None:
-        try:
-            progress = decode(msg.data, PullProgress)
-        except ContractError:
-            return
+    async def _on_progress(self, progress: PullProgress) -> None:
         self.pulls[progress.model] = progress
         self._on_change()
 

@@ -3,8 +3,9 @@
 It takes tasks through its `TaskIntake` (the consumer of a model it already holds first), keeps
 the task's ack deadline fresh while the actor works, reports the outcome on
 `events.task.<job>`, and publishes its state on `heartbeat.<runtime>.<engine>`.
-Malformed messages are dead-lettered and terminated; a task that keeps killing engines is
-failed after `DALSTON_TASK_MAX_DELIVER` deliveries.
+The bus's redelivery policy settles what the engine must not run: a malformed task is
+dead-lettered before the engine sees it, and a task that keeps killing engines is failed
+(`engine_crashed`) after `DALSTON_TASK_MAX_DELIVER` deliveries.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import time
 from pathlib import Path
 
 from dalston import __version__
-from dalston.bus.connection import Bus, Msg, connect
+from dalston.bus.connection import Bus, connect
+from dalston.bus.delivery import Delivery, RedeliveryPolicy
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
@@ -24,7 +26,6 @@ from dalston.contracts import (
     PULL_PROGRESS_SUBJECT,
     TASK_EVENT_SUBJECT,
     TERMINAL,
-    ContractError,
     EngineStatus,
     Failure,
     Heartbeat,
@@ -32,7 +33,6 @@ from dalston.contracts import (
     PullProgress,
     Task,
     TaskEvent,
-    decode,
     now,
     subject_token,
 )
@@ -75,8 +75,11 @@ class Engine:
             keep_alive=settings.keep_alive) if isinstance(actor, ModelActor) else NoModels()
         self._bus: Bus | None = None
         self.peers = EngineWatch()  # what the other engines hold, for the choice of backlog
+        # A task that keeps killing its engines (it comes back unsettled) is failed, not retried.
         self.intake = TaskIntake(settings, self.runtime, self.name, self.models.held, self.peers,
-                                 self.models.can_load_another)
+                                 self.models.can_load_another,
+                                 policy=RedeliveryPolicy(attempts=settings.task_max_deliver,
+                                                         on_exhausted=self._crashed))
         self._stopping = asyncio.Event()
         self._current_ctx: TaskContext | None = None
         # Live sessions, beside the batch tasks (runtimes that transcribe only).
@@ -88,8 +91,9 @@ class Engine:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def run(self) -> None:
-        self._bus = await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
+    async def run(self, bus: Bus | None = None) -> None:
+        """Serve until stopped, on `bus` (the in-memory one, say) or a new NATS connection."""
+        self._bus = bus or await connect(self.settings, name=f"dalston-{self.runtime}-{self.name}")
         await self.peers.start(self._bus)
         log.info("engine started", runtime=self.runtime, engine=self.name)
         try:
@@ -109,7 +113,8 @@ class Engine:
             self.status = "stopping"
             await self._beat(ttl=1)
             await self.peers.stop()
-            await self._bus.close()
+            if bus is None:
+                await self._bus.close()
 
     def stop(self) -> None:
         """Stop taking tasks; a task under way is handed back to the queue for another engine."""
@@ -128,9 +133,9 @@ class Engine:
 
     async def _work(self) -> None:
         await self.intake.start(self._bus)
-        while (msg := await self.intake.next_message(self._stopping)) is not None:
+        while (delivery := await self.intake.next_task(self._stopping)) is not None:
             try:
-                await self._process(msg)
+                await self._process(delivery)
             except Exception:  # noqa: BLE001 - NATS failing over, say: the task comes back
                 log.exception("task not settled; NATS redelivers it after ack_wait")
                 self._set_status("idle")
@@ -152,32 +157,27 @@ class Engine:
             return f"{model.id} is a {model.runtime} model; a {self.runtime} engine cannot run it"
         return None
 
-    async def _process(self, msg: Msg) -> None:
-        try:
-            task = decode(msg.data, Task)
-        except ContractError as exc:
-            await self._bus.dead_letter(msg, str(exc))
-            return
-        deliveries = msg.metadata.num_delivered
+    async def _crashed(self, delivery: Delivery[Task]) -> None:
+        await self._finish(delivery, failure=Failure(
+            code="engine_crashed",
+            message=f"engines stopped {delivery.attempt - 1} times while running this task; giving up"))
+
+    async def _process(self, delivery: Delivery[Task]) -> None:
+        task = delivery.payload
         if (problem := self._unservable(task)) is not None:
-            await self._finish(msg, task, failure=Failure(code="wrong_runtime", message=problem))
-            return
-        if deliveries > self.settings.task_max_deliver:
-            await self._finish(msg, task, failure=Failure(
-                code="engine_crashed",
-                message=f"engines stopped {deliveries - 1} times while running this task; giving up"))
+            await self._finish(delivery, failure=Failure(code="wrong_runtime", message=problem))
             return
         if await self._job_ended(task.job_id):
-            await msg.ack()  # cancelled (or failed) while queued: nothing to do, nobody to tell
+            await delivery.done()  # cancelled (or failed) while queued: nothing to do, nobody to tell
             return
         self.current_task = task.id
         self.current_model = task.runtime_model_id or self.settings.default_model_id or None
         self._set_status("busy")
         await self._event(task, "started")
         ctx = self._current_ctx = TaskContext(bus=self._bus, settings=self.settings)
-        keep_fresh = asyncio.create_task(self._keep_in_progress(msg))
+        keep_fresh = asyncio.create_task(self._keep_in_progress(delivery))
         watch_cancel = await self._bus.subscribe(
-            JOB_EVENT_SUBJECT.format(job_id=task.job_id), self._cancel_on_event(ctx))
+            JOB_EVENT_SUBJECT.format(job_id=task.job_id), self._cancel_on_event(ctx), kind=JobEvent)
         failure = result = None
         started = time.monotonic()
         try:
@@ -195,11 +195,11 @@ class Engine:
             self.current_task = self.current_model = self._current_ctx = None
         if self._stopping.is_set() and failure is not None and failure.code == "cancelled":
             # Stopped, not cancelled by the user: another engine runs it from the start now.
-            await msg.nak()
+            await delivery.retry()
             return
         log.info("task done", task=task.id, ok=failure is None,
                  seconds=round(time.monotonic() - started, 3))
-        await self._finish(msg, task, result=result, failure=failure)
+        await self._finish(delivery, result=result, failure=failure)
         self._set_status("idle")
 
     async def _job_ended(self, job_id: str) -> bool:
@@ -209,12 +209,9 @@ class Engine:
 
     @staticmethod
     def _cancel_on_event(ctx: TaskContext):
-        async def on_event(msg: Msg) -> None:
-            try:
-                if decode(msg.data, JobEvent).status == "cancelled":
-                    ctx.cancelled.set()
-            except ContractError:
-                pass
+        async def on_event(event: JobEvent) -> None:
+            if event.status == "cancelled":
+                ctx.cancelled.set()
         return on_event
 
     async def _run(self, task: Task, ctx: TaskContext) -> TaskResult:
@@ -223,15 +220,16 @@ class Engine:
             self._set_status("busy")  # again, after a load
             return await self.actor.run(task, ctx, model)
 
-    async def _keep_in_progress(self, msg: Msg) -> None:
+    async def _keep_in_progress(self, delivery: Delivery[Task]) -> None:
         while True:
             await asyncio.sleep(max(0.2, self.settings.task_ack_wait / 3))
-            await msg.in_progress()
+            await delivery.in_progress()
 
-    async def _finish(self, msg: Msg, task: Task, *, result: TaskResult | None = None,
+    async def _finish(self, delivery: Delivery[Task], *, result: TaskResult | None = None,
                       failure: Failure | None = None) -> None:
         """Report, then ack: a crash in between re-runs the task, and the orchestrator ignores
         the duplicate report."""
+        task = delivery.payload
         if failure is None:
             self.tasks_done += 1
             await self._event(task, "completed", result=result)
@@ -239,7 +237,7 @@ class Engine:
             self.tasks_failed += 1
             log.warning("task failed", task=task.id, code=failure.code, reason=failure.message)
             await self._event(task, "failed", failure=failure)
-        await msg.ack_sync()
+        await delivery.done(confirm=True)
 
     async def _event(self, task: Task, kind: str, *, result: TaskResult | None = None,
                      failure: Failure | None = None) -> None:

@@ -14,10 +14,18 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
-from dalston.bus.connection import Bus, Msg
-from dalston.bus.consumers import PullQueue, consumer_states
+from dalston.bus.connection import Bus
+from dalston.bus.consumers import PullQueue
+from dalston.bus.delivery import Delivery, RedeliveryPolicy
 from dalston.config import Settings
-from dalston.contracts import TASKS_STREAM, Heartbeat, subject_token, task_consumer, task_consumer_prefix
+from dalston.contracts import (
+    TASKS_STREAM,
+    Heartbeat,
+    Task,
+    subject_token,
+    task_consumer,
+    task_consumer_prefix,
+)
 from dalston.engines import EngineWatch
 from dalston.logs import get_logger
 
@@ -37,7 +45,8 @@ PROBE_SECONDS = 0.05
 class TaskIntake:
     def __init__(self, settings: Settings, runtime: str, engine: str,
                  held_models: Callable[[], list[str | None]], peers: EngineWatch,
-                 can_load_another: Callable[[], bool] = lambda: True) -> None:
+                 can_load_another: Callable[[], bool] = lambda: True, *,
+                 policy: RedeliveryPolicy = RedeliveryPolicy()) -> None:
         self.settings = settings
         self.runtime = runtime
         self.engine = engine
@@ -48,6 +57,7 @@ class TaskIntake:
         # for them to end, so only tasks for held models are taken.
         self._can_load_another = can_load_another
         self._peers = peers
+        self._policy = policy  # the engine's: how often a task may come back (its engine died)
         self._bus: Bus | None = None
         self._doorbell = asyncio.Event()
         self._rung: set[str] = set()  # consumers the doorbell rang for since the last look
@@ -55,21 +65,21 @@ class TaskIntake:
 
     async def start(self, bus: Bus) -> None:
         self._bus = bus
-        await bus.subscribe(f"tasks.{subject_token(self.runtime)}.*", self._ring)
+        await bus.doorbell(f"tasks.{subject_token(self.runtime)}.*", self._ring)
         for runtime_model_id in self._held_models():  # its first choices exist before it looks
             await bus.task_consumers.ensure(self.runtime, runtime_model_id)
 
     def wake(self) -> None:
         self._doorbell.set()
 
-    async def _ring(self, msg: Msg) -> None:
+    async def _ring(self, subject: str) -> None:
         # A task was published for this runtime: make sure its model's consumer exists (a
         # third-party publisher may have invented the subject), then wake the task loop.
-        model_token = msg.subject.rsplit(".", 1)[-1]
+        model_token = subject.rsplit(".", 1)[-1]
         self._rung.add(await self._bus.task_consumers.ensure(self.runtime, model_token))
         self._doorbell.set()
 
-    async def next_message(self, stopping: asyncio.Event) -> Msg | None:
+    async def next_task(self, stopping: asyncio.Event) -> Delivery[Task] | None:
         """The next task for this engine, or None once `stopping` is set."""
         while not stopping.is_set():
             self._doorbell.clear()
@@ -101,7 +111,7 @@ class TaskIntake:
     async def _backlog(self) -> tuple[dict[str, int], list[str]]:
         """This runtime's consumers with undelivered tasks (and how many), and those whose
         delivered tasks are unacked: a dead engine's task comes back there after ack_wait."""
-        states = await consumer_states(self._bus, TASKS_STREAM, task_consumer_prefix(self.runtime))
+        states = await self._bus.consumer_states(TASKS_STREAM, task_consumer_prefix(self.runtime))
         return ({s.name: s.pending for s in states if s.pending}, [s.name for s in states if s.unacked])
 
     def _held_consumers(self) -> set[str]:
@@ -125,11 +135,11 @@ class TaskIntake:
                 and pending[name] > SWAP_BACKLOG_PER_HOLDER * holders[name]]
         return first + sorted(rest, key=lambda n: -pending[n])
 
-    async def _fetch(self, durable: str, timeout: float) -> Msg | None:
+    async def _fetch(self, durable: str, timeout: float) -> Delivery[Task] | None:
         """A task from `durable`; None when another engine took it first, or nothing is due."""
         queue = self._queues.get(durable)
         if queue is None:
-            queue = self._queues[durable] = PullQueue(self._bus, TASKS_STREAM, durable)
+            queue = self._queues[durable] = PullQueue(self._bus, TASKS_STREAM, durable, Task, self._policy)
         return await queue.fetch(timeout)
 
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import msgspec
 
-from dalston.bus.connection import Bus, Msg
+from dalston.bus.connection import Bus
 from dalston.config import Settings
 from dalston.contracts import (
-    SESSION_CLAIM_SUBJECT,
+    SESSION_CLAIMS,
     SESSION_INPUT_SUBJECT,
     SESSION_OUTPUT_SUBJECT,
     ContractError,
@@ -37,8 +37,6 @@ from dalston.contracts import (
     SessionInput,
     SessionOutput,
     SessionRequest,
-    decode,
-    encode,
     subject_token,
 )
 from dalston.logs import get_logger
@@ -75,19 +73,14 @@ class SessionHost:
         """In the claim queue group exactly while a slot is free."""
         free = len(self.sessions) < self.settings.max_sessions
         if free and self._claims is None:
-            subject = SESSION_CLAIM_SUBJECT.format(runtime=subject_token(self.actor.runtime), model="*")
-            self._claims = await self._bus.subscribe(subject, self._on_request,
-                                                     queue=f"sessions-{subject_token(self.actor.runtime)}")
+            self._claims = await self._bus.serve(SESSION_CLAIMS, self._on_request,
+                                                 queue=f"sessions-{subject_token(self.actor.runtime)}",
+                                                 runtime=subject_token(self.actor.runtime), model="*")
         elif not free and self._claims is not None:
             claims, self._claims = self._claims, None
             await claims.unsubscribe()
 
-    async def _on_request(self, msg: Msg) -> None:
-        try:
-            request = decode(msg.data, SessionRequest)
-        except ContractError as exc:
-            log.warning("bad session request", error=str(exc)[:300])
-            return
+    async def _on_request(self, request: SessionRequest) -> SessionClaim:
         refusal = None
         if request.runtime != self.actor.runtime:
             refusal = f"this engine runs {self.actor.runtime}, not {request.runtime}"
@@ -99,15 +92,16 @@ class SessionHost:
         if refusal is None:
             session = self.sessions[request.id] = LiveSession(self, request)
             await session.open()  # following its input before the client hears it may send
-        await msg.respond(encode(SessionClaim(session_id=request.id, engine=self.engine,
-                                              accepted=refusal is None, reason=refusal or "")))
-        if refusal is None:
             log.info("session claimed", session=request.id, model=request.model)
             asyncio.create_task(self._serve(session))
-            await self._follow_claims()
-            self._on_change()
+        return SessionClaim(session_id=request.id, engine=self.engine, accepted=refusal is None,
+                            reason=refusal or "")
 
     async def _serve(self, session: LiveSession) -> None:
+        # Out of the claim queue group if this session took the last slot: here, not in the
+        # claim's handler, as leaving the group ends the subscription whose handler that is.
+        await self._follow_claims()
+        self._on_change()
         try:
             await session.run()
         finally:
@@ -161,7 +155,8 @@ class LiveSession:
 
     async def open(self) -> None:
         self._input = await self._bus.subscribe(SESSION_INPUT_SUBJECT.format(session_id=self.id),
-                                                self._on_input)
+                                                self._on_input, kind=SessionInput,
+                                                on_invalid=self._on_invalid_input)
 
     async def run(self) -> None:
         idle = self.host.settings.session_idle_seconds
@@ -201,13 +196,12 @@ class LiveSession:
 
     # --- input --------------------------------------------------------------------------
 
-    async def _on_input(self, msg: Msg) -> None:
+    async def _on_invalid_input(self, exc: ContractError) -> None:
         self._last_input = time.monotonic()
-        try:
-            event = decode(msg.data, SessionInput)
-        except ContractError as exc:
-            await self._say("error", code="invalid_input", message=str(exc)[:1000])
-            return
+        await self._say("error", code="invalid_input", message=str(exc)[:1000])
+
+    async def _on_input(self, event: SessionInput) -> None:
+        self._last_input = time.monotonic()
         if event.kind == "audio":
             await self._audio(event.audio)
         elif event.kind == "commit":

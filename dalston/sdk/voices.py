@@ -14,16 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from dalston.bus.connection import Bus, Msg
-from dalston.contracts import (
-    VOICE_EMBED_SUBJECT,
-    ContractError,
-    VoiceEmbedReply,
-    VoiceEmbedRequest,
-    decode,
-    encode,
-    subject_token,
-)
+from dalston.bus.connection import Bus
+from dalston.contracts import VOICE_EMBEDS, ContractError, VoiceEmbedReply, VoiceEmbedRequest, subject_token
 from dalston.logs import get_logger
 from dalston.pcm import SAMPLE_RATE, from_pcm16
 from dalston.sdk.actor import TaskFailed
@@ -46,32 +38,26 @@ class VoiceHost:
 
     def __init__(self, runtime: str, actor: VoiceEmbedder, models: ModelManager) -> None:
         self.runtime, self.actor, self.models = runtime, actor, models
-        self._one_at_a_time = asyncio.Semaphore(1)
         self._subscription = None
 
     async def start(self, bus: Bus) -> None:
         token = subject_token(self.runtime)
-        self._subscription = await bus.subscribe(VOICE_EMBED_SUBJECT.format(runtime=token), self._on_request,
-                                                 queue=f"voices-{token}")
+        # The endpoint answers one request at a time: one clip is embedded at a time.
+        self._subscription = await bus.serve(VOICE_EMBEDS, self._on_request, queue=f"voices-{token}",
+                                             on_invalid=self._on_invalid, runtime=token)
 
     async def stop(self) -> None:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
             self._subscription = None
 
-    async def _on_request(self, msg: Msg) -> None:
-        try:
-            request = decode(msg.data, VoiceEmbedRequest)
-        except ContractError as exc:
-            await msg.respond(encode(VoiceEmbedReply(error=f"bad embed request: {exc}"[:500])))
-            return
-        # The reply goes back on the requester's inbox; the request itself is not kept.
-        asyncio.create_task(self._answer(msg, request))
+    async def _on_invalid(self, exc: ContractError) -> VoiceEmbedReply:
+        return VoiceEmbedReply(error=f"bad embed request: {exc}"[:500])
 
-    async def _answer(self, msg: Msg, request: VoiceEmbedRequest) -> None:
+    async def _on_request(self, request: VoiceEmbedRequest) -> VoiceEmbedReply:
         try:
             clip = from_pcm16(request.pcm16, SAMPLE_RATE)
-            async with self._one_at_a_time, self.models.use(request.model) as handle:
+            async with self.models.use(request.model) as handle:
                 embedding = await asyncio.to_thread(self.actor.embed_voice, handle, clip)
             reply = VoiceEmbedReply(embedding=[float(v) for v in embedding])
         except TaskFailed as exc:
@@ -79,7 +65,4 @@ class VoiceHost:
         except Exception as exc:  # noqa: BLE001 - the requester hears why, the engine goes on
             log.exception("voice not embedded", model=request.model)
             reply = VoiceEmbedReply(error=f"{type(exc).__name__}: {exc}"[:500])
-        try:
-            await msg.respond(encode(reply))
-        except Exception as exc:  # noqa: BLE001 - the requester gave up, or NATS is away
-            log.warning("embed reply not sent", error=repr(exc))
+        return reply

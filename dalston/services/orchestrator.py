@@ -11,8 +11,9 @@ import asyncio
 import time
 
 from dalston import dag
-from dalston.bus.connection import Bus, Msg, connect
-from dalston.bus.consumers import GiveUp, HandleLater, consume
+from dalston.bus.connection import Bus, connect
+from dalston.bus.consumers import consume
+from dalston.bus.delivery import Delivery, GiveUp, HandleLater
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
@@ -49,6 +50,11 @@ class EarlyEvent(HandleLater):
     """A report on a task that the job's committed record does not list yet."""
 
 
+def job_message_kind(subject: str) -> type[JobRequest | CancelRequest]:
+    """The JOBS stream carries two contracts, told apart by subject."""
+    return CancelRequest if subject == CANCEL_SUBJECT else JobRequest
+
+
 class Orchestrator:
     def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
         self.settings = settings
@@ -60,20 +66,24 @@ class Orchestrator:
         self._active: set[str] = set()
         self._stopping = asyncio.Event()
 
-    async def run(self) -> None:
-        self._bus = await connect(self.settings, name="dalston-orchestrator")
+    async def run(self, bus: Bus | None = None) -> None:
+        """Serve until stopped, on `bus` (the in-memory one, say) or a new NATS connection."""
+        self._bus = bus or await connect(self.settings, name="dalston-orchestrator")
         await self.engines.start(self._bus)
         await self._load_active()
         log.info("orchestrator started")
         try:
             await until_stopped(
                 self._stopping,
-                consume(self._bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, self._on_job_message),
-                consume(self._bus, EVENTS_STREAM, ORCHESTRATOR_EVENTS_CONSUMER, self._on_task_event),
+                consume(self._bus, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER, self._on_job_message,
+                        kind=job_message_kind),
+                consume(self._bus, EVENTS_STREAM, ORCHESTRATOR_EVENTS_CONSUMER, self._on_task_event,
+                        kind=TaskEvent),
                 self._sweep_forever())
         finally:
             await self.engines.stop()
-            await self._bus.close()
+            if bus is None:
+                await self._bus.close()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -138,11 +148,11 @@ class Orchestrator:
 
     # --- handlers ----------------------------------------------------------------------------------
 
-    async def _on_job_message(self, msg: Msg) -> None:
-        if msg.subject == CANCEL_SUBJECT:
-            await self._cancel(decode(msg.data, CancelRequest))
+    async def _on_job_message(self, delivery: Delivery[JobRequest | CancelRequest]) -> None:
+        if isinstance(delivery.payload, CancelRequest):
+            await self._cancel(delivery.payload)
         else:
-            await self._submit(decode(msg.data, JobRequest))
+            await self._submit(delivery.payload)
 
     async def _submit(self, request: JobRequest) -> None:
         if await self._bus.jobs.get(request.id) is None:
@@ -219,15 +229,15 @@ class Orchestrator:
         dag.finish(record, "failed", failure)
         return record
 
-    async def _on_task_event(self, msg: Msg) -> None:
-        event = decode(msg.data, TaskEvent)
+    async def _on_task_event(self, delivery: Delivery[TaskEvent]) -> None:
+        event = delivery.payload
 
         def apply(record: JobRecord) -> bool:
             if (reason := dag.refusal(record, event)) is not None:
                 raise GiveUp(reason)  # a forged report: dead-lettered, never applied
             return dag.apply_event(record, event, self.settings.task_max_attempts)
 
-        record = await self._update(event.job_id, apply, redrive=msg.metadata.num_delivered > 1)
+        record = await self._update(event.job_id, apply, redrive=delivery.attempt > 1)
         if record is not None and dag.is_early(record, event):
             raise EarlyEvent(f"job {record.id} does not list task {event.task_id} yet")
 

@@ -23,11 +23,12 @@ from standardwebhooks import Webhook
 
 from dalston import __version__
 from dalston.bus.buckets import ObjectUnreadable
-from dalston.bus.connection import Bus, Msg, connect
-from dalston.bus.consumers import GiveUp, HandleLater, consume
+from dalston.bus.connection import Bus, connect
+from dalston.bus.consumers import consume
+from dalston.bus.delivery import Delivery, GiveUp, HandleLater
 from dalston.bus.layout import load_layout
 from dalston.config import ConfigError, Settings
-from dalston.contracts import EVENTS_STREAM, TERMINAL, WEBHOOKS_CONSUMER, JobEvent, decode, now
+from dalston.contracts import EVENTS_STREAM, TERMINAL, WEBHOOKS_CONSUMER, JobEvent, now
 from dalston.logs import get_logger
 from dalston.loops import until_stopped
 from dalston.webhook_targets import RESOLVE_TIMEOUT_SECONDS, RefusedTarget, check_target
@@ -83,24 +84,27 @@ class WebhookService:
         self._stopping = asyncio.Event()
         self._under_way: Counter[str] = Counter()  # deliveries under way per target
 
-    async def run(self) -> None:
-        self._bus = await connect(self.settings, name="dalston-webhooks")
+    async def run(self, bus: Bus | None = None) -> None:
+        """Serve until stopped, on `bus` (the in-memory one, say) or a new NATS connection."""
+        self._bus = bus or await connect(self.settings, name="dalston-webhooks")
         # Redirects are not followed: each hop would be a new, unchecked target.
         self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
                                        timeout=self.settings.webhook_timeout)
         log.info("webhook service started")
         try:
             await until_stopped(self._stopping, consume(self._bus, EVENTS_STREAM, WEBHOOKS_CONSUMER,
-                                                        self._on_job_event, concurrent=MAX_DELIVERIES))
+                                                        self._on_job_event, kind=JobEvent,
+                                                        concurrent=MAX_DELIVERIES))
         finally:
             await self._http.aclose()
-            await self._bus.close()
+            if bus is None:
+                await self._bus.close()
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _on_job_event(self, msg: Msg) -> None:
-        event = decode(msg.data, JobEvent)
+    async def _on_job_event(self, delivery: Delivery[JobEvent]) -> None:
+        event = delivery.payload
         if event.status not in TERMINAL or not event.webhook_url:
             return
         target = urlsplit(event.webhook_url)._replace(path="", query="", fragment="").geturl()
@@ -115,14 +119,14 @@ class WebhookService:
             if not self._under_way[target]:
                 del self._under_way[target]
         if problem is None:
-            log.info("webhook delivered", job=event.job_id, attempts=msg.metadata.num_delivered)
+            log.info("webhook delivered", job=event.job_id, attempts=delivery.attempt)
             return
         left = self.settings.webhook_max_age - (now() - event.at)
         if left <= 0:
             raise GiveUp(f"webhook of job {event.job_id} not accepted within "
                          f"{self.settings.webhook_max_age:g} s (DALSTON_WEBHOOK_MAX_AGE): {problem}")
         raise HandleLater(f"webhook of job {event.job_id}: {problem}",
-                          delay=min(retry_delay(msg.metadata.num_delivered), left))
+                          delay=min(retry_delay(delivery.attempt), left))
 
     async def _body(self, event: JobEvent) -> bytes:
         data: dict = {"job_id": event.job_id, "status": event.status, "transcript": None,

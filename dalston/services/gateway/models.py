@@ -7,17 +7,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dalston.bus.connection import Bus, Msg
+from dalston.bus.connection import Bus
 from dalston.catalog import Catalog, ModelSpec
 from dalston.config import Settings
 from dalston.contracts import (
+    MODEL_PULLS,
     PULL_ENDED,
     PULL_PROGRESS_SUBJECT,
-    PULL_SUBJECT,
-    ContractError,
     PullProgress,
     PullRequest,
-    decode,
     now,
     subject_token,
 )
@@ -56,14 +54,13 @@ class ModelService:
 
     async def start(self) -> None:
         # Any NATS client (the dashboard, say) may ask for a pull; one gateway takes each ask.
-        await self.bus.subscribe(PULL_SUBJECT.format(model="*"), self._on_request, queue="gateway")
+        await self.bus.serve(MODEL_PULLS, self._on_request, queue="gateway", model="*")
 
-    async def _on_request(self, msg: Msg) -> None:
+    async def _on_request(self, request: PullRequest) -> None:
         try:
-            request = decode(msg.data, PullRequest)
             self.start_pull(self.catalog.model(request.model), force=request.force)
-        except (ContractError, LookupError) as exc:
-            log.warning("pull request refused", subject=msg.subject, reason=str(exc))
+        except LookupError as exc:
+            log.warning("pull request refused", model=request.model[:256], reason=str(exc))
 
     # --- what is there ----------------------------------------------------------------------
 

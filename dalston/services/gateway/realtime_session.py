@@ -22,21 +22,17 @@ import msgspec
 from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
-from dalston.bus.connection import Msg
 from dalston.catalog import ModelSpec, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
     HEARTBEAT_SUBJECT,
-    SESSION_CLAIM_SUBJECT,
+    SESSION_CLAIMS,
     SESSION_INPUT_SUBJECT,
     SESSION_OUTPUT_SUBJECT,
-    ContractError,
-    SessionClaim,
     SessionConfig,
     SessionInput,
     SessionOutput,
     SessionRequest,
-    decode,
     subject_token,
 )
 from dalston.logs import get_logger
@@ -152,7 +148,8 @@ class RealtimeSession:
         self._engine = engine
 
     async def _serve(self) -> None:
-        outputs = await self.bus.subscribe(SESSION_OUTPUT_SUBJECT.format(session_id=self.id), self._on_output)
+        outputs = await self.bus.subscribe(SESSION_OUTPUT_SUBJECT.format(session_id=self.id), self._on_output,
+                                           kind=SessionOutput)
         tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch()),
                  asyncio.create_task(self._ending.wait())]
         try:
@@ -250,13 +247,12 @@ class RealtimeSession:
         request = SessionRequest(id=self.id, model=self.model.id, runtime=self.model.runtime,
                                  runtime_model_id=self.model.runtime_model_id, config=self.config,
                                  owner=self.owner)
-        subject = SESSION_CLAIM_SUBJECT.format(runtime=subject_token(self.model.runtime),
-                                               model=subject_token(self.model.runtime_model_id))
         reason = "no engine of the runtime is running"
         for attempt in range(CLAIM_ATTEMPTS):
-            answer = await self.bus.request(subject, request, CLAIM_TIMEOUT_SECONDS)
-            if answer is not None:
-                claim = decode(answer, SessionClaim)
+            claim = await self.bus.request(SESSION_CLAIMS, request, CLAIM_TIMEOUT_SECONDS,
+                                           runtime=subject_token(self.model.runtime),
+                                           model=subject_token(self.model.runtime_model_id))
+            if claim is not None:
                 if claim.accepted:
                     self.engine = claim.engine
                     log.info("session claimed", session=self.id, engine=claim.engine)
@@ -269,12 +265,7 @@ class RealtimeSession:
     async def _forward(self, event: SessionInput) -> None:
         await self.bus.announce(SESSION_INPUT_SUBJECT.format(session_id=self.id), event)
 
-    async def _on_output(self, msg: Msg) -> None:
-        try:
-            out = decode(msg.data, SessionOutput)
-        except ContractError as exc:
-            log.warning("bad session output", session=self.id, error=str(exc)[:300])
-            return
+    async def _on_output(self, out: SessionOutput) -> None:
         if out.engine != self.engine:
             return  # an engine the session has moved away from
         if out.kind != "error":

@@ -35,7 +35,7 @@ from dalston.contracts import (
     MAX_SPEAKER_NAME_CHARS,
     MAX_VOICE_CLIP_SECONDS,
     MIN_VOICE_CLIP_SECONDS,
-    VOICE_EMBED_SUBJECT,
+    VOICE_EMBEDS,
     VOICES_BUCKET,
     ContractError,
     Voice,
@@ -165,20 +165,18 @@ async def embed(request: Request, model: ModelSpec, clip: np.ndarray) -> list[fl
     """The embedding of `clip` by `model`, from one of its runtime's engines."""
     bus = request.app.state.bus
     pcm16 = to_pcm16(clip[:int(MAX_VOICE_CLIP_SECONDS * SAMPLE_RATE)])
-    answer = await bus.request(VOICE_EMBED_SUBJECT.format(runtime=subject_token(model.runtime)),
-                               VoiceEmbedRequest(model=model.runtime_model_id, pcm16=pcm16),
-                               timeout=EMBED_TIMEOUT_SECONDS)
-    if answer is None:
+    try:
+        reply = await bus.request(VOICE_EMBEDS, VoiceEmbedRequest(model=model.runtime_model_id, pcm16=pcm16),
+                                  timeout=EMBED_TIMEOUT_SECONDS, runtime=subject_token(model.runtime))
+    except ContractError:
+        reply = VoiceEmbedReply(error="the engine's answer could not be read")
+    if reply is None:
         watch: EngineWatch = request.app.state.engines
         if not watch.live(model.runtime):
             raise ApiError(503, f"no {model.runtime} engine is running to embed the voice: "
                                 f"{how_to_start(model.runtime)}", code="no_engine")
         raise ApiError(504, f"no {model.runtime} engine embedded the voice within {EMBED_TIMEOUT_SECONDS:g} s",
                        code="timeout")
-    try:
-        reply = decode_message(answer, VoiceEmbedReply)
-    except ContractError:
-        reply = VoiceEmbedReply(error="the engine's answer could not be read")
     if reply.error is not None or not reply.embedding:
         raise ApiError(500, f"the voice could not be embedded: {reply.error}", code="internal")
     return reply.embedding
