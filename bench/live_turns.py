@@ -66,7 +66,9 @@ async def _session(url: str, model: str, audio: bytes) -> tuple[list[float], lis
             await socket.send(json.dumps({"type": "input_audio_buffer.append",
                                           "audio": base64.b64encode(audio[start:start + step]).decode()}))
             await asyncio.sleep(max(0.0, started + (number + 1) * CHUNK_MS / 1000 - time.monotonic()))
-        await asyncio.sleep(3.0)  # the last turn's text
+        deadline = time.monotonic() + 30.0  # the last turns' text; a slow machine lags behind
+        while len(delays) < len(ends) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         reader.cancel()
     return delays, sorted(ends.values())
 
