@@ -2,7 +2,10 @@
 an OpenAI Realtime session with server VAD, once per model. Printed per model, over every turn:
 how long after the end of its speech (the `speech_stopped` event's `audio_end_ms`) the completed
 item came, p50 and p95 (targets: p95 <= 1.5 s on the default model, <= 0.8 s on tiny.en), and
-how far the VAD's turn ends lie from the reference turns' (RTTM) speech ends (target <= 0.3 s)."""
+how far the VAD's turn ends lie from the reference turns' (RTTM) speech ends (target <= 0.3 s).
+Then the same recordings through ElevenLabs' realtime endpoint, for the stability of interim
+results: of the words one partial transcript shows in the same place as the partial before it,
+the share that the turn's committed text keeps there (target >= 0.95)."""
 
 from __future__ import annotations
 
@@ -73,6 +76,39 @@ async def _session(url: str, model: str, audio: bytes) -> tuple[list[float], lis
     return delays, sorted(ends.values())
 
 
+async def _partials(url: str, model: str, audio: bytes) -> tuple[int, int]:
+    """Words shown alike by two successive partials of a turn, and how many of them its
+    committed text keeps in place."""
+    shown = kept = 0
+    partials: list[list[str]] = []
+    query = f"model_id={model}&audio_format=pcm_{RATE}&commit_strategy=vad&vad_silence_threshold_secs={SILENCE_MS / 1000}"
+    async with websockets.connect(f"{url}/v1/speech-to-text/realtime?{query}", max_size=None) as socket:
+        async def read() -> None:
+            nonlocal shown, kept
+            async for message in socket:
+                event = json.loads(message)
+                if event["message_type"] == "partial_transcript":
+                    partials.append(event["text"].split())
+                elif event["message_type"] == "committed_transcript":
+                    final = event["text"].split()
+                    for before, after in zip(partials, partials[1:]):
+                        steady = [k for k, (a, b) in enumerate(zip(before, after)) if a == b]
+                        shown += len(steady)
+                        kept += sum(k < len(final) and final[k] == after[k] for k in steady)
+                    partials.clear()
+
+        reader = asyncio.create_task(read())
+        step = RATE * 2 * CHUNK_MS // 1000
+        started = time.monotonic()
+        for number, start in enumerate(range(0, len(audio), step)):
+            await socket.send(json.dumps({"message_type": "input_audio_chunk", "sample_rate": RATE,
+                                          "audio_base_64": base64.b64encode(audio[start:start + step]).decode()}))
+            await asyncio.sleep(max(0.0, started + (number + 1) * CHUNK_MS / 1000 - time.monotonic()))
+        await asyncio.sleep(10.0)  # the last turn's commit
+        reader.cancel()
+    return shown, kept
+
+
 def _p(values: list[float], share: float) -> float:
     return float(np.percentile(values, share * 100)) if values else float("nan")
 
@@ -97,6 +133,13 @@ def run(root: Path) -> list[str]:
             lines.append(f"live turns, {model}, {len(recordings)} real conversations at 1x: {len(delays)} turns, "
                          f"completed after speech end p50 {_p(delays, .5):.2f} s, p95 {_p(delays, .95):.2f} s; "
                          f"VAD turn end from the reference's p50 {_p(offsets, .5):.2f} s, p95 {_p(offsets, .95):.2f} s")
+        for model in MODELS:
+            shown = kept = 0
+            for path in recordings:
+                seen, steady = asyncio.run(_partials(stack.url.replace("http", "ws"), model, _pcm(path)))
+                shown, kept = shown + seen, kept + steady
+            lines.append(f"partial transcripts, {model}: of {shown} words shown alike by two successive partials, "
+                         f"{kept / shown if shown else float('nan'):.3f} kept by the committed text (target >= 0.95)")
     finally:
         stack.close()
     return lines
