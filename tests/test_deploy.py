@@ -6,8 +6,10 @@ NATS configs it mounts are started for real in test_nats_permissions.py and test
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jsonschema
 import msgspec
 import pytest
 import yaml
@@ -25,6 +27,16 @@ ENGINES = {name: spec for name, spec in DALSTON.items() if "DALSTON_RUNTIME" in 
 SETTINGS_VARS = {f"DALSTON_{f.encode_name.upper()}" for f in msgspec.structs.fields(Settings)}
 # Services that speak to NATS as another does: the Wyoming server submits as the gateway.
 NATS_USER_OF = {"wyoming": "gateway", "layout": "admin"}
+
+
+def test_compose_yaml_meets_the_compose_specification():
+    """The schema Docker Compose validates with before `docker compose config` (vendored in
+    tests/data/compose-spec: Docker Compose cannot be installed here; podman-compose runs it)."""
+    schema = json.loads((ROOT / "tests/data/compose-spec/compose-spec.json").read_text())
+    problems = [f"{'/'.join(map(str, e.path))}: {e.message}"
+                for e in jsonschema.Draft7Validator(schema).iter_errors(COMPOSE)]
+    assert problems == []
+    assert "version" not in COMPOSE  # obsolete: docker compose warns of it
 
 
 def test_every_service_is_there():
