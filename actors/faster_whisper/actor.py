@@ -115,11 +115,11 @@ def loops_decoded_again(pieces: Iterable, again: Callable[[float, float], Iterab
 
 def _segment(s, logprobs: bool, offset: float = 0.0) -> Segment:
     # With word timestamps faster-whisper hands out numpy scalars: the wire wants floats.
-    return Segment(id=s.id, start=float(s.start) + offset, end=float(s.end) + offset, text=s.text.strip(),
+    return Segment(id=s.id, start=float(s.start + offset), end=float(s.end + offset), text=s.text.strip(),
                    avg_logprob=s.avg_logprob, no_speech_prob=s.no_speech_prob,
                    temperature=s.temperature, compression_ratio=s.compression_ratio,
                    tokens=list(s.tokens),
-                   words=[Word(start=float(w.start) + offset, end=float(w.end) + offset, word=w.word,
+                   words=[Word(start=float(w.start + offset), end=float(w.end + offset), word=w.word,
                                probability=float(w.probability),
                                logprob=_logprob(w.probability) if logprobs else None)
                           for w in (s.words or [])])
