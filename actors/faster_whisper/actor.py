@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import ctranslate2
@@ -12,8 +13,13 @@ import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from dalston.contracts import ChannelTranscript, Segment, TranscribeOptions, Word
+from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import ModelActor, TaskCancelled
 from dalston.sdk.announcer import SegmentSink
+
+# Whisper's own bound (faster-whisper's compression_ratio_threshold): text that gzips better than
+# this is the model repeating itself, not speech.
+LOOP_COMPRESSION = 2.4
 
 
 class FasterWhisperActor(ModelActor):
@@ -53,32 +59,67 @@ class FasterWhisperActor(ModelActor):
         decoder = BatchedInferencePipeline(handle) if batched else handle
         # Unbatched, a window that fails the compression or log-probability check is decoded
         # again by sampling at higher temperatures: seeded, so one input gives one transcript.
-        ctranslate2.set_random_seed(0)
-        pieces, info = decoder.transcribe(
-            audio, **({"batch_size": self.batch_size} if batched else {}),
+        decode = dict(
             language=options.language or None, task=options.task,
             initial_prompt=options.prompt or None, hotwords=options.hotwords or None,
             temperature=options.temperature or [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
             beam_size=options.beam_size, vad_filter=options.vad, vad_parameters=vad_parameters,
             word_timestamps=options.word_timestamps)
+        ctranslate2.set_random_seed(0)
+        pieces, info = decoder.transcribe(audio, **({"batch_size": self.batch_size} if batched else {}), **decode)
+        if batched:
+            def again(start: float, end: float):
+                # Seeded like the first pass, so a window decoded again is decoded the same way.
+                ctranslate2.set_random_seed(0)
+                return handle.transcribe(audio[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)],
+                                         **{**decode, "language": info.language})[0]
+            pieces = loops_decoded_again(pieces, again, len(audio) / SAMPLE_RATE)
+        else:
+            pieces = ((piece, 0.0) for piece in pieces)
         segments = []
-        for piece in pieces:  # decoded lazily, one 30 s window at a time
+        for piece, offset in pieces:  # decoded lazily, one 30 s window (or batch) at a time
             if cancelled.is_set():
                 raise TaskCancelled()
-            segments.append(segment := _segment(piece, options.logprobs))
+            segments.append(segment := _segment(piece, options.logprobs, offset))
             emit(segment)
         return ChannelTranscript(
             language=info.language, language_probability=float(info.language_probability),
             duration=info.duration, segments=segments)
 
 
-def _segment(s, logprobs: bool) -> Segment:
+def loops_decoded_again(pieces: Iterable, again: Callable[[float, float], Iterable],
+                        duration: float) -> Iterator[tuple]:
+    """Batched segments as (segment, offset of its times), a window that looped decoded again.
+
+    The batched pipeline decodes each speech window (up to 30 s of the VAD's regions) once, at one
+    temperature and without timestamps, so nothing catches a window the model fell into a loop on:
+    read sentences between regular pauses gave "The boy was there when the sun rose." nine times
+    in place of six sentences. Each window is one segment, so its compression ratio is the
+    window's; one above Whisper's bound is decoded again as unbatched Whisper decodes (timestamps,
+    temperature fallback) over the audio between its neighbours: its speech, and silence."""
+    pieces = iter(pieces)
+    current, done = next(pieces, None), 0.0
+    while current is not None:
+        following = next(pieces, None)
+        if current.compression_ratio <= LOOP_COMPRESSION:
+            yield current, 0.0
+            done = current.end
+        else:
+            start = min(done, current.start)
+            end = max(current.end, following.start if following is not None else duration)
+            for piece in again(start, end):
+                yield piece, start
+                done = start + piece.end
+        current = following
+
+
+def _segment(s, logprobs: bool, offset: float = 0.0) -> Segment:
     # With word timestamps faster-whisper hands out numpy scalars: the wire wants floats.
-    return Segment(id=s.id, start=float(s.start), end=float(s.end), text=s.text.strip(),
+    return Segment(id=s.id, start=float(s.start + offset), end=float(s.end + offset), text=s.text.strip(),
                    avg_logprob=s.avg_logprob, no_speech_prob=s.no_speech_prob,
                    temperature=s.temperature, compression_ratio=s.compression_ratio,
                    tokens=list(s.tokens),
-                   words=[Word(start=float(w.start), end=float(w.end), word=w.word,
+                   words=[Word(start=float(w.start + offset), end=float(w.end + offset), word=w.word,
                                probability=float(w.probability),
                                logprob=_logprob(w.probability) if logprobs else None)
                           for w in (s.words or [])])
