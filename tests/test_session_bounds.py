@@ -134,8 +134,10 @@ class Live:
         step, started = RATE * 2 * chunk_ms // 1000, time.monotonic()
         for number, start in enumerate(range(0, len(audio), step)):
             await self.append(audio[start:start + step])
-            if real_time:
-                await asyncio.sleep(max(0.0, started + (number + 1) * chunk_ms / 1000 - time.monotonic()))
+            # Always a pause, if only to let the reader take a close: a send to a peer that
+            # reads as fast as it comes never yields to it.
+            await asyncio.sleep(max(0.0, started + (number + 1) * chunk_ms / 1000 - time.monotonic())
+                                if real_time else 0)
 
     async def close(self) -> None:
         await self.socket.close()
