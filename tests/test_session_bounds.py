@@ -144,29 +144,28 @@ class Live:
         await self._reader
 
 
-async def engine_rss(system: TestStack) -> int:
-    """The engine's resident memory, from a heartbeat sent after this call."""
+async def engine_beat(system: TestStack):
+    """The engine's first heartbeat sent after this call."""
     bus = await system.bus()
     try:
         asked = time.time()
-        beat = await wait_for(lambda: _beat_after(bus, asked), timeout=30)
-        return beat.rss_bytes
+
+        async def beat_after():
+            beat = await heartbeat(bus, "faster-whisper", "fw")
+            return beat if beat.sent_at > asked else None
+        return await wait_for(beat_after, timeout=30)
     finally:
         await bus.close()
 
 
-async def _beat_after(bus, when: float):
-    beat = await heartbeat(bus, "faster-whisper", "fw")
-    return beat if beat.sent_at > when else None
-
-
 async def settled_rss(system: TestStack, before: int, timeout: float = 20.0) -> int:
-    """The engine's memory once back within RSS_SLACK of `before`, or where it stands after
-    `timeout` (a buffer freed late is still freed)."""
+    """The engine's memory once it serves no session and is back within RSS_SLACK of `before`,
+    or where it stands after `timeout` (a buffer freed late is still freed)."""
     deadline = time.monotonic() + timeout
-    while (rss := await engine_rss(system)) > before + RSS_SLACK and time.monotonic() < deadline:
-        pass
-    return rss
+    while True:
+        beat = await engine_beat(system)
+        if (beat.sessions == 0 and beat.rss_bytes <= before + RSS_SLACK) or time.monotonic() > deadline:
+            return beat.rss_bytes
 
 
 def mb(size: int) -> str:
@@ -182,7 +181,7 @@ async def test_audio_past_the_buffer_without_commits_ends_the_session_and_its_me
     await warm.send({"type": "input_audio_buffer.commit"})
     await warm.until("conversation.item.input_audio_transcription.completed")
     await warm.close()
-    before = await engine_rss(system)
+    before = (await engine_beat(system)).rss_bytes
 
     attacker = await Live.open(system, keys["alice"])
     await attacker.configure(None)
@@ -198,7 +197,7 @@ async def test_audio_past_the_buffer_without_commits_ends_the_session_and_its_me
 
 async def test_audio_sent_at_full_speed_is_paced_and_the_engine_keeps_up(bounded, speech):
     system, keys = bounded
-    before = await engine_rss(system)
+    before = (await engine_beat(system)).rss_bytes
     client = httpx.AsyncClient(base_url=system.url, headers=bearer(keys["bob"]), timeout=60)
     live = await Live.open(system, keys["alice"])
     await live.configure(SERVER_VAD)
@@ -212,6 +211,8 @@ async def test_audio_sent_at_full_speed_is_paced_and_the_engine_keeps_up(bounded
     await sending
     await live.configure(SERVER_VAD)  # answered once all the audio has been taken
     taken = time.monotonic() - started
+    # The bound the pace sets, whatever the machine's speed: a burst, then SPEED times real time.
+    assert taken >= (duration - BURST_SECONDS) / SPEED - 0.1, taken
 
     async def ended():
         record = (await client.get(f"/v1/jobs/{submitted.json()['id']}")).json()
@@ -222,8 +223,6 @@ async def test_audio_sent_at_full_speed_is_paced_and_the_engine_keeps_up(bounded
     await client.aclose()
     after = await settled_rss(system, before)
     print(f"{duration:g} s of audio taken in {taken:.1f} s; engine RSS {mb(before)} before, {mb(after)} after")
-    # The bound the pace sets, whatever the machine's speed: a burst, then SPEED times real time.
-    assert taken >= (duration - BURST_SECONDS) / SPEED - 0.1, taken
     assert job["status"] == "completed", job
     assert "engine_lost" not in live.errors(), live.errors()
     assert "Slow Consumer" not in (system.root / "nats.log").read_text(errors="replace")
