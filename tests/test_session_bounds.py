@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
-import sys
 import time
 
 import httpx
@@ -20,7 +18,7 @@ import websockets
 from dalston.services.gateway.session_bounds import BURST_SECONDS, SPEED
 from tests.audio_fixtures import convert
 from tests.stack import AUDIO, TestStack, heartbeat, wait_for
-from tests.test_auth import bearer
+from tests.test_auth import bearer, dalston
 
 MODEL = "faster-whisper-tiny.en"
 RATE = 24_000
@@ -29,14 +27,8 @@ IDLE_SECONDS = 4
 MAX_CONNECTIONS = 3
 # What a session may leave behind in its engine (issue 17: within 50 MB of before).
 RSS_SLACK = 50 * 2**20
+COMPLETED = "conversation.item.input_audio_transcription.completed"
 SERVER_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
-
-
-def dalston(system: TestStack, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "dalston", *args], env=system.env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +47,14 @@ def bounded(tmp_path_factory):
     keys = {name: dalston(system, "keys", "create", name, *extra).strip()
             for name, extra in {"alice": [], "bob": [], "ops": ["--admin"]}.items()}
     system.wait_engines("audio-prepare", "merge", "fw", headers=bearer(keys["ops"]))
+    # The model loaded by a batch job: the engine's memory before an attack is its memory at work.
+    with httpx.Client(base_url=system.url, headers=bearer(keys["ops"]), timeout=60) as client:
+        with (AUDIO / "speaker1.wav").open("rb") as audio:
+            job_id = client.post("/v1/jobs", files={"file": audio}, data={"model": MODEL}).json()["id"]
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/jobs/{job_id}").json().get("status") != "completed":
+            assert time.monotonic() < deadline, "the warm-up job did not complete"
+            time.sleep(0.2)
     yield system, keys
     system.close()
 
@@ -174,13 +174,6 @@ def mb(size: int) -> str:
 
 async def test_audio_past_the_buffer_without_commits_ends_the_session_and_its_memory(bounded, speech):
     system, keys = bounded
-    # The model loaded, by one short session, so that `before` is the engine at work.
-    warm = await Live.open(system, keys["alice"])
-    await warm.configure(None)
-    await warm.append(speech)
-    await warm.send({"type": "input_audio_buffer.commit"})
-    await warm.until("conversation.item.input_audio_transcription.completed")
-    await warm.close()
     before = (await engine_beat(system)).rss_bytes
 
     attacker = await Live.open(system, keys["alice"])
@@ -218,7 +211,7 @@ async def test_audio_sent_at_full_speed_is_paced_and_the_engine_keeps_up(bounded
         record = (await client.get(f"/v1/jobs/{submitted.json()['id']}")).json()
         return record if record.get("status") in ("completed", "failed", "cancelled") else None
     job = await wait_for(ended, timeout=120)
-    await live.until("conversation.item.input_audio_transcription.completed")
+    await live.until(COMPLETED)
     await live.close()
     await client.aclose()
     after = await settled_rss(system, before)
@@ -226,6 +219,34 @@ async def test_audio_sent_at_full_speed_is_paced_and_the_engine_keeps_up(bounded
     assert job["status"] == "completed", job
     assert "engine_lost" not in live.errors(), live.errors()
     assert "Slow Consumer" not in (system.root / "nats.log").read_text(errors="replace")
+    assert after <= before + RSS_SLACK, (mb(before), mb(after))
+
+
+async def test_a_flood_of_tiny_commits_is_bounded_and_no_committed_turn_is_dropped(bounded, speech):
+    """Each commit is either taken (and its turn transcribed) or refused while the engine's queue
+    of committed turns is full (the audio then stays in the buffer, so that all of it stays
+    under the buffer's bound here): never taken and then dropped."""
+    system, keys = bounded
+    before = (await engine_beat(system)).rss_bytes
+    live = await Live.open(system, keys["alice"])
+    await live.configure(None)
+    commits, piece = 4 * BUFFER_SECONDS, RATE * 2 // 5  # 200 ms each: 80% of the buffer in all
+    for number in range(commits):
+        await live.append(seconds(speech, 60)[number * piece:(number + 1) * piece])
+        await live.send({"type": "input_audio_buffer.commit"})
+        await asyncio.sleep(0)
+    await live.configure(None)  # every commit has reached the engine by then
+
+    async def all_answered() -> bool:
+        return len(live.of("input_audio_buffer.committed")) + live.errors().count("turn_queue_full") == commits
+    await wait_for(all_answered, timeout=120)
+    taken = len(live.of("input_audio_buffer.committed"))
+    await live.until(COMPLETED, taken, timeout=120)
+    await live.close()
+    after = await settled_rss(system, before)
+    print(f"{commits} commits: {taken} taken, {commits - taken} refused; engine RSS {mb(before)} before, "
+          f"{mb(after)} after")
+    assert set(live.errors()) <= {"turn_queue_full"}, live.errors()
     assert after <= before + RSS_SLACK, (mb(before), mb(after))
 
 
