@@ -134,7 +134,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Live sessions an engine serves at once, beside its one batch task (0: none).
     max_sessions: int = 2
     # A live session whose client sent less than a second of audio in this many seconds is
-    # ended (a WebSocket that holds a slot with a sliver of audio now and then, too); a Wyoming
+    # ended, once the turns it committed are transcribed (a WebSocket that holds a slot with a
+    # sliver of audio now and then, too); a Wyoming
     # connection that sends nothing for this long, too.
     session_idle_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     # Audio a live session may hold uncommitted (client commits) or in one turn (server VAD:

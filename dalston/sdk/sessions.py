@@ -167,8 +167,10 @@ class LiveSession:
                 self._draft_turn()  # audio that came while the model loaded: its partial now
                 try:
                     while not self._ended.is_set():
-                        # A gateway that went away without closing: nothing comes, nothing waits.
-                        if time.monotonic() - self._last_input > idle and self._committed.empty():
+                        # A gateway that went away without closing: nothing comes, nothing waits
+                        # (no committed turn queued or being transcribed).
+                        if (time.monotonic() - self._last_input > idle and self._committed.empty()
+                                and not self._decoding.locked()):
                             await self.end("session_idle", f"no audio or events for {idle:g} s; session ended")
                         try:
                             await asyncio.wait_for(self._ended.wait(), 1.0)

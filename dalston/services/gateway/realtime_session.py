@@ -94,6 +94,8 @@ class RealtimeSession:
         self.config = SessionConfig()
         self._engine: str | None = None
         self._pace = AudioPace(self.settings.session_idle_seconds)
+        # Turns committed and not yet transcribed: a client that waits for them is not idle.
+        self._owed = 0
         self._ending = asyncio.Event()  # set where the gateway ends the session
         self._send_lock = asyncio.Lock()
 
@@ -145,6 +147,7 @@ class RealtimeSession:
             self.slots.hold(self.owner)
         elif self._engine is not None and engine is None:
             self.slots.release(self.owner)
+            self._owed = 0  # an engine that let the session go owes it nothing
         self._engine = engine
 
     async def _serve(self) -> None:
@@ -269,8 +272,14 @@ class RealtimeSession:
         if out.engine != self.engine:
             return  # an engine the session has moved away from
         if out.kind != "error":
+            if out.kind == "committed":
+                self._owed += 1
+            elif out.kind == "completed":
+                self._owed = max(0, self._owed - 1)
             await self.on_output(out)
             return
+        if out.code == "transcription_failed":
+            self._owed = max(0, self._owed - 1)
         if out.code in ENGINE_ENDED:
             self.engine = None
         if out.code == "input_audio_buffer_full":
@@ -279,12 +288,12 @@ class RealtimeSession:
             await self.send_error(out.code, out.message)
 
     async def _watch(self) -> None:
-        """Ends an idle session, and one whose key was revoked; tells the client of an engine
+        """Ends an idle session (no turn of it waiting to be transcribed), and one whose key was revoked; tells the client of an engine
         that died (its heartbeats stopped): the next audio claims another."""
         checked = time.monotonic()
         while True:
             await asyncio.sleep(ENGINE_CHECK_SECONDS)
-            if self._pace.idle():
+            if self._pace.idle() and not self._owed:
                 return await self.end("session_idle", f"less than {ACTIVE_SECONDS:g} s of audio in "
                                       f"{self.settings.session_idle_seconds:g} s (DALSTON_SESSION_IDLE_SECONDS)")
             if time.monotonic() - checked >= KEY_CHECK_SECONDS:
