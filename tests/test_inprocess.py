@@ -304,17 +304,22 @@ class HalvingDiarizer(Actor):
         return TaskResult(outputs=[await ctx.write(task.output, encode(diarization))], duration=seconds)
 
 
+def engines(tmp_path, *actors: tuple[type[Actor], str], **env: str) -> list[Engine]:
+    """An engine of each (actor class, engine id), on settings of `env`."""
+    made = []
+    for actor_class, name in actors:
+        engine_settings = settings(tmp_path, DALSTON_ENGINE_ID=name, **env)
+        made.append(Engine(actor_class(engine_settings), engine_settings))
+    return made
+
+
 async def test_a_diarized_job_in_chunks_goes_from_submit_to_its_transcript(tmp_path):
     config = settings(tmp_path, DALSTON_CHUNK_SECONDS="30")
-
-    def engine(actor_class, name: str) -> Engine:
-        engine_settings = settings(tmp_path, DALSTON_CHUNK_SECONDS="30", DALSTON_ENGINE_ID=name)
-        return Engine(actor_class(engine_settings), engine_settings)
-
     bus = MemoryBus(config)
     events = await events_of(bus)
-    services = [Orchestrator(config), engine(AudioPrepareActor, "prepare"), engine(SayingTranscriber, "fw"),
-                engine(HalvingDiarizer, "dz"), engine(MergeActor, "merge")]
+    services = [Orchestrator(config), *engines(tmp_path, (AudioPrepareActor, "prepare"), (SayingTranscriber, "fw"),
+                                               (HalvingDiarizer, "dz"), (MergeActor, "merge"),
+                                               DALSTON_CHUNK_SECONDS="30")]
     async with running(bus, *services):
         await bus.publish(SUBMIT_SUBJECT, JobRequest(
             id="life", audio=wav(70), filename="tone.wav",
@@ -351,15 +356,10 @@ class DictatingTranscriber(Actor):
 
 async def test_a_redacted_job_masks_the_merged_transcript_in_every_format(tmp_path):
     config = settings(tmp_path)
-
-    def engine(actor_class, name: str) -> Engine:
-        engine_settings = settings(tmp_path, DALSTON_ENGINE_ID=name)
-        return Engine(actor_class(engine_settings), engine_settings)
-
     bus = MemoryBus(config)
     events = await events_of(bus)
-    services = [Orchestrator(config), engine(AudioPrepareActor, "prepare"), engine(DictatingTranscriber, "fw"),
-                engine(MergeActor, "merge"), engine(RedactActor, "redact")]
+    services = [Orchestrator(config), *engines(tmp_path, (AudioPrepareActor, "prepare"), (DictatingTranscriber, "fw"),
+                                               (MergeActor, "merge"), (RedactActor, "redact"))]
     async with running(bus, *services):
         await bus.publish(SUBMIT_SUBJECT, JobRequest(id="pii", audio=wav(12), filename="call.wav",
                                                      options=TranscribeOptions(redact="pii")))
