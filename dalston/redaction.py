@@ -30,8 +30,9 @@ TOP_LEVEL_DOMAINS = {"com", "org", "net", "edu", "gov", "io", "co", "uk", "de", 
 
 _EMAIL = re.compile(r"^[\w.+-]+@[\w-]+(\.[\w-]+)+$")
 _TRAILING = re.compile(r"[.,;:?!]+$")
-# Written digits as a phone or card is written: groups joined by - . ( ) or a leading +.
-_DIGITS = re.compile(r"^\+?\(?\d[\d\-().]*$")
+# Written digits as a phone or card is written: groups joined by - . ( ) or a leading +; a
+# group may lead with its joiner, as Whisper's words split `555-234-5678` into `555` `-234` `-5678`.
+_DIGITS = re.compile(r"^[+\-.]?\(?\d[\d\-().]*$")
 _AMOUNT = re.compile(r"^\d+\.\d+$")  # a decimal, not a dotted phone number (those have two dots)
 
 
@@ -101,18 +102,22 @@ def redact_text(text: str) -> str:
     for i, word in enumerate(words):
         if masked[i] and i + 1 < len(words) and masked[i + 1]:
             continue  # inside a span: its last word writes the mask
-        trailing = _TRAILING.search(word) if masked[i] else None
-        out.append(MASK + (trailing.group() if trailing else "") if masked[i] else word)
+        out.append(_masked_word(word) if masked[i] else word)
         if i < len(gaps):
             out.append(gaps[i])
     return "".join(out)
 
 
 def redact_words(words: list[Word]) -> list[Word]:
-    """Each word of personal data as MASK, its times kept."""
+    """Each word of personal data as MASK (its spacing and trailing punctuation kept), its
+    times kept."""
     masked = sensitive([w.word for w in words])
-    return [msgspec.structs.replace(w, word=w.word[:len(w.word) - len(w.word.lstrip())] + MASK) if m else w
-            for w, m in zip(words, masked)]
+    return [msgspec.structs.replace(w, word=_masked_word(w.word)) if m else w for w, m in zip(words, masked)]
+
+
+def _masked_word(word: str) -> str:
+    trailing = _TRAILING.search(word.rstrip())
+    return word[:len(word) - len(word.lstrip())] + MASK + (trailing.group() if trailing else "")
 
 
 def redact_segment(segment: Segment) -> Segment:

@@ -53,3 +53,11 @@ def test_words_keep_their_times_and_the_transcript_masks_throughout():
     out = transcript.segments[0].words
     assert [w.word for w in out] == [" my", " pin", " is", *[" [REDACTED]"] * 4, " thanks"]
     assert [(w.start, w.end, w.speaker) for w in out] == [(w.start, w.end, w.speaker) for w in words]
+
+
+def test_a_number_split_into_words_as_whisper_splits_it_is_masked_whole():
+    said = ["Please", " call", " me", " on", " 555", "-234", "-5678.", " Thank", " you."]
+    words = redact(Transcript(job_id="j", text="", segments=[Segment(start=0, end=9, text="", words=[
+        Word(start=t, end=t + 1, word=w) for t, w in enumerate(said)])])).segments[0].words
+    assert [w.word for w in words] == ["Please", " call", " me", " on", " [REDACTED]", "[REDACTED]", "[REDACTED].",
+                                       " Thank", " you."]
