@@ -123,6 +123,9 @@ def test_a_phone_number_said_is_redacted_in_every_format(client, tmp_path):
     with pytest.raises(openai.BadRequestError) as caught:
         transcribe(client, path, extra_body={"redact": "all"})
     assert caught.value.param == "redact"
+    with pytest.raises(openai.BadRequestError) as caught:  # streamed text would go out unmasked
+        transcribe(client, path, stream=True, extra_body={"redact": "pii"})
+    assert caught.value.param == "redact" and "stream" in caught.value.body["message"]
 
 
 def test_upload_over_the_limit_is_413(stack):
