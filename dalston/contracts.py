@@ -383,6 +383,9 @@ class JobRecord(Contract, kw_only=True):
     # The models of the stages beyond transcribe (dag.STAGES), by stage: "diarize" where the
     # request asked who spoke. Transcribe's is `model`/`runtime`/`runtime_model_id`.
     models: dict[str, ModelRef] = {}
+    # Where records written before `models` kept the diarize model: read into `models`, so a
+    # job in flight across an upgrade keeps its speakers. Never written again.
+    diarizer: ModelRef | None = None
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     audio_object: str
     filename: str = ""
@@ -403,6 +406,11 @@ class JobRecord(Contract, kw_only=True):
     finished_at: float | None = None
     owner: str | None = None  # the API key's name, from the JobRequest
     webhook_url: str | None = None  # from the JobRequest
+
+    def __post_init__(self) -> None:
+        if self.diarizer is not None:
+            self.models.setdefault("diarize", self.diarizer)
+            self.diarizer = None
 
 
 class JobEvent(Contract, kw_only=True):

@@ -3,8 +3,10 @@ commits and publishes is tested on the in-memory bus: test_inprocess.py.)"""
 
 from __future__ import annotations
 
+import msgspec
+
 from dalston import dag
-from dalston.contracts import DiarizeOptions, Failure, JobRecord, ModelRef, TaskEvent, TranscribeOptions
+from dalston.contracts import DiarizeOptions, Failure, JobRecord, ModelRef, TaskEvent, TranscribeOptions, decode
 
 
 def new_job() -> JobRecord:
@@ -131,3 +133,11 @@ def test_a_plain_job_ends_at_merge():
     job = new_job()
     assert run_job(job) == [["prepare"], ["transcribe-0"], ["merge"]]
     assert "redact" not in job.tasks and job.transcript_object == "jobs/j1/transcript.json"
+
+
+def test_a_record_stored_before_the_stage_table_keeps_its_diarizer():
+    old = {"id": "j", "model": "m", "runtime": "r", "runtime_model_id": "r", "audio_object": "jobs/j/audio",
+           "diarizer": {"model": "ge2e", "runtime": "diarize", "runtime_model_id": "ge2e"}}
+    job = decode(msgspec.json.encode(old), JobRecord)
+    assert job.models == {"diarize": ModelRef(model="ge2e", runtime="diarize", runtime_model_id="ge2e")}
+    assert "diarize" in dag.runtimes(job) and job.diarizer is None
