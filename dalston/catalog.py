@@ -18,6 +18,7 @@ from dalston.contracts import (
     RUNTIME_MODEL_ID_PATTERN,
     SAFE_NAME,
     ModelId,
+    ModelRef,
     RuntimeModelId,
     Stage,
 )
@@ -180,6 +181,10 @@ class ModelSpec(_Spec, kw_only=True):
     size_bytes: Annotated[int, msgspec.Meta(ge=0)]
     # Tried in order by `dalston.pull`.
     sources: Annotated[list[Source], msgspec.Meta(min_length=1)]
+
+    def ref(self) -> ModelRef:
+        """This model as a job's stage names it (`JobRecord.models`)."""
+        return ModelRef(model=self.id, runtime=self.runtime, runtime_model_id=self.runtime_model_id)
 
 
 class Catalog:

@@ -176,7 +176,7 @@ def now() -> float:
 
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 TaskStatus = Literal["pending", "queued", "running", "completed", "failed", "cancelled"]
-Stage = Literal["prepare", "transcribe", "merge", "diarize"]
+Stage = Literal["prepare", "transcribe", "merge", "diarize", "redact"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 # The most speakers a diarization is asked to tell apart.
@@ -259,6 +259,9 @@ class TranscribeOptions(Contract, kw_only=True):
     # The text is streamed as it is decoded: a channel's chunks are then transcribed in order,
     # by one engine, so the text comes in order.
     stream: bool = False
+    # Personal data said in the recording (card and phone numbers, e-mail addresses, spoken
+    # digit runs) masked as [REDACTED] in the transcript, by the redact stage (None: kept).
+    redact: Literal["pii"] | None = None
 
 
 class VadParameters(Contract, kw_only=True):
@@ -377,7 +380,11 @@ class JobRecord(Contract, kw_only=True):
     model: str
     runtime: str
     runtime_model_id: str
-    # The diarization model, where the request asked who spoke (options.diarize).
+    # The models of the stages beyond transcribe (dag.STAGES), by stage: "diarize" where the
+    # request asked who spoke. Transcribe's is `model`/`runtime`/`runtime_model_id`.
+    models: dict[str, ModelRef] = {}
+    # Where records written before `models` kept the diarize model: read into `models`, so a
+    # job in flight across an upgrade keeps its speakers. Never written again.
     diarizer: ModelRef | None = None
     options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
     audio_object: str
@@ -399,6 +406,11 @@ class JobRecord(Contract, kw_only=True):
     finished_at: float | None = None
     owner: str | None = None  # the API key's name, from the JobRequest
     webhook_url: str | None = None  # from the JobRequest
+
+    def __post_init__(self) -> None:
+        if self.diarizer is not None:
+            self.models.setdefault("diarize", self.diarizer)
+            self.diarizer = None
 
 
 class JobEvent(Contract, kw_only=True):

@@ -1,5 +1,6 @@
-"""A job's DAG: prepare -> transcribe (one task per chunk of each distinct channel), beside
-diarize (one per channel) where the request asks who spoke -> merge.
+"""A job's DAG, one table (`STAGES`): prepare -> transcribe (one task per chunk of each distinct
+channel), beside diarize (one per channel) where the request asks who spoke -> merge -> redact
+where the request asks (`redact=pii`). The job's transcript is the output of the last stage.
 
 A long recording comes out of prepare in chunks (`JobRecord.chunks`): every chunk is a task of
 its own, so every engine of the runtime can take one. Where the language is not given, the first
@@ -16,53 +17,85 @@ import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import msgspec
 
-from dalston.contracts import TERMINAL, Failure, JobRecord, Task, TaskEvent, TaskRecord, now
+from dalston.contracts import (TERMINAL, Failure, JobRecord, ModelRef, Task, TaskEvent, TaskRecord,
+                               TranscribeOptions, now)
 
 PREPARE = "prepare"
-MERGE = "merge"
-PREPARE_RUNTIME = "audio-prepare"
-MERGE_RUNTIME = "merge"
+
+# What a stage works on, which is also how many tasks it has: one per chunk of each channel,
+# one per channel (given all its chunks), or one per job.
+Consumes = Literal["job_audio", "chunk_audio", "channel_audio", "channel_transcript", "job_transcript"]
+_PER_JOB = ("job_audio", "channel_transcript", "job_transcript")
 
 
 @dataclass(frozen=True)
-class AudioStage:
-    """A stage that works on the prepared audio, side by side with the others, when the request
-    wants it; merge waits for them all. Another stage that reads only the prepared audio is one
-    more of these, its runtime, and a model field on `JobRecord` (as `diarizer`). A stage that
-    reads a transcript (alignment, redaction) has not this shape: merge is wired in as the last
-    task (`advance`, `task_message`), and nothing runs after it."""
+class Stage:
+    """A row of the job's DAG: a stage runs, when the request wants it, once every wanted stage
+    it comes `after` has completed, and is given their outputs as its inputs."""
 
-    stage: str
+    name: str
+    consumes: Callable[[JobRecord], Consumes]
+    after: tuple[str, ...]
     wanted: Callable[[JobRecord], bool]
-    # The model it runs on: (public id, runtime, runtime model id).
-    model: Callable[[JobRecord], tuple[str, str, str]]
-    # One task per chunk of each channel (else one per channel, given all its chunks).
-    per_chunk: Callable[[JobRecord], bool]
+    runtime: Callable[[JobRecord], str]
 
 
-AUDIO_STAGES = (
+def _always(job: JobRecord) -> bool:
+    return True
+
+
+def _runtime_of(stage: str) -> Callable[[JobRecord], str]:
+    return lambda job: model_of(job, stage).runtime
+
+
+STAGES = (
+    Stage("prepare", lambda job: "job_audio", (), _always, lambda job: "audio-prepare"),
     # A streamed job's chunks go to one engine in order, so its text streams in order.
-    AudioStage("transcribe", lambda job: True,
-               lambda job: (job.model, job.runtime, job.runtime_model_id),
-               per_chunk=lambda job: not job.options.stream),
-    AudioStage("diarize", lambda job: job.diarizer is not None,
-               lambda job: (job.diarizer.model, job.diarizer.runtime, job.diarizer.runtime_model_id),
-               per_chunk=lambda job: False),
+    Stage("transcribe", lambda job: "channel_audio" if job.options.stream else "chunk_audio",
+          ("prepare",), _always, _runtime_of("transcribe")),
+    Stage("diarize", lambda job: "channel_audio", ("prepare",), lambda job: "diarize" in job.models,
+          _runtime_of("diarize")),
+    Stage("merge", lambda job: "channel_transcript", ("transcribe", "diarize"), _always,
+          lambda job: "merge"),
+    Stage("redact", lambda job: "job_transcript", ("merge",), lambda job: job.options.redact == "pii",
+          lambda job: "redact"),
 )
-_STAGES = {stage.stage: stage for stage in AUDIO_STAGES}
+_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def stage_models(options: TranscribeOptions, diarize_model: str) -> dict[str, str]:
+    """The public ids of the models the job's stages beyond transcribe run on, from the options
+    that ask for them (the caller resolves them in the catalog into `JobRecord.models`)."""
+    return {"diarize": diarize_model} if options.diarize is not None else {}
+
+
+def runtimes(job: JobRecord) -> list[str]:
+    """The runtimes the job's stages run on, in order."""
+    return [stage.runtime(job) for stage in STAGES if stage.wanted(job)]
+
+
+def model_of(job: JobRecord, stage: str) -> ModelRef:
+    """The model a stage of the job runs on: the one the request named for transcribe (kept in
+    the record's own fields, so records written before `models` existed still read)."""
+    if stage == "transcribe":
+        return ModelRef(model=job.model, runtime=job.runtime, runtime_model_id=job.runtime_model_id)
+    return job.models[stage]
 
 
 def transcribe_key(channel: int, chunk: int, chunks: int) -> str:
     return f"transcribe-{channel}" if chunks == 1 else f"transcribe-{channel}-{chunk}"
 
 
-def _key(stage: AudioStage, job: JobRecord, channel: int, chunk: int, chunks: int) -> str:
-    if stage.per_chunk(job):
-        return transcribe_key(channel, chunk, chunks) if stage.stage == "transcribe" else f"{stage.stage}-{channel}-{chunk}"
-    return f"{stage.stage}-{channel}"
+def _key(stage: str, consumes: Consumes, channel: int, chunk: int, chunks: int) -> str:
+    if consumes in _PER_JOB:
+        return stage
+    if consumes == "chunk_audio":
+        return transcribe_key(channel, chunk, chunks) if stage == "transcribe" else f"{stage}-{channel}-{chunk}"
+    return f"{stage}-{channel}"
 
 
 def task_id(job_id: str, key: str, attempt: int) -> str:
@@ -104,7 +137,7 @@ def _new_task(job: JobRecord, key: str, stage: str, runtime: str, channel: int |
 
 def start(job: JobRecord) -> None:
     """The first task of a new job."""
-    _new_task(job, PREPARE, "prepare", PREPARE_RUNTIME)
+    _new_task(job, PREPARE, PREPARE, _BY_NAME[PREPARE].runtime(job))
 
 
 def apply_event(job: JobRecord, event: TaskEvent, max_attempts: int) -> bool:
@@ -148,24 +181,16 @@ def advance(job: JobRecord) -> list[str]:
     if failed is not None:
         finish(job, "failed", failed.failure)
         return []
-    prepare = job.tasks[PREPARE]
-    if prepare.status == "completed" and not any(t.stage in _STAGES for t in job.tasks.values()):
-        chunks = len(job.chunks) or 1
-        for stage in (stage for stage in AUDIO_STAGES if stage.wanted(job)):
-            per_chunk = stage.per_chunk(job)
-            for channel in range(job.channels or 1):
-                for chunk in range(chunks if per_chunk else 1):
-                    _new_task(job, _key(stage, job, channel, chunk, chunks), stage.stage,
-                              stage.model(job)[1], channel, chunk if per_chunk else None)
-    on_audio = [t for t in job.tasks.values() if t.stage in _STAGES]
-    transcribes = [t for t in on_audio if t.stage == "transcribe"]
+    for stage in STAGES:
+        if stage.wanted(job) and not _has(job, stage.name) and all(_done(job, name) for name in stage.after):
+            _grow(job, stage)
+    transcribes = [t for t in job.tasks.values() if t.stage == "transcribe"]
     job.chunks_total = len(transcribes)
     job.chunks_done = sum(t.status == "completed" for t in transcribes)
-    if on_audio and all(t.status == "completed" for t in on_audio) and MERGE not in job.tasks:
-        _new_task(job, MERGE, "merge", MERGE_RUNTIME)
-    merge = job.tasks.get(MERGE)
-    if merge is not None and merge.status == "completed":
-        job.transcript_object = merge.outputs[0] if merge.outputs else None
+    wanted = [stage for stage in STAGES if stage.wanted(job)]
+    if all(_done(job, stage.name) for stage in wanted):
+        last = next(t for t in job.tasks.values() if t.stage == wanted[-1].name)
+        job.transcript_object = last.outputs[0] if last.outputs else None
         finish(job, "completed")
         return []
     ready = pending(job)
@@ -176,6 +201,27 @@ def advance(job: JobRecord) -> list[str]:
     if any(t.status in ("running", "completed") for t in job.tasks.values()):
         job.status = "running"
     return ready
+
+
+def _has(job: JobRecord, stage: str) -> bool:
+    return any(t.stage == stage for t in job.tasks.values())
+
+
+def _done(job: JobRecord, stage: str) -> bool:
+    """Whether `stage` has nothing left to give: completed, or not wanted by this job."""
+    if not _BY_NAME[stage].wanted(job):
+        return True
+    tasks = [t for t in job.tasks.values() if t.stage == stage]
+    return bool(tasks) and all(t.status == "completed" for t in tasks)
+
+
+def _grow(job: JobRecord, stage: Stage) -> None:
+    consumes, chunks = stage.consumes(job), len(job.chunks) or 1
+    channels = 1 if consumes in _PER_JOB else job.channels or 1
+    for channel in range(channels):
+        for chunk in range(chunks if consumes == "chunk_audio" else 1):
+            _new_task(job, _key(stage.name, consumes, channel, chunk, chunks), stage.name, stage.runtime(job),
+                      None if consumes in _PER_JOB else channel, chunk if consumes == "chunk_audio" else None)
 
 
 def pending(job: JobRecord) -> list[str]:
@@ -221,23 +267,20 @@ def finish(job: JobRecord, status: str, failure: Failure | None = None) -> None:
 
 
 def task_message(job: JobRecord, key: str) -> Task:
-    """The message that asks an engine to run task `key` of `job`."""
+    """The message that asks an engine to run task `key` of `job`: its inputs are what its
+    stage consumes, the outputs of the stages it comes after."""
     record = job.tasks[key]
+    stage = _BY_NAME[record.stage]
+    consumes = stage.consumes(job)
     base = f"jobs/{job.id}"
     chunks = len(job.chunks) or 1
-    prepared = job.tasks[PREPARE].outputs
     options, offset, end, speakers, starts = job.options, 0.0, None, [], []
-    model = runtime_model_id = None
-    if record.stage == "prepare":
+    if consumes == "job_audio":
         inputs, output = [job.audio_object], f"{base}/prepared"
-    elif record.stage == "transcribe" and record.chunk is None and chunks > 1:  # streamed: in order
-        inputs = prepared[record.channel * chunks:(record.channel + 1) * chunks]
-        output = f"{base}/transcribe/ch{record.channel}.json"
-        starts, end = job.chunks, job.duration
-    elif record.stage == "transcribe":
+    elif consumes == "chunk_audio":
         chunk = record.chunk or 0
-        inputs = [prepared[record.channel * chunks + chunk]]
-        output = f"{base}/transcribe/ch{record.channel}" + (f"-{chunk:05d}" if chunks > 1 else "") + ".json"
+        inputs = [_outputs(job, PREPARE)[record.channel * chunks + chunk]]
+        output = f"{base}/{stage.name}/ch{record.channel}" + (f"-{chunk:05d}" if chunks > 1 else "") + ".json"
         if chunks > 1:
             offset = job.chunks[chunk]
             end = job.chunks[chunk + 1] if chunk + 1 < chunks else job.duration
@@ -245,22 +288,33 @@ def task_message(job: JobRecord, key: str) -> Task:
             options = msgspec.structs.replace(
                 options, language=options.language or job.language,
                 prompt=options.prompt if chunk == 0 else None)
-    elif record.stage in _STAGES:  # a stage given a channel's whole audio (diarize)
-        inputs = prepared[record.channel * chunks:(record.channel + 1) * chunks]
-        output = f"{base}/{record.stage}/ch{record.channel}.json"
-    else:
-        def outputs(stage: str) -> list[str]:
-            parts = sorted((t for t in job.tasks.values() if t.stage == stage),
-                           key=lambda t: (t.channel, t.chunk or 0))
-            return [t.outputs[0] for t in parts]
-        inputs, speakers, output = outputs("transcribe"), outputs("diarize"), f"{base}/transcript.json"
-        model = job.model
-    if record.stage == "transcribe" and job.diarizer is not None:  # speakers are laid onto words
+    elif consumes == "channel_audio":  # a channel's chunks, in order, each on the recording's clock
+        inputs = _outputs(job, PREPARE)[record.channel * chunks:(record.channel + 1) * chunks]
+        output = f"{base}/{stage.name}/ch{record.channel}.json"
+        if chunks > 1:
+            starts, end = job.chunks, job.duration
+    elif consumes == "channel_transcript":  # merged into the job's transcript, speakers laid on
+        inputs, output = _outputs(job, stage.after[0]), f"{base}/transcript.json"
+        speakers = _outputs(job, "diarize") if "diarize" in stage.after else []
+    else:  # the job's transcript, rewritten
+        inputs = [o for name in stage.after for o in _outputs(job, name)]
+        output = f"{base}/transcript-{stage.name}.json"
+    if record.stage == "transcribe" and "diarize" in job.models:  # speakers are laid onto words
         options = msgspec.structs.replace(options, word_timestamps=True)
-    if record.stage in _STAGES:
-        model, _, runtime_model_id = _STAGES[record.stage].model(job)
+    model = runtime_model_id = None
+    if record.stage == "transcribe" or record.stage in job.models:
+        ref = model_of(job, record.stage)
+        model, runtime_model_id = ref.model, ref.runtime_model_id
+    elif consumes in ("channel_transcript", "job_transcript"):  # the transcript names the job's model
+        model = job.model
     return Task(
         id=record.id, job_id=job.id, stage=record.stage, runtime=record.runtime, model=model,
         runtime_model_id=runtime_model_id, inputs=inputs, output=output, channel=record.channel,
         options=options, speakers=speakers, offset=offset, starts=starts, end=end, attempt=record.attempt,
         grant=record.grant)
+
+
+def _outputs(job: JobRecord, stage: str) -> list[str]:
+    """The outputs of a stage's tasks, in (channel, chunk) order."""
+    parts = sorted((t for t in job.tasks.values() if t.stage == stage), key=lambda t: (t.channel or 0, t.chunk or 0))
+    return [name for t in parts for name in t.outputs]

@@ -11,7 +11,7 @@ from dalston.contracts import HEARTBEATS_STREAM, ContractError, Heartbeat, decod
 # An engine that missed this many beats is gone, whether or not its TTL marker arrived yet.
 MISSED_BEATS = 3
 # How each runtime's engines are started, for messages that say so.
-_STARTED_BY_UP = ("audio-prepare", "merge", "diarize")
+_STARTED_BY_UP = ("audio-prepare", "merge", "diarize", "redact")
 
 
 def how_to_start(runtime: str) -> str:

@@ -33,10 +33,11 @@ def nats_env(tmp_path):
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """One running Dalston (NATS, gateway, orchestrator, prepare, merge, two faster-whisper
-    engines and a diarize engine) shared by the end-to-end tests."""
+    engines, a diarize and a redact engine) shared by the end-to-end tests."""
     system = TestStack.running(tmp_path_factory.mktemp("stack"), "fw-a", "fw-b")
     system.start_engine("diarize", "dz")  # who spoke, where a request asks
-    system.wait_engines("dz")
+    system.start_engine("redact")  # redact=pii, where a request asks
+    system.wait_engines("dz", "redact")
     yield system
     system.close()
 

@@ -30,7 +30,7 @@ def catalog() -> Catalog:
 
 
 def test_bundled_catalog_has_every_runtime_and_model(catalog: Catalog) -> None:
-    assert list(catalog.runtimes) == ["audio-prepare", "diarize", "faster-whisper", "merge", "nemo"]
+    assert list(catalog.runtimes) == ["audio-prepare", "diarize", "faster-whisper", "merge", "nemo", "redact"]
     assert {m.runtime_model_id for m in catalog.models_for("faster-whisper")} == set(FASTER_WHISPER)
     assert {m.id for m in catalog.models_for("nemo")} == set(PARAKEET)
     assert list(catalog.models) == sorted(catalog.models)

@@ -3,8 +3,10 @@ commits and publishes is tested on the in-memory bus: test_inprocess.py.)"""
 
 from __future__ import annotations
 
+import msgspec
+
 from dalston import dag
-from dalston.contracts import Failure, JobRecord, TaskEvent
+from dalston.contracts import DiarizeOptions, Failure, JobRecord, ModelRef, TaskEvent, TranscribeOptions, decode
 
 
 def new_job() -> JobRecord:
@@ -94,3 +96,48 @@ def test_a_retried_task_gets_a_new_grant():
     again = job.tasks["prepare"]
     assert again.attempt == 2 and again.grant and again.grant != first
     assert not dag.presents_grant(job, again.id, first)
+
+
+def run_job(job: JobRecord) -> list[list[str]]:
+    """Drive a job to its end, every ready task completing at once: the waves of tasks."""
+    waves = []
+    while ready := dag.advance(job):
+        waves.append(ready)
+        for key in ready:
+            fields = {"channels": 1, "duration": 2.0} if key == "prepare" else {}
+            report(job, key, "completed", outputs=[dag.task_message(job, key).output], **fields)
+    return waves
+
+
+def test_a_redacted_job_redacts_the_merged_transcript_last_and_its_output_is_the_transcript():
+    job = new_job()
+    job.options = TranscribeOptions(redact="pii")
+    assert run_job(job) == [["prepare"], ["transcribe-0"], ["merge"], ["redact"]]
+    assert dag.task_message(job, "redact").inputs == ["jobs/j1/transcript.json"]
+    assert job.status == "completed" and job.transcript_object == "jobs/j1/transcript-redact.json"
+
+
+def test_a_diarized_redacted_job_merges_after_both_audio_stages():
+    job = new_job()
+    job.options = TranscribeOptions(redact="pii", diarize=DiarizeOptions())
+    job.models = {"diarize": ModelRef(model="ge2e", runtime="diarize", runtime_model_id="ge2e")}
+    assert run_job(job) == [["prepare"], ["transcribe-0", "diarize-0"], ["merge"], ["redact"]]
+    merge = dag.task_message(job, "merge")
+    assert merge.inputs == ["jobs/j1/transcribe/ch0.json"] and merge.speakers == ["jobs/j1/diarize/ch0.json"]
+    assert dag.task_message(job, "diarize-0").runtime_model_id == "ge2e"
+    assert dag.task_message(job, "transcribe-0").options.word_timestamps  # speakers go onto words
+    assert dag.runtimes(job) == ["audio-prepare", "faster-whisper", "diarize", "merge", "redact"]
+
+
+def test_a_plain_job_ends_at_merge():
+    job = new_job()
+    assert run_job(job) == [["prepare"], ["transcribe-0"], ["merge"]]
+    assert "redact" not in job.tasks and job.transcript_object == "jobs/j1/transcript.json"
+
+
+def test_a_record_stored_before_the_stage_table_keeps_its_diarizer():
+    old = {"id": "j", "model": "m", "runtime": "r", "runtime_model_id": "r", "audio_object": "jobs/j/audio",
+           "diarizer": {"model": "ge2e", "runtime": "diarize", "runtime_model_id": "ge2e"}}
+    job = decode(msgspec.json.encode(old), JobRecord)
+    assert job.models == {"diarize": ModelRef(model="ge2e", runtime="diarize", runtime_model_id="ge2e")}
+    assert "diarize" in dag.runtimes(job) and job.diarizer is None

@@ -40,9 +40,9 @@ def test_compose_yaml_meets_the_compose_specification():
 
 
 def test_every_service_is_there():
-    assert {"nats", "gateway", "orchestrator", "audio-prepare", "merge", "diarize", "faster-whisper",
+    assert {"nats", "gateway", "orchestrator", "audio-prepare", "merge", "diarize", "redact", "faster-whisper",
             "nemo"} <= set(SERVICES)
-    assert set(ENGINES) == {"audio-prepare", "merge", "diarize", "faster-whisper", "nemo"}
+    assert set(ENGINES) == {"audio-prepare", "merge", "diarize", "redact", "faster-whisper", "nemo"}
 
 
 @pytest.mark.parametrize("name", sorted(DALSTON))

@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.audio_fixtures import VARIANTS, convert
+from tests.audio_fixtures import VARIANTS, convert, speak
 from tests.stack import AUDIO, DIALOGUE_WORDS, free_port, wait_ok, words
 
 MODEL = "faster-whisper-tiny.en"
@@ -104,6 +104,28 @@ def test_unknown_model_is_404_listing_valid_ids(client):
         transcribe(client, AUDIO / "speaker1.wav", model="whisper-9000")
     message = caught.value.body["message"]
     assert "whisper-9000" in message and "faster-whisper-tiny.en" in message
+
+
+def test_a_phone_number_said_is_redacted_in_every_format(client, tmp_path):
+    path = speak("Please call me on five five five, two three four, five six seven eight. Thank you.",
+                 "en-us", tmp_path, words_per_minute=140)
+    plain = transcribe(client, path, response_format="text")
+    assert "thank you" in plain.lower() and "[REDACTED]" not in plain
+    for fmt in ("text", "srt", "vtt"):
+        masked = transcribe(client, path, response_format=fmt, extra_body={"redact": "pii"})
+        assert "[REDACTED]" in masked and "thank you" in masked.lower(), (fmt, masked)
+        said = "".join(line for line in masked.splitlines() if "-->" not in line and not line.strip().isdigit())
+        assert sum(c.isdigit() for c in said) < 7, (fmt, masked)  # the number is gone, cue times aside
+    verbose = transcribe(client, path, response_format="verbose_json", timestamp_granularities=["word"],
+                         extra_body={"redact": "pii"})
+    masked_words = [w for w in verbose.words if w.word.strip().startswith("[REDACTED]")]
+    assert masked_words and all(w.end > w.start for w in masked_words)  # the times stay
+    with pytest.raises(openai.BadRequestError) as caught:
+        transcribe(client, path, extra_body={"redact": "all"})
+    assert caught.value.param == "redact"
+    with pytest.raises(openai.BadRequestError) as caught:  # streamed text would go out unmasked
+        transcribe(client, path, stream=True, extra_body={"redact": "pii"})
+    assert caught.value.param == "redact" and "stream" in caught.value.body["message"]
 
 
 def test_upload_over_the_limit_is_413(stack):

@@ -1,6 +1,6 @@
 """The services in one process on the in-memory bus: the bus itself, the redelivery policy,
-admission, and a job's whole life (submit -> prepare -> chunks -> diarize -> merge -> events)
-with the real orchestrator, engines, audio-prepare and merge actors. No nats-server; seconds.
+admission, and a job's whole life (submit -> prepare -> chunks -> diarize -> merge -> redact ->
+events) with the real orchestrator, engines, audio-prepare, merge and redact actors. No nats-server; seconds.
 
 The transcriber and diarizer here are stand-ins that say what they were given (their runtimes
 are tested with real weights elsewhere): what is under test is the pipeline around them."""
@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 
 from actors.audio_prepare.actor import AudioPrepareActor
 from actors.merge.actor import MergeActor
+from actors.redact.actor import RedactActor
 from dalston.bus import BusLike
 from dalston.bus.connection import Bus
 from dalston.bus.consumers import consume
@@ -51,6 +52,7 @@ from dalston.pcm import SAMPLE_RATE
 from dalston.sdk import Actor, TaskContext, TaskResult
 from dalston.sdk.engine import Engine
 from dalston.services.orchestrator import Orchestrator
+from dalston.transcript import FORMATS, render
 
 
 def settings(tmp_path, **env: str) -> Settings:
@@ -302,17 +304,22 @@ class HalvingDiarizer(Actor):
         return TaskResult(outputs=[await ctx.write(task.output, encode(diarization))], duration=seconds)
 
 
+def engines(tmp_path, *actors: tuple[type[Actor], str], **env: str) -> list[Engine]:
+    """An engine of each (actor class, engine id), on settings of `env`."""
+    made = []
+    for actor_class, name in actors:
+        engine_settings = settings(tmp_path, DALSTON_ENGINE_ID=name, **env)
+        made.append(Engine(actor_class(engine_settings), engine_settings))
+    return made
+
+
 async def test_a_diarized_job_in_chunks_goes_from_submit_to_its_transcript(tmp_path):
     config = settings(tmp_path, DALSTON_CHUNK_SECONDS="30")
-
-    def engine(actor_class, name: str) -> Engine:
-        engine_settings = settings(tmp_path, DALSTON_CHUNK_SECONDS="30", DALSTON_ENGINE_ID=name)
-        return Engine(actor_class(engine_settings), engine_settings)
-
     bus = MemoryBus(config)
     events = await events_of(bus)
-    services = [Orchestrator(config), engine(AudioPrepareActor, "prepare"), engine(SayingTranscriber, "fw"),
-                engine(HalvingDiarizer, "dz"), engine(MergeActor, "merge")]
+    services = [Orchestrator(config), *engines(tmp_path, (AudioPrepareActor, "prepare"), (SayingTranscriber, "fw"),
+                                               (HalvingDiarizer, "dz"), (MergeActor, "merge"),
+                                               DALSTON_CHUNK_SECONDS="30")]
     async with running(bus, *services):
         await bus.publish(SUBMIT_SUBJECT, JobRequest(
             id="life", audio=wav(70), filename="tone.wav",
@@ -331,6 +338,46 @@ async def test_a_diarized_job_in_chunks_goes_from_submit_to_its_transcript(tmp_p
     assert {w.speaker for w in words if w.start > 40} == {"SPEAKER_1"}
     statuses = [e.status for e in events.seen if e.job_id == "life"]
     assert statuses[-1] == "completed" and "running" in statuses
+
+
+class DictatingTranscriber(Actor):
+    """Stands in for a transcription runtime: says a phone number, a word a second."""
+
+    runtime = "faster-whisper"
+    SAID = "call me on five five five one two three four in 2019".split()
+
+    async def handle(self, task: Task, ctx: TaskContext) -> TaskResult:
+        words = [Word(start=t, end=t + 0.5, word=f" {w}") for t, w in enumerate(self.SAID)]
+        part = ChannelTranscript(channel=task.channel or 0, language="en", duration=len(words), segments=[
+            Segment(start=0, end=len(words), words=words, text="".join(w.word for w in words))])
+        return TaskResult(outputs=[await ctx.write(task.output, encode(part))], language="en",
+                          duration=part.duration)
+
+
+async def test_a_redacted_job_masks_the_merged_transcript_in_every_format(tmp_path):
+    config = settings(tmp_path)
+    bus = MemoryBus(config)
+    events = await events_of(bus)
+    services = [Orchestrator(config), *engines(tmp_path, (AudioPrepareActor, "prepare"), (DictatingTranscriber, "fw"),
+                                               (MergeActor, "merge"), (RedactActor, "redact"))]
+    async with running(bus, *services):
+        await bus.publish(SUBMIT_SUBJECT, JobRequest(id="pii", audio=wav(12), filename="call.wav",
+                                                     options=TranscribeOptions(redact="pii")))
+        ended = await events.ended("pii")
+        assert ended.status == "completed", ended.failure
+    record = await bus.jobs.get("pii")
+    order = sorted(record.tasks.values(), key=lambda t: t.finished_at)
+    assert [t.stage for t in order] == ["prepare", "transcribe", "merge", "redact"]
+    assert record.transcript_object == record.tasks["redact"].outputs[0]
+    transcript = await bus.artifacts.transcript(record)
+    assert transcript.text.strip() == "call me on [REDACTED] in 2019"
+    words = transcript.segments[0].words
+    assert [w.word.strip() for w in words] == ["call", "me", "on", *["[REDACTED]"] * 7, "in", "2019"]
+    assert [w.start for w in words] == list(range(12))  # the times stay
+    for fmt in FORMATS:
+        body, _ = render(transcript, fmt, words=True)
+        body = body.decode() if isinstance(body, bytes) else body
+        assert "[REDACTED]" in body and "five" not in body, fmt
 
 
 async def test_a_task_that_keeps_killing_engines_is_failed_by_the_policy(tmp_path):

@@ -169,7 +169,7 @@ def test_jobs_complete_when_the_nats_server_is_killed(tmp_path):
         assert nats_server(up).pid != killed.pid
         # The engines beat into the new server (its memory streams are made again): all live
         # within a few beats.
-        every = {"audio-prepare", "merge", "diarize", "faster-whisper"}
+        every = {"audio-prepare", "merge", "diarize", "redact", "faster-whisper"}
         assert wait_until(live_runtimes, lambda live: live == every, 20) == every
     assert "nats-server died; restarting" in (tmp_path / "up.log").read_text()
 

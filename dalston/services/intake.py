@@ -97,9 +97,8 @@ class Intake:
         """ModelNotInstalled where `key` may not run `model`, or the model that tells speakers
         apart when `options` ask who spoke."""
         models = [model]
-        if options.diarize is not None:
-            diarizer = self.settings.diarize_model
-            models += [m for m in self.catalog.models.values() if m.id == diarizer]  # unknown: the orchestrator says
+        for model_id in dag.stage_models(options, self.settings.diarize_model).values():
+            models += [m for m in self.catalog.models.values() if m.id == model_id]  # unknown: the orchestrator says
         for needed in models:
             self.models.require_usable(needed, key)
 
@@ -144,12 +143,14 @@ class Intake:
         will refuse needs nothing: the orchestrator says why)."""
         default = self.settings.default_model
         try:
-            runtimes = [dag.PREPARE_RUNTIME, self.catalog.model(model or default, default=default).runtime]
-            if options.diarize is not None:
-                runtimes.append(self.catalog.model(self.settings.diarize_model).runtime)
+            spec = self.catalog.model(model or default, default=default)
+            models = {stage: self.catalog.model(model_id).ref()
+                      for stage, model_id in dag.stage_models(options, self.settings.diarize_model).items()}
         except UnknownModel:
             return []
-        return [*runtimes, dag.MERGE_RUNTIME]
+        planned = JobRecord(id="planned", model=spec.id, runtime=spec.runtime, runtime_model_id=spec.runtime_model_id,
+                            options=options, audio_object="", models=models)
+        return dag.runtimes(planned)
 
     async def followed_submission(self, job_id: str, key: ApiKey | None,
                                   receive: Callable[[UploadSlot], Awaitable[Audio]], *,

@@ -31,7 +31,6 @@ from dalston.contracts import (
     JobEvent,
     JobRecord,
     JobRequest,
-    ModelRef,
     TaskEvent,
     decode,
     now,
@@ -191,17 +190,16 @@ class Orchestrator:
                 message=f"{model.id} cannot translate (an English-only model, or a runtime "
                         "without a translate task); pick a multilingual Whisper such as "
                         "faster-whisper-base"))
-        diarizer = None
-        if request.options.diarize is not None:
-            if not model.capabilities.word_timestamps:
-                return self._rejected(request, created, Failure(
-                    code="bad_task", message=f"{model.id} gives no word times, which diarization "
-                                             "needs to give each word its speaker"))
+        if request.options.diarize is not None and not model.capabilities.word_timestamps:
+            return self._rejected(request, created, Failure(
+                code="bad_task", message=f"{model.id} gives no word times, which diarization "
+                                         "needs to give each word its speaker"))
+        models = {}
+        for stage, model_id in dag.stage_models(request.options, self.settings.diarize_model).items():
             try:
-                spec = self.catalog.model(self.settings.diarize_model)
+                models[stage] = self.catalog.model(model_id).ref()
             except UnknownModel as exc:
                 return self._rejected(request, created, Failure(code="unknown_model", message=str(exc)))
-            diarizer = ModelRef(model=spec.id, runtime=spec.runtime, runtime_model_id=spec.runtime_model_id)
         audio_object = request.audio_object or JOB_AUDIO_OBJECT.format(job_id=request.id)
         if request.audio is not None:
             await self._bus.artifacts.put(audio_object, request.audio)
@@ -212,7 +210,7 @@ class Orchestrator:
             return self._rejected(request, created, Failure(
                 code="no_audio", message=f"audio object {audio_object!r} is not in the object store"))
         record = JobRecord(id=request.id, model=model.id, runtime=model.runtime,
-                           runtime_model_id=model.runtime_model_id, diarizer=diarizer,
+                           runtime_model_id=model.runtime_model_id, models=models,
                            options=request.options,
                            audio_object=audio_object, filename=request.filename,
                            created_at=created, updated_at=now(), owner=request.owner,

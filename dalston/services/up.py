@@ -34,9 +34,10 @@ from dalston.services.wyoming.server import listen_problem
 
 log = get_logger("dalston.up")
 
-# One engine each, whatever the transcription runtimes: every job's stages, and diarization
-# (which loads its model on first use, so a stack that never diarizes pays only an idle process).
-PIPELINE_RUNTIMES = ("audio-prepare", "merge", "diarize")
+# One engine each, whatever the transcription runtimes: every job's stages, diarization (which
+# loads its model on first use, so a stack that never diarizes pays only an idle process) and
+# redaction (rules, no model).
+PIPELINE_RUNTIMES = ("audio-prepare", "merge", "diarize", "redact")
 DEFAULT_RUNTIMES = ("faster-whisper",)
 RESTART_DELAY = 2.0
 # What one CPU engine needs beside the others: the default model (base) and its buffers.

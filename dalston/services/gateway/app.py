@@ -176,6 +176,10 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
                        param="include[]")
     keywords = [k.strip() for k in list_values(form, "keywords") if k.strip()]
     stream = str(form.get("stream") or "").lower() in ("true", "1")
+    redact = str(form.get("redact") or "") or None
+    if redact is not None and stream:  # streamed text goes out before the transcript is redacted
+        raise ApiError(400, "redact cannot stream: the text is masked once the whole transcript is in; "
+                            "drop stream=true", param="redact")
     diarize = _diarize_options(form, response_format, model)
     if diarize is not None and asks_known_speakers(form):
         diarize["known_speakers"] = await known_speakers(request, form)
@@ -188,7 +192,7 @@ async def _read_request(request: Request, task: str | None = None) -> Submission
                            "hotwords": ", ".join(keywords) or None,
                            "vad_parameters": _vad_parameters(form), "logprobs": "logprobs" in include,
                            "diarize": diarize,
-                           "stream": stream},
+                           "stream": stream, "redact": redact},
                           TranscribeOptions)
     except ContractError as exc:
         # diarize.num_speakers is the form's num_speakers; other paths name the option itself.
