@@ -91,10 +91,10 @@ async def test_a_swap_shows_in_the_engine_row_and_jobs_open(system, tmp_path):
     async with dashboard(system).run_test(size=SIZE) as pilot:
         app = pilot.app
         assert words(await transcribe(system, "faster-whisper-tiny.en")) == DIALOGUE_WORDS
-        await until(pilot, lambda: cell(app, "engines", engine("fw"), "loaded") == "tiny.en", 10, "tiny.en loaded")
+        await until(pilot, lambda: cell(app, "engines", engine("fw"), "loaded") == "tiny.en", 60, "tiny.en loaded")
         assert words(await transcribe(system, "faster-whisper-base", "speaker2.wav")) == \
             words("What do you mean? I was really serious about it.")
-        await until(pilot, lambda: cell(app, "engines", engine("fw"), "loaded") == "base", 10, "the swap to base")
+        await until(pilot, lambda: cell(app, "engines", engine("fw"), "loaded") == "base", 60, "the swap to base")
         await pilot.press("m")
         await until(pilot, lambda: cell(app, "models", "faster-whisper-base", "loaded on") == "fw", 5, "loaded on")
         assert cell(app, "models", "faster-whisper-tiny.en", "loaded on") == "-"

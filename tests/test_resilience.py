@@ -21,6 +21,7 @@ from dalston.contracts import (
     decode,
     encode,
 )
+from dalston.synthetic_speech import word_error_rate
 from tests.stack import AUDIO, DIALOGUE_WORDS, job, submit, wait_for, wait_job, words
 
 MODEL = "faster-whisper-tiny.en"
@@ -109,7 +110,9 @@ async def test_a_killed_engine_loses_no_job(stack, long_audio):
         survivor = record["tasks"]["transcribe-0"]["engine"]
         assert survivor != victim
         transcript = httpx.get(f"{stack.url}/v1/jobs/{job_id}/transcript").json()
-        assert words(transcript["text"])[:len(DIALOGUE_WORDS)] == DIALOGUE_WORDS
+        # The whole file's text, not a lost or doubled chunk (a word may differ where windows do).
+        said = " ".join(words(transcript["text"])[:len(DIALOGUE_WORDS)])
+        assert word_error_rate(" ".join(DIALOGUE_WORDS), said) <= 0.1, said
         bus = await stack.bus()
         try:
             statuses = [e.status for e in await job_events(bus, job_id)]
