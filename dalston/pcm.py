@@ -37,6 +37,10 @@ class SampleBuffer:
         return self._samples.astype(np.float32, copy=False)
 
 
+# The most this resampler stuffs the audio by: speech rates (8, 16, 24, 48 kHz) need at most 6.
+MAX_UPSAMPLING = 8
+
+
 def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     """Float32 `samples` at `rate` as float32 at `target` (rates with a common factor of 8 kHz
     or so, as speech rates are: the filter is as long as their least common multiple needs)."""
@@ -46,6 +50,10 @@ def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     # a windowed-sinc resampler in a few lines of numpy.
     common = np.lcm(rate, target)
     up, down = common // rate, common // target
+    if up > MAX_UPSAMPLING:
+        # 22,050 Hz to 16 kHz would hold 320 times the audio and a 14,000-tap filter.
+        raise ValueError(f"cannot resample {rate} Hz to {target} Hz here: rates without a large "
+                         f"common factor are decoded by ffmpeg (dalston.audio), not by this filter")
     cutoff = 0.9 * min(rate, target) / 2 / common
     taps = np.arange(-16 * max(up, down), 16 * max(up, down) + 1)
     kernel = 2 * cutoff * np.sinc(2 * cutoff * taps) * np.hamming(len(taps)) * up

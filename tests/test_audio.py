@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dalston.audio import BLOCK_SAMPLES, SAMPLE_RATE, InvalidAudio, PreparedAudio, decode
-from dalston.pcm import DTYPE, SampleBuffer
+from dalston.pcm import DTYPE, SampleBuffer, resample
 from tests.audio_fixtures import (
     DIALOGUE,
     DIALOGUE_STEREO,
@@ -294,3 +294,11 @@ def test_whisper_transcribes_decoded_mp3(prepare, tmp_dir):
     audio = prepare(variant("mp3", tmp_dir))
     segments, _ = model.transcribe(samples(audio)[0], beam_size=5, vad_filter=True)
     assert _words(" ".join(s.text for s in segments)) == _words(DIALOGUE_TEXT)
+
+
+def test_the_pcm_resampler_takes_speech_rates_and_refuses_what_would_blow_up():
+    second = np.sin(np.linspace(0, 2 * np.pi * 440, 48_000, dtype=np.float32))
+    for rate in (8_000, 24_000, 48_000):
+        assert len(resample(second[:rate], rate, 16_000)) == 16_000
+    with pytest.raises(ValueError, match="22050 Hz"):  # 320 times the audio, otherwise
+        resample(second[:22_050], 22_050, 16_000)
