@@ -8,26 +8,18 @@ import re
 
 import numpy as np
 
+from dalston.synthetic_speech import word_edits
+
 
 def tokens(text: str) -> list[str]:
     """Lowercase words, punctuation dropped."""
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
-def edits(reference: list[str], hypothesis: list[str]) -> int:
-    """Word-level Levenshtein distance."""
-    row = list(range(len(hypothesis) + 1))
-    for i, word in enumerate(reference, 1):
-        previous, row[0] = row[0], i
-        for j, other in enumerate(hypothesis, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
-    return row[-1]
-
-
 def wer(reference: list[tuple[str, str]], hypothesis: list[tuple[str, str]]) -> float:
     """Of (speaker, text) pairs in time order, speakers ignored."""
     words = [w for _, text in reference for w in tokens(text)]
-    return edits(words, [w for _, text in hypothesis for w in tokens(text)]) / max(1, len(words))
+    return word_edits(words, [w for _, text in hypothesis for w in tokens(text)]) / max(1, len(words))
 
 
 def cpwer(reference: list[tuple[str, str]], hypothesis: list[tuple[str, str]]) -> float:
@@ -41,6 +33,6 @@ def cpwer(reference: list[tuple[str, str]], hypothesis: list[tuple[str, str]]) -
     truth, found = by_speaker(reference), by_speaker(hypothesis)
     size = max(len(truth), len(found))
     truth, found = truth + [[]] * (size - len(truth)), found + [[]] * (size - len(found))
-    cost = np.array([[edits(t, f) for f in found] for t in truth])
+    cost = np.array([[word_edits(t, f) for f in found] for t in truth])
     best = min(sum(cost[i, j] for i, j in enumerate(order)) for order in itertools.permutations(range(size)))
     return best / max(1, sum(len(t) for t in truth))

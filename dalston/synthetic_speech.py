@@ -57,12 +57,17 @@ def words(text: str) -> list[str]:
     return "".join(c.lower() if c.isalnum() or c in " '" else " " for c in text).split()
 
 
+def word_edits(reference: list[str], hypothesis: list[str]) -> int:
+    """Word-level Levenshtein distance."""
+    row = list(range(len(hypothesis) + 1))
+    for i, word in enumerate(reference, 1):
+        previous, row[0] = row[0], i
+        for j, other in enumerate(hypothesis, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
+    return row[-1]
+
+
 def word_error_rate(reference: str, hypothesis: str) -> float:
     """Word-level edit distance over the reference's length."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        previous, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
-    return row[len(hyp)] / max(1, len(ref))
+    ref = words(reference)
+    return word_edits(ref, words(hypothesis)) / max(1, len(ref))

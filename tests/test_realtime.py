@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from bench.wer import edits
+from dalston.synthetic_speech import word_edits
 from tests.audio_fixtures import convert, speak
 from tests.stack import AUDIO, TestStack, words
 
@@ -93,7 +93,7 @@ class Events:
 
 
 def wer(reference: list[str], hypothesis: list[str]) -> float:
-    return edits(reference, hypothesis) / max(1, len(reference))
+    return word_edits(reference, hypothesis) / max(1, len(reference))
 
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
