@@ -406,6 +406,9 @@ class JobRecord(Contract, kw_only=True):
     finished_at: float | None = None
     owner: str | None = None  # the API key's name, from the JobRequest
     webhook_url: str | None = None  # from the JobRequest
+    # The job's trace context (W3C traceparent, tracestate) where traces are on: steps that no
+    # message starts (a timeout) join the job's trace with it. {} while traces are off.
+    trace: Annotated[dict[str, str], msgspec.Meta(max_length=4)] = {}
 
     def __post_init__(self) -> None:
         if self.diarizer is not None:

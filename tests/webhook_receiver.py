@@ -1,5 +1,5 @@
-"""A webhook receiver for tests: an HTTP server on loopback that answers as it is told and
-keeps every request it got."""
+"""A receiver for tests (of webhooks, and of the services' OTLP traces): an HTTP server on
+loopback that answers as it is told and keeps every request it got."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 import nats
+from dalston import tracing
 from dalston.bus.buckets import Artifacts, Bucket, JobRecords
 from dalston.bus.credentials import login
 from dalston.bus.delivery import Subscription
@@ -68,7 +69,7 @@ class Bus:
 
         While a cluster elects a new stream leader (a node died: about 5 s) the stream does
         not answer; the publish is retried for up to PUBLISH_PATIENCE seconds."""
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        headers = tracing.headers({"Nats-Msg-Id": msg_id} if msg_id else None)
         deadline = time.monotonic() + PUBLISH_PATIENCE
         while True:
             try:
@@ -81,7 +82,7 @@ class Bus:
 
     async def announce(self, subject: str, message: Contract) -> None:
         """Publish without keeping it (progress that only live listeners want)."""
-        await self.nc.publish(subject, encode(message))
+        await self.nc.publish(subject, encode(message), headers=tracing.headers())
 
     async def request(self, endpoint: Endpoint[Req, Rep], message: Req, timeout: float,
                       **tokens: str) -> Rep | None:
@@ -89,7 +90,8 @@ class Bus:
         they form a queue group): the answer, or None when nobody serves it or nobody answers
         within `timeout` seconds; ContractError where the answer breaks its contract."""
         try:
-            answer = await self.nc.request(endpoint.subject.format(**tokens), encode(message), timeout=timeout)
+            answer = await self.nc.request(endpoint.subject.format(**tokens), encode(message), timeout=timeout,
+                                           headers=tracing.headers())
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             return None
         return decode(answer.data, endpoint.reply)
@@ -108,7 +110,8 @@ class Bus:
                 log.warning("bad request", subject=msg.subject[:256], error=str(exc)[:300])
                 answer = await on_invalid(exc) if on_invalid is not None else None
             else:
-                answer = await handler(request)
+                with tracing.continued(msg.headers):
+                    answer = await handler(request)
             if answer is not None and msg.reply:
                 await msg.respond(encode(answer))
 
@@ -129,7 +132,8 @@ class Bus:
                 else:
                     log.warning("bad message dropped", subject=msg.subject[:256], error=str(exc)[:300])
                 return
-            await handler(payload)
+            with tracing.continued(msg.headers):
+                await handler(payload)
 
         return await self.nc.subscribe(subject, queue=queue, cb=receive)
 

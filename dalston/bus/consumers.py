@@ -86,7 +86,9 @@ async def _handle(bus: Bus, msg: Msg, kind, handler: Callable[[Delivery], Awaita
 
 
 async def admitted(bus: Bus, msg: Msg, kind, policy: RedeliveryPolicy) -> Delivery | None:
-    return await policy.admit(msg.data, msg.subject, msg.metadata.num_delivered, Settled(bus, msg), kind)
+    # The metadata's timestamp is when the stream stored the message (its ack subject's).
+    return await policy.admit(msg.data, msg.subject, msg.metadata.num_delivered, Settled(bus, msg), kind,
+                              headers=msg.headers, published_at=msg.metadata.timestamp.timestamp())
 
 
 class PullQueue(Generic[T]):

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from dalston import tracing
 from dalston.contracts import ContractError, decode
 from dalston.logs import get_logger
 
@@ -57,12 +58,21 @@ class Settlement(Protocol):
 
 
 class Delivery(Generic[T]):
-    def __init__(self, payload: T, subject: str, attempt: int, settlement: Settlement) -> None:
+    def __init__(self, payload: T, subject: str, attempt: int, settlement: Settlement,
+                 headers: dict[str, str] | None = None, published_at: float | None = None) -> None:
         self.payload = payload
         self.subject = subject
         self.attempt = attempt  # 1 for the first delivery
         self.settled = False
+        # When its stream took it (wall clock), where the bus knows: the start of its wait.
+        self.published_at = published_at
         self._settlement = settlement
+        self._headers = headers
+
+    def traced(self):
+        """The trace context it was published in is current within the block (a no-op while
+        traces are off): spans opened there belong to the publisher's trace."""
+        return tracing.continued(self._headers)
 
     async def in_progress(self) -> None:
         """Still at work on it: its ack deadline starts again."""
@@ -101,13 +111,14 @@ class RedeliveryPolicy:
     on_exhausted: Callable[[Delivery], Awaitable[None]] | None = None
 
     async def admit(self, payload: bytes, subject: str, attempt: int, settlement: Settlement,
-                    kind: type[T] | Callable[[str], type[T]]) -> Delivery[T] | None:
+                    kind: type[T] | Callable[[str], type[T]], headers: dict[str, str] | None = None,
+                    published_at: float | None = None) -> Delivery[T] | None:
         """The delivery its handler gets, or None where it must not get it: a payload that breaks
         its contract (rejected), or a message whose last holder died on its last attempt
         (exhausted). `kind` is the contract type, or picks it by subject."""
         contract = kind if isinstance(kind, type) else kind(subject)
         try:
-            delivery = Delivery(decode(payload, contract), subject, attempt, settlement)
+            delivery = Delivery(decode(payload, contract), subject, attempt, settlement, headers, published_at)
         except ContractError as exc:
             await Delivery(None, subject, attempt, settlement).reject(str(exc))
             return None
@@ -142,9 +153,11 @@ class RedeliveryPolicy:
 async def handle(delivery: Delivery[T], handler: Callable[[Delivery[T]], Awaitable[None]],
                  policy: RedeliveryPolicy) -> None:
     """Run `handler` on an admitted delivery and settle it as the policy says, whatever it
-    raises: done if the handler left it unsettled, dead letter on GiveUp, else redelivered."""
+    raises: done if the handler left it unsettled, dead letter on GiveUp, else redelivered.
+    The handler runs in the trace context the message was published in."""
     try:
-        await handler(delivery)
+        with delivery.traced():
+            await handler(delivery)
         if not delivery.settled:
             await delivery.done()
     except (ContractError, GiveUp) as exc:

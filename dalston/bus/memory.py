@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TypeVar
 
+from dalston import tracing
 from dalston.bus.buckets import JobRecords, ObjectUnreadable
 from dalston.bus.connection import ConsumerState
 from dalston.bus.layout import load_layout
@@ -67,6 +70,8 @@ class _Message:
     seq: int
     subject: str
     data: bytes
+    headers: dict[str, str] | None = None
+    stored_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -84,6 +89,7 @@ class _Stream:
 @dataclass
 class _Meta:
     num_delivered: int
+    timestamp: datetime  # when its stream stored it
 
 
 class _Taken:
@@ -91,8 +97,9 @@ class _Taken:
 
     def __init__(self, consumer: _Consumer, message: _Message, delivered: int) -> None:
         self._consumer, self.seq = consumer, message.seq
-        self.subject, self.data, self.headers = message.subject, message.data, None
-        self.metadata = _Meta(num_delivered=delivered)
+        self.subject, self.data, self.headers = message.subject, message.data, message.headers
+        self.metadata = _Meta(num_delivered=delivered,
+                              timestamp=datetime.fromtimestamp(message.stored_at, timezone.utc))
 
     async def ack(self) -> None:
         self._consumer.settle(self.seq)
@@ -195,21 +202,22 @@ class _Subscription:
     """A core subscription: its messages handled one at a time, in order, as nats-py does."""
 
     def __init__(self, bus: MemoryBus, subject: str, queue: str,
-                 handler: Callable[[str, bytes, asyncio.Future | None], Awaitable[None]],
+                 handler: Callable[[str, bytes, asyncio.Future | None, dict | None], Awaitable[None]],
                  on_stop: Callable[[], None] = lambda: None) -> None:
         self.bus, self.subject, self.queue, self._handler = bus, subject, queue, handler
         self._on_stop = on_stop
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._task = asyncio.create_task(self._run())
 
-    def put(self, subject: str, data: bytes, reply: asyncio.Future | None = None) -> None:
-        self._inbox.put_nowait((subject, data, reply))
+    def put(self, subject: str, data: bytes, reply: asyncio.Future | None = None,
+            headers: dict[str, str] | None = None) -> None:
+        self._inbox.put_nowait((subject, data, reply, headers))
 
     async def _run(self) -> None:
         while True:
-            subject, data, reply = await self._inbox.get()
+            subject, data, reply, headers = await self._inbox.get()
             try:
-                await self._handler(subject, data, reply)
+                await self._handler(subject, data, reply, headers)
             except Exception:  # noqa: BLE001 - as nats-py: a handler's error ends no subscription
                 log.exception("subscription handler failed", subject=subject[:256])
 
@@ -371,9 +379,10 @@ class MemoryBus:
 
     async def publish(self, subject: str, message: Contract, *, msg_id: str | None = None,
                       msg_ttl: float | None = None) -> None:
-        await self._append(subject, encode(message), msg_id)
+        await self._append(subject, encode(message), msg_id, tracing.headers())
 
-    async def _append(self, subject: str, data: bytes, msg_id: str | None = None) -> None:
+    async def _append(self, subject: str, data: bytes, msg_id: str | None = None,
+                      headers: dict[str, str] | None = None) -> None:
         stream = self._stream_of(subject)
         if stream is None:
             raise LookupError(f"no stream takes {subject!r}")
@@ -382,27 +391,28 @@ class MemoryBus:
                 return  # a duplicate: stored once, as the stream's duplicate window does
             stream.ids.add(msg_id)
         stream.seq += 1
-        message = _Message(stream.seq, subject, data)
+        message = _Message(stream.seq, subject, data, headers)
         if stream.last_per_subject:
             for seq in [s for s, m in stream.messages.items() if m.subject == subject]:
                 del stream.messages[seq]
         stream.messages[message.seq] = message
         for follow in list(stream.followers):
             follow(message)
-        self._deliver(subject, data)
+        self._deliver(subject, data, headers=headers)
         self.wake()
 
     async def announce(self, subject: str, message: Contract) -> None:
-        self._deliver(subject, encode(message))
+        self._deliver(subject, encode(message), headers=tracing.headers())
 
-    def _deliver(self, subject: str, data: bytes, reply: asyncio.Future | None = None) -> int:
+    def _deliver(self, subject: str, data: bytes, reply: asyncio.Future | None = None,
+                 headers: dict[str, str] | None = None) -> int:
         """Hand a core message to every matching subscription (one per queue group)."""
         groups: dict[str, list[_Subscription]] = {}
         for subscription in self._subscriptions:
             if matches(subscription.subject, subject):
                 groups.setdefault(subscription.queue or f"\0{id(subscription)}", []).append(subscription)
         for members in groups.values():
-            random.choice(members).put(subject, data, reply)
+            random.choice(members).put(subject, data, reply, headers)
         return len(groups)
 
     # --- core subscriptions and endpoints --------------------------------------------------------
@@ -415,7 +425,7 @@ class MemoryBus:
     async def subscribe(self, subject: str, handler: Callable[[T], Awaitable[None]], *, kind: type[T],
                         queue: str = "", on_invalid: Callable[[ContractError], Awaitable[None]] | None = None
                         ) -> _Subscription:
-        async def receive(subject: str, data: bytes, reply) -> None:
+        async def receive(subject: str, data: bytes, reply, headers) -> None:
             try:
                 payload = decode(data, kind)
             except ContractError as exc:
@@ -424,12 +434,13 @@ class MemoryBus:
                 else:
                     log.warning("bad message dropped", subject=subject[:256], error=str(exc)[:300])
                 return
-            await handler(payload)
+            with tracing.continued(headers):
+                await handler(payload)
 
         return self._subscribe(subject, queue, receive)
 
     async def doorbell(self, subjects: str, ring: Callable[[str], Awaitable[None]]) -> _Subscription:
-        async def receive(subject: str, data: bytes, reply) -> None:
+        async def receive(subject: str, data: bytes, reply, headers) -> None:
             await ring(subject)
 
         return self._subscribe(subjects, "", receive)
@@ -437,14 +448,15 @@ class MemoryBus:
     async def serve(self, endpoint: Endpoint[Req, Rep], handler: Callable[[Req], Awaitable[Rep | None]],
                     *, queue: str = "", on_invalid: Callable[[ContractError], Awaitable[Rep | None]] | None = None,
                     **tokens: str) -> _Subscription:
-        async def receive(subject: str, data: bytes, reply: asyncio.Future | None) -> None:
+        async def receive(subject: str, data: bytes, reply: asyncio.Future | None, headers) -> None:
             try:
                 request = decode(data, endpoint.request)
             except ContractError as exc:
                 log.warning("bad request", subject=subject[:256], error=str(exc)[:300])
                 answer = await on_invalid(exc) if on_invalid is not None else None
             else:
-                answer = await handler(request)
+                with tracing.continued(headers):
+                    answer = await handler(request)
             if answer is not None and reply is not None and not reply.done():
                 reply.set_result(encode(answer))
 
@@ -453,7 +465,7 @@ class MemoryBus:
     async def request(self, endpoint: Endpoint[Req, Rep], message: Req, timeout: float,
                       **tokens: str) -> Rep | None:
         reply: asyncio.Future = asyncio.get_running_loop().create_future()
-        if not self._deliver(endpoint.subject.format(**tokens), encode(message), reply):
+        if not self._deliver(endpoint.subject.format(**tokens), encode(message), reply, tracing.headers()):
             return None  # nobody serves it
         try:
             answer = await asyncio.wait_for(reply, timeout)
@@ -478,7 +490,7 @@ class MemoryBus:
     async def follow_last_per_subject(self, stream: str, subjects: str,
                                       on_message: Callable[[str, bytes | None], Awaitable[None]]
                                       ) -> _Subscription:
-        async def receive(subject: str, data: bytes, reply) -> None:
+        async def receive(subject: str, data: bytes, reply, headers) -> None:
             await on_message(subject, data)
 
         held = self._streams[stream]

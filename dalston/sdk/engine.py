@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from dalston import __version__
+from dalston import __version__, tracing
 from dalston.bus.connection import Bus, connect
 from dalston.bus.delivery import Delivery, RedeliveryPolicy
 from dalston.catalog import Catalog, UnknownModel
@@ -49,6 +49,9 @@ from dalston.sdk.voices import VoiceEmbedder, VoiceHost
 from dalston.store import ModelStore
 
 log = get_logger("dalston.engine")
+
+# What a trace calls the actor's work on a task of each stage (others: the stage's name).
+WORK_SPANS = {"transcribe": "decode"}
 
 
 class Engine:
@@ -134,11 +137,19 @@ class Engine:
     async def _work(self) -> None:
         await self.intake.start(self._bus)
         while (delivery := await self.intake.next_task(self._stopping)) is not None:
-            try:
-                await self._process(delivery)
-            except Exception:  # noqa: BLE001 - NATS failing over, say: the task comes back
-                log.exception("task not settled; NATS redelivers it after ack_wait")
-                self._set_status("idle")
+            task = delivery.payload
+            # In the trace of the step that published it, from its publication on: its wait in
+            # the queue is a span of its own.
+            with delivery.traced(), tracing.span(
+                    f"task {task.stage}", start=delivery.published_at, job=task.job_id, task=task.id,
+                    stage=task.stage, runtime=self.runtime, engine=self.name, model=task.model,
+                    delivery=delivery.attempt):
+                tracing.past_span("queue wait", delivery.published_at)
+                try:
+                    await self._process(delivery)
+                except Exception:  # noqa: BLE001 - NATS failing over, say: the task comes back
+                    log.exception("task not settled; NATS redelivers it after ack_wait")
+                    self._set_status("idle")
 
     # --- running one task --------------------------------------------------------------------
 
@@ -218,7 +229,8 @@ class Engine:
         # The lease keeps the model loaded until the task ends, however long keep-alive is.
         async with self.models.use(self.current_model) as model:
             self._set_status("busy")  # again, after a load
-            return await self.actor.run(task, ctx, model)
+            with tracing.span(WORK_SPANS.get(task.stage, task.stage)):
+                return await self.actor.run(task, ctx, model)
 
     async def _keep_in_progress(self, delivery: Delivery[Task]) -> None:
         while True:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dalston import tracing
 from dalston.contracts import LoadedModel, Unload
 from dalston.logs import get_logger
 from dalston.sdk import memory
@@ -139,12 +140,13 @@ class ModelManager:
             if resident is not None:  # it makes room for a load queued before: reload after
                 await self._changed.wait()
                 continue
-            located = await self._locate(runtime_model_id)  # a pull holds up no other lease
-            async with self._loading:
-                if runtime_model_id in self.resident:  # loaded by a task queued before this one
-                    continue
-                await self._make_room(located.memory_bytes)
-                return self._grant(await self._bring_in(runtime_model_id, located), pin)
+            with tracing.span("model load", model=runtime_model_id):
+                located = await self._locate(runtime_model_id)  # a pull holds up no other lease
+                async with self._loading:
+                    if runtime_model_id in self.resident:  # loaded by a task queued before this one
+                        continue
+                    await self._make_room(located.memory_bytes)
+                    return self._grant(await self._bring_in(runtime_model_id, located), pin)
 
     async def _bring_in(self, runtime_model_id: str, located: Located) -> Resident:
         self._on_change("loading")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from dalston import tracing
 from dalston.bus.connection import Bus
 from dalston.config import Settings
 from dalston.contracts import (
@@ -159,6 +160,13 @@ class LiveSession:
                                                 on_invalid=self._on_invalid_input)
 
     async def run(self) -> None:
+        # In the trace of the gateway's session, whose claim this session began in: each turn
+        # is a span under it.
+        with tracing.span("engine session", session=self.id, engine=self.host.engine,
+                          model=self.request.model):
+            await self._run()
+
+    async def _run(self) -> None:
         idle = self.host.settings.session_idle_seconds
         try:
             async with self.host.models.use(self.request.runtime_model_id) as handle:
@@ -282,9 +290,10 @@ class LiveSession:
         options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None)
         async with self._decoding:
             try:
-                result = await asyncio.to_thread(self.host.actor.transcribe, self._handle,
-                                                 from_pcm16(pcm, self.rate), options,
-                                                 self._cancelled, lambda segment: None)
+                with tracing.span("decode", seconds=len(pcm) / (2 * self.rate)):
+                    result = await asyncio.to_thread(self.host.actor.transcribe, self._handle,
+                                                     from_pcm16(pcm, self.rate), options,
+                                                     self._cancelled, lambda segment: None)
             except Exception as exc:  # noqa: BLE001 - one turn failed; the session goes on
                 if self._cancelled.is_set():
                     return None  # the session ended under it
@@ -297,20 +306,24 @@ class LiveSession:
     async def _transcribe_turns(self) -> None:
         while True:
             turn = await self._committed.get()
-            draft, self._draft = self._draft, None
-            if draft is not None and draft.item == turn.item_id and draft.covered >= turn.spoken + self._pause():
-                said = await draft.task  # all its speech was decoded already
-            else:
-                said = await self._decode(turn.audio)
-            self._committed.task_done()
-            if said is not None:
-                # Word times from the turn's start to the session's clock.
-                offset = turn.start_ms / 1000
-                words = [msgspec.structs.replace(w, start=w.start + offset, end=w.end + offset)
-                         for s in said for w in s.words] if self.config.options.word_timestamps else []
-                await self._say("completed", item_id=turn.item_id, text=_text(said), words=words,
-                                language=self._language, seconds=len(turn.audio) / (2 * self.rate))
+            with tracing.span("turn", session=self.id, item=turn.item_id, audio_ms=turn.audio_ms):
+                await self._transcribe_turn(turn)
             self._draft_turn()
+
+    async def _transcribe_turn(self, turn: TurnEvent) -> None:
+        draft, self._draft = self._draft, None
+        if draft is not None and draft.item == turn.item_id and draft.covered >= turn.spoken + self._pause():
+            said = await draft.task  # all its speech was decoded already
+        else:
+            said = await self._decode(turn.audio)
+        self._committed.task_done()
+        if said is not None:
+            # Word times from the turn's start to the session's clock.
+            offset = turn.start_ms / 1000
+            words = [msgspec.structs.replace(w, start=w.start + offset, end=w.end + offset)
+                     for s in said for w in s.words] if self.config.options.word_timestamps else []
+            await self._say("completed", item_id=turn.item_id, text=_text(said), words=words,
+                            language=self._language, seconds=len(turn.audio) / (2 * self.rate))
 
 
 def _text(segments: list[Segment]) -> str:

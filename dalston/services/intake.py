@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO
 
-from dalston import dag
+from dalston import dag, tracing
 from dalston.bus.connection import Bus
 from dalston.catalog import Catalog, ModelSpec, UnknownModel
 from dalston.config import Settings
@@ -112,19 +112,20 @@ class Intake:
         (or the key's half of them) are being received (503); once it is received, when a
         runtime it needs has no engine (503 `no_engine`)."""
         owner = key.name if key else None
-        self.admission.reserve(job_id, owner, key.max_jobs if key else None)
-        try:
-            async with self.admission.receiving(owner) as slot:
-                audio = await receive(slot)
-                try:
-                    self.check_engines(audio.model, audio.options)
-                    await self.jobs.submit(job_id, audio.file, audio.filename, audio.model, audio.options,
-                                           owner, webhook_url=audio.webhook_url)
-                finally:
-                    await audio.close()
-        except BaseException:
-            self.admission.release(job_id)
-            raise
+        with tracing.span("admission", job=job_id, owner=owner):
+            self.admission.reserve(job_id, owner, key.max_jobs if key else None)
+            try:
+                async with self.admission.receiving(owner) as slot:
+                    audio = await receive(slot)
+                    try:
+                        self.check_engines(audio.model, audio.options)
+                        await self.jobs.submit(job_id, audio.file, audio.filename, audio.model, audio.options,
+                                               owner, webhook_url=audio.webhook_url)
+                    finally:
+                        await audio.close()
+            except BaseException:
+                self.admission.release(job_id)
+                raise
         return audio
 
     def check_engines(self, model: str, options: TranscribeOptions) -> None:

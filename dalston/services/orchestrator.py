@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from dalston import dag
+from dalston import dag, tracing
 from dalston.bus.connection import Bus, connect
 from dalston.bus.consumers import consume
 from dalston.bus.delivery import Delivery, GiveUp, HandleLater
@@ -149,9 +149,11 @@ class Orchestrator:
 
     async def _on_job_message(self, delivery: Delivery[JobRequest | CancelRequest]) -> None:
         if isinstance(delivery.payload, CancelRequest):
-            await self._cancel(delivery.payload)
+            with tracing.span("orchestrator cancel", job=delivery.payload.id):
+                await self._cancel(delivery.payload)
         else:
-            await self._submit(delivery.payload)
+            with tracing.span("orchestrator submit", job=delivery.payload.id, delivery=delivery.attempt):
+                await self._submit(delivery.payload)
 
     async def _submit(self, request: JobRequest) -> None:
         if await self._bus.jobs.get(request.id) is None:
@@ -214,7 +216,7 @@ class Orchestrator:
                            options=request.options,
                            audio_object=audio_object, filename=request.filename,
                            created_at=created, updated_at=now(), owner=request.owner,
-                           webhook_url=request.webhook_url,
+                           webhook_url=request.webhook_url, trace=tracing.carrier(),
                            # A model of one language needs no detection: its chunks start at once.
                            language=model.languages[0] if len(model.languages) == 1 else None)
         dag.start(record)
@@ -235,7 +237,9 @@ class Orchestrator:
                 raise GiveUp(reason)  # a forged report: dead-lettered, never applied
             return dag.apply_event(record, event, self.settings.task_max_attempts)
 
-        record = await self._update(event.job_id, apply, redrive=delivery.attempt > 1)
+        with tracing.span("orchestrator task event", job=event.job_id, task=event.task_id, kind=event.kind,
+                          engine=event.engine, delivery=delivery.attempt):
+            record = await self._update(event.job_id, apply, redrive=delivery.attempt > 1)
         if record is not None and dag.is_early(record, event):
             raise EarlyEvent(f"job {record.id} does not list task {event.task_id} yet")
 
@@ -292,4 +296,5 @@ class Orchestrator:
                             f"{self.settings.engine_wait:.0f} s (start one: {how_to_start(runtime)})"))
                 return True
 
-            await self._update(job_id, fail)
+            with tracing.continued(record.trace), tracing.span("orchestrator timeout", job=job_id):
+                await self._update(job_id, fail)

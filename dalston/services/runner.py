@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import signal
 
+from dalston import tracing
 from dalston.catalog import Catalog
 from dalston.config import Settings
 from dalston.logs import configure, get_logger
@@ -29,6 +30,9 @@ def actor_class(catalog: Catalog, runtime: str):
 
 def serve(service: str, settings: Settings, runtime: str | None = None) -> None:
     configure(settings.log_level, settings.log_format)
+    # Traces where the OTEL_* variables ask for them: an engine is named by its runtime.
+    if tracing.setup(runtime or settings.runtime if service == "engine" else service):
+        log.info("traces on", exporters=",".join(tracing.exporter_names()))
     if service == "gateway":
         import uvicorn
 

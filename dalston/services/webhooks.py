@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 from standardwebhooks import Webhook
 
-from dalston import __version__
+from dalston import __version__, tracing
 from dalston.bus.buckets import ObjectUnreadable
 from dalston.bus.connection import Bus, connect
 from dalston.bus.consumers import consume
@@ -113,7 +113,8 @@ class WebhookService:
                               f"{target} are under way", delay=self.settings.webhook_timeout)
         self._under_way[target] += 1
         try:
-            problem = await self._deliver(event, await self._body(event))
+            with tracing.span("webhook delivery", job=event.job_id, attempt=delivery.attempt, target=target):
+                problem = await self._deliver(event, await self._body(event))
         finally:
             self._under_way[target] -= 1
             if not self._under_way[target]:

@@ -56,6 +56,7 @@ from dalston.services.gateway.jobs import JobNotFound, new_job_id
 from dalston.services.gateway.metrics import GatewayMetrics
 from dalston.services.gateway.models import ModelLoaded, ModelService
 from dalston.services.gateway.realtime import realtime
+from dalston.services.gateway.request_spans import request_spans
 from dalston.services.gateway.streaming import transcript_events
 from dalston.services.gateway.voices import (
     asks_known_speakers,
@@ -430,6 +431,7 @@ def create_app(settings: Settings, catalog: Catalog | None = None) -> Litestar:
                         enroll_voice, list_voices, delete_voice,
                         metrics, healthz, readyz, elevenlabs_api, scribe_realtime, realtime, web_page],
         lifespan=[lifespan],
+        middleware=[request_spans],
         exception_handlers={HTTPException: _error_response, Exception: _error_response},
         guards=[require_key],
         request_max_body_size=int(settings.max_upload_mb * 1024 * 1024),

@@ -22,6 +22,7 @@ import msgspec
 from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
+from dalston import tracing
 from dalston.catalog import ModelSpec, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
@@ -125,7 +126,10 @@ class RealtimeSession:
                                           "try again later"))
             return
         try:
-            await self._serve()
+            # One trace per session: its claim carries it to the engine, whose turns are spans in it.
+            with tracing.span("realtime session", kind=tracing.SERVER, session=self.id, owner=self.owner,
+                              protocol=type(self).__name__):
+                await self._serve()
         finally:
             self.slots.disconnect()
         if self._ending.is_set():  # once its place is free: a client told of the end may come again
