@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -96,6 +97,8 @@ def memory_spans():
 
 
 def finished(exporter: InMemorySpanExporter) -> list[Span]:
+    """The spans finished so far; each one encodes as OTLP (an attribute of a wrong type would not)."""
+    encode_spans(exporter.get_finished_spans())
     return [Span(name=s.name, trace=f"{s.context.trace_id:032x}", id=f"{s.context.span_id:016x}",
                  parent=f"{s.parent.span_id:016x}" if s.parent else "", start=s.start_time, end=s.end_time,
                  attributes=dict(s.attributes or {}))

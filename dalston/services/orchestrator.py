@@ -237,7 +237,7 @@ class Orchestrator:
                 raise GiveUp(reason)  # a forged report: dead-lettered, never applied
             return dag.apply_event(record, event, self.settings.task_max_attempts)
 
-        with tracing.span("orchestrator task event", job=event.job_id, task=event.task_id, kind=event.kind,
+        with tracing.span("orchestrator task event", job=event.job_id, task=event.task_id, event=event.kind,
                           engine=event.engine, delivery=delivery.attempt):
             record = await self._update(event.job_id, apply, redrive=delivery.attempt > 1)
         if record is not None and dag.is_early(record, event):
