@@ -133,15 +133,17 @@ def carrier() -> dict[str, str]:
     return headers() or {}
 
 
-@contextmanager
-def continued(carried: Mapping[str, str] | None) -> Iterator[None]:
+def continued(carried: Mapping[str, str] | None):
     """The trace context `carried` (message headers, a kept carrier) is current within the block."""
     if not _enabled or not carried or "traceparent" not in carried:
-        yield
-        return
+        return nullcontext()
     # Only the W3C fields, bounded: headers come from any publisher.
-    fields = {k: str(carried[k])[:512] for k in TRACE_HEADERS if k in carried}
-    token = context.attach(propagate.extract(fields))
+    return _attached(propagate.extract({k: str(carried[k])[:512] for k in TRACE_HEADERS if k in carried}))
+
+
+@contextmanager
+def _attached(carried_context: context.Context) -> Iterator[None]:
+    token = context.attach(carried_context)
     try:
         yield
     finally:

@@ -161,3 +161,13 @@ async def test_a_timeout_joins_the_jobs_trace_by_its_record(tmp_path, memory_spa
         assert (await events.ended("waited")).failure.code == "no_engine"
     spans = finished(memory_spans)
     assert ancestry(spans, one(spans, "orchestrator timeout")) == ["orchestrator submit", "client"]
+
+
+def test_a_hostile_trace_header_starts_a_new_trace(memory_spans):
+    for carried in ({"traceparent": "00-zz-not-hex-01"}, {"traceparent": "x" * 100_000, "tracestate": "y" * 100_000},
+                    {"traceparent": 7}, {"tracestate": "only"}):
+        with tracing.continued(carried), tracing.span("handled"):
+            pass
+    spans = finished(memory_spans)
+    assert [s.name for s in spans] == ["handled"] * 4 and all(not s.parent for s in spans)
+    assert len({s.trace for s in spans}) == 4
