@@ -14,8 +14,9 @@ RUN useradd --create-home --uid 1000 dalston && mkdir /models && chown dalston /
 
 WORKDIR /src
 # The dependencies first, from pyproject.toml alone: a change to the code reinstalls only Dalston.
+# With the `otel` extra, so setting the OTEL_* variables sends traces (README "Traces").
 COPY pyproject.toml ./
-RUN python -c "import subprocess, sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; subprocess.run([sys.executable, '-m', 'pip', 'install', *deps], check=True)"
+RUN python -c "import subprocess, sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['otel']; subprocess.run([sys.executable, '-m', 'pip', 'install', *deps], check=True)"
 COPY README.md ./
 COPY dalston dalston
 COPY actors actors
