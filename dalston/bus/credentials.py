@@ -3,7 +3,8 @@
 `dalston up` makes them once per home and hands each service the user of its role; the CLI,
 run by the same account, connects as admin with them while that `up` runs. Other local accounts
 cannot read the file, so they cannot connect at all. The users and what each may do are
-nats/accounts.conf's.
+nats/accounts.conf's and dalston.bus.permissions'; each engine's password is made for one run
+(`engine_passwords`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import secrets
 import stat
 from pathlib import Path
 
+from collections.abc import Iterable
+
+from dalston.bus.permissions import ADMIN, SERVICE_USERS
 from dalston.bus.server import HomeLock
 from dalston.config import Settings
 
-ADMIN = "admin"
-USERS = (ADMIN, "orchestrator", "gateway", "engine", "webhooks")
+USERS = SERVICE_USERS
 CREDENTIALS_FILE = "nats-credentials.json"
 
 
@@ -50,6 +53,11 @@ def home_passwords(home: Path) -> dict[str, str]:
         json.dump(passwords, file)
     os.replace(temporary, path)
     return passwords
+
+
+def engine_passwords(users: Iterable[str]) -> dict[str, str]:
+    """A new password for each engine user (a letter first, as above)."""
+    return {user: f"p{secrets.token_hex(16)}" for user in users}
 
 
 def _private(path: Path) -> bool:
