@@ -31,7 +31,7 @@ from dalston.sdk.objects import TaskObjects as EngineObjects
 from dalston.services.layout import apply_layout
 from dalston.services.task_objects import TaskObjects
 from tests.nats_nodes import NATS_DIR, NatsNode
-from tests.task_records import running_transcribe
+from tests.task_records import running_task
 from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, free_port, wait_for, wait_ok, words
 from tests.webhook_receiver import Receiver
 
@@ -186,7 +186,7 @@ async def task_objects(locked):
     for job_id in (f"mine-{time.monotonic_ns()}", f"theirs-{time.monotonic_ns()}"):
         audio = f"jobs/{job_id}/prepare/ch0/00000.f32"
         await admin.artifacts.put(audio, f"the audio of {job_id}".encode() * 40000)  # several chunks
-        record, task = running_transcribe(job_id, audio)
+        record, task = running_task(job_id, audio)
         await admin.jobs.create(record)
         jobs.append((record, task))
     try:

@@ -20,7 +20,7 @@ from dalston.sdk.actor import TaskContext, TaskFailed
 from dalston.sdk.objects import TaskObjects as EngineObjects
 from dalston.services.task_objects import TaskObjects
 from tests.stack import TestStack
-from tests.task_records import running_transcribe
+from tests.task_records import running_task
 from tests.webhook_receiver import Receiver
 
 # Three chunks of 128 KiB and a bit.
@@ -76,7 +76,7 @@ async def test_a_whole_object_reads_back_after_a_rewrite(bus):
 async def test_an_engine_fails_a_task_whose_input_is_gone(bus):
     """Through the orchestrator's task objects, as engines read."""
     await break_object(bus, "jobs/j/prepare/ch0/00000.f32", "every chunk purged")
-    record, task = running_transcribe("j", "jobs/j/prepare/ch0/00000.f32")
+    record, task = running_task("j", "jobs/j/prepare/ch0/00000.f32")
     await bus.jobs.create(record)
     objects = TaskObjects(bus)
     await objects.start()

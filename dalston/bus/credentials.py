@@ -21,7 +21,6 @@ from dalston.bus.permissions import ADMIN, SERVICE_USERS
 from dalston.bus.server import HomeLock
 from dalston.config import Settings
 
-USERS = SERVICE_USERS
 CREDENTIALS_FILE = "nats-credentials.json"
 
 
@@ -31,9 +30,9 @@ def read_passwords(home: Path) -> dict[str, str] | None:
         passwords = json.loads((home / CREDENTIALS_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(passwords, dict) or not all(isinstance(passwords.get(u), str) for u in USERS):
+    if not isinstance(passwords, dict) or not all(isinstance(passwords.get(u), str) for u in SERVICE_USERS):
         return None
-    return {user: passwords[user] for user in USERS}
+    return {user: passwords[user] for user in SERVICE_USERS}
 
 
 def home_passwords(home: Path) -> dict[str, str]:
@@ -44,7 +43,7 @@ def home_passwords(home: Path) -> dict[str, str]:
     if passwords is not None and _private(path):
         return passwords
     # nats-server reads an all-digit password as a number: a letter first.
-    passwords = {user: f"p{secrets.token_hex(16)}" for user in USERS}
+    passwords = {user: f"p{secrets.token_hex(16)}" for user in SERVICE_USERS}
     home.mkdir(parents=True, exist_ok=True)
     # Created 0600 (never readable by others, not even for a moment), complete, then renamed.
     temporary = path.with_name(f".{CREDENTIALS_FILE}.{os.getpid()}")
