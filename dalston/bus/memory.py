@@ -306,7 +306,7 @@ class MemoryArtifacts:
     async def read_page(self, name: str, cursor: int, most: int) -> tuple[ObjectInfo, list[bytes], int]:
         """As `Artifacts.read_page`; its cursor here is 1 + the index of the next chunk."""
         data = self._get(name)
-        info = ObjectInfo(name=name, bucket="artifacts", size=len(data),
+        info = ObjectInfo(name=name, bucket="artifacts", nuid=name, size=len(data),
                           digest="SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode())
         count = -(-len(data) // CHUNK_BYTES)
         first = max(0, cursor - 1)

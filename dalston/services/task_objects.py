@@ -72,3 +72,6 @@ class TaskObjects:
             return TaskObjectReply()
         except ObjectUnreadable as exc:
             return TaskObjectReply(error=exc.reason, unreadable=True, gone=exc.gone)
+        except Exception as exc:  # noqa: BLE001 - NATS failing over, say: the engine is told, not left waiting
+            log.warning("task object not served", task=request.task_id, op=request.op, error=repr(exc)[:300])
+            return TaskObjectReply(error=f"the orchestrator could not {request.op} {name!r}: {exc!r}"[:1000])
