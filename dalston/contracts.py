@@ -870,7 +870,7 @@ class TaskObjectReply(Contract, kw_only=True):
 # An engine with a free session slot answers a session request with its claim (sdk/sessions.py).
 SESSION_CLAIMS: Endpoint[SessionRequest, SessionClaim] = Endpoint(SESSION_CLAIM_SUBJECT, SessionRequest,
                                                                   SessionClaim)
-# One gateway takes each request to pull a model into the store (gateway/models.py).
+# One gateway takes each request to pull a model into the store (services/intake/models.py).
 MODEL_PULLS: Endpoint[PullRequest, Contract] = Endpoint(PULL_SUBJECT, PullRequest)
 # One engine of a runtime answers with the embedding of a voice's clip (sdk/voices.py).
 VOICE_EMBEDS: Endpoint[VoiceEmbedRequest, VoiceEmbedReply] = Endpoint(VOICE_EMBED_SUBJECT, VoiceEmbedRequest,

@@ -17,6 +17,7 @@ from elevenlabs import AsyncElevenLabs, AudioFormat, CommitStrategy, RealtimeEve
 
 from dalston.synthetic_speech import word_error_rate
 from tests.audio_fixtures import convert
+from tests.heard import Heard, paced
 from tests.stack import AUDIO, TestStack, words
 
 CONVERSATIONS = Path(__file__).parent / "data" / "conversations"
@@ -47,11 +48,12 @@ def batch(stack):
     return transcribe
 
 
-class Scribe:
+class Scribe(Heard):
     """A session through the official client, and every message it heard."""
 
     def __init__(self, connection) -> None:
-        self.connection, self.heard = connection, []
+        super().__init__(lambda message: message["message_type"], timeout=120.0)
+        self.connection = connection
         for event in RealtimeEvents:
             if event not in (RealtimeEvents.OPEN, RealtimeEvents.ERROR, RealtimeEvents.CLOSE):
                 connection.on(event, self.heard.append)
@@ -68,16 +70,6 @@ class Scribe:
             **options})
         return cls(connection)
 
-    def of(self, kind: str) -> list[dict]:
-        return [m for m in self.heard if m["message_type"] == kind]
-
-    async def until(self, kind: str, count: int = 1, timeout: float = 120.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.of(kind)) < count:
-            assert time.monotonic() < deadline, f"{count} {kind} not heard; heard {self.heard}"
-            await asyncio.sleep(0.05)
-        return self.of(kind)
-
     async def until_said(self, word: str, timeout: float = 180.0) -> list[dict]:
         """The committed transcripts, once one says `word`."""
         deadline = time.monotonic() + timeout
@@ -88,11 +80,8 @@ class Scribe:
 
     async def send(self, audio: bytes, chunk_ms: int = CHUNK_MS, rate: int = 16_000, real_time: bool = True) -> None:
         """`audio` in chunks; at 1x speed where `real_time` (else as fast as the gateway takes it)."""
-        step, started = rate * 2 * chunk_ms // 1000, time.monotonic()
-        for number, start in enumerate(range(0, len(audio), step)):
-            await self.connection.send({"audio_base_64": base64.b64encode(audio[start:start + step]).decode()})
-            if real_time:
-                await asyncio.sleep(max(0.0, started + (number + 1) * chunk_ms / 1000 - time.monotonic()))
+        await paced(lambda piece: self.connection.send({"audio_base_64": base64.b64encode(piece).decode()}),
+                    audio, rate * 2 * chunk_ms // 1000, chunk_ms, real_time)
 
     async def close(self) -> None:
         await self.connection.close()

@@ -23,9 +23,9 @@ from dalston.contracts import (
     JobRequest,
     TaskRecord,
 )
-from dalston.services.gateway.admission import Admission, Refused
 from dalston.services.gateway.form import MAX_FIELD_BYTES
 from dalston.services.gateway.metrics import _worked_seconds
+from dalston.services.intake.admission import Admission, Refused
 from tests.stack import AUDIO, TestStack, wait_for, wait_job, words
 
 MODEL = "faster-whisper-tiny.en"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dalston.contracts import JobRecord
-from dalston.services.gateway.job_index import JobIndex, UnknownCursor
+from dalston.services.intake.job_index import JobIndex, UnknownCursor
 
 
 def record(job_id: str, owner: str | None, created_at: float) -> JobRecord:

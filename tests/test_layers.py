@@ -86,6 +86,17 @@ def test_the_cli_does_not_reach_into_the_gateway():
     assert reaching == []
 
 
+def test_the_intake_knows_no_front_door():
+    """Jobs are taken in the same way by every surface (HTTP, Wyoming): the shared intake
+    imports none of them, and no surface reaches into another."""
+    surfaces = ("dalston.services.gateway", "dalston.services.wyoming")
+    reaching = sorted(f"{name} -> {m}" for name, imported in modules("dalston/services").items()
+                      if name.startswith(("dalston.services.intake", *surfaces))
+                      for m in imported for surface in surfaces
+                      if m.startswith(surface) and not name.startswith(surface))
+    assert reaching == []
+
+
 def test_bench_and_scripts_do_not_import_the_tests():
     importing = sorted(name for name, imported in modules("bench", "scripts").items()
                        if any(m == "tests" or m.startswith("tests.") for m in imported))

@@ -14,6 +14,7 @@ import pytest
 
 from dalston.synthetic_speech import word_edits
 from tests.audio_fixtures import convert, speak
+from tests.heard import Heard, paced
 from tests.stack import AUDIO, TestStack, words
 
 MODEL = "faster-whisper-tiny.en"
@@ -55,38 +56,24 @@ SERVER_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, 
 
 async def feed(connection, audio: bytes) -> float:
     """Send `audio` at 1x speed; the time its last piece went."""
-    step = RATE * 2 * CHUNK_MS // 1000
-    started = time.monotonic()
-    for number, start in enumerate(range(0, len(audio), step)):
-        await connection.input_audio_buffer.append(audio=base64.b64encode(audio[start:start + step]).decode())
-        await asyncio.sleep(max(0.0, started + (number + 1) * CHUNK_MS / 1000 - time.monotonic()))
-    return time.monotonic()
+    return await paced(lambda piece: connection.input_audio_buffer.append(audio=base64.b64encode(piece).decode()),
+                       audio, RATE * 2 * CHUNK_MS // 1000, CHUNK_MS)
 
 
 def silence(ms: int) -> bytes:
     return bytes(RATE * 2 * ms // 1000)
 
 
-class Events:
-    """Every event of a connection, with when it came."""
+class Events(Heard):
+    """Every event of a connection, with when it came: (time, event)."""
 
     def __init__(self, connection) -> None:
-        self.seen: list[tuple[float, object]] = []
+        super().__init__(lambda heard: heard[1].type)
         self._task = asyncio.create_task(self._read(connection))
 
     async def _read(self, connection) -> None:
         async for event in connection:
-            self.seen.append((time.monotonic(), event))
-
-    def of(self, kind: str) -> list[tuple[float, object]]:
-        return [(at, e) for at, e in self.seen if e.type == kind]
-
-    async def until(self, kind: str, count: int = 1, timeout: float = 60.0) -> list[tuple[float, object]]:
-        deadline = time.monotonic() + timeout
-        while len(self.of(kind)) < count:
-            assert time.monotonic() < deadline, f"{count} {kind} not seen; got {[e.type for _, e in self.seen]}"
-            await asyncio.sleep(0.05)
-        return self.of(kind)
+            self.heard.append((time.monotonic(), event))
 
     def stop(self) -> None:
         self._task.cancel()

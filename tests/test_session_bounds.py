@@ -17,6 +17,7 @@ import websockets
 
 from dalston.services.gateway.session_bounds import BURST_SECONDS, SPEED
 from tests.audio_fixtures import convert
+from tests.heard import Heard, paced
 from tests.stack import AUDIO, TestStack, heartbeat, wait_for
 from tests.test_auth import bearer, dalston
 
@@ -73,11 +74,12 @@ def seconds(audio: bytes, duration: float) -> bytes:
     return (audio * (size // len(audio) + 1))[:size]
 
 
-class Live:
+class Live(Heard):
     """A Realtime WebSocket, and every event it heard (its close last, as {"type": "close"})."""
 
     def __init__(self, socket) -> None:
-        self.socket, self.heard = socket, []
+        super().__init__(lambda event: event["type"])
+        self.socket = socket
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -94,18 +96,8 @@ class Live:
             pass
         self.heard.append({"type": "close", "code": self.socket.close_code})
 
-    def of(self, kind: str) -> list[dict]:
-        return [e for e in self.heard if e["type"] == kind]
-
     def errors(self) -> list[str]:
         return [e["error"]["code"] for e in self.of("error")]
-
-    async def until(self, kind: str, count: int = 1, timeout: float = 60.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.of(kind)) < count:
-            assert time.monotonic() < deadline, f"{count} {kind} not heard in {timeout} s; heard {self.heard}"
-            await asyncio.sleep(0.05)
-        return self.of(kind)
 
     async def until_error(self, code: str, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -131,13 +123,7 @@ class Live:
 
     async def feed(self, audio: bytes, chunk_ms: int = 100, real_time: bool = True) -> None:
         """`audio` in chunks: at 1x where `real_time`, else as fast as the socket takes it."""
-        step, started = RATE * 2 * chunk_ms // 1000, time.monotonic()
-        for number, start in enumerate(range(0, len(audio), step)):
-            await self.append(audio[start:start + step])
-            # Always a pause, if only to let the reader take a close: a send to a peer that
-            # reads as fast as it comes never yields to it.
-            await asyncio.sleep(max(0.0, started + (number + 1) * chunk_ms / 1000 - time.monotonic())
-                                if real_time else 0)
+        await paced(self.append, audio, RATE * 2 * chunk_ms // 1000, chunk_ms, real_time)
 
     async def close(self) -> None:
         await self.socket.close()

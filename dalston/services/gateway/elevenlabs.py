@@ -32,8 +32,8 @@ from dalston.services.gateway.intake import (
     raise_for_failure,
     require_usable,
 )
-from dalston.services.gateway.jobs import JobNotFound, new_job_id
 from dalston.services.intake import transcription_problem
+from dalston.services.intake.jobs import JobNotFound, new_job_id
 
 log = get_logger("dalston.gateway")
 

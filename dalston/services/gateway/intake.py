@@ -16,12 +16,12 @@ from litestar.exceptions import HTTPException
 from dalston.catalog import ModelSpec
 from dalston.config import Settings
 from dalston.contracts import WEBHOOK_URL_MAX_CHARS, JobRecord, TranscribeOptions, Transcript, is_webhook_url
-from dalston.services.gateway.admission import Refused, UploadSlot
 from dalston.services.gateway.auth import verified_key
-from dalston.services.gateway.jobs import FollowedJob, JobService
 from dalston.services.gateway.metrics import GatewayMetrics
-from dalston.services.gateway.models import ModelNotInstalled
 from dalston.services.intake import Audio, Intake, JobFailed, check_completed
+from dalston.services.intake.admission import Refused, UploadSlot
+from dalston.services.intake.jobs import FollowedJob, JobService
+from dalston.services.intake.models import ModelNotInstalled
 from dalston.webhook_targets import RefusedTarget, check_target
 
 

@@ -38,9 +38,9 @@ from dalston.contracts import (
 )
 from dalston.logs import get_logger
 from dalston.services.gateway.auth import job_owner, still_valid, verified_key
-from dalston.services.gateway.models import ModelNotInstalled
 from dalston.services.gateway.session_bounds import ACTIVE_SECONDS, AudioPace, SessionSlots
 from dalston.services.intake import transcription_problem
+from dalston.services.intake.models import ModelNotInstalled
 
 log = get_logger("dalston.gateway.realtime")
 

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from dalston.contracts import FAILURE_STATUS, TranscriptDelta
-from dalston.services.gateway.jobs import FollowedJob, TranscriptGone
+from dalston.services.intake.jobs import FollowedJob, TranscriptGone
 
 # Whisper's encoder turns each 30 s window into 1500 positions: the audio's input tokens.
 AUDIO_TOKENS_PER_SECOND = 50

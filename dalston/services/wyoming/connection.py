@@ -25,10 +25,10 @@ from dalston.catalog import ModelSpec, UnknownModel
 from dalston.contracts import MAX_PROMPT_CHARS, ContractError, TranscribeOptions, TranscriptDelta, convert
 from dalston.keys import ApiKey
 from dalston.logs import get_logger
-from dalston.services.gateway.admission import Refused, UploadSlot
-from dalston.services.gateway.jobs import TranscriptGone, new_job_id
-from dalston.services.gateway.models import ModelNotInstalled
 from dalston.services.intake import Audio, JobFailed, transcription_problem
+from dalston.services.intake.admission import Refused, UploadSlot
+from dalston.services.intake.jobs import TranscriptGone, new_job_id
+from dalston.services.intake.models import ModelNotInstalled
 from dalston.services.wyoming.framing import BadFrame, read_event
 from dalston.services.wyoming.utterance import BadAudio, Utterance
 

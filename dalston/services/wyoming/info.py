@@ -8,8 +8,8 @@ from wyoming.info import AsrModel, AsrProgram, Attribution, Info
 
 from dalston import __version__
 from dalston.catalog import Catalog
-from dalston.services.gateway.models import ModelService
 from dalston.services.intake import transcription_problem
+from dalston.services.intake.models import ModelService
 
 PROGRAM = "dalston"
 

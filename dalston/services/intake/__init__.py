@@ -16,10 +16,10 @@ from dalston.config import Settings
 from dalston.contracts import FAILURE_STATUS, JobRecord, TranscribeOptions, Transcript
 from dalston.engines import EngineWatch, how_to_start
 from dalston.keys import ApiKey
-from dalston.services.gateway.admission import Admission, Refused, UploadSlot
-from dalston.services.gateway.job_index import JobIndex
-from dalston.services.gateway.jobs import FollowedJob, JobService
-from dalston.services.gateway.models import ModelService
+from dalston.services.intake.admission import Admission, Refused, UploadSlot
+from dalston.services.intake.job_index import JobIndex
+from dalston.services.intake.jobs import FollowedJob, JobService
+from dalston.services.intake.models import ModelService
 
 
 class JobFailed(Exception):

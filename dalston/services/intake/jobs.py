@@ -33,9 +33,9 @@ from dalston.contracts import (
     now,
 )
 from dalston.logs import get_logger
-from dalston.services.gateway.job_index import JobIndex
+from dalston.services.intake.job_index import JobIndex
 
-log = get_logger("dalston.gateway")
+log = get_logger("dalston.intake")
 
 # The owner rides on the audio object too, so a job not yet recorded keeps to its owner.
 OWNER_HEADER = "Dalston-Owner"

@@ -31,7 +31,7 @@ from dalston.bus.connection import Bus
 from dalston.contracts import TERMINAL, JobRecord
 from dalston.logs import get_logger
 
-log = get_logger("dalston.gateway")
+log = get_logger("dalston.intake")
 
 # Retry-After is the mean gap between job ends over this window: in about that time a queued
 # job's place is free again.

@@ -26,7 +26,7 @@ from dalston.model_state import ModelState
 from dalston.pull import PullError, pull
 from dalston.store import ModelStore
 
-log = get_logger("dalston.gateway.models")
+log = get_logger("dalston.intake.models")
 
 
 class ModelLoaded(RuntimeError):
