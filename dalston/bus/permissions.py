@@ -56,12 +56,14 @@ def engine_permissions(user: str, runtime: str) -> dict[str, list[str]]:
     }
 
 
-def users_config(engines: dict[str, str]) -> str:
+def users_config(engines: dict[str, str], accounts: str = "accounts.conf") -> str:
     """nats-server's `accounts` block: the service users, and one user per engine (`engines`:
-    engine name -> runtime), each password from its variable (`password_variable`)."""
+    engine name -> runtime), each password from its variable (`password_variable`). It includes
+    `accounts` (nats/accounts.conf, a path relative to this config's directory): nats-server's
+    variables reach only the file that includes their file."""
     lines = ["# The users of Dalston's NATS: made by dalston.bus.permissions (do not edit by hand).",
              "# The services' permissions are accounts.conf's; each engine's is one template's.",
-             "accounts {", "  DALSTON {", "    jetstream: enabled", "    users: ["]
+             f"include {json.dumps(accounts)}", "accounts {", "  DALSTON {", "    jetstream: enabled", "    users: ["]
     for user in SERVICE_USERS:
         lines.append(f"      {{user: {user}, password: ${password_variable(user)}, "
                      f"permissions: ${user.upper()}_PERMISSIONS}}")

@@ -76,14 +76,15 @@ def server_environment(passwords: dict[str, str]) -> dict[str, str]:
     return {password_variable(user): password for user, password in passwords.items()}
 
 
-def embedded_config(engines: dict[str, str]) -> str:
+def embedded_config(engines: dict[str, str], directory: Path) -> str:
     """The config of `dalston up`'s nats-server: the one-machine settings, the permissions of
     nats/accounts.conf, and its users: the services' and one per engine (`engines`: name ->
     runtime). No monitoring port: it would tell any local account who is connected and the
-    subjects they listen on (job ids among them), without a password."""
-    nats = data_dir("nats")
-    return "".join(f"include {json.dumps(str(nats / name))}\n" for name in ("server.conf", "accounts.conf")) \
-        + users_config(engines)
+    subjects they listen on (job ids among them), without a password. For a config in
+    `directory`: nats-server reads includes relative to it."""
+    nats = os.path.relpath(data_dir("nats"), directory)
+    return f"include {json.dumps(os.path.join(nats, 'server.conf'))}\n" \
+        + users_config(engines, os.path.join(nats, "accounts.conf"))
 
 
 class EmbeddedNats:
@@ -115,7 +116,7 @@ class EmbeddedNats:
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
         config = self.store_dir / "nats.conf"
-        config.write_text(embedded_config(self.engines))
+        config.write_text(embedded_config(self.engines, self.store_dir))
         args = [nats_server_binary(), "-c", str(config), "-js",
                 "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port),
                 "--ports_file_dir", str(ports_dir)]
