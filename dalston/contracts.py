@@ -698,7 +698,7 @@ SessionInputKind = Literal["audio", "commit", "clear", "configure", "close"]
 
 
 class SessionInput(Contract, kw_only=True):
-    """On `session.<id>.in`, from the session's client (the gateway) to its engine."""
+    """On `session.<identity>.<id>.in`, from the session's client (the gateway) to its engine."""
 
     kind: SessionInputKind
     # `audio`: 16-bit little-endian mono PCM at the session's sample rate.
@@ -711,7 +711,7 @@ SessionOutputKind = Literal["speech_started", "speech_stopped", "committed", "pa
 
 
 class SessionOutput(Contract, kw_only=True):
-    """On `session.<id>.out`, from the engine serving the session."""
+    """On `session.<identity>.<id>.out`, from the engine serving the session."""
 
     kind: SessionOutputKind
     engine: Token
