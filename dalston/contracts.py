@@ -23,6 +23,9 @@ CANCEL_SUBJECT = "jobs.cancel"
 TASK_EVENT_SUBJECT = "events.task.{job_id}"
 JOB_EVENT_SUBJECT = "events.job.{job_id}"
 TASK_SUBJECT = "tasks.{runtime}.{model}"
+# Core NATS, empty: a task was queued on its task subject (the engines' doorbell; the task
+# itself, with its grant, reaches only the engine that takes it from its queue).
+TASK_RING_SUBJECT = "ring." + TASK_SUBJECT
 HEARTBEAT_SUBJECT = "heartbeat.{runtime}.{engine}"
 DEADLETTER_SUBJECT = "deadletter.{source}"
 PULL_SUBJECT = "models.pull.{model}"
@@ -33,11 +36,19 @@ TRANSCRIPT_SUBJECT = "transcript.{job_id}"
 # subject that one engine with a free session slot answers; then the session's audio and
 # control go in on one subject and its events come out on another.
 SESSION_CLAIM_SUBJECT = "sessions.{runtime}.{model}"
-SESSION_INPUT_SUBJECT = "session.{session_id}.in"
-SESSION_OUTPUT_SUBJECT = "session.{session_id}.out"
+# Its subjects name the claiming engine's NATS identity (`SessionClaim.identity`): an engine's
+# user may hear and answer only its own sessions (dalston/bus/permissions.py).
+SESSION_INPUT_SUBJECT = "session.{identity}.{session_id}.in"
+SESSION_OUTPUT_SUBJECT = "session.{identity}.{session_id}.out"
 # A voice's embedding (core NATS): a request on a runtime's subject that one of its engines
 # answers with the embedding of the clip it carries (`VoiceEmbedRequest`).
 VOICE_EMBED_SUBJECT = "voices.embed.{runtime}"
+# Engines never touch the object store: a task's inputs and outputs go through the
+# orchestrator, asked on this subject with the task's grant (`TaskObjectRequest`).
+TASK_OBJECTS_SUBJECT = "objects.task"
+# Core NATS, empty: the job was cancelled (what an engine running one of its tasks listens for,
+# instead of the job events, which carry webhook URLs).
+JOB_CANCELLED_SUBJECT = "cancelled.{job_id}"
 
 JOBS_STREAM = "JOBS"
 TASKS_STREAM = "TASKS"
@@ -72,6 +83,10 @@ def subject_token(value: str) -> str:
 def task_subject(runtime: str, runtime_model_id: str | None) -> str:
     return TASK_SUBJECT.format(runtime=subject_token(runtime),
                                model=subject_token(runtime_model_id or NO_MODEL))
+
+
+def task_ring(runtime: str, runtime_model_id: str | None) -> str:
+    return f"ring.{task_subject(runtime, runtime_model_id)}"
 
 
 def task_consumer_prefix(runtime: str) -> str:
@@ -675,6 +690,9 @@ class SessionClaim(Contract, kw_only=True):
 
     session_id: JobId
     engine: Token
+    # The NATS identity the session's subjects name: the engine's user, the only one that may
+    # hear its input and speak on its output.
+    identity: Token = "engine"
     accepted: bool
     reason: ShortText = ""
 
@@ -683,7 +701,7 @@ SessionInputKind = Literal["audio", "commit", "clear", "configure", "close"]
 
 
 class SessionInput(Contract, kw_only=True):
-    """On `session.<id>.in`, from the session's client (the gateway) to its engine."""
+    """On `session.<identity>.<id>.in`, from the session's client (the gateway) to its engine."""
 
     kind: SessionInputKind
     # `audio`: 16-bit little-endian mono PCM at the session's sample rate.
@@ -696,7 +714,7 @@ SessionOutputKind = Literal["speech_started", "speech_stopped", "committed", "pa
 
 
 class SessionOutput(Contract, kw_only=True):
-    """On `session.<id>.out`, from the engine serving the session."""
+    """On `session.<identity>.<id>.out`, from the engine serving the session."""
 
     kind: SessionOutputKind
     engine: Token
@@ -811,6 +829,47 @@ class Endpoint(Generic[Req, Rep]):
     reply: type[Rep] | None = None
 
 
+TaskObjectOp = Literal["open", "read", "write", "seal"]
+# An object's chunk (the object store's, dalston.bus.buckets.CHUNK_BYTES), and how many travel
+# in one request or reply: 2 MB, well under NATS's max_payload once base64'd in JSON.
+TASK_OBJECT_CHUNK = 128 * 1024
+TASK_OBJECT_PAGE = 16
+
+
+class TaskObjectRequest(Contract, kw_only=True):
+    """An engine asks the orchestrator for one of its task's objects, presenting the task's
+    grant: whether the task is still to run (`open`), a page of an input (`read`, from
+    `cursor`), or an output written chunk by chunk (`write` each, then `seal`)."""
+
+    job_id: JobId
+    task_id: Token
+    grant: Grant
+    op: TaskObjectOp
+    name: ObjectName | None = None
+    cursor: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # write: the next chunks of the upload `upload` (the writer's random id); seal: its size
+    # and SHA-256 digest (base64url), as NATS's object stores keep them.
+    upload: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16,32}\Z")] | None = None
+    chunks: Annotated[list[Annotated[bytes, msgspec.Meta(max_length=TASK_OBJECT_CHUNK)]],
+                      msgspec.Meta(max_length=TASK_OBJECT_PAGE)] = []
+    size: Annotated[int, msgspec.Meta(ge=0)] = 0
+    digest: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+class TaskObjectReply(Contract, kw_only=True):
+    """The answer: `error`, or a page."""
+
+    error: str = ""
+    unreadable: bool = False  # the object is missing, or (`gone`) its chunks are gone
+    gone: bool = False
+    closed: bool = False  # the task is no longer to run: its job ended, or it was given anew
+    size: int = 0
+    digest: str = ""
+    chunks: list[bytes] = []
+    # read: where the next page starts, 0 when the object is all read.
+    cursor: int = 0
+
+
 # An engine with a free session slot answers a session request with its claim (sdk/sessions.py).
 SESSION_CLAIMS: Endpoint[SessionRequest, SessionClaim] = Endpoint(SESSION_CLAIM_SUBJECT, SessionRequest,
                                                                   SessionClaim)
@@ -819,6 +878,9 @@ MODEL_PULLS: Endpoint[PullRequest, Contract] = Endpoint(PULL_SUBJECT, PullReques
 # One engine of a runtime answers with the embedding of a voice's clip (sdk/voices.py).
 VOICE_EMBEDS: Endpoint[VoiceEmbedRequest, VoiceEmbedReply] = Endpoint(VOICE_EMBED_SUBJECT, VoiceEmbedRequest,
                                                                       VoiceEmbedReply)
+# One orchestrator answers for a task's objects (services/task_objects.py).
+TASK_OBJECTS: Endpoint[TaskObjectRequest, TaskObjectReply] = Endpoint(TASK_OBJECTS_SUBJECT, TaskObjectRequest,
+                                                                      TaskObjectReply)
 
 
 def json_schemas() -> dict[str, Any]:

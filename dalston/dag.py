@@ -115,6 +115,22 @@ def presents_grant(job: JobRecord, task_id: str, grant: str) -> bool:
     return task is not None and bool(task.grant) and hmac.compare_digest(task.grant.encode(), grant.encode())
 
 
+def task_objects(job: JobRecord, task_id: str) -> tuple[list[str], str] | None:
+    """What the job's task `task_id` may read (its inputs, and a merge's diarizations) and the
+    name it writes (its output, or objects under it: prepare's pieces), while it is still to
+    run (queued or running); None otherwise. Everything an engine may touch of the store."""
+    key = next((k for k, t in job.tasks.items() if t.id == task_id), None)
+    if key is None or job.status in TERMINAL or job.tasks[key].status not in ("queued", "running"):
+        return None
+    task = task_message(job, key)
+    return [*task.inputs, *task.speakers], task.output
+
+
+def writes(output: str, name: str) -> bool:
+    """Whether `name` is a task's `output` or an object under it."""
+    return name == output or name.startswith(f"{output}/")
+
+
 def refusal(job: JobRecord, event: TaskEvent) -> str | None:
     """Why a report on one of the job's tasks must not be applied: it lacks the task's grant,
     or names outputs outside the job's objects (another job's transcript, say). None for a

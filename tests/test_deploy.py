@@ -14,6 +14,7 @@ import msgspec
 import pytest
 import yaml
 
+from dalston.bus.permissions import COMPOSE_ENGINES, SERVICE_USERS, engine_user, password_variable, users_config
 from dalston.catalog import Catalog
 from dalston.cli.health import CHECKS
 from dalston.config import Settings
@@ -54,8 +55,17 @@ def test_environment_is_settings(name):
     assert "DALSTON_NATS_REPLICAS" in env
     # Each service its own NATS user, whose password the nats service knows.
     user = env["DALSTON_NATS_USER"]
-    assert user == ("engine" if name in ENGINES else NATS_USER_OF.get(name, name))
-    assert env["DALSTON_NATS_PASSWORD"] == SERVICES["nats"]["environment"][f"DALSTON_NATS_{user.upper()}_PASSWORD"]
+    assert user == (engine_user(name) if name in ENGINES else NATS_USER_OF.get(name, name))
+    assert env["DALSTON_NATS_PASSWORD"] == SERVICES["nats"]["environment"][password_variable(user)]
+
+
+def test_each_engine_service_has_its_user_in_the_nats_config():
+    """One NATS user per engine service (its replicas share it), generated from the one
+    template: the checked-in nats/users.conf is the generator's output for compose's engines."""
+    assert {name: spec["environment"]["DALSTON_RUNTIME"] for name, spec in ENGINES.items()} == COMPOSE_ENGINES
+    assert (ROOT / "nats/users.conf").read_text() == users_config(COMPOSE_ENGINES)
+    assert set(SERVICES["nats"]["environment"]) == {
+        password_variable(user) for user in [*SERVICE_USERS, *map(engine_user, COMPOSE_ENGINES)]}
 
 
 def test_the_layout_is_applied_as_admin_before_every_service():
@@ -155,4 +165,5 @@ def test_nats_mounts_its_config_and_keeps_jetstream():
     assert (ROOT / "nats" / Path(config).name).is_file()
     data = spec["command"][spec["command"].index("-sd") + 1]
     assert f"nats-data:{data}" in spec["volumes"]
-    assert "include accounts.conf" in (ROOT / "nats/compose.conf").read_text()
+    assert "include users.conf" in (ROOT / "nats/compose.conf").read_text()
+    assert 'include "accounts.conf"' in (ROOT / "nats/users.conf").read_text()

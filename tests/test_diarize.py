@@ -25,8 +25,8 @@ from dalston.config import load_settings
 from dalston.contracts import (
     Diarization,
     DiarizeOptions,
+    ModelRef,
     Segment,
-    Task,
     TaskEvent,
     TranscribeOptions,
     decode,
@@ -38,7 +38,9 @@ from dalston.pull import pull
 from dalston.sdk import TaskFailed
 from dalston.speakers import assign_speakers
 from dalston.store import ModelStore
+from dalston.services.task_objects import TaskObjects
 from tests.stack import AUDIO, TestStack, heartbeat, wait_for
+from tests.task_records import running_task
 
 MODEL = "resemblyzer-ge2e"
 MAX_DER = 0.15
@@ -224,18 +226,25 @@ async def live(bus, *engines: str) -> None:
 async def run_task(bus, audio: np.ndarray, options: TranscribeOptions, on_started=None) -> list[TaskEvent]:
     """Store prepared audio, publish a diarize task for it, and collect its events until it ends."""
     job_id = uuid.uuid4().hex
-    audio_object = await bus.artifacts.put(f"{job_id}/audio-0.f32", audio.astype(DTYPE).tobytes())
+    audio_object = await bus.artifacts.put(f"jobs/{job_id}/prepare/ch0/00000.f32", audio.astype(DTYPE).tobytes())
     events = await bus.js.subscribe(f"events.task.{job_id}")
-    task = Task(id=f"{job_id}-diarize-0-1", job_id=job_id, stage="diarize", runtime="diarize", model=MODEL,
-                runtime_model_id=MODEL, inputs=[audio_object], output=f"{job_id}/diarization-0.json",
-                options=options)
-    await bus.task_consumers.ensure("diarize", MODEL)
-    await bus.js.publish(task_subject("diarize", MODEL), encode(task))
-    seen = []
-    while not seen or seen[-1].kind == "started":
-        seen.append(decode((await events.next_msg(timeout=180)).data, TaskEvent))
-        if seen[-1].kind == "started" and on_started is not None:
-            on_started(seen[-1])
+    # The job's record, whose grant the engine presents for the task's objects (the
+    # orchestrator's answers, here without the rest of the orchestrator).
+    record, task = running_task(job_id, audio_object, "diarize-0", "diarize", options=options,
+                                models={"diarize": ModelRef(model=MODEL, runtime="diarize", runtime_model_id=MODEL)})
+    await bus.jobs.create(record)
+    objects = TaskObjects(bus)
+    await objects.start()
+    try:
+        await bus.task_consumers.ensure("diarize", MODEL)
+        await bus.js.publish(task_subject("diarize", MODEL), encode(task))
+        seen = []
+        while not seen or seen[-1].kind == "started":
+            seen.append(decode((await events.next_msg(timeout=180)).data, TaskEvent))
+            if seen[-1].kind == "started" and on_started is not None:
+                on_started(seen[-1])
+    finally:
+        await objects.stop()
     await events.unsubscribe()
     return seen
 

@@ -242,6 +242,8 @@ async def test_an_engine_refuses_a_task_its_runtime_cannot_run(stack):
         events = await bus.js.subscribe(f"events.task.{job_id}")
         task = Task(id=f"{job_id}-transcribe-0-1", job_id=job_id, stage="transcribe", runtime="diarize",
                     model="resemblyzer-ge2e", runtime_model_id="resemblyzer-ge2e", inputs=["nothing"], output="x")
+        # Its queue, as the orchestrator makes sure of before it publishes a task.
+        await bus.task_consumers.ensure("diarize", "resemblyzer-ge2e")
         await bus.js.publish(task_subject("diarize", "resemblyzer-ge2e"), encode(task))
         while (event := json.loads((await events.next_msg(timeout=30)).data))["kind"] != "failed":
             pass

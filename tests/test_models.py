@@ -211,6 +211,8 @@ async def test_a_task_for_another_runtimes_model_fails_cleanly(system):
         task = Task(id=f"{job_id}-transcribe-0-1", job_id=job_id, stage="transcribe",
                     runtime="faster-whisper", model="parakeet-tdt-1.1b",
                     runtime_model_id="nvidia/parakeet-tdt-1.1b", inputs=["nothing"], output="x")
+        # Its queue, as the orchestrator makes sure of before it publishes a task.
+        await bus.task_consumers.ensure("faster-whisper", "nvidia/parakeet-tdt-1.1b")
         await bus.js.publish("tasks.faster-whisper.nvidia_parakeet-tdt-1_1b", encode(task))
         while (event := json.loads((await events.next_msg(timeout=20)).data))["kind"] != "failed":
             pass

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import stat
 
-from dalston.bus.credentials import CREDENTIALS_FILE, USERS, home_passwords, login, read_passwords
+from dalston.bus.credentials import CREDENTIALS_FILE, home_passwords, login, read_passwords
+from dalston.bus.permissions import SERVICE_USERS as USERS
 from dalston.bus.server import HomeLock
 from dalston.config import load_settings
 

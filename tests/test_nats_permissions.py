@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import re
 import subprocess
@@ -12,23 +13,33 @@ import sys
 import time
 
 import httpx
+import msgspec
 import nats.errors
 import pytest
 import yaml
 from standardwebhooks import Webhook
 
 import nats
+from dalston import dag
 from dalston.bus.connection import connect
 from dalston.bus.credentials import inbox_prefix
+from dalston.bus.permissions import COMPOSE_ENGINES, SERVICE_USERS, engine_user, password_variable
 from dalston.config import load_settings
 from dalston.contracts import HEARTBEAT_SUBJECT, DeadLetter, Heartbeat, TaskEvent, decode, encode
+from dalston.sdk.objects import ObjectRefused, TaskClosed
+from dalston.sdk.objects import TaskObjects as EngineObjects
 from dalston.services.layout import apply_layout
+from dalston.services.task_objects import TaskObjects
 from tests.nats_nodes import NATS_DIR, NatsNode
+from tests.task_records import running_task
 from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, free_port, wait_for, wait_ok, words
 from tests.webhook_receiver import Receiver
 
-USERS = ("admin", "orchestrator", "gateway", "engine", "webhooks")
+# Compose's users: the services' and one per engine service (nats/users.conf).
+USERS = (*SERVICE_USERS, *map(engine_user, COMPOSE_ENGINES))
 PASSWORDS = {user: f"pw-{user}-7f3a" for user in USERS}
+ENGINE = engine_user("faster-whisper")  # the engine user the attacks below are tried as
+OTHER_ENGINE = engine_user("merge")
 
 
 def credentials(user: str) -> dict[str, str]:
@@ -39,8 +50,7 @@ def credentials(user: str) -> dict[str, str]:
 def locked(tmp_path_factory):
     """nats-server with compose's config, and a TestStack whose default user is admin."""
     root = tmp_path_factory.mktemp("locked")
-    node = NatsNode(root, "nats", NATS_DIR / "compose.conf",
-                    {f"DALSTON_NATS_{u.upper()}_PASSWORD": p for u, p in PASSWORDS.items()})
+    node = NatsNode(root, "nats", NATS_DIR / "compose.conf", {password_variable(u): p for u, p in PASSWORDS.items()})
     node.start()
     node.wait_healthy()
     system = TestStack(root / "stack", DALSTON_NATS_URL=node.url, **credentials("admin"))
@@ -73,17 +83,36 @@ REFUSED = [
     ("gateway", "publish", "$KV.jobs.some-job", "rewrite a job record"),
     ("gateway", "publish", "$KV.apikeys.some-digest", "mint itself an API key"),
     ("gateway", "publish", "$JS.API.STREAM.DELETE.JOBS", "drop every queued job"),
-    ("engine", "publish", "jobs.submit", "submit jobs"),
-    ("engine", "publish", "$KV.jobs.some-job", "rewrite a job record"),
-    ("engine", "publish", "$KV.apikeys.some-digest", "mint an API key"),
-    ("engine", "publish", "$JS.API.STREAM.PURGE.TASKS", "empty the task queue"),
-    ("engine", "publish", "events.job.some-job", "announce a job done"),
+    (ENGINE, "publish", "jobs.submit", "submit jobs"),
+    (ENGINE, "publish", "$KV.jobs.some-job", "rewrite a job record"),
+    (ENGINE, "publish", "$KV.apikeys.some-digest", "mint an API key"),
+    (ENGINE, "publish", "$JS.API.STREAM.PURGE.TASKS", "empty the task queue"),
+    (ENGINE, "publish", "events.job.some-job", "announce a job done"),
+    # Engines touch no object and no job record: the orchestrator hands a task its own.
+    (ENGINE, "publish", "$JS.API.DIRECT.GET.KV_jobs.$KV.jobs.some-job", "read a job record: its webhook, grants"),
+    (ENGINE, "publish", "$JS.API.STREAM.MSG.GET.KV_jobs", "read any job record by sequence"),
+    (ENGINE, "publish", "$JS.API.CONSUMER.CREATE.KV_jobs", "list every job"),
+    (ENGINE, "publish", "$JS.API.DIRECT.GET.OBJ_artifacts.$O.artifacts.M.c29tZQ==", "read any object's info"),
+    (ENGINE, "publish", "$JS.API.STREAM.MSG.GET.OBJ_artifacts", "read any job's audio or transcript"),
+    (ENGINE, "publish", "$JS.API.CONSUMER.CREATE.OBJ_artifacts", "list and read every object"),
+    (ENGINE, "publish", "$O.artifacts.C.somenuid", "write chunks into the store"),
+    (ENGINE, "publish", "$O.artifacts.M.c29tZQ==", "overwrite a transcript"),
+    (ENGINE, "subscribe", "tasks.>", "see every task, with its grant"),
+    (ENGINE, "subscribe", "events.job.*", "hear every job's webhook URL"),
+    (ENGINE, "subscribe", "ring.tasks.merge.*", "hear another runtime's queue"),
+    # Live sessions: an engine hears and speaks only on its own sessions' subjects.
+    (ENGINE, "subscribe", "session.*.*.in", "hear every live session"),
+    (ENGINE, "subscribe", f"session.{OTHER_ENGINE}.*.in", "hear another engine's sessions"),
+    (ENGINE, "publish", f"session.{OTHER_ENGINE}.some-session.out", "inject into another engine's session"),
+    (ENGINE, "publish", "session.gateway.some-session.in", "feed a session as the gateway"),
+    (ENGINE, "publish", "heartbeat.merge.some-engine", "beat as another runtime's engine"),
+    (ENGINE, "subscribe", "sessions.merge.*", "claim another runtime's sessions"),
     ("gateway", "publish", "transcript.some-job", "forge a job's streamed text"),
     # Enrolled voices are the gateway's: a job carries the embeddings of its own known speakers.
-    ("engine", "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read any key's voices"),
-    ("engine", "publish", "$JS.API.CONSUMER.CREATE.KV_voices", "list every key's voices"),
-    ("engine", "publish", "$KV.voices.some-voice", "enroll or overwrite a voice"),
-    ("engine", "publish", "voices.embed.diarize", "ask for embeddings as if it were the gateway"),
+    (ENGINE, "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read any key's voices"),
+    (ENGINE, "publish", "$JS.API.CONSUMER.CREATE.KV_voices", "list every key's voices"),
+    (ENGINE, "publish", "$KV.voices.some-voice", "enroll or overwrite a voice"),
+    (ENGINE, "publish", "voices.embed.diarize", "ask for embeddings as if it were the gateway"),
     ("orchestrator", "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read voices"),
     ("webhooks", "publish", "$JS.API.DIRECT.GET.KV_voices.$KV.voices.some-voice", "read voices"),
     ("gateway", "subscribe", "voices.embed.*", "answer embed requests in an engine's place"),
@@ -97,13 +126,14 @@ REFUSED = [
     ("webhooks", "publish", "$JS.API.STREAM.PURGE.EVENTS", "drop every event"),
     ("webhooks", "subscribe", "events.>", "read every job's events live"),
     # Each user's replies (JetStream deliveries, KV and object reads) go to its own inboxes.
-    ("engine", "subscribe", "_INBOX.>", "read every reply of every user"),
-    ("engine", "subscribe", "_INBOX_gateway.>", "read the keys, records and transcripts the gateway reads"),
-    ("engine", "subscribe", "_INBOX_orchestrator.>", "read the job records the orchestrator reads"),
-    ("engine", "subscribe", ">", "hear everything"),
+    (ENGINE, "subscribe", "_INBOX.>", "read every reply of every user"),
+    (ENGINE, "subscribe", "_INBOX_gateway.>", "read the keys, records and transcripts the gateway reads"),
+    (ENGINE, "subscribe", "_INBOX_orchestrator.>", "read the job records the orchestrator reads"),
+    (ENGINE, "subscribe", f"_INBOX_{OTHER_ENGINE}.>", "receive another engine's objects and deliveries"),
+    (ENGINE, "subscribe", ">", "hear everything"),
     ("gateway", "subscribe", "_INBOX_webhooks.>", "read the transcripts the webhook service sends"),
     ("webhooks", "subscribe", "_INBOX_gateway.>", "read the API keys the gateway reads"),
-    ("orchestrator", "subscribe", "_INBOX_engine.>", "read the tasks engines take"),
+    ("orchestrator", "subscribe", f"_INBOX_{ENGINE}.>", "read the tasks engines take"),
 ]
 
 
@@ -139,23 +169,83 @@ async def test_refused_task_never_reaches_the_queue(locked):
 
 async def test_wrong_password_is_refused(locked):
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-        await nats.connect(locked.env["DALSTON_NATS_URL"], user="gateway", password=PASSWORDS["engine"],
+        await nats.connect(locked.env["DALSTON_NATS_URL"], user="gateway", password=PASSWORDS[ENGINE],
                            allow_reconnect=False, max_reconnect_attempts=0)
 
 
-async def test_an_engine_may_rewrite_its_outputs(locked):
-    """A task run again writes the same objects again, without purging the old chunks (only
-    admin may purge): the write completes and readers get the second run."""
-    bus = await locked.bus()
-    engine = await connect(load_settings({**locked.env, **credentials("engine")}), name="test-engine")
+@pytest.fixture
+async def task_objects(locked):
+    """The orchestrator's answers for tasks' objects, as its own user, and two jobs whose
+    transcribe tasks run: engine A is given the first (its Task message), not the second."""
+    admin = await locked.bus()
+    orchestrator = await connect(load_settings({**locked.env, **credentials("orchestrator")}), name="test-orch")
+    engine = await connect(load_settings({**locked.env, **credentials(ENGINE)}), name="test-engine")
+    objects = TaskObjects(orchestrator)
+    await objects.start()
+    jobs = []
+    for job_id in (f"mine-{time.monotonic_ns()}", f"theirs-{time.monotonic_ns()}"):
+        audio = f"jobs/{job_id}/prepare/ch0/00000.f32"
+        await admin.artifacts.put(audio, f"the audio of {job_id}".encode() * 40000)  # several chunks
+        record, task = running_task(job_id, audio)
+        await admin.jobs.create(record)
+        jobs.append((record, task))
     try:
-        for attempt in (b"first run", b"second run"):
-            await asyncio.wait_for(engine.artifacts.put("jobs/rewritten/prepare/ch0/00000.f32", attempt), 5)
-        assert (await bus.artifacts.read("jobs/rewritten/prepare/ch0/00000.f32")) == b"second run"
-        assert (await engine.artifacts.read("jobs/rewritten/prepare/ch0/00000.f32")) == b"second run"
+        yield admin, engine, jobs
     finally:
+        await objects.stop()
         await engine.close()
-        await bus.close()
+        await orchestrator.close()
+        await admin.close()
+
+
+async def test_an_engine_reads_its_inputs_and_writes_its_outputs(task_objects):
+    """A task's engine reads its input (in pages: it spans several chunks) and writes its output,
+    and again (a task run again), through the orchestrator: readers get the second run."""
+    admin, engine, [(record, task), _] = task_objects
+    mine = EngineObjects(engine, task)
+    await mine.open()
+    buffer = io.BytesIO()
+    await mine.read_into(task.inputs[0], buffer)
+    assert buffer.getvalue() == await admin.artifacts.read(task.inputs[0])
+    big = bytes(range(256)) * 4096 * 5  # 5 MB: more than one request's worth
+    for attempt in (b"first run", big):
+        assert await mine.write(task.output, attempt) == task.output
+    assert await admin.artifacts.read(task.output) == big
+
+
+async def test_an_engine_cannot_touch_another_tasks_objects(task_objects):
+    """The attacks that worked with the shared engine user: reading another job's audio, and
+    overwriting another job's transcript. Through the orchestrator, a task reads only its
+    inputs and writes only its output; another task's grant cannot be guessed."""
+    admin, engine, [(record, task), (their_record, theirs)] = task_objects
+    mine = EngineObjects(engine, task)
+    for name in (theirs.inputs[0], f"jobs/{their_record.id}/audio", f"jobs/{record.id}/audio"):
+        with pytest.raises(ObjectRefused, match="not an input"):
+            await mine.read_into(name, io.BytesIO())
+    for name in (theirs.output, f"jobs/{their_record.id}/transcript.json", f"jobs/{record.id}/transcript.json"):
+        with pytest.raises(ObjectRefused, match="not an output"):
+            await mine.write(name, b'{"text": "forged"}')
+    # Their task's id with my grant, or a made-up grant: refused.
+    for grant in (task.grant, "0" * 32, ""):
+        forged = EngineObjects(engine, msgspec.structs.replace(theirs, grant=grant))
+        with pytest.raises(ObjectRefused, match="grant"):
+            await forged.read_into(theirs.inputs[0], io.BytesIO())
+    assert not await admin.artifacts.exists(theirs.output)
+
+
+async def test_a_task_no_longer_running_touches_nothing(task_objects):
+    """Once its job ended (cancelled, say), a task's grant opens nothing: it can no longer
+    overwrite its output."""
+    admin, engine, [(record, task), _] = task_objects
+    loaded, revision = await admin.jobs.load(record.id)
+    dag.finish(loaded, "cancelled")
+    assert await admin.jobs.update(loaded, revision)
+    mine = EngineObjects(engine, task)
+    with pytest.raises(TaskClosed):
+        await mine.open()
+    with pytest.raises(TaskClosed):
+        await mine.write(task.output, b"too late")
+    assert not await admin.artifacts.exists(task.output)
 
 
 # What no user but admin may do to the layout: create, update, purge or delete a stream (a KV
@@ -174,10 +264,10 @@ LAYOUT_CHANGES = [
     ("$JS.API.CONSUMER.CREATE.EVENTS", "read every event through a consumer of its own"),
     ("$JS.API.CONSUMER.DELETE.TASKS.tasks-faster-whisper-base", "delete a task queue"),
 ]
-SERVICE_USERS = ("orchestrator", "gateway", "engine", "webhooks")
+SERVICES = ("orchestrator", "gateway", ENGINE, "webhooks")
 
 
-@pytest.mark.parametrize("user", SERVICE_USERS)
+@pytest.mark.parametrize("user", SERVICES)
 @pytest.mark.parametrize("subject,why", LAYOUT_CHANGES, ids=[w for _, w in LAYOUT_CHANGES])
 async def test_only_admin_changes_the_layout(locked, user, subject, why):
     errors: list[str] = []
@@ -190,11 +280,11 @@ async def test_only_admin_changes_the_layout(locked, user, subject, why):
         await nc.close()
 
 
-@pytest.mark.parametrize("user", SERVICE_USERS)
+@pytest.mark.parametrize("user", SERVICES)
 async def test_an_ephemeral_consumer_request_makes_no_durable(locked, user):
     """The one consumer request the services may send, $JS.API.CONSUMER.CREATE.<stream>, is
     for ephemeral consumers: the server refuses one that names itself durable."""
-    stream = {"orchestrator": "KV_jobs", "gateway": "KV_jobs"}.get(user, "OBJ_artifacts")
+    stream = {"orchestrator": "KV_jobs", "gateway": "KV_jobs", ENGINE: "HEARTBEATS"}.get(user, "OBJ_artifacts")
     nc = await connect_as(locked, user, [])
     bus = await locked.bus()
     try:
@@ -210,7 +300,7 @@ async def test_an_ephemeral_consumer_request_makes_no_durable(locked, user):
 async def test_streams_open_to_ephemeral_consumers_hold_no_durable_one(locked):
     """Through $JS.API.CONSUMER.CREATE.<stream>, a consumer request naming an existing consumer
     updates it: the streams where services may send it must hold none to update."""
-    conf = (NATS_DIR / "accounts.conf").read_text()
+    conf = (NATS_DIR / "accounts.conf").read_text() + (NATS_DIR / "users.conf").read_text()
     open_streams = set(re.findall(r'"\$JS\.API\.CONSUMER\.CREATE\.(\w+)"', conf))
     assert open_streams == {"KV_jobs", "KV_voices", "OBJ_artifacts", "HEARTBEATS"}
     bus = await locked.bus()
@@ -252,7 +342,7 @@ async def test_an_engine_cannot_purge_the_artifacts(locked):
     before it answered 500. Refused: the object is still whole."""
     bus = await locked.bus()
     errors: list[str] = []
-    nc = await connect_as(locked, "engine", errors)
+    nc = await connect_as(locked, ENGINE, errors)
     try:
         await bus.artifacts.put("jobs/kept/transcript", b'{"text": "still here"}')
         with pytest.raises(nats.errors.TimeoutError):
@@ -274,7 +364,7 @@ def test_every_service_does_its_job_with_its_own_user(locked):
         time.sleep(0.1)
     locked.start("gateway", "gateway", **credentials("gateway"))
     for runtime in ("audio-prepare", "merge", "faster-whisper"):
-        locked.start_engine(runtime, **credentials("engine"))
+        locked.start_engine(runtime, **credentials(engine_user(runtime)))
     locked.wait_http()
     locked.wait_engines("audio-prepare", "merge", "faster-whisper")
 
@@ -334,13 +424,13 @@ async def test_an_engine_cannot_report_on_a_task_it_was_not_given(locked, forger
     if "faster-whisper" not in locked.processes:
         pytest.skip("needs the running system of the test above")
     bus = await locked.bus()
-    nc = await connect_as(locked, "engine", [])
+    nc = await connect_as(locked, ENGINE, [])
     try:
         # A nemo engine seen a moment ago (as if restarting): the job is taken and its task waits,
         # since no engine runs it now.
-        await nc.publish(HEARTBEAT_SUBJECT.format(runtime="nemo", engine="nemo-gone"), encode(Heartbeat(
+        await bus.nc.publish(HEARTBEAT_SUBJECT.format(runtime="nemo", engine="nemo-gone"), encode(Heartbeat(
             runtime="nemo", engine="nemo-gone", host="elsewhere", status="stopping", version="0")))
-        await nc.flush()
+        await bus.nc.flush()
 
         async def submitted():
             with (AUDIO / "speaker1.wav").open("rb") as audio:
@@ -416,7 +506,7 @@ def test_compose_health_checks_pass_as_each_services_user(locked, service):
         pytest.skip("needs the running system of the test above")
     check = yaml.safe_load((NATS_DIR.parent / "compose.yaml").read_text())
     assert f"dalston health {service}" in json.dumps(check)
-    user = {"engine": "engine", "orchestrator": "orchestrator", "layout": "admin"}[service]
+    user = {"engine": ENGINE, "orchestrator": "orchestrator", "layout": "admin"}[service]
     env = {**locked.env, **credentials(user), "DALSTON_RUNTIME": "faster-whisper",
            "DALSTON_ENGINE_ID": "faster-whisper"}
     health = [sys.executable, "-m", "dalston", "health", service]

@@ -17,7 +17,10 @@ from dalston.bus.connection import Bus, connect
 from dalston.config import load_settings
 from dalston.contracts import DEADLETTER_STREAM, JOB_EVENT_SUBJECT, JobEvent, JobRecord, now
 from dalston.sdk.actor import TaskContext, TaskFailed
+from dalston.sdk.objects import TaskObjects as EngineObjects
+from dalston.services.task_objects import TaskObjects
 from tests.stack import TestStack
+from tests.task_records import running_task
 from tests.webhook_receiver import Receiver
 
 # Three chunks of 128 KiB and a bit.
@@ -71,11 +74,19 @@ async def test_a_whole_object_reads_back_after_a_rewrite(bus):
 
 
 async def test_an_engine_fails_a_task_whose_input_is_gone(bus):
+    """Through the orchestrator's task objects, as engines read."""
     await break_object(bus, "jobs/j/prepare/ch0/00000.f32", "every chunk purged")
-    ctx = TaskContext(bus=bus, settings=bus.settings)
-    with pytest.raises(TaskFailed) as raised:
-        await asyncio.wait_for(ctx.read_audio("jobs/j/prepare/ch0/00000.f32"), PATIENCE)
-    assert raised.value.code == "input_gone" and "chunks" in raised.value.message
+    record, task = running_task("j", "jobs/j/prepare/ch0/00000.f32")
+    await bus.jobs.create(record)
+    objects = TaskObjects(bus)
+    await objects.start()
+    try:
+        ctx = TaskContext(bus=bus, settings=bus.settings, objects=EngineObjects(bus, task))
+        with pytest.raises(TaskFailed) as raised:
+            await asyncio.wait_for(ctx.read_audio("jobs/j/prepare/ch0/00000.f32"), PATIENCE)
+        assert raised.value.code == "input_gone" and "chunks" in raised.value.message
+    finally:
+        await objects.stop()
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,9 @@ async def test_malformed_messages_are_dead_lettered_and_services_live_on(stack):
         before = (await bus.js.stream_info(DEADLETTER_STREAM)).state.last_seq
         await bus.js.publish("jobs.submit", b"\x00not json")
         await bus.js.publish("jobs.submit", b'{"model": "faster-whisper-tiny.en"}')  # no id
+        # A model's queue is made by whoever publishes its tasks (the orchestrator does).
+        for model in ("tiny.en", "no_such_model"):
+            await bus.task_consumers.ensure("faster-whisper", model)
         await bus.js.publish("tasks.faster-whisper.tiny_en", b"[1, 2, 3]")
         await bus.js.publish("tasks.faster-whisper.no_such_model", b'{"id": 5}')
 

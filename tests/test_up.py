@@ -107,10 +107,14 @@ async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_sto
         # Nothing else of NATS listens (a monitoring port would tell anyone who listens where).
         listening = {c.laddr for c in nats_server(up).net_connections("tcp") if c.status == psutil.CONN_LISTEN}
         assert listening == {("127.0.0.1", int(env["DALSTON_NATS_PORT"]))}
-        # Each service has its own user, none the admin; the CLI of this account is the admin.
-        users = {p.environ().get("DALSTON_NATS_USER") for p in psutil.Process(up.pid).children()
-                 if p.name() != "nats-server"}
-        assert users == {"gateway", "orchestrator", "engine", "webhooks"}
+        # Each service has its own user, and each engine one of its own, none the admin; the CLI
+        # of this account is the admin.
+        users = [p.environ().get("DALSTON_NATS_USER") for p in psutil.Process(up.pid).children()
+                 if p.name() != "nats-server"]
+        engines = [u for u in users if u not in ("gateway", "orchestrator", "webhooks")]
+        assert set(users) - set(engines) == {"gateway", "orchestrator", "webhooks"}
+        assert {"engine-audio-prepare", "engine-merge", "engine-faster-whisper-0"} <= set(engines)
+        assert all(u.startswith("engine-") for u in engines) and len(set(engines)) == len(engines)
         created = dalston(env, "keys", "create", "alice")
         assert created.returncode == 0 and created.stdout.startswith("dsk_"), created.stderr
         listed = dalston(env, "keys", "list", "--json")

@@ -122,7 +122,14 @@ class ObjectUnreadable(Exception):
 
     def __init__(self, name: str, reason: str, *, gone: bool) -> None:
         super().__init__(f"object {name!r} {reason}")
+        self.reason = reason
         self.gone = gone
+
+
+def check_digest(name: str, info: ObjectInfo, digest) -> None:
+    """Raise ObjectUnreadable where what was read (`digest`, a sha256 of it) is not the object."""
+    if base64.urlsafe_b64encode(digest.digest()).decode() != (info.digest or "").partition("=")[2]:
+        raise ObjectUnreadable(name, "does not match its digest", gone=True)
 
 
 class Artifacts:
@@ -144,22 +151,36 @@ class Artifacts:
         source = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
         in_memory = isinstance(source, io.BytesIO)
         nuid = secrets.token_hex(12)
-        chunk_subject = f"$O.{self._bucket}.C.{nuid}"
-        digest, size, chunks = hashlib.sha256(), 0, 0
+        digest, size = hashlib.sha256(), 0
         while chunk := (source.read(CHUNK_BYTES) if in_memory
                         else await asyncio.to_thread(source.read, CHUNK_BYTES)):
             digest.update(chunk)
-            await self._js.publish(chunk_subject, chunk)
-            size, chunks = size + len(chunk), chunks + 1
+            await self.write_chunks(nuid, [chunk])
+            size += len(chunk)
+        await self.seal(name, nuid, size, base64.urlsafe_b64encode(digest.digest()).decode(), headers)
+        return name
+
+    async def write_chunks(self, nuid: str, chunks: list[bytes]) -> None:
+        """The next chunks of an object being written (`seal` makes it readable)."""
+        for chunk in chunks:
+            await self._js.publish(f"$O.{self._bucket}.C.{nuid}", chunk)
+
+    async def seal(self, name: str, nuid: str, size: int, digest: str,
+                   headers: dict[str, str] | None = None) -> None:
+        """Make the chunks written under `nuid` the object `name` (replacing what it was), of
+        `size` bytes and SHA-256 `digest` (base64url): readers check both."""
         info = ObjectInfo(
-            name=name, bucket=self._bucket, nuid=nuid, size=size, chunks=chunks,
-            digest="SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(),
-            mtime=datetime.now(timezone.utc).isoformat(),
+            name=name, bucket=self._bucket, nuid=nuid, size=size, chunks=await self._held(nuid),
+            digest="SHA-256=" + digest, mtime=datetime.now(timezone.utc).isoformat(),
             # Object headers are lists of values, as NATS's own clients write them.
             headers={k: [v] for k, v in headers.items()} if headers else None,
             options=ObjectMetaOptions(max_chunk_size=CHUNK_BYTES))
         await self._publish_meta(name, info)
-        return name
+
+    async def _held(self, nuid: str) -> int:
+        chunk_subject = f"$O.{self._bucket}.C.{nuid}"
+        state = (await self._js.stream_info(self._stream, subjects_filter=chunk_subject)).state
+        return (state.subjects or {}).get(chunk_subject, 0)
 
     async def _publish_meta(self, name: str, info: ObjectInfo) -> None:
         meta = f"$O.{self._bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
@@ -178,18 +199,13 @@ class Artifacts:
 
     async def read_into(self, name: str, sink: IO[bytes]) -> None:
         """Write the object into `sink` chunk by chunk, as it arrives."""
-        info = await self._info(name)
+        info = await self._whole(name)
         if not info.size:
             return
-        chunk_subject = f"$O.{self._bucket}.C.{info.nuid}"
-        state = (await self._js.stream_info(self._stream, subjects_filter=chunk_subject)).state
-        held = (state.subjects or {}).get(chunk_subject, 0)
-        if held != info.chunks:
-            raise ObjectUnreadable(name, f"holds {held} of its {info.chunks} chunks: the rest are gone",
-                                   gone=True)
         digest, got = hashlib.sha256(), 0
         loop = asyncio.get_running_loop()
-        subscription = await self._js.subscribe(chunk_subject, stream=self._stream, ordered_consumer=True)
+        subscription = await self._js.subscribe(f"$O.{self._bucket}.C.{info.nuid}", stream=self._stream,
+                                                ordered_consumer=True)
         try:
             while got < info.chunks:
                 try:
@@ -207,8 +223,32 @@ class Artifacts:
         finally:
             with suppress(nats.errors.Error):
                 await subscription.unsubscribe()
-        if base64.urlsafe_b64encode(digest.digest()).decode() != (info.digest or "").partition("=")[2]:
-            raise ObjectUnreadable(name, "does not match its digest", gone=True)
+        check_digest(name, info, digest)
+
+    async def _whole(self, name: str) -> ObjectInfo:
+        """The object's info, once its chunks are known to be all there."""
+        info = await self._info(name)
+        if info.size and (held := await self._held(info.nuid)) != info.chunks:
+            raise ObjectUnreadable(name, f"holds {held} of its {info.chunks} chunks: the rest are gone",
+                                   gone=True)
+        return info
+
+    async def read_page(self, name: str, cursor: int, most: int) -> tuple[ObjectInfo, list[bytes], int]:
+        """The object's info, and up to `most` of its chunks from stream sequence `cursor` on (0:
+        its first), one request each, for a reader that pages through it: with the cursor where
+        the next page starts, 0 after its last chunk. The reader checks the size and digest."""
+        info = await (self._whole(name) if cursor == 0 else self._info(name))
+        chunks, subject = [], f"$O.{self._bucket}.C.{info.nuid}"
+        while info.size and len(chunks) < most:
+            try:
+                msg = await self._js.get_msg(self._stream, seq=max(1, cursor), subject=subject, next=True)
+            except NotFoundError:
+                if chunks or cursor:  # past its last chunk
+                    return info, chunks, 0
+                raise ObjectUnreadable(name, "has no chunks left", gone=True) from None
+            chunks.append(msg.data or b"")
+            cursor = msg.seq + 1
+        return info, chunks, cursor if info.size else 0
 
     async def size(self, name: str) -> int:
         return (await self._info(name)).size

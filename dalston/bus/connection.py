@@ -84,6 +84,10 @@ class Bus:
         """Publish without keeping it (progress that only live listeners want)."""
         await self.nc.publish(subject, encode(message), headers=tracing.headers())
 
+    async def ring(self, subject: str) -> None:
+        """Publish an empty message: something happened, which its listeners look up themselves."""
+        await self.nc.publish(subject, b"")
+
     async def request(self, endpoint: Endpoint[Req, Rep], message: Req, timeout: float,
                       **tokens: str) -> Rep | None:
         """Ask whoever serves `endpoint` on its subject filled with `tokens` (one member, where

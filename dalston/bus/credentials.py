@@ -3,7 +3,8 @@
 `dalston up` makes them once per home and hands each service the user of its role; the CLI,
 run by the same account, connects as admin with them while that `up` runs. Other local accounts
 cannot read the file, so they cannot connect at all. The users and what each may do are
-nats/accounts.conf's.
+nats/accounts.conf's and dalston.bus.permissions'; each engine's password is made for one run
+(`engine_passwords`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import secrets
 import stat
 from pathlib import Path
 
+from collections.abc import Iterable
+
+from dalston.bus.permissions import ADMIN, SERVICE_USERS
 from dalston.bus.server import HomeLock
 from dalston.config import Settings
 
-ADMIN = "admin"
-USERS = (ADMIN, "orchestrator", "gateway", "engine", "webhooks")
 CREDENTIALS_FILE = "nats-credentials.json"
 
 
@@ -28,9 +30,9 @@ def read_passwords(home: Path) -> dict[str, str] | None:
         passwords = json.loads((home / CREDENTIALS_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(passwords, dict) or not all(isinstance(passwords.get(u), str) for u in USERS):
+    if not isinstance(passwords, dict) or not all(isinstance(passwords.get(u), str) for u in SERVICE_USERS):
         return None
-    return {user: passwords[user] for user in USERS}
+    return {user: passwords[user] for user in SERVICE_USERS}
 
 
 def home_passwords(home: Path) -> dict[str, str]:
@@ -41,7 +43,7 @@ def home_passwords(home: Path) -> dict[str, str]:
     if passwords is not None and _private(path):
         return passwords
     # nats-server reads an all-digit password as a number: a letter first.
-    passwords = {user: f"p{secrets.token_hex(16)}" for user in USERS}
+    passwords = {user: f"p{secrets.token_hex(16)}" for user in SERVICE_USERS}
     home.mkdir(parents=True, exist_ok=True)
     # Created 0600 (never readable by others, not even for a moment), complete, then renamed.
     temporary = path.with_name(f".{CREDENTIALS_FILE}.{os.getpid()}")
@@ -50,6 +52,11 @@ def home_passwords(home: Path) -> dict[str, str]:
         json.dump(passwords, file)
     os.replace(temporary, path)
     return passwords
+
+
+def engine_passwords(users: Iterable[str]) -> dict[str, str]:
+    """A new password for each engine user (a letter first, as above)."""
+    return {user: f"p{secrets.token_hex(16)}" for user in users}
 
 
 def _private(path: Path) -> bool:

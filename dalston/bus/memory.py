@@ -14,6 +14,8 @@ clustering, message TTLs, limits on age and size (the real-NATS tests cover thos
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import itertools
 import random
 import time
@@ -23,8 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TypeVar
 
+from nats.js.api import ObjectInfo
+
 from dalston import tracing
-from dalston.bus.buckets import JobRecords, ObjectUnreadable
+from dalston.bus.buckets import CHUNK_BYTES, JobRecords, ObjectUnreadable
 from dalston.bus.connection import ConsumerState
 from dalston.bus.layout import load_layout
 from dalston.config import Settings
@@ -284,6 +288,7 @@ class MemoryArtifacts:
 
     def __init__(self) -> None:
         self._objects: dict[str, tuple[bytes, dict[str, str]]] = {}
+        self._uploads: dict[str, list[bytes]] = {}  # chunks written, not sealed yet
 
     async def put(self, name: str, data: bytes | IO[bytes], headers: dict[str, str] | None = None) -> str:
         body = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else data.read()
@@ -305,6 +310,24 @@ class MemoryArtifacts:
 
     async def read_to(self, name: str, path: Path) -> None:
         path.write_bytes(self._get(name))
+
+    async def read_page(self, name: str, cursor: int, most: int) -> tuple[ObjectInfo, list[bytes], int]:
+        """As `Artifacts.read_page`; its cursor here is 1 + the index of the next chunk."""
+        data = self._get(name)
+        info = ObjectInfo(name=name, bucket="artifacts", nuid=name, size=len(data),
+                          digest="SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode())
+        count = -(-len(data) // CHUNK_BYTES)
+        first = max(0, cursor - 1)
+        end = min(count, first + most)
+        chunks = [data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES] for i in range(first, end)]
+        return info, chunks, end + 1 if end < count else 0
+
+    async def write_chunks(self, nuid: str, chunks: list[bytes]) -> None:
+        self._uploads.setdefault(nuid, []).extend(chunks)
+
+    async def seal(self, name: str, nuid: str, size: int, digest: str,
+                   headers: dict[str, str] | None = None) -> None:
+        self._objects[name] = (b"".join(self._uploads.pop(nuid, [])), dict(headers or {}))
 
     async def size(self, name: str) -> int:
         return len(self._get(name))
@@ -403,6 +426,9 @@ class MemoryBus:
 
     async def announce(self, subject: str, message: Contract) -> None:
         self._deliver(subject, encode(message), headers=tracing.headers())
+
+    async def ring(self, subject: str) -> None:
+        self._deliver(subject, b"")
 
     def _deliver(self, subject: str, data: bytes, reply: asyncio.Future | None = None,
                  headers: dict[str, str] | None = None) -> int:

@@ -12,6 +12,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from dalston.bus.permissions import password_variable, users_config
 from dalston.resources import data_dir
 
 
@@ -71,19 +72,32 @@ class HomeLock:
 
 
 def server_environment(passwords: dict[str, str]) -> dict[str, str]:
-    """What nats-server reads the passwords of nats/accounts.conf from."""
-    return {f"DALSTON_NATS_{user.upper()}_PASSWORD": password for user, password in passwords.items()}
+    """What nats-server reads its users' passwords from."""
+    return {password_variable(user): password for user, password in passwords.items()}
+
+
+def embedded_config(engines: dict[str, str], directory: Path) -> str:
+    """The config of `dalston up`'s nats-server: the one-machine settings, the permissions of
+    nats/accounts.conf, and its users: the services' and one per engine (`engines`: name ->
+    runtime). No monitoring port: it would tell any local account who is connected and the
+    subjects they listen on (job ids among them), without a password. For a config in
+    `directory`: nats-server reads includes relative to it."""
+    nats = os.path.relpath(data_dir("nats"), directory)
+    return f"include {json.dumps(os.path.join(nats, 'server.conf'))}\n" \
+        + users_config(engines, os.path.join(nats, "accounts.conf"))
 
 
 class EmbeddedNats:
     """nats-server with JetStream on disk under `store_dir`, listening on loopback, open only to
-    the users of nats/accounts.conf, with `passwords` (dalston.bus.credentials)."""
+    the users of nats/accounts.conf and `engines`' (name -> runtime), with `passwords`
+    (dalston.bus.credentials)."""
 
     def __init__(self, store_dir: Path, port: int, passwords: dict[str, str], host: str = "127.0.0.1",
-                 log_file: Path | None = None) -> None:
+                 log_file: Path | None = None, engines: dict[str, str] | None = None) -> None:
         self.store_dir = store_dir
         self.port = port
         self.passwords = passwords
+        self.engines = engines or {}
         self.host = host
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
@@ -101,7 +115,9 @@ class EmbeddedNats:
         ports_dir = self.store_dir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
-        args = [nats_server_binary(), "-c", str(data_dir("nats") / "embedded.conf"), "-js",
+        config = self.store_dir / "nats.conf"
+        config.write_text(embedded_config(self.engines, self.store_dir))
+        args = [nats_server_binary(), "-c", str(config), "-js",
                 "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port),
                 "--ports_file_dir", str(ports_dir)]
         out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL

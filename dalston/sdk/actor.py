@@ -8,6 +8,7 @@ the store) lives in `Engine`, once.
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from dalston.contracts import (
 )
 from dalston.pcm import SampleBuffer
 from dalston.sdk.announcer import SegmentAnnouncer, SegmentSink
+from dalston.sdk.objects import ObjectRefused, TaskClosed, TaskObjects
 from dalston.sentences import Sentences, sentences
 from dalston.transcript import on_recording_clock, segment_on_recording_clock
 
@@ -64,46 +66,57 @@ class TaskResult:
 
 
 @contextmanager
-def _input(name: str) -> Iterator[None]:
-    """An input that cannot be read fails its task at once: it will not come back."""
+def _objects() -> Iterator[None]:
+    """An input that cannot be read fails its task at once: it will not come back. A task no
+    longer to run (its job cancelled) stops as cancelled."""
     try:
         yield
     except ObjectUnreadable as exc:
         raise TaskFailed("input_gone", str(exc)) from None
+    except TaskClosed:
+        raise TaskCancelled() from None
+    except ObjectRefused as exc:
+        raise TaskFailed("internal", str(exc), retryable=True) from None
 
 
 @dataclass
 class TaskContext:
-    """What a task's handler gets beside the task: the bus (its artifacts in the object store,
-    through the helpers below, and subjects to announce on), the engine's settings, and the
-    job's cancellation."""
+    """What a task's handler gets beside the task: its objects (its inputs and outputs, through
+    the helpers below: `objects` asks the orchestrator, presenting the task's grant), the bus
+    (subjects to announce on), the engine's settings, and the job's cancellation."""
 
     bus: Bus
     settings: Settings
+    objects: TaskObjects
     # Set when the job is cancelled; long work checks it between steps.
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     async def read(self, name: str) -> bytes:
-        with _input(name):
-            return await self.bus.artifacts.read(name)
+        buffer = io.BytesIO()
+        with _objects():
+            await self.objects.read_into(name, buffer)
+        return buffer.getvalue()
 
     async def read_to(self, name: str, path: Path) -> None:
-        with _input(name):
-            await self.bus.artifacts.read_to(name, path)
+        with _objects(), path.open("wb") as file:
+            await self.objects.read_into(name, file)
 
     async def read_audio(self, name: str) -> np.ndarray:
         """Prepared audio (`dalston.pcm`), copied chunk by chunk into its one array."""
-        with _input(name):
-            buffer = SampleBuffer(await self.bus.artifacts.size(name))
-            await self.bus.artifacts.read_into(name, buffer)
-        return buffer.samples()
+        buffers: list[SampleBuffer] = []
+        with _objects():
+            async for chunks in self.objects.pages(name, lambda size: buffers.append(SampleBuffer(size))):
+                for chunk in chunks:
+                    buffers[0].write(chunk)
+        return buffers[0].samples()
 
     async def read_struct(self, name: str, kind: type) -> Any:
         return msgspec.json.decode(await self.read(name), type=kind)
 
     async def write(self, name: str, data: bytes | IO[bytes]) -> str:
         """Store `data` (bytes, or a file streamed in chunks) as `name`."""
-        return await self.bus.artifacts.put(name, data)
+        with _objects():
+            return await self.objects.write(name, data)
 
     async def write_file(self, name: str, path: Path) -> str:
         """Store the file at `path`, streamed in chunks rather than read whole."""

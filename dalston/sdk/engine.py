@@ -22,14 +22,12 @@ from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
     HEARTBEAT_SUBJECT,
-    JOB_EVENT_SUBJECT,
+    JOB_CANCELLED_SUBJECT,
     PULL_PROGRESS_SUBJECT,
     TASK_EVENT_SUBJECT,
-    TERMINAL,
     EngineStatus,
     Failure,
     Heartbeat,
-    JobEvent,
     PullProgress,
     Task,
     TaskEvent,
@@ -44,11 +42,14 @@ from dalston.sdk import memory
 from dalston.sdk.actor import Actor, ModelActor, TaskCancelled, TaskContext, TaskFailed, TaskResult
 from dalston.sdk.intake import TaskIntake
 from dalston.sdk.models import Located, ModelManager, NoModels
+from dalston.sdk.objects import ObjectRefused, TaskClosed, TaskObjects, Unanswered
 from dalston.sdk.sessions import SessionHost
 from dalston.sdk.voices import VoiceEmbedder, VoiceHost
 from dalston.store import ModelStore
 
 log = get_logger("dalston.engine")
+# How long a task waits in its queue again where no orchestrator answered for it.
+UNANSWERED_RETRY_SECONDS = 5.0
 
 # What a trace calls the actor's work on a task of each stage (others: the stage's name).
 WORK_SPANS = {"transcribe": "decode"}
@@ -178,17 +179,28 @@ class Engine:
         if (problem := self._unservable(task)) is not None:
             await self._finish(delivery, failure=Failure(code="wrong_runtime", message=problem))
             return
-        if await self._job_ended(task.job_id):
-            await delivery.done()  # cancelled (or failed) while queued: nothing to do, nobody to tell
+        objects = TaskObjects(self._bus, task)
+        try:
+            await objects.open()
+        except TaskClosed:
+            await delivery.done()  # its job ended while it was queued: nothing to do, nobody to tell
+            return
+        except Unanswered as exc:  # the orchestrator away: later
+            log.warning("task not taken", task=task.id, reason=str(exc)[:300])
+            await delivery.retry(UNANSWERED_RETRY_SECONDS)
+            return
+        except ObjectRefused as exc:  # not a task the orchestrator gave: dropped
+            log.warning("task refused", task=task.id, reason=str(exc)[:300])
+            await delivery.done()
             return
         self.current_task = task.id
         self.current_model = task.runtime_model_id or self.settings.default_model_id or None
         self._set_status("busy")
         await self._event(task, "started")
-        ctx = self._current_ctx = TaskContext(bus=self._bus, settings=self.settings)
+        ctx = self._current_ctx = TaskContext(bus=self._bus, settings=self.settings, objects=objects)
         keep_fresh = asyncio.create_task(self._keep_in_progress(delivery))
-        watch_cancel = await self._bus.subscribe(
-            JOB_EVENT_SUBJECT.format(job_id=task.job_id), self._cancel_on_event(ctx), kind=JobEvent)
+        watch_cancel = await self._bus.doorbell(JOB_CANCELLED_SUBJECT.format(job_id=task.job_id),
+                                                self._cancel_on_ring(ctx))
         failure = result = None
         started = time.monotonic()
         try:
@@ -213,17 +225,11 @@ class Engine:
         await self._finish(delivery, result=result, failure=failure)
         self._set_status("idle")
 
-    async def _job_ended(self, job_id: str) -> bool:
-        record = await self._bus.jobs.get(job_id)
-        # A task without a job record (a third-party publisher's) runs.
-        return record is not None and record.status in TERMINAL
-
     @staticmethod
-    def _cancel_on_event(ctx: TaskContext):
-        async def on_event(event: JobEvent) -> None:
-            if event.status == "cancelled":
-                ctx.cancelled.set()
-        return on_event
+    def _cancel_on_ring(ctx: TaskContext):
+        async def on_ring(subject: str) -> None:
+            ctx.cancelled.set()
+        return on_ring
 
     async def _run(self, task: Task, ctx: TaskContext) -> TaskResult:
         # The lease keeps the model loaded until the task ends, however long keep-alive is.

@@ -1,8 +1,9 @@
 """How an engine takes its next task: which of its runtime's queues, and when.
 
 Every engine of a runtime shares one durable pull consumer per model (`tasks.<runtime>.<model>`).
-A core subscription on the same subjects is the doorbell: it wakes an idle engine the moment a
-task is published. The engine then surveys the backlog (one `consumers_info` request) and pulls
+The orchestrator's empty ring on `ring.tasks.<runtime>.<model>` is the doorbell: it wakes an
+idle engine the moment a task is published (the task itself, with its grant, reaches only the
+engine that takes it). The engine then surveys the backlog (one `consumers_info` request) and pulls
 one task from the best queue: the model it holds first, so mixed traffic does not make every
 engine swap on every task.
 """
@@ -19,6 +20,7 @@ from dalston.bus.consumers import PullQueue
 from dalston.bus.delivery import Delivery, RedeliveryPolicy
 from dalston.config import Settings
 from dalston.contracts import (
+    TASK_RING_SUBJECT,
     TASKS_STREAM,
     Heartbeat,
     Task,
@@ -65,7 +67,7 @@ class TaskIntake:
 
     async def start(self, bus: Bus) -> None:
         self._bus = bus
-        await bus.doorbell(f"tasks.{subject_token(self.runtime)}.*", self._ring)
+        await bus.doorbell(TASK_RING_SUBJECT.format(runtime=subject_token(self.runtime), model="*"), self._ring)
         for runtime_model_id in self._held_models():  # its first choices exist before it looks
             await bus.task_consumers.ensure(self.runtime, runtime_model_id)
 

@@ -3,8 +3,9 @@
 While an engine has a free session slot it is a member of its runtime's claim queue group on
 `sessions.<runtime>.*`: NATS hands each `SessionRequest` to one member, which answers with a
 `SessionClaim` (a member that filled up meanwhile declines, and the client asks again). The
-engine then follows `session.<id>.in` (audio, commits, configuration) and reports on
-`session.<id>.out`, holding a lease on the session's model until the session ends, so the model
+engine then follows `session.<identity>.<id>.in` (audio, commits, configuration) and reports on
+`session.<identity>.<id>.out`, where its identity is its NATS user, the only one that may hear
+or speak on those subjects, holding a lease on the session's model until the session ends, so the model
 stays loaded however long keep-alive is.
 
 Sessions do not queue behind batch tasks, nor batch tasks behind sessions: an engine runs its one
@@ -54,6 +55,8 @@ class SessionHost:
     def __init__(self, settings: Settings, engine: str, actor: ModelActor, models: ModelManager,
                  on_change: Callable[[], None]) -> None:
         self.settings, self.engine, self.actor, self.models = settings, engine, actor, models
+        # What its sessions' subjects name: its NATS user (any token where NATS has no users).
+        self.identity = subject_token(settings.nats_user or "engine")
         self.sessions: dict[str, LiveSession] = {}
         self._on_change = on_change
         self._bus: Bus | None = None
@@ -95,8 +98,8 @@ class SessionHost:
             await session.open()  # following its input before the client hears it may send
             log.info("session claimed", session=request.id, model=request.model)
             asyncio.create_task(self._serve(session))
-        return SessionClaim(session_id=request.id, engine=self.engine, accepted=refusal is None,
-                            reason=refusal or "")
+        return SessionClaim(session_id=request.id, engine=self.engine, identity=self.identity,
+                            accepted=refusal is None, reason=refusal or "")
 
     async def _serve(self, session: LiveSession) -> None:
         # Out of the claim queue group if this session took the last slot: here, not in the
@@ -139,7 +142,7 @@ class LiveSession:
         self.host, self.request, self.id = host, request, request.id
         self.config: SessionConfig = request.config
         self._bus: Bus = host._bus
-        self._out = SESSION_OUTPUT_SUBJECT.format(session_id=self.id)
+        self._out = SESSION_OUTPUT_SUBJECT.format(identity=host.identity, session_id=self.id)
         # The rate is the claim's: a later `configure` changes how turns are found, not the audio.
         self.rate = request.config.sample_rate
         self._turns = Turns(self.config.turn_detection, int(host.settings.max_session_buffer_seconds * 1000),
@@ -155,7 +158,8 @@ class LiveSession:
         self._input = None
 
     async def open(self) -> None:
-        self._input = await self._bus.subscribe(SESSION_INPUT_SUBJECT.format(session_id=self.id),
+        self._input = await self._bus.subscribe(SESSION_INPUT_SUBJECT.format(identity=self.host.identity,
+                                                                             session_id=self.id),
                                                 self._on_input, kind=SessionInput,
                                                 on_invalid=self._on_invalid_input)
 

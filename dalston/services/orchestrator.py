@@ -20,6 +20,7 @@ from dalston.contracts import (
     CANCEL_SUBJECT,
     EVENTS_STREAM,
     JOB_AUDIO_OBJECT,
+    JOB_CANCELLED_SUBJECT,
     JOB_EVENT_SUBJECT,
     JOBS_STREAM,
     ORCHESTRATOR_EVENTS_CONSUMER,
@@ -34,11 +35,13 @@ from dalston.contracts import (
     TaskEvent,
     decode,
     now,
+    task_ring,
     task_subject,
 )
 from dalston.engines import EngineWatch, how_to_start
 from dalston.logs import get_logger
 from dalston.loops import until_stopped
+from dalston.services.task_objects import TaskObjects
 
 log = get_logger("dalston.orchestrator")
 
@@ -70,6 +73,8 @@ class Orchestrator:
         self._bus = bus or await connect(self.settings, name="dalston-orchestrator")
         await self.engines.start(self._bus)
         await self._load_active()
+        objects = TaskObjects(self._bus)
+        await objects.start()
         log.info("orchestrator started")
         try:
             await until_stopped(
@@ -80,6 +85,7 @@ class Orchestrator:
                         kind=TaskEvent),
                 self._sweep_forever())
         finally:
+            await objects.stop()
             await self.engines.stop()
             if bus is None:
                 await self._bus.close()
@@ -127,6 +133,7 @@ class Orchestrator:
             log.debug("task published", task=task.id, consumer=durable)
             await self._bus.publish(task_subject(task.runtime, task.runtime_model_id), task,
                                     msg_id=task.id)
+            await self._bus.ring(task_ring(task.runtime, task.runtime_model_id))
 
     async def _announced(self, record: JobRecord) -> bool:
         """Whether the job's last event already says its status. A stream drops a repeated event
@@ -144,6 +151,8 @@ class Orchestrator:
                      transcript_object=record.transcript_object, at=now(),
                      webhook_url=record.webhook_url),
             msg_id=f"{record.id}:{record.status}")
+        if record.status == "cancelled":  # engines running its tasks stop them
+            await self._bus.ring(JOB_CANCELLED_SUBJECT.format(job_id=record.id))
 
     # --- handlers ----------------------------------------------------------------------------------
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from dalston.bus.credentials import ADMIN, home_passwords, service_environment
+from dalston.bus.credentials import ADMIN, engine_passwords, home_passwords, service_environment
+from dalston.bus.permissions import engine_user
 from dalston.bus.server import EmbeddedNats, HomeLock
 from dalston.catalog import Catalog
 from dalston.config import Settings
@@ -104,11 +105,15 @@ class Stack:
 
     def start(self) -> None:
         self.lock.acquire()
+        engines = self._engines()
         nats_url = self.settings.nats_url
         if not nats_url:
-            self.nats = EmbeddedNats(self.settings.home / "nats", self.settings.nats_port,
-                                     home_passwords(self.settings.home),
-                                     log_file=self.settings.home / "nats.log")
+            # Each engine a NATS user of its own, with a password made for this run.
+            passwords = {**home_passwords(self.settings.home),
+                         **engine_passwords(engine_user(name) for name, _, _ in engines)}
+            self.nats = EmbeddedNats(self.settings.home / "nats", self.settings.nats_port, passwords,
+                                     log_file=self.settings.home / "nats.log",
+                                     engines={name: runtime for name, runtime, _ in engines})
             self._start_nats()
             nats_url = self.nats.url
         self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url, "gateway")))
@@ -121,13 +126,22 @@ class Stack:
         if self.settings.webhook_secret:  # without it the gateway refuses webhooks
             self.children.append(Child("webhooks", ["serve", "webhooks"],
                                        self._child_env(nats_url, "webhooks")))
+        for name, runtime, extra in engines:
+            engine_id = f"{name}-{os.getpid()}"
+            self.children.append(Child(engine_id, ["serve", "engine", runtime], self._child_env(
+                nats_url, engine_user(name), DALSTON_RUNTIME=runtime, DALSTON_ENGINE_ID=engine_id, **extra)))
+        for child in self.children:
+            child.start()
+
+    def _engines(self) -> list[tuple[str, str, dict[str, str]]]:
+        """The engines to start: name (their NATS user's, stable across runs), runtime, and
+        settings of their own."""
         default = Catalog.from_settings(self.settings).model(self.settings.default_model)
-        engines, threads = engine_layout(self.settings)
-        share = model_memory_share(self.settings, engines * len(self.runtimes))
-        for runtime in PIPELINE_RUNTIMES:
-            self._add_engine(nats_url, runtime, f"{runtime}-{os.getpid()}")
+        count, threads = engine_layout(self.settings)
+        share = model_memory_share(self.settings, count * len(self.runtimes))
+        engines = [(runtime, runtime, {}) for runtime in PIPELINE_RUNTIMES]
         for runtime in (r for r in self.runtimes if r not in PIPELINE_RUNTIMES):
-            for n in range(engines):
+            for n in range(count):
                 # Engines that serve the default model pull and load it at start, so the first
                 # request does not wait for a download.
                 extra = {"DALSTON_PRELOAD_MODEL": default.id} if runtime == default.runtime else {}
@@ -135,13 +149,8 @@ class Stack:
                     extra["DALSTON_CPU_THREADS"] = str(threads)
                 if share:
                     extra["DALSTON_MODEL_MEMORY_GB"] = share
-                self._add_engine(nats_url, runtime, f"{runtime}-{os.getpid()}-{n}", **extra)
-        for child in self.children:
-            child.start()
-
-    def _add_engine(self, nats_url: str, runtime: str, engine_id: str, **extra: str) -> None:
-        self.children.append(Child(engine_id, ["serve", "engine", runtime], self._child_env(
-            nats_url, "engine", DALSTON_RUNTIME=runtime, DALSTON_ENGINE_ID=engine_id, **extra)))
+                engines.append((f"{runtime}-{n}", runtime, extra))
+        return engines
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         url = f"http://{self.settings.http_host}:{self.settings.http_port}/readyz"

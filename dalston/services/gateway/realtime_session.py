@@ -2,8 +2,9 @@
 in realtime.py, ElevenLabs' Scribe Realtime in elevenlabs_realtime.py).
 
 Behind the WebSocket the session is a conversation over NATS with one engine
-(dalston/sdk/sessions.py): claimed on the first audio, fed on `session.<id>.in`, heard on
-`session.<id>.out`. An engine that dies is noticed by its heartbeats going silent: the client
+(dalston/sdk/sessions.py): claimed on the first audio, fed on `session.<identity>.<id>.in`,
+heard on `session.<identity>.<id>.out`, where the identity is the claiming engine's NATS user,
+the only one that may hear the input or speak on the output. An engine that dies is noticed by its heartbeats going silent: the client
 gets an error and the session carries on, on another engine, from the next audio (the turn in
 progress is lost). A bad client event gets an error that names the problem, and the session
 stays open. A subclass translates its protocol's events to `append`, `commit`, `clear` and
@@ -94,6 +95,8 @@ class RealtimeSession:
         self.model = self.catalog.model(self.settings.default_model)
         self.config = SessionConfig()
         self._engine: str | None = None
+        self._identity = ""  # the claiming engine's (SessionClaim.identity)
+        self._outputs = None  # the subscription to its output
         self._pace = AudioPace(self.settings.session_idle_seconds)
         # Turns committed and not yet transcribed: a client that waits for them is not idle.
         self._owed = 0
@@ -155,8 +158,6 @@ class RealtimeSession:
         self._engine = engine
 
     async def _serve(self) -> None:
-        outputs = await self.bus.subscribe(SESSION_OUTPUT_SUBJECT.format(session_id=self.id), self._on_output,
-                                           kind=SessionOutput)
         tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch()),
                  asyncio.create_task(self._ending.wait())]
         try:
@@ -165,10 +166,11 @@ class RealtimeSession:
         finally:
             for task in tasks:
                 task.cancel()
-            await outputs.unsubscribe()
             if self.engine is not None:
                 await self._forward(SessionInput(kind="close"))
                 self.engine = None
+            if self._outputs is not None:
+                await self._outputs.unsubscribe()
 
     async def end(self, code: str, message: str) -> None:
         """The gateway ends the session: the client is told why, then the socket closes."""
@@ -261,6 +263,7 @@ class RealtimeSession:
                                            model=subject_token(self.model.runtime_model_id))
             if claim is not None:
                 if claim.accepted:
+                    await self._hear(claim.identity)
                     self.engine = claim.engine
                     log.info("session claimed", session=self.id, engine=claim.engine)
                     return
@@ -269,8 +272,18 @@ class RealtimeSession:
         raise ClientError("no_engine", f"no {self.model.runtime} engine can take this session now "
                           f"({reason}); the audio was dropped")
 
+    async def _hear(self, identity: str) -> None:
+        """Follow the output of the engine identity that claimed the session (only)."""
+        if identity != self._identity or self._outputs is None:
+            if self._outputs is not None:
+                await self._outputs.unsubscribe()
+            self._outputs = await self.bus.subscribe(
+                SESSION_OUTPUT_SUBJECT.format(identity=identity, session_id=self.id), self._on_output,
+                kind=SessionOutput)
+            self._identity = identity
+
     async def _forward(self, event: SessionInput) -> None:
-        await self.bus.announce(SESSION_INPUT_SUBJECT.format(session_id=self.id), event)
+        await self.bus.announce(SESSION_INPUT_SUBJECT.format(identity=self._identity, session_id=self.id), event)
 
     async def _on_output(self, out: SessionOutput) -> None:
         if out.engine != self.engine:
