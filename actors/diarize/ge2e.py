@@ -79,7 +79,7 @@ class Ge2eDiarizer:
                 cancelled: threading.Event) -> tuple[list[str], list[SpeakerTurn]]:
         regions = speech_regions(audio)
         audio = at_training_level(audio, regions)
-        windows, embeddings = self._windows(audio, regions, cancelled)
+        windows, embeddings = self.embed_windows(audio, regions, cancelled)
         if len(windows) >= MIN_WINDOWS:
             labels = spectral(embeddings, bounds=options.bounds).tolist()
             labels = absorb_islands(windows, labels, bridge=BRIDGE_SECONDS, min_turn=MIN_TURN_SECONDS)
@@ -99,7 +99,7 @@ class Ge2eDiarizer:
         pieces = self._place_boundaries(audio, pieces, labels, found.centroids, cancelled)
         return labelled_turns(join(pieces, labels, bridge=BRIDGE_SECONDS))
 
-    def _windows(self, audio: np.ndarray, regions: list[tuple[float, float]],
+    def embed_windows(self, audio: np.ndarray, regions: list[tuple[float, float]],
                  cancelled: threading.Event) -> tuple[list[Piece], np.ndarray]:
         """One embedding per 1.6 s window, WINDOW_RATE a second, over each region, and the
         stretch each window speaks for: from halfway to the one before to halfway to the next."""
