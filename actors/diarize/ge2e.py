@@ -4,8 +4,8 @@ on little speech, clustering of embeddings pooled over pieces with turn boundari
 windows.
 
 The clustering constants were chosen by measurement on conversations of espeak-ng voices (far
-more alike than real people) and the real `dialogue.wav`; the VAD threshold on the real
-recordings of tests/data/conversations. `bench/diarization.py` has DER, count and speed.
+more alike than real people) and the real `dialogue.wav`; the VAD threshold and the pieces'
+clustering threshold leave-one-recording-out on the real recordings of tests/data/conversations. `bench/diarization.py` has DER, count and speed.
 """
 
 from __future__ import annotations
