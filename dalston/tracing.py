@@ -2,7 +2,8 @@
 
 A service calls `setup(service)` once at start. With no exporter named (OTEL_TRACES_EXPORTER
 unset or `none`, and no OTLP endpoint) or OTEL_SDK_DISABLED=true, no SDK is loaded and every
-helper here is a no-op: no span objects, no headers. Otherwise each process exports its spans
+helper here is a no-op: no span objects, no headers, and not even the OpenTelemetry API is
+imported (every CLI call goes through the bus). Otherwise each process exports its spans
 (OTLP over HTTP, or `console`) with the SDK's batch processor, which reads OTEL_BSP_* itself;
 the OTLP exporter reads OTEL_EXPORTER_OTLP_* itself.
 
@@ -18,13 +19,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from opentelemetry import context, propagate, trace
-
 from dalston.config import ConfigError
 
-_tracer: trace.Tracer = trace.NoOpTracer()
+_tracer: Any = None  # an opentelemetry Tracer while traces are on
 _enabled = False
-SERVER = trace.SpanKind.SERVER
+# Span kinds, by the names of opentelemetry.trace.SpanKind.
+SERVER, INTERNAL = "SERVER", "INTERNAL"
 # The header names of the W3C trace context; a message carries no others for tracing.
 TRACE_HEADERS = ("traceparent", "tracestate")
 
@@ -85,6 +85,8 @@ def setup(service: str, environ: Mapping[str, str] = os.environ) -> bool:
     provider = TracerProvider(resource=Resource.create({**default, "dalston.service": service}))
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
+    from opentelemetry import trace
+
     trace.set_tracer_provider(provider)  # for libraries that trace through the global one
     install(provider)
     return True
@@ -95,18 +97,19 @@ def install(provider: Any) -> None:
     none again. `setup` calls it; tests install an in-memory one."""
     global _enabled, _tracer
     _enabled = provider is not None
-    _tracer = provider.get_tracer("dalston") if provider is not None else trace.NoOpTracer()
+    _tracer = provider.get_tracer("dalston") if provider is not None else None
 
 
-def span(name: str, *, start: float | None = None, kind: trace.SpanKind = trace.SpanKind.INTERNAL,
-         **attributes: Any):
+def span(name: str, *, start: float | None = None, kind: str = INTERNAL, **attributes: Any):
     """A span around a block, current within it (children take it as parent). `start` (wall
     clock, seconds) begins it earlier: a task's span starts when the task was published.
     Attributes that are None are left out; the rest become `dalston.<name>`."""
     if not _enabled:
         return nullcontext()
+    from opentelemetry.trace import SpanKind
+
     return _tracer.start_as_current_span(
-        name, kind=kind, start_time=None if start is None else int(start * 1e9),
+        name, kind=SpanKind[kind], start_time=None if start is None else int(start * 1e9),
         attributes={k if "." in k else f"dalston.{k}": v for k, v in attributes.items() if v is not None})
 
 
@@ -122,6 +125,8 @@ def headers(existing: dict[str, str] | None = None) -> dict[str, str] | None:
     """`existing` message headers with the current trace context added (none while off)."""
     if not _enabled:
         return existing
+    from opentelemetry import propagate
+
     carrier = dict(existing or {})
     propagate.inject(carrier)
     return carrier or None
@@ -137,12 +142,16 @@ def continued(carried: Mapping[str, str] | None):
     """The trace context `carried` (message headers, a kept carrier) is current within the block."""
     if not _enabled or not carried or "traceparent" not in carried:
         return nullcontext()
+    from opentelemetry import propagate
+
     # Only the W3C fields, bounded: headers come from any publisher.
     return _attached(propagate.extract({k: str(carried[k])[:512] for k in TRACE_HEADERS if k in carried}))
 
 
 @contextmanager
-def _attached(carried_context: context.Context) -> Iterator[None]:
+def _attached(carried_context: Any) -> Iterator[None]:
+    from opentelemetry import context
+
     token = context.attach(carried_context)
     try:
         yield
@@ -156,4 +165,6 @@ def record_status(current_span: Any, status: int) -> None:
         return
     current_span.set_attribute("http.response.status_code", status)
     if status >= 500:
-        current_span.set_status(trace.Status(trace.StatusCode.ERROR))
+        from opentelemetry.trace import Status, StatusCode
+
+        current_span.set_status(Status(StatusCode.ERROR))

@@ -5,6 +5,9 @@ nats-server. Across real processes: test_tracing_stack.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -73,6 +76,15 @@ def test_traces_are_off_unless_an_exporter_or_endpoint_is_named():
     with tracing.span("nothing") as span:
         assert span is None
     assert tracing.carrier() == {}
+
+
+def test_traces_off_do_not_even_import_opentelemetry():
+    """Every CLI call and service goes through the bus: while off it loads nothing of it."""
+    probe = ("import sys, dalston.bus.connection, dalston.sdk.engine, dalston.services.gateway.app; "
+             "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")})
+    assert done.stdout.strip() == "[]"
 
 
 def test_an_exporter_that_cannot_be_had_stops_the_service_with_a_clear_error():
