@@ -120,6 +120,7 @@ MAX_QUEUED_TURNS = 4
 # waits for more audio while the last one took longer than that share of the new audio lasts.
 PARTIAL_EVERY_MS = 1000
 PARTIAL_SHARE = 0.5
+WINDOW_MS = 30_000  # Whisper decodes audio in windows this long
 
 
 @dataclass
@@ -313,8 +314,11 @@ class LiveSession:
         """A turn's segments that hold words; None (the client told) where decoding failed."""
         # Server VAD has already cut the turn to its speech: the runtime's own VAD would
         # only add to the latency. A committed turn may hold long silences: it keeps it.
+        # The prefix leads Whisper's first 30 s window only: a longer turn's agreed words may
+        # lie past it, so such a turn is decoded afresh.
+        agreed = self._agreed_words(item) if len(pcm) <= self._bytes(WINDOW_MS) else []
         options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None,
-                                          draft=draft, prefix=" ".join(self._agreed_words(item)) or None)
+                                          draft=draft, prefix=" ".join(agreed) or None)
         async with self._decoding:
             try:
                 with tracing.span("decode", seconds=len(pcm) / (2 * self.rate), draft=draft):
