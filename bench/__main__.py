@@ -3,12 +3,14 @@
 import tempfile
 from pathlib import Path
 
-from bench import diarization, diarization_diagnosis, job_list, known_speakers, latency, live_turns, long_audio, memory, models, wyoming_vs_http
+from bench import (diarization, diarization_diagnosis, job_list, known_speakers, latency, live_turns, long_audio,
+                   memory, models, noisy_turns, wyoming_vs_http)
 
 BENCHMARKS = {"latency": latency.run, "models": models.run, "memory": memory.run,
               "long_audio": long_audio.run, "diarization": diarization.run,
               "diarization_diagnosis": diarization_diagnosis.run,
               "job_list": job_list.run, "wyoming_vs_http": wyoming_vs_http.run, "live_turns": live_turns.run,
+              "noisy_turns": noisy_turns.run,
               "known_speakers": known_speakers.run}
 
 if __name__ == "__main__":

@@ -4,11 +4,16 @@ how long after the end of its speech (the `speech_stopped` event's `audio_end_ms
 item came, p50 and p95 (targets: p95 <= 1.5 s on the default model, <= 0.8 s on tiny.en), and
 how far the VAD's turn ends lie from the reference turns' (RTTM) speech ends (target <= 0.3 s).
 Then the same recordings through ElevenLabs' realtime endpoint, for the stability of interim
-results: of the words one partial transcript shows in the same place as the partial before it,
-the share that the turn's committed text keeps there (target >= 0.95)."""
+results: of the words two successive partial transcripts of a turn both begin with, the share
+that the turn's committed text keeps in place (target >= 0.95). Only the words they begin with
+count: a word that happens to sit at the same place after the two partials differ is not a word
+shown twice, as the words before it changed.
+
+`python -m bench.live_turns --recordings 2 --models faster-whisper-tiny.en` runs a part of it."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+import tempfile
+
 import websockets
 
 from dalston.loopback import LoopbackStack
@@ -92,9 +99,11 @@ async def _partials(url: str, model: str, audio: bytes) -> tuple[int, int]:
                 elif event["message_type"] == "committed_transcript":
                     final = event["text"].split()
                     for before, after in zip(partials, partials[1:]):
-                        steady = [k for k, (a, b) in enumerate(zip(before, after)) if a == b]
-                        shown += len(steady)
-                        kept += sum(k < len(final) and final[k] == after[k] for k in steady)
+                        steady = 0
+                        while steady < min(len(before), len(after)) and before[steady] == after[steady]:
+                            steady += 1
+                        shown += steady
+                        kept += sum(k < len(final) and final[k] == after[k] for k in range(steady))
                     partials.clear()
 
         reader = asyncio.create_task(read())
@@ -113,8 +122,8 @@ def _p(values: list[float], share: float) -> float:
     return float(np.percentile(values, share * 100)) if values else float("nan")
 
 
-def run(root: Path) -> list[str]:
-    recordings = sorted(CONVERSATIONS.glob("*.flac"))
+def run(root: Path, recordings: int | None = None, models: list[str] = MODELS) -> list[str]:
+    recordings = sorted(CONVERSATIONS.glob("*.flac"))[:recordings]
     stack = LoopbackStack(root, DALSTON_LOG_LEVEL="WARNING")
     stack.start_nats()
     lines = []
@@ -122,7 +131,7 @@ def run(root: Path) -> list[str]:
         stack.start_pipeline()
         stack.start_engine("faster-whisper", "fw")
         stack.wait_engines("audio-prepare", "merge", "fw", timeout=300)
-        for model in MODELS:
+        for model in models:
             delays, offsets = [], []
             asyncio.run(_session(stack.url.replace("http", "ws"), model, _pcm(recordings[0])))  # load, warm
             for path in recordings:
@@ -133,7 +142,7 @@ def run(root: Path) -> list[str]:
             lines.append(f"live turns, {model}, {len(recordings)} real conversations at 1x: {len(delays)} turns, "
                          f"completed after speech end p50 {_p(delays, .5):.2f} s, p95 {_p(delays, .95):.2f} s; "
                          f"VAD turn end from the reference's p50 {_p(offsets, .5):.2f} s, p95 {_p(offsets, .95):.2f} s")
-        for model in MODELS:
+        for model in models:
             shown = kept = 0
             for path in recordings:
                 seen, steady = asyncio.run(_partials(stack.url.replace("http", "ws"), model, _pcm(path)))
@@ -143,3 +152,13 @@ def run(root: Path) -> list[str]:
     finally:
         stack.close()
     return lines
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recordings", type=int, help="only the first N recordings")
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    arguments = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dalston-bench-live_turns-") as root:
+        for line in run(Path(root), arguments.recordings, arguments.models):
+            print(line, flush=True)

@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 
@@ -220,3 +221,36 @@ async def test_batch_jobs_go_on_beside_a_session(stack, sentences):
         await feed(connection, sentences[1][1] + silence(1000))
         await events.until(COMPLETED, 2)
         events.stop()
+
+
+def noise(kind: str, seconds: float) -> bytes:
+    """`seconds` of a signal that holds no speech, as 16-bit PCM at RATE, about -20 dBFS."""
+    size = int(RATE * seconds)
+    rng = np.random.default_rng(0)
+    if kind == "silence":
+        signal_ = np.zeros(size)
+    elif kind == "white":
+        signal_ = rng.standard_normal(size)
+    elif kind == "pink":  # white noise shaped to 1/f power in the frequency domain
+        spectrum = np.fft.rfft(rng.standard_normal(size))
+        spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))
+        signal_ = np.fft.irfft(spectrum, size)
+    else:  # a 440 Hz tone
+        signal_ = np.sin(2 * np.pi * 440 * np.arange(size) / RATE)
+    peak = np.abs(signal_).max() or 1.0
+    return (signal_ / peak * 0.1 * 32767).astype("<i2").tobytes()
+
+
+@pytest.mark.parametrize("kind", ["silence", "white", "pink", "tone"])
+async def test_a_minute_without_speech_gives_no_text(stack, kind):
+    # Just under the session's buffer bound (DALSTON_MAX_SESSION_BUFFER_SECONDS, 60 s).
+    audio = noise(kind, 59)
+    async with connect(stack) as connection:
+        events = await configured(connection, None)
+        step = RATE * 2
+        for start in range(0, len(audio), step):
+            await connection.input_audio_buffer.append(audio=base64.b64encode(audio[start:start + step]).decode())
+        await connection.input_audio_buffer.commit()
+        (_, completed), = await events.until(COMPLETED)
+        events.stop()
+    assert completed.transcript == ""
