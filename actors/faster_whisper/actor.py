@@ -64,10 +64,7 @@ class FasterWhisperActor(ModelActor):
             initial_prompt=options.prompt or None, hotwords=options.hotwords or None,
             temperature=options.temperature or [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
             beam_size=options.beam_size, vad_filter=options.vad, vad_parameters=vad_parameters,
-            word_timestamps=options.word_timestamps, prefix=options.prefix or None)
-        if options.draft:
-            decode.update(temperature=0.0, beam_size=1, without_timestamps=True, word_timestamps=False,
-                          condition_on_previous_text=False)
+            word_timestamps=options.word_timestamps)
         ctranslate2.set_random_seed(0)
         pieces, info = decoder.transcribe(audio, **({"batch_size": self.batch_size} if batched else {}), **decode)
         if batched:
