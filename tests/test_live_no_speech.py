@@ -11,7 +11,6 @@ import subprocess
 import pytest
 
 from tests.heard import paced
-from tests.stack import TestStack
 from tests.test_realtime import CHUNK_MS, COMPLETED, RATE, configured, connect
 
 SOUNDS = {
@@ -21,13 +20,6 @@ SOUNDS = {
     "tone": ["-n", "synth", "60", "sine", "440", "vol", "0.3"],
 }
 DELTA = "conversation.item.input_audio_transcription.delta"
-
-
-@pytest.fixture(scope="module")
-def lone(tmp_path_factory):
-    system = TestStack.running(tmp_path_factory.mktemp("quiet"), "fw-quiet")
-    yield system
-    system.close()
 
 
 def sound(name: str, tmp_path) -> bytes:
@@ -44,8 +36,8 @@ async def append_all(connection, audio: bytes) -> None:
 
 
 @pytest.mark.parametrize("name", list(SOUNDS))
-async def test_a_minute_without_speech_gives_no_text_with_server_vad(lone, tmp_path, name):
-    async with connect(lone) as connection:
+async def test_a_minute_without_speech_gives_no_text_with_server_vad(stack, tmp_path, name):
+    async with connect(stack) as connection:
         events = await configured(connection)
         await append_all(connection, sound(name, tmp_path))
         # The session takes its input in order: once the clear is answered, every turn the
