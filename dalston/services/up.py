@@ -30,6 +30,7 @@ from dalston.bus.server import EmbeddedNats, HomeLock
 from dalston.catalog import Catalog
 from dalston.config import Settings
 from dalston.logs import configure, get_logger
+from dalston.services.engine_users import ADDED_ENGINES_FILE, added_engines, runtime_queues
 from dalston.services.layout import apply_layout
 from dalston.services.wyoming.server import listen_problem
 
@@ -108,12 +109,18 @@ class Stack:
         engines = self._engines()
         nats_url = self.settings.nats_url
         if not nats_url:
-            # Each engine a NATS user of its own, with a password made for this run.
+            # Each engine a NATS user of its own, with a password made for this run; and those
+            # `dalston engines add` made, which run elsewhere, with theirs.
+            added = added_engines(self.settings.home / ADDED_ENGINES_FILE)
             passwords = {**home_passwords(self.settings.home),
+                         **{engine_user(name): entry["password"] for name, entry in added.items()},
                          **engine_passwords(engine_user(name) for name, _, _ in engines)}
-            self.nats = EmbeddedNats(self.settings.home / "nats", self.settings.nats_port, passwords,
-                                     log_file=self.settings.home / "nats.log",
-                                     engines={name: runtime for name, runtime, _ in engines})
+            self.nats = EmbeddedNats(
+                self.settings.home / "nats", self.settings.nats_port, passwords,
+                log_file=self.settings.home / "nats.log",
+                engines={**{name: entry["runtime"] for name, entry in added.items()},
+                         **{name: runtime for name, runtime, _ in engines}},
+                queues=runtime_queues(Catalog.from_settings(self.settings)))
             self._start_nats()
             nats_url = self.nats.url
         self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url, "gateway")))
