@@ -64,6 +64,21 @@ def _on_gpu(settings: Settings) -> bool:
     return Path("/dev/nvidia0").exists() or settings.device == "cuda"
 
 
+def embedded_nats(settings: Settings, engines: dict[str, str]) -> EmbeddedNats:
+    """`dalston up`'s nats-server, for its services and `engines` (name -> runtime), each engine a
+    NATS user of its own with a password made for this run; and for the engines `dalston engines
+    add` made, which run elsewhere, with theirs."""
+    added = {name: entry for name, entry in added_engines(settings.home / ADDED_ENGINES_FILE).items()
+             if isinstance(entry.get("password"), str)}
+    passwords = {**home_passwords(settings.home),
+                 **{engine_user(name): entry["password"] for name, entry in added.items()},
+                 **engine_passwords(map(engine_user, engines))}
+    return EmbeddedNats(settings.home / "nats", settings.nats_port, passwords,
+                        log_file=settings.home / "nats.log",
+                        engines={**{name: entry["runtime"] for name, entry in added.items()}, **engines},
+                        queues=runtime_queues(Catalog.from_settings(settings)))
+
+
 def model_memory_share(settings: Settings, engines: int) -> str | None:
     """Each CPU engine's part of the machine's RAM for its models (DALSTON_MODEL_MEMORY_GB),
     where none is set: engines on one machine would otherwise each count all of it."""
@@ -109,18 +124,7 @@ class Stack:
         engines = self._engines()
         nats_url = self.settings.nats_url
         if not nats_url:
-            # Each engine a NATS user of its own, with a password made for this run; and those
-            # `dalston engines add` made, which run elsewhere, with theirs.
-            added = added_engines(self.settings.home / ADDED_ENGINES_FILE)
-            passwords = {**home_passwords(self.settings.home),
-                         **{engine_user(name): entry["password"] for name, entry in added.items()},
-                         **engine_passwords(engine_user(name) for name, _, _ in engines)}
-            self.nats = EmbeddedNats(
-                self.settings.home / "nats", self.settings.nats_port, passwords,
-                log_file=self.settings.home / "nats.log",
-                engines={**{name: entry["runtime"] for name, entry in added.items()},
-                         **{name: runtime for name, runtime, _ in engines}},
-                queues=runtime_queues(Catalog.from_settings(self.settings)))
+            self.nats = embedded_nats(self.settings, {name: runtime for name, runtime, _ in engines})
             self._start_nats()
             nats_url = self.nats.url
         self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url, "gateway")))
