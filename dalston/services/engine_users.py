@@ -1,8 +1,8 @@
 """The NATS users of a deployment's engines: who they are, and which task queues each may take.
 
 An engine's user may take tasks only from its runtime's queues, which the catalog names (one per
-model of the runtime, as the admin step makes them: dalston/services/layout.py), so every
-engines' users config is made with the catalog: `dalston up` makes its own at each start;
+model of the runtime, as the admin step makes them: dalston/services/layout.py), so the users'
+config is made with the catalog: `dalston up` makes its own at each start;
 compose's, nats/users.conf, is this module's output for compose's engine services and those added
 with `dalston engines add --compose`:
 
