@@ -70,6 +70,8 @@ async def test_dalston_up_lets_an_added_engine_in(tmp_path, monkeypatch, capsys)
     kept = tmp_path / "home" / "engines.json"
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600  # it holds the password
 
+    assert main(["engines", "add", "faster-whisper-0", "--runtime", "faster-whisper"]) != 0  # `up`'s own
+
     server = embedded_nats(load_settings(), {"merge": "merge"})  # as `dalston up` makes it
     server.start()
     try:

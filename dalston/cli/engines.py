@@ -52,6 +52,10 @@ def _add(args, settings: Settings) -> int:
         raise CliError(str(exc)) from None
     user, password = engine_user(args.name), new_password()
     if args.compose is None:
+        # `up` names its own engines after their runtime (faster-whisper-0, merge, ...), with a
+        # password of each run's: an added engine of such a name would be locked out.
+        if re.fullmatch(rf"({'|'.join(map(re.escape, catalog.runtimes))})(-\d+)?", args.name):
+            raise CliError(f"{args.name} is a name of `dalston up`'s own engines; choose another")
         add_engine(settings.home / ADDED_ENGINES_FILE, args.name,
                    {"runtime": args.runtime, "password": password})
         url = settings.nats_url or f"nats://127.0.0.1:{settings.nats_port}"
