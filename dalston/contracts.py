@@ -26,8 +26,10 @@ TASK_SUBJECT = "tasks.{runtime}.{model}"
 # Core NATS, empty: a task was queued on its task subject (the engines' doorbell; the task
 # itself, with its grant, reaches only the engine that takes it from its queue).
 TASK_RING_SUBJECT = "ring." + TASK_SUBJECT
-HEARTBEAT_SUBJECT = "heartbeat.{runtime}.{engine}"
-DEADLETTER_SUBJECT = "deadletter.{source}"
+# Both name the NATS identity of their publisher (its user: `nats_identity`), the only one
+# allowed to publish there (dalston/bus/permissions.py): no engine beats or dead-letters as another.
+HEARTBEAT_SUBJECT = "heartbeat.{runtime}.{identity}.{engine}"
+DEADLETTER_SUBJECT = "deadletter.{source}.{identity}"
 PULL_SUBJECT = "models.pull.{model}"
 PULL_PROGRESS_SUBJECT = "models.progress.{model}"
 # Live-only (core NATS, in no stream): segments as engines decode them.
@@ -78,6 +80,17 @@ _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 def subject_token(value: str) -> str:
     """`value` as one subject token (and consumer-name part): dots and the like become `_`."""
     return _TOKEN_UNSAFE.sub("_", value) or "_"
+
+
+def nats_identity(user: str) -> str:
+    """What the subjects of a publisher with NATS user `user` name it by (any token where NATS
+    has no users)."""
+    return subject_token(user or "anonymous")
+
+
+def heartbeat_subject(runtime: str, identity: str, engine: str) -> str:
+    return HEARTBEAT_SUBJECT.format(runtime=subject_token(runtime), identity=subject_token(identity),
+                                    engine=subject_token(engine))
 
 
 def task_subject(runtime: str, runtime_model_id: str | None) -> str:
@@ -754,10 +767,13 @@ class Unload(Contract, kw_only=True):
 
 
 class Heartbeat(Contract, kw_only=True):
-    """Published on `heartbeat.<runtime>.<engine>` every few seconds, with a TTL of three beats."""
+    """Published on `heartbeat.<runtime>.<identity>.<engine>` every few seconds, with a TTL of
+    three beats; a beat whose fields do not match its subject is ignored."""
 
     runtime: Token
     engine: Token
+    # Its engine's NATS identity (`nats_identity`).
+    identity: Token = "anonymous"
     host: str
     status: EngineStatus
     version: str

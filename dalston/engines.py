@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from dalston.bus.connection import Bus
-from dalston.contracts import HEARTBEATS_STREAM, ContractError, Heartbeat, decode
+from dalston.contracts import HEARTBEATS_STREAM, ContractError, Heartbeat, decode, heartbeat_subject
 
 # An engine that missed this many beats is gone, whether or not its TTL marker arrived yet.
 MISSED_BEATS = 3
@@ -55,6 +55,10 @@ class EngineWatch:
             try:
                 beat = decode(data, Heartbeat)
             except ContractError:
+                return
+            # Only its own user may publish on a subject that names it: a beat that claims another
+            # runtime, user or engine than its subject says is forged.
+            if subject != heartbeat_subject(beat.runtime, beat.identity, beat.engine):
                 return
         if beat is None:
             self._beats.pop(subject, None)

@@ -154,6 +154,6 @@ class LoopbackStack:
 
 
 async def heartbeat(bus: Bus, runtime: str, engine: str) -> Heartbeat:
-    """The engine's last heartbeat."""
-    raw = await bus.last(HEARTBEATS_STREAM, HEARTBEAT_SUBJECT.format(runtime=runtime, engine=engine))
+    """The engine's last heartbeat, whichever NATS user it has."""
+    raw = await bus.last(HEARTBEATS_STREAM, HEARTBEAT_SUBJECT.format(runtime=runtime, identity="*", engine=engine))
     return decode(raw, Heartbeat)

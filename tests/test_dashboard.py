@@ -60,7 +60,7 @@ async def transcribe(system: Stack, model: str, name: str = "dialogue.wav") -> s
 
 
 def engine(name: str, runtime: str = "faster-whisper") -> str:
-    return f"heartbeat.{runtime}.{name}"
+    return f"heartbeat.{runtime}.admin.{name}"  # the stack's engines connect as admin
 
 
 async def test_live_engines_show_within_one_heartbeat(system):

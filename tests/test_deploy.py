@@ -7,6 +7,7 @@ NATS configs it mounts are started for real in test_nats_permissions.py and test
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -14,10 +15,11 @@ import msgspec
 import pytest
 import yaml
 
-from dalston.bus.permissions import COMPOSE_ENGINES, SERVICE_USERS, engine_user, password_variable, users_config
+from dalston.bus.permissions import COMPOSE_ENGINES, SERVICE_USERS, engine_user, password_variable
 from dalston.catalog import Catalog
 from dalston.cli.health import CHECKS
 from dalston.config import Settings
+from dalston.services.engine_users import compose_users_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -41,9 +43,10 @@ def test_compose_yaml_meets_the_compose_specification():
 
 
 def test_every_service_is_there():
-    assert {"nats", "gateway", "orchestrator", "audio-prepare", "merge", "diarize", "redact", "faster-whisper",
-            "nemo"} <= set(SERVICES)
-    assert set(ENGINES) == {"audio-prepare", "merge", "diarize", "redact", "faster-whisper", "nemo"}
+    assert {"nats", "gateway", "orchestrator", "audio-prepare", "merge", "diarize", "redact", "faster-whisper-1",
+            "faster-whisper-2", "nemo"} <= set(SERVICES)
+    assert set(ENGINES) == {"audio-prepare", "merge", "diarize", "redact", "faster-whisper-1", "faster-whisper-2",
+                            "nemo"}
 
 
 @pytest.mark.parametrize("name", sorted(DALSTON))
@@ -60,10 +63,10 @@ def test_environment_is_settings(name):
 
 
 def test_each_engine_service_has_its_user_in_the_nats_config():
-    """One NATS user per engine service (its replicas share it), generated from the one
-    template: the checked-in nats/users.conf is the generator's output for compose's engines."""
+    """One NATS user per engine service, generated from the one template: the checked-in
+    nats/users.conf is the generator's output for compose's engines and the catalog."""
     assert {name: spec["environment"]["DALSTON_RUNTIME"] for name, spec in ENGINES.items()} == COMPOSE_ENGINES
-    assert (ROOT / "nats/users.conf").read_text() == users_config(COMPOSE_ENGINES)
+    assert (ROOT / "nats/users.conf").read_text() == compose_users_config(Catalog.load(), ROOT / "nats")
     assert set(SERVICES["nats"]["environment"]) == {
         password_variable(user) for user in [*SERVICE_USERS, *map(engine_user, COMPOSE_ENGINES)]}
 
@@ -100,9 +103,26 @@ def test_dockerfiles_exist_and_take_the_runtime():
     assert "ARG RUNTIME" in runtime_dockerfile and "python:3.11-slim" in runtime_dockerfile
 
 
-def test_faster_whisper_scales():
-    spec = SERVICES["faster-whisper"]
-    assert "container_name" not in spec and "ports" not in spec
+def test_no_two_engines_share_a_user():
+    """Engines of one user could hear each other's live sessions: two faster-whisper engines are
+    two services, with users of their own, and no service has replicas."""
+    users = [spec["environment"]["DALSTON_NATS_USER"] for spec in ENGINES.values()]
+    assert len(users) == len(set(users))
+    assert not [name for name, spec in SERVICES.items() if "replicas" in spec.get("deploy", {})]
+    for name in ("faster-whisper-1", "faster-whisper-2"):
+        assert "container_name" not in SERVICES[name] and "ports" not in SERVICES[name]
+
+
+def test_no_empty_default_podman_compose_1_keeps_as_it_is():
+    """podman-compose 1.0 does not expand `${VAR:-}` (nor `${VAR-}`): the service got the text."""
+    def values(node):
+        if isinstance(node, dict):
+            yield from (v for value in node.values() for v in values(value))
+        elif isinstance(node, list):
+            yield from (v for value in node for v in values(value))
+        elif isinstance(node, str):
+            yield node
+    assert [value for value in values(COMPOSE) if re.search(r"\$\{\w+:?-\}", value)] == []
 
 
 def test_nemo_reserves_a_gpu_behind_a_profile():

@@ -9,7 +9,7 @@ import socket
 from dalston.bus.connection import connect
 from dalston.cli import main
 from dalston.config import load_settings
-from dalston.contracts import HEARTBEAT_SUBJECT, subject_token
+from dalston.contracts import heartbeat_subject, nats_identity, subject_token
 
 
 def health(monkeypatch, env: dict[str, str], service: str) -> int:
@@ -26,7 +26,8 @@ def test_an_engine_is_ready_once_its_beat_is_there(nats_env, monkeypatch):
         bus = await connect(load_settings(nats_env), name="test")
         try:
             engine = subject_token(f"{socket.gethostname()}-1")  # the container's PID 1
-            await bus.js.publish(HEARTBEAT_SUBJECT.format(runtime="faster-whisper", engine=engine), b"{}")
+            identity = nats_identity(load_settings(nats_env).nats_user)
+            await bus.js.publish(heartbeat_subject("faster-whisper", identity, engine), b"{}")
         finally:
             await bus.close()
 

@@ -32,7 +32,7 @@ def beat(engine: str, *models: str, status: str = "idle", loading: str | None = 
 async def watch_of(*beats: Heartbeat, clock: Clock | None = None) -> EngineWatch:
     watch = EngineWatch(clock=clock or Clock())
     for b in beats:
-        await watch._receive(f"heartbeat.{b.runtime}.{b.engine}", encode(b))
+        await watch._receive(f"heartbeat.{b.runtime}.anonymous.{b.engine}", encode(b))
     return watch
 
 
@@ -101,24 +101,24 @@ async def test_an_engine_is_live_until_it_misses_its_beats():
     clock.now += MISSED_BEATS * 1.0 - 0.01
     assert len(watch.live()) == 3
     clock.now += 0.02
-    assert watch.live() == [] and watch.silent("heartbeat.faster-whisper.a")
-    await watch._receive("heartbeat.faster-whisper.a", encode(beat("a")))
+    assert watch.live() == [] and watch.silent("heartbeat.faster-whisper.anonymous.a")
+    await watch._receive("heartbeat.faster-whisper.anonymous.a", encode(beat("a")))
     assert [b.engine for b in watch.live()] == ["a"]
 
 
 async def test_an_expired_beat_removes_the_engine_and_says_so():
     changes: list[tuple[str, str | None]] = []
     watch = EngineWatch(on_change=lambda subject, b: changes.append((subject, b and b.engine)))
-    await watch._receive("heartbeat.faster-whisper.a", encode(beat("a")))
-    await watch._receive("heartbeat.faster-whisper.a", None)
+    await watch._receive("heartbeat.faster-whisper.anonymous.a", encode(beat("a")))
+    await watch._receive("heartbeat.faster-whisper.anonymous.a", None)
     assert watch.live() == []
-    assert changes == [("heartbeat.faster-whisper.a", "a"), ("heartbeat.faster-whisper.a", None)]
+    assert changes == [("heartbeat.faster-whisper.anonymous.a", "a"), ("heartbeat.faster-whisper.anonymous.a", None)]
 
 
 @pytest.mark.parametrize("data", [b"not json", b'{"engine": "a"}', b"[]"])
 async def test_a_beat_that_is_not_a_heartbeat_changes_nothing(data):
     watch = await watch_of(beat("a"))
-    await watch._receive("heartbeat.faster-whisper.a", data)
+    await watch._receive("heartbeat.faster-whisper.anonymous.a", data)
     assert [b.engine for b in watch.live()] == ["a"]
 
 
@@ -131,10 +131,10 @@ async def test_a_runtime_counts_as_seen_while_live_and_for_a_while_after():
     clock.now += 60
     assert watch.seen_within(RUNTIME, 10) is False  # silent since its beat
     assert watch.seen_within("diarize", 10) is False
-    await watch._receive("heartbeat.faster-whisper.a", encode(beat("a")))
+    await watch._receive("heartbeat.faster-whisper.anonymous.a", encode(beat("a")))
     clock.now += 30  # live no more (missed beats), and its expiry marker arrives...
-    await watch._receive("heartbeat.faster-whisper.a", None)
+    await watch._receive("heartbeat.faster-whisper.anonymous.a", None)
     assert watch.live() == [] and watch.seen_within(RUNTIME, 31)  # ... but it was seen
     assert not watch.seen_within(RUNTIME, 29)
-    await watch._receive("heartbeat.diarize.d", encode(beat("d", runtime="diarize")))
+    await watch._receive("heartbeat.diarize.anonymous.d", encode(beat("d", runtime="diarize")))
     assert watch.seen_within("diarize", 0)  # live

@@ -112,7 +112,7 @@ async def test_a_task_longer_than_keep_alive_keeps_its_model(system, long_audio)
         beat = await heartbeat(bus, "faster-whisper", "keeper")
         return beat if beat.last_unload and not beat.loaded_models else None
 
-    watch = await bus.nc.subscribe("heartbeat.faster-whisper.keeper", cb=on_beat)
+    watch = await bus.nc.subscribe("heartbeat.faster-whisper.*.keeper", cb=on_beat)
     try:
         job_id = submit(system, long_audio, TINY)
         record = await wait_job(system, job_id, 180)
@@ -289,7 +289,7 @@ async def test_an_engine_on_a_host_with_a_slow_clock_stays_live(system):
     try:
         for _ in range(4):
             beat.sent_at = time.time() - 3600
-            await bus.publish("heartbeat.faster-whisper.skewed", beat, msg_ttl=3)
+            await bus.publish("heartbeat.faster-whisper.anonymous.skewed", beat, msg_ttl=3)
             await asyncio.sleep(0.5)
             assert listed()
         await wait_for(gone, 10, 0.1)

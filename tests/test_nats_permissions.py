@@ -25,7 +25,8 @@ from dalston.bus.connection import connect
 from dalston.bus.credentials import inbox_prefix
 from dalston.bus.permissions import COMPOSE_ENGINES, SERVICE_USERS, engine_user, password_variable
 from dalston.config import load_settings
-from dalston.contracts import HEARTBEAT_SUBJECT, DeadLetter, Heartbeat, TaskEvent, decode, encode
+from dalston.contracts import DeadLetter, Heartbeat, TaskEvent, decode, encode, heartbeat_subject
+from dalston.engines import EngineWatch
 from dalston.sdk.objects import ObjectRefused, TaskClosed
 from dalston.sdk.objects import TaskObjects as EngineObjects
 from dalston.services.layout import apply_layout
@@ -38,8 +39,11 @@ from tests.webhook_receiver import Receiver
 # Compose's users: the services' and one per engine service (nats/users.conf).
 USERS = (*SERVICE_USERS, *map(engine_user, COMPOSE_ENGINES))
 PASSWORDS = {user: f"pw-{user}-7f3a" for user in USERS}
-ENGINE = engine_user("faster-whisper")  # the engine user the attacks below are tried as
+ENGINE = engine_user("faster-whisper-1")  # the engine user the attacks below are tried as
 OTHER_ENGINE = engine_user("merge")
+REPLICA = engine_user("faster-whisper-2")  # another engine of ENGINE's runtime
+# The compose engine service (its user) of each runtime the tests below start an engine of.
+SERVICE_OF = {"audio-prepare": "audio-prepare", "merge": "merge", "faster-whisper": "faster-whisper-1"}
 
 
 def credentials(user: str) -> dict[str, str]:
@@ -105,7 +109,21 @@ REFUSED = [
     (ENGINE, "subscribe", f"session.{OTHER_ENGINE}.*.in", "hear another engine's sessions"),
     (ENGINE, "publish", f"session.{OTHER_ENGINE}.some-session.out", "inject into another engine's session"),
     (ENGINE, "publish", "session.gateway.some-session.in", "feed a session as the gateway"),
-    (ENGINE, "publish", "heartbeat.merge.some-engine", "beat as another runtime's engine"),
+    (ENGINE, "publish", f"heartbeat.merge.{OTHER_ENGINE}.some-engine", "beat as another runtime's engine"),
+    (ENGINE, "publish", f"heartbeat.faster-whisper.{REPLICA}.some-engine", "beat as another engine of its runtime"),
+    (ENGINE, "publish", "heartbeat.faster-whisper.some-engine", "beat outside its own subjects"),
+    # Task queues: an engine takes and settles tasks only from its own runtime's.
+    (ENGINE, "publish", "$JS.API.CONSUMER.MSG.NEXT.TASKS.tasks-merge-none", "take another runtime's tasks"),
+    (ENGINE, "publish", "$JS.API.CONSUMER.MSG.NEXT.TASKS.tasks-nemo-nvidia_parakeet-tdt-0_6b-v2",
+     "take another runtime's tasks"),
+    (ENGINE, "publish", "$JS.ACK.TASKS.tasks-merge-none.1.1.1.1700000000000000000.0", "settle another runtime's task"),
+    (ENGINE, "publish", "$JS.API.CONSUMER.MSG.NEXT.TASKS.*", "take from every queue"),
+    # Dead letters name who wrote them: an engine writes only its own.
+    (ENGINE, "publish", "deadletter.events.orchestrator", "dead-letter as the orchestrator"),
+    (ENGINE, "publish", f"deadletter.tasks.{REPLICA}", "dead-letter as another engine"),
+    (ENGINE, "publish", "deadletter.tasks", "dead-letter without its name"),
+    ("webhooks", "publish", "deadletter.events.orchestrator", "dead-letter as the orchestrator"),
+    ("orchestrator", "publish", "deadletter.events.webhooks", "dead-letter as the webhook service"),
     (ENGINE, "subscribe", "sessions.merge.*", "claim another runtime's sessions"),
     ("gateway", "publish", "transcript.some-job", "forge a job's streamed text"),
     # Enrolled voices are the gateway's: a job carries the embeddings of its own known speakers.
@@ -164,6 +182,63 @@ async def test_refused_task_never_reaches_the_queue(locked):
         await nc.close()
         assert (await bus.js.stream_info("TASKS")).state.messages == 0
     finally:
+        await bus.close()
+
+
+async def test_an_engine_takes_tasks_only_from_its_runtimes_queues(locked):
+    """A task queued for nemo: a faster-whisper engine's user cannot fetch it, nor can merge's;
+    the nemo engine's user fetches it, and dead-letters it on a subject that names it."""
+    bus = await locked.bus()
+    nemo = await connect(load_settings({**locked.env, **credentials(engine_user("nemo"))}), name="test-nemo")
+    queue = "tasks-nemo-nvidia_parakeet-tdt-0_6b-v2"
+    try:
+        await bus.js.publish("tasks.nemo.nvidia_parakeet-tdt-0_6b-v2", b"not a task")
+        for user in (ENGINE, OTHER_ENGINE):
+            errors: list[str] = []
+            nc = await connect_as(locked, user, errors)
+            try:
+                pull = await nc.jetstream().pull_subscribe_bind(queue, stream="TASKS")
+                with pytest.raises(nats.errors.TimeoutError):
+                    await pull.fetch(1, timeout=2)
+                assert f'publish to "$js.api.consumer.msg.next.tasks.{queue}"' in await until_error(errors)
+            finally:
+                await nc.close()
+        assert (await bus.js.consumer_info("TASKS", queue)).num_pending == 1
+        [taken] = await (await nemo.pull(queue, "TASKS")).fetch(1, timeout=5)
+        await nemo.dead_letter(taken, "not a task")
+        letter = decode(await bus.last("DEADLETTER", f"deadletter.tasks.{engine_user('nemo')}"), DeadLetter)
+        assert letter.payload == b"not a task"
+        info = await bus.js.consumer_info("TASKS", queue)
+        assert info.num_pending == 0 and info.num_ack_pending == 0
+    finally:
+        await nemo.close()
+        await bus.close()
+
+
+async def test_a_beat_unlike_its_subject_is_ignored(locked):
+    """An engine may beat only on its own subjects; there, a beat that says it is of another
+    runtime or another engine (to make the gateway think a nemo engine runs, say) is ignored."""
+    bus = await locked.bus()
+    engine = await connect(load_settings({**locked.env, **credentials(ENGINE)}), name="test-engine")
+    watch = EngineWatch()
+    await watch.start(bus)
+    try:
+        beats = {"forged-nemo": Heartbeat(runtime="nemo", engine="forged-nemo", identity=ENGINE, host="h",
+                                          status="idle", version="0"),
+                 "forged-replica": Heartbeat(runtime="faster-whisper", engine="forged-replica", identity=REPLICA,
+                                             host="h", status="idle", version="0"),
+                 "true": Heartbeat(runtime="faster-whisper", engine="true", identity=ENGINE, host="h",
+                                   status="idle", version="0")}
+        for name, beat in beats.items():
+            await engine.publish(heartbeat_subject("faster-whisper", ENGINE, name), beat, msg_ttl=2)
+
+        async def heard():
+            return "true" in [b.engine for b in watch.live()]
+        await wait_for(heard, 10)
+        assert not watch.live("nemo") and "forged-replica" not in [b.engine for b in watch.live()]
+    finally:
+        await watch.stop()
+        await engine.close()
         await bus.close()
 
 
@@ -363,8 +438,8 @@ def test_every_service_does_its_job_with_its_own_user(locked):
         assert time.monotonic() < deadline, locked.log_text("orchestrator")
         time.sleep(0.1)
     locked.start("gateway", "gateway", **credentials("gateway"))
-    for runtime in ("audio-prepare", "merge", "faster-whisper"):
-        locked.start_engine(runtime, **credentials(engine_user(runtime)))
+    for runtime, service in SERVICE_OF.items():
+        locked.start_engine(runtime, **credentials(engine_user(service)))
     locked.wait_http()
     locked.wait_engines("audio-prepare", "merge", "faster-whisper")
 
@@ -428,8 +503,9 @@ async def test_an_engine_cannot_report_on_a_task_it_was_not_given(locked, forger
     try:
         # A nemo engine seen a moment ago (as if restarting): the job is taken and its task waits,
         # since no engine runs it now.
-        await bus.nc.publish(HEARTBEAT_SUBJECT.format(runtime="nemo", engine="nemo-gone"), encode(Heartbeat(
-            runtime="nemo", engine="nemo-gone", host="elsewhere", status="stopping", version="0")))
+        await bus.nc.publish(heartbeat_subject("nemo", "admin", "nemo-gone"), encode(Heartbeat(
+            runtime="nemo", engine="nemo-gone", identity="admin", host="elsewhere", status="stopping",
+            version="0")))
         await bus.nc.flush()
 
         async def submitted():
@@ -455,7 +531,7 @@ async def test_an_engine_cannot_report_on_a_task_it_was_not_given(locked, forger
         async def dead_lettered():
             return (await bus.js.stream_info("DEADLETTER")).state.messages > letters
         await wait_for(dead_lettered, 20)
-        letter = decode((await bus.js.get_last_msg("DEADLETTER", "deadletter.events")).data, DeadLetter)
+        letter = decode((await bus.js.get_last_msg("DEADLETTER", "deadletter.events.orchestrator")).data, DeadLetter)
         assert ("outside job" if forgery == "another job's transcript" else "grant") in letter.reason
         record = await bus.jobs.get(job_id)
         assert record.status != "completed" and record.tasks[next(

@@ -91,6 +91,10 @@ async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_sto
     port = free_port()
     # With a webhook secret, `up` runs the webhook service too.
     env = {**fresh_machine(tmp_path, port), "DALSTON_WEBHOOK_SECRET": "whsec_" + "A" * 32}
+    # An engine that runs elsewhere, added before: `up` lets its user in.
+    added = dalston(env, "engines", "add", "remote-1", "--runtime", "faster-whisper")
+    assert added.returncode == 0, added.stderr
+    remote = dict(line.split("=", 1) for line in added.stdout.splitlines())
     with dalston_up(tmp_path, env) as up:
         with open(AUDIO / "speaker1.wav", "rb") as audio:
             response = httpx.post(f"http://127.0.0.1:{port}/v1/audio/transcriptions",
@@ -102,6 +106,9 @@ async def test_up_serves_admits_only_its_own_nats_users_refuses_a_second_and_sto
         # Another local account, without the passwords, cannot even connect.
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await connect_anonymously(env["DALSTON_NATS_PORT"])
+        nc = await nats.connect(remote["DALSTON_NATS_URL"], user=remote["DALSTON_NATS_USER"],
+                                password=remote["DALSTON_NATS_PASSWORD"], allow_reconnect=False)
+        await nc.close()
         credentials = Path(env["DALSTON_HOME"]) / CREDENTIALS_FILE
         assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
         # Nothing else of NATS listens (a monitoring port would tell anyone who listens where).

@@ -139,7 +139,7 @@ async def test_a_delivery_never_accepted_is_dead_lettered_after_the_max_age(stac
     start_webhooks(stack, DALSTON_WEBHOOK_MAX_AGE="10")
     receiver = Receiver(*[503] * 1000)
     bus = await stack.bus()
-    subject = "deadletter.events"
+    subject = "deadletter.events.admin"  # the stack's services connect as admin
     try:
         before = (await bus.messages_by_subject(DEADLETTER_STREAM, subject)).get(subject, 0)
         response = submit(hooks, receiver.url, task="translate")  # refused: ends at once

@@ -34,6 +34,7 @@ from dalston.contracts import (
     dead_letter,
     decode,
     encode,
+    nats_identity,
     subject_token,
 )
 from dalston.logs import get_logger
@@ -156,7 +157,9 @@ class Bus:
         source = subject_token(msg.subject.split(".", 1)[0])
         log.warning("message dead-lettered", subject=msg.subject[:256], reason=reason[:512])
         try:
-            await self.js.publish(DEADLETTER_SUBJECT.format(source=source),
+            # The subject names who wrote it (its NATS user): nobody may write one as another.
+            identity = nats_identity(self.settings.nats_user)
+            await self.js.publish(DEADLETTER_SUBJECT.format(source=source, identity=identity),
                                   encode(dead_letter(msg.subject, reason, msg.data)))
         except Exception as exc:  # noqa: BLE001 - the message goes either way
             log.error("dead letter not kept", subject=msg.subject[:256], error=repr(exc))

@@ -42,21 +42,30 @@ def home_passwords(home: Path) -> dict[str, str]:
     passwords = read_passwords(home)
     if passwords is not None and _private(path):
         return passwords
-    # nats-server reads an all-digit password as a number: a letter first.
-    passwords = {user: f"p{secrets.token_hex(16)}" for user in SERVICE_USERS}
-    home.mkdir(parents=True, exist_ok=True)
-    # Created 0600 (never readable by others, not even for a moment), complete, then renamed.
-    temporary = path.with_name(f".{CREDENTIALS_FILE}.{os.getpid()}")
-    temporary.unlink(missing_ok=True)
-    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-        json.dump(passwords, file)
-    os.replace(temporary, path)
+    passwords = {user: new_password() for user in SERVICE_USERS}
+    write_private(path, passwords)
     return passwords
 
 
+def write_private(path: Path, content: object) -> None:
+    """`content` as JSON in `path`, created 0600 (never readable by others, not even for a
+    moment), complete, then renamed over the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        json.dump(content, file)
+    os.replace(temporary, path)
+
+
+def new_password() -> str:
+    # nats-server reads an all-digit password as a number: a letter first.
+    return f"p{secrets.token_hex(16)}"
+
+
 def engine_passwords(users: Iterable[str]) -> dict[str, str]:
-    """A new password for each engine user (a letter first, as above)."""
-    return {user: f"p{secrets.token_hex(16)}" for user in users}
+    """A new password for each engine user."""
+    return {user: new_password() for user in users}
 
 
 def _private(path: Path) -> bool:

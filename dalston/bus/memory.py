@@ -45,6 +45,7 @@ from dalston.contracts import (
     dead_letter,
     decode,
     encode,
+    nats_identity,
     subject_token,
     task_consumer,
     task_subject,
@@ -507,7 +508,8 @@ class MemoryBus:
     async def dead_letter(self, msg: _Taken, reason: str) -> None:
         log.warning("message dead-lettered", subject=msg.subject[:256], reason=reason[:512])
         source = subject_token(msg.subject.split(".", 1)[0])
-        await self._append(DEADLETTER_SUBJECT.format(source=source), encode(dead_letter(msg.subject, reason, msg.data)))
+        await self._append(DEADLETTER_SUBJECT.format(source=source, identity=nats_identity("")),
+                           encode(dead_letter(msg.subject, reason, msg.data)))
         await msg.term()
 
     async def consumer_states(self, stream: str, prefix: str = "") -> list[ConsumerState]:

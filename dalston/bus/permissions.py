@@ -2,30 +2,35 @@
 
 The services' users (admin, orchestrator, gateway, webhooks) and their permissions are
 nats/accounts.conf's. Every engine has a user of its own, `engine-<name>`, whose permissions are
-this module's one template with its name and runtime: nats-server does not expand permission
-templates for password users, so the blocks are written out here, for `dalston up` (its
-engines) and compose (one user per engine service: the replicas of a service share it;
-nats/users.conf, made by `python -m dalston.bus.permissions > nats/users.conf`).
+this module's one template with its name, its runtime and that runtime's task queues (the
+catalog's): nats-server does not expand permission templates for password users, so the blocks
+are written out, for `dalston up` (its engines, and those `dalston engines add` made) and compose
+(one user per engine service, each replica a service of its own; nats/users.conf, made by
+`python -m dalston.services.engine_users > nats/users.conf`).
 
 An engine's user reads and writes no object and no job record (it asks the orchestrator for its
 task's objects, with the task's grant: dalston/services/task_objects.py); its replies come to
-its own inboxes; it hears only its runtime's claims and rings and its own sessions' input, and
-speaks only on its own sessions' output and its runtime's heartbeats.
+its own inboxes; it takes tasks only from its runtime's queues; it hears only its runtime's
+claims and rings and its own sessions' input, and speaks only on its own sessions' output, its
+own heartbeats and its own dead letters (subjects that name its user).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
+from collections.abc import Iterable, Mapping
 
-from dalston.contracts import TASK_OBJECTS_SUBJECT, subject_token
+from dalston.contracts import (DEADLETTER_SUBJECT, HEARTBEAT_SUBJECT, TASK_OBJECTS_SUBJECT, TASKS_STREAM,
+                               subject_token)
 
 ADMIN = "admin"
 SERVICE_USERS = (ADMIN, "orchestrator", "gateway", "webhooks")
-# compose.yaml's engine services and their runtimes (tests/test_deploy.py checks them).
+# compose.yaml's engine services and their runtimes (tests/test_deploy.py checks them): each
+# replica a service, so that no two engines share a user (and hear each other's sessions).
 COMPOSE_ENGINES = {"audio-prepare": "audio-prepare", "merge": "merge", "redact": "redact",
-                   "diarize": "diarize", "faster-whisper": "faster-whisper", "nemo": "nemo"}
+                   "diarize": "diarize", "faster-whisper-1": "faster-whisper",
+                   "faster-whisper-2": "faster-whisper", "nemo": "nemo"}
 
 
 def engine_user(name: str) -> str:
@@ -37,15 +42,20 @@ def password_variable(user: str) -> str:
     return f"DALSTON_NATS_{re.sub(r'[^A-Z0-9]', '_', user.upper())}_PASSWORD"
 
 
-def engine_permissions(user: str, runtime: str) -> dict[str, list[str]]:
+def engine_permissions(user: str, runtime: str, queues: Iterable[str]) -> dict[str, list[str]]:
+    """`user`'s rights as an engine of `runtime`, whose task queues (TASKS consumers) are
+    `queues`: it takes and settles tasks only from those, its heartbeats and dead letters go
+    only to subjects that name it."""
     runtime = subject_token(runtime)
+    takes = [subject for queue in sorted(set(queues))
+             for subject in (f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{queue}", f"$JS.ACK.{TASKS_STREAM}.{queue}.>")]
     return {
         "publish": [
-            "events.task.>", f"heartbeat.{runtime}.*", "deadletter.>", "models.progress.*", "transcript.*",
-            f"session.{user}.*.out", TASK_OBJECTS_SUBJECT,
+            "events.task.>", HEARTBEAT_SUBJECT.format(runtime=runtime, identity=user, engine="*"),
+            DEADLETTER_SUBJECT.format(source="tasks", identity=user),
+            "models.progress.*", "transcript.*", f"session.{user}.*.out", TASK_OBJECTS_SUBJECT,
             "$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.NAMES", "$JS.API.CONSUMER.INFO.*.*",
-            "$JS.FC.>",
-            "$JS.API.CONSUMER.LIST.TASKS", "$JS.API.CONSUMER.MSG.NEXT.TASKS.*", "$JS.ACK.TASKS.>",
+            "$JS.FC.>", "$JS.API.CONSUMER.LIST.TASKS", *takes,
             # Watching peers' heartbeats (an ordered consumer); the health check reads its own.
             "$JS.API.CONSUMER.CREATE.HEARTBEATS", "$JS.API.STREAM.MSG.GET.HEARTBEATS",
         ],
@@ -56,9 +66,11 @@ def engine_permissions(user: str, runtime: str) -> dict[str, list[str]]:
     }
 
 
-def users_config(engines: dict[str, str], accounts: str = "accounts.conf") -> str:
+def users_config(engines: Mapping[str, str], queues: Mapping[str, Iterable[str]],
+                 accounts: str = "accounts.conf") -> str:
     """nats-server's `accounts` block: the service users, and one user per engine (`engines`:
-    engine name -> runtime), each password from its variable (`password_variable`). It includes
+    engine name -> runtime; `queues`: runtime -> its task queues), each password from its
+    variable (`password_variable`). It includes
     `accounts` (nats/accounts.conf, a path relative to this config's directory): nats-server's
     variables reach only the file that includes their file."""
     lines = ["# The users of Dalston's NATS: made by dalston.bus.permissions (do not edit by hand).",
@@ -69,7 +81,7 @@ def users_config(engines: dict[str, str], accounts: str = "accounts.conf") -> st
                      f"permissions: ${user.upper()}_PERMISSIONS}}")
     for name, runtime in engines.items():
         user = engine_user(name)
-        permissions = engine_permissions(user, runtime)
+        permissions = engine_permissions(user, runtime, queues.get(runtime, ()))
         lines += [f"      {{user: {user}, password: ${password_variable(user)}, permissions: {{",
                   "        allow_responses: true"]
         for kind in ("publish", "subscribe"):
@@ -78,6 +90,3 @@ def users_config(engines: dict[str, str], accounts: str = "accounts.conf") -> st
     lines += ["    ]", "  }", "}", ""]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.stdout.write(users_config({name: runtime for name, runtime in COMPOSE_ENGINES.items()}))

@@ -76,28 +76,30 @@ def server_environment(passwords: dict[str, str]) -> dict[str, str]:
     return {password_variable(user): password for user, password in passwords.items()}
 
 
-def embedded_config(engines: dict[str, str], directory: Path) -> str:
+def embedded_config(engines: dict[str, str], queues: dict[str, list[str]], directory: Path) -> str:
     """The config of `dalston up`'s nats-server: the one-machine settings, the permissions of
     nats/accounts.conf, and its users: the services' and one per engine (`engines`: name ->
-    runtime). No monitoring port: it would tell any local account who is connected and the
+    runtime; `queues`: runtime -> its task queues). No monitoring port: it would tell any local account who is connected and the
     subjects they listen on (job ids among them), without a password. For a config in
     `directory`: nats-server reads includes relative to it."""
     nats = os.path.relpath(data_dir("nats"), directory)
     return f"include {json.dumps(os.path.join(nats, 'server.conf'))}\n" \
-        + users_config(engines, os.path.join(nats, "accounts.conf"))
+        + users_config(engines, queues, os.path.join(nats, "accounts.conf"))
 
 
 class EmbeddedNats:
     """nats-server with JetStream on disk under `store_dir`, listening on loopback, open only to
-    the users of nats/accounts.conf and `engines`' (name -> runtime), with `passwords`
-    (dalston.bus.credentials)."""
+    the users of nats/accounts.conf and `engines`' (name -> runtime, taking tasks from their
+    runtime's `queues`), with `passwords` (dalston.bus.credentials)."""
 
     def __init__(self, store_dir: Path, port: int, passwords: dict[str, str], host: str = "127.0.0.1",
-                 log_file: Path | None = None, engines: dict[str, str] | None = None) -> None:
+                 log_file: Path | None = None, engines: dict[str, str] | None = None,
+                 queues: dict[str, list[str]] | None = None) -> None:
         self.store_dir = store_dir
         self.port = port
         self.passwords = passwords
         self.engines = engines or {}
+        self.queues = queues or {}
         self.host = host
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
@@ -116,7 +118,7 @@ class EmbeddedNats:
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
         config = self.store_dir / "nats.conf"
-        config.write_text(embedded_config(self.engines, self.store_dir))
+        config.write_text(embedded_config(self.engines, self.queues, self.store_dir))
         args = [nats_server_binary(), "-c", str(config), "-js",
                 "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port),
                 "--ports_file_dir", str(ports_dir)]

@@ -7,12 +7,12 @@ import os
 import signal
 import sys
 
-from dalston.cli import dashboard, health, jobs, keys, listen, models, service, status, transcribe
+from dalston.cli import dashboard, engines, health, jobs, keys, listen, models, service, status, transcribe
 from dalston.cli.output import CliError, error
 from dalston.config import ConfigError, load_settings
 
 # Each module has `register(subparsers)`; a subcommand sets `func(args, settings) -> int`.
-COMMAND_MODULES = [service, transcribe, listen, jobs, models, status, dashboard, keys, health]
+COMMAND_MODULES = [service, transcribe, listen, jobs, models, status, dashboard, keys, engines, health]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,8 @@ import urllib.request
 from dalston.bus.connection import connect
 from dalston.bus.consumers import consumer_state_at
 from dalston.config import Settings
-from dalston.contracts import (EVENTS_STREAM, HEARTBEAT_SUBJECT, HEARTBEATS_STREAM, JOBS_STREAM,
-                               ORCHESTRATOR_JOBS_CONSUMER, WEBHOOKS_CONSUMER, subject_token)
+from dalston.contracts import (EVENTS_STREAM, HEARTBEATS_STREAM, JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER,
+                               WEBHOOKS_CONSUMER, heartbeat_subject, nats_identity, subject_token)
 
 TIMEOUT = 3.0
 
@@ -61,7 +61,7 @@ async def _engine(settings: Settings) -> bool:
     bus = await connect(settings, "health", apply_layout=False)
     try:
         name = subject_token(settings.engine_id or f"{socket.gethostname()}-1")
-        subject = HEARTBEAT_SUBJECT.format(runtime=settings.runtime, engine=name)
+        subject = heartbeat_subject(settings.runtime, nats_identity(settings.nats_user), name)
         return await bus.last(HEARTBEATS_STREAM, subject) is not None
     finally:
         await bus.close()

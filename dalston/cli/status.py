@@ -18,17 +18,14 @@ NATS_TIMEOUT = 2.0
 
 
 def register(commands) -> None:
-    engines = commands.add_parser("engines", help="live engines: status, loaded models, memory")
-    add_server_option(engines)
-    add_json_option(engines)
-    engines.set_defaults(func=_engines)
     status = commands.add_parser("status", help="what runs where: NATS, gateway, orchestrator, engines")
     add_server_option(status)
     add_json_option(status)
     status.set_defaults(func=_status)
 
 
-def _engines(args, settings: Settings) -> int:
+def list_engines(args, settings: Settings) -> int:
+    """`dalston engines` (dalston/cli/engines.py)."""
     beats = connect(args, settings).get("/v1/engines")["data"]
     if args.json:
         print_json(beats)

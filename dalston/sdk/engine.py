@@ -2,7 +2,7 @@
 
 It takes tasks through its `TaskIntake` (the consumer of a model it already holds first), keeps
 the task's ack deadline fresh while the actor works, reports the outcome on
-`events.task.<job>`, and publishes its state on `heartbeat.<runtime>.<engine>`.
+`events.task.<job>`, and publishes its state on `heartbeat.<runtime>.<identity>.<engine>`.
 The bus's redelivery policy settles what the engine must not run: a malformed task is
 dead-lettered before the engine sees it, and a task that keeps killing engines is failed
 (`engine_crashed`) after `DALSTON_TASK_MAX_DELIVER` deliveries.
@@ -21,7 +21,6 @@ from dalston.bus.delivery import Delivery, RedeliveryPolicy
 from dalston.catalog import Catalog, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
-    HEARTBEAT_SUBJECT,
     JOB_CANCELLED_SUBJECT,
     PULL_PROGRESS_SUBJECT,
     TASK_EVENT_SUBJECT,
@@ -31,6 +30,8 @@ from dalston.contracts import (
     PullProgress,
     Task,
     TaskEvent,
+    heartbeat_subject,
+    nats_identity,
     now,
     subject_token,
 )
@@ -64,6 +65,8 @@ class Engine:
         self.runtime = actor.runtime
         self.runtime_spec = self.catalog.runtime(self.runtime)
         self.name = subject_token(settings.engine_name)
+        # What its heartbeats' subject names it by: its NATS user, the only one that may beat there.
+        self.identity = nats_identity(settings.nats_user)
         self.store = ModelStore(settings.models_path)
         self.status: EngineStatus = "starting"
         self.current_task: str | None = None
@@ -325,7 +328,7 @@ class Engine:
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(
-            runtime=self.runtime, engine=self.name, host=socket.gethostname(),
+            runtime=self.runtime, engine=self.name, identity=self.identity, host=socket.gethostname(),
             status=self.status, version=__version__, device=self.actor.device,
             loaded_models=self.models.loaded(),
             models_on_disk=self.store.installed(self.runtime_spec.store_dir, self.runtime_spec.required_files)
@@ -344,7 +347,7 @@ class Engine:
     async def _beat(self, ttl: float | None = None) -> None:
         ttl = ttl or max(1, round(3 * self.settings.heartbeat_interval))
         try:
-            await self._bus.publish(HEARTBEAT_SUBJECT.format(runtime=self.runtime, engine=self.name),
+            await self._bus.publish(heartbeat_subject(self.runtime, self.identity, self.name),
                                     self.heartbeat(), msg_ttl=ttl)
         except Exception as exc:  # noqa: BLE001 - NATS away: the next beat tries again
             log.warning("heartbeat not sent", error=repr(exc))

@@ -39,6 +39,7 @@ from dalston.contracts import (
     SessionInput,
     SessionOutput,
     SessionRequest,
+    nats_identity,
     subject_token,
 )
 from dalston.logs import get_logger
@@ -56,7 +57,7 @@ class SessionHost:
                  on_change: Callable[[], None]) -> None:
         self.settings, self.engine, self.actor, self.models = settings, engine, actor, models
         # What its sessions' subjects name: its NATS user (any token where NATS has no users).
-        self.identity = subject_token(settings.nats_user or "engine")
+        self.identity = nats_identity(settings.nats_user)
         self.sessions: dict[str, LiveSession] = {}
         self._on_change = on_change
         self._bus: Bus | None = None

@@ -30,6 +30,7 @@ from dalston.bus.server import EmbeddedNats, HomeLock
 from dalston.catalog import Catalog
 from dalston.config import Settings
 from dalston.logs import configure, get_logger
+from dalston.services.engine_users import ADDED_ENGINES_FILE, added_engines, runtime_queues
 from dalston.services.layout import apply_layout
 from dalston.services.wyoming.server import listen_problem
 
@@ -61,6 +62,21 @@ def engine_layout(settings: Settings) -> tuple[int, int | None]:
 
 def _on_gpu(settings: Settings) -> bool:
     return Path("/dev/nvidia0").exists() or settings.device == "cuda"
+
+
+def embedded_nats(settings: Settings, engines: dict[str, str]) -> EmbeddedNats:
+    """`dalston up`'s nats-server, for its services and `engines` (name -> runtime), each engine a
+    NATS user of its own with a password made for this run; and for the engines `dalston engines
+    add` made, which run elsewhere, with theirs."""
+    added = {name: entry for name, entry in added_engines(settings.home / ADDED_ENGINES_FILE).items()
+             if isinstance(entry.get("password"), str)}
+    passwords = {**home_passwords(settings.home),
+                 **{engine_user(name): entry["password"] for name, entry in added.items()},
+                 **engine_passwords(map(engine_user, engines))}
+    return EmbeddedNats(settings.home / "nats", settings.nats_port, passwords,
+                        log_file=settings.home / "nats.log",
+                        engines={**{name: entry["runtime"] for name, entry in added.items()}, **engines},
+                        queues=runtime_queues(Catalog.from_settings(settings)))
 
 
 def model_memory_share(settings: Settings, engines: int) -> str | None:
@@ -108,12 +124,7 @@ class Stack:
         engines = self._engines()
         nats_url = self.settings.nats_url
         if not nats_url:
-            # Each engine a NATS user of its own, with a password made for this run.
-            passwords = {**home_passwords(self.settings.home),
-                         **engine_passwords(engine_user(name) for name, _, _ in engines)}
-            self.nats = EmbeddedNats(self.settings.home / "nats", self.settings.nats_port, passwords,
-                                     log_file=self.settings.home / "nats.log",
-                                     engines={name: runtime for name, runtime, _ in engines})
+            self.nats = embedded_nats(self.settings, {name: runtime for name, runtime, _ in engines})
             self._start_nats()
             nats_url = self.nats.url
         self.children.append(Child("gateway", ["serve", "gateway"], self._child_env(nats_url, "gateway")))

@@ -27,7 +27,6 @@ from dalston import tracing
 from dalston.catalog import ModelSpec, UnknownModel
 from dalston.config import Settings
 from dalston.contracts import (
-    HEARTBEAT_SUBJECT,
     SESSION_CLAIMS,
     SESSION_INPUT_SUBJECT,
     SESSION_OUTPUT_SUBJECT,
@@ -35,6 +34,7 @@ from dalston.contracts import (
     SessionInput,
     SessionOutput,
     SessionRequest,
+    heartbeat_subject,
     subject_token,
 )
 from dalston.logs import get_logger
@@ -319,7 +319,7 @@ class RealtimeSession:
                     return await self.end("invalid_api_key", "the API key of this session was revoked")
             engine = self.engine
             if engine is not None and self.engines.silent(
-                    HEARTBEAT_SUBJECT.format(runtime=self.model.runtime, engine=engine)):
+                    heartbeat_subject(self.model.runtime, self._identity, engine)):
                 self.engine = None
                 log.warning("session engine lost", session=self.id, engine=engine)
                 await self.send_error("engine_lost", f"the engine serving this session ({engine}) stopped; "
