@@ -86,12 +86,16 @@ def _speech_frames(samples: np.ndarray) -> np.ndarray:
     return SpeechProbability()(to_pcm16(samples[: len(samples) // frame * frame])) >= DETECTION.threshold
 
 
-def _cuts(turns: list[Turn], speech: np.ndarray) -> int:
-    """Boundaries between turns that hold clean speech: a word cut or dropped there."""
-    cuts = 0
+def _cuts(turns: list[Turn], speech: np.ndarray) -> list[np.ndarray]:
+    """Boundaries between turns that hold clean speech (a word cut or dropped there): for each,
+    which frames of the clean speech it holds."""
+    cuts = []
     for before, after in zip(turns, turns[1:]):
         first, last = int(before.audio[1] / FRAME_S) - 2, int(after.audio[0] / FRAME_S)
-        cuts += bool(speech[max(0, first):max(first + 2, last)].any())
+        frames = np.arange(max(0, first), max(first + 2, last))
+        frames = frames[frames < len(speech)]
+        if speech[frames].any():
+            cuts.append(frames[speech[frames]])
     return cuts
 
 
@@ -111,10 +115,17 @@ def _reference(rttm: Path) -> list[tuple[float, float]]:
     return [(start, end) for start, end in merged]
 
 
-def _mixed(speech: np.ndarray, noise: np.ndarray) -> np.ndarray:
+def _mixed(speech: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, float]:
+    """The mix, and the power of the noise in it."""
     noise = np.resize(noise, len(speech))
-    gain = np.sqrt((speech ** 2).mean() / ((noise ** 2).mean() * 10 ** (SNR_DB / 10)))
-    return np.clip(speech + gain * noise, -1, 1).astype(np.float32)
+    power = (speech ** 2).mean() / 10 ** (SNR_DB / 10)
+    noise = noise * np.sqrt(power / (noise ** 2).mean())
+    return np.clip(speech + noise, -1, 1).astype(np.float32), float(power)
+
+
+def _frame_power(samples: np.ndarray, frames: int) -> np.ndarray:
+    frame = SESSION_SAMPLE_RATE * FRAME_MS // 1000
+    return (samples[: frames * frame].reshape(-1, frame) ** 2).mean(axis=1)
 
 
 def _pink(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -132,9 +143,12 @@ def run(root: Path, files: int | None = None) -> list[str]:
     right = {(kind, half): [] for kind in kinds for half in (0, 1)}
     cuts = {kind: 0 for kind in ("clean",) + kinds}
     matched = {kind: 0 for kind in kinds}
+    fewer = {kind: 0 for kind in kinds}  # wrong counts that are too few turns (merged or missed)
+    levels = {kind: [] for kind in kinds}  # at each cut in speech: that speech's power over the noise's, dB
     clean_total, offsets, lines = 0, [], []
     for k, (path, clip) in enumerate(zip(paths, clips)):
         clean, speech = _turns(clip), _speech_frames(clip)
+        power = _frame_power(clip, len(speech))
         reference = _reference(path.with_suffix(".rttm"))
         in_reference = np.zeros(len(speech), bool)
         for start, end in reference:
@@ -142,8 +156,8 @@ def run(root: Path, files: int | None = None) -> list[str]:
         heard = speech[in_reference].mean() if in_reference.any() else float("nan")
         lines.append(f"noisy turns, {path.stem}: reference (RTTM, pauses >= {DETECTION.silence_duration_ms} ms) "
                      f"{len(reference)} turns, Silero hears speech in {heard:.0%} of its speech; clean VAD "
-                     f"{len(clean)} turns, {_cuts(clean, speech)} cut in speech")
-        cuts["clean"] += _cuts(clean, speech)
+                     f"{len(clean)} turns, {len(_cuts(clean, speech))} cut in speech")
+        cuts["clean"] += len(_cuts(clean, speech))
         clean_total += len(clean) * SEEDS
         if path.stem in TIMED:
             offsets += [min(abs(turn.start - start) for start, _ in reference) for turn in clean]
@@ -154,20 +168,25 @@ def run(root: Path, files: int | None = None) -> list[str]:
             mixes = {"pink": _mixed(clip, _pink(len(clip), rng)),
                      "babble": _mixed(clip, sum(np.resize(others[j], len(clip)) for j in picks))}
             row = []
-            for kind, mix in mixes.items():
+            for kind, (mix, noise) in mixes.items():
                 noisy = _turns(mix)
                 right[kind, k % 2].append(len(noisy) == len(clean))
-                cuts[kind] += _cuts(noisy, speech)
+                fewer[kind] += len(noisy) < len(clean)
+                for cut in _cuts(noisy, speech):
+                    cuts[kind] += 1
+                    levels[kind].append(10 * np.log10(power[cut].mean() / noise))
                 matched[kind] += _matched(noisy, clean)
-                row.append(f"{kind} {len(noisy)} ({_matched(noisy, clean)} match, {_cuts(noisy, speech)} cut in speech)")
+                row.append(f"{kind} {len(noisy)} ({_matched(noisy, clean)} match, {len(_cuts(noisy, speech))} cut in speech)")
             lines.append(f"noisy turns, {path.stem} draw {seed}: clean {len(clean)}, " + ", ".join(row))
     for kind in kinds:
         halves = [right[kind, half] for half in (0, 1)]
         both = halves[0] + halves[1]
         lines.append(f"noisy turns, {kind} at {SNR_DB} dB SNR: turn count right on {sum(both)}/{len(both)} "
                      f"(files x draws, {np.mean(both):.0%}, target >= 90%; halves {sum(halves[0])}/{len(halves[0])} "
-                     f"and {sum(halves[1])}/{len(halves[1])}); clean turns matched {matched[kind]}/{clean_total}; "
-                     f"turn boundaries cut in speech {cuts[kind]} (target 0)")
+                     f"and {sum(halves[1])}/{len(halves[1])}; of the wrong, {fewer[kind]} too few, "
+                     f"{len(both) - sum(both) - fewer[kind]} too many); clean turns matched {matched[kind]}/{clean_total}; "
+                     f"turn boundaries cut in speech {cuts[kind]} (target 0), the speech there "
+                     f"{np.median(levels[kind]) if levels[kind] else float('nan'):+.0f} dB from the noise (median)")
     lines.append(f"noisy turns, clean: turn boundaries cut in speech {cuts['clean']}; on {', '.join(TIMED)} "
                  f"speech_started/stopped within 0.3 s of the RTTM's: "
                  f"{np.mean(np.array(offsets) <= 0.3) if offsets else float('nan'):.0%} of {len(offsets)} "
