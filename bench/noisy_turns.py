@@ -57,12 +57,12 @@ class Turn:
     audio: tuple[float, float]  # the committed audio
 
 
-def _load(path: Path) -> np.ndarray:
+def load(path: Path) -> np.ndarray:
     samples, rate = soundfile.read(path, dtype="float32")
     return resample(samples if samples.ndim == 1 else samples.mean(axis=1), rate, SESSION_SAMPLE_RATE)
 
 
-def _turns(samples: np.ndarray) -> list[Turn]:
+def turns_of(samples: np.ndarray) -> list[Turn]:
     turns = Turns(DETECTION, 60_000)
     pcm = to_pcm16(np.concatenate([samples, np.zeros(SESSION_SAMPLE_RATE, np.float32)]))
     piece = SESSION_SAMPLE_RATE // 10 * 2  # 100 ms, as a client sends it
@@ -80,13 +80,13 @@ def _turns(samples: np.ndarray) -> list[Turn]:
     return found
 
 
-def _speech_frames(samples: np.ndarray) -> np.ndarray:
+def speech_frames(samples: np.ndarray) -> np.ndarray:
     """Per 32 ms frame: does Silero call it speech (the clean file's frame truth)."""
     frame = SESSION_SAMPLE_RATE * FRAME_MS // 1000
     return SpeechProbability()(to_pcm16(samples[: len(samples) // frame * frame])) >= DETECTION.threshold
 
 
-def _cuts(turns: list[Turn], speech: np.ndarray) -> list[np.ndarray]:
+def cuts_in_speech(turns: list[Turn], speech: np.ndarray) -> list[np.ndarray]:
     """Boundaries between turns that hold clean speech (a word cut or dropped there): for each,
     which frames of the clean speech it holds."""
     cuts = []
@@ -115,7 +115,7 @@ def _reference(rttm: Path) -> list[tuple[float, float]]:
     return [(start, end) for start, end in merged]
 
 
-def _mixed(speech: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, float]:
+def mixed(speech: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, float]:
     """The mix, and the power of the noise in it."""
     noise = np.resize(noise, len(speech))
     power = (speech ** 2).mean() / 10 ** (SNR_DB / 10)
@@ -128,7 +128,7 @@ def _frame_power(samples: np.ndarray, frames: int) -> np.ndarray:
     return (samples[: frames * frame].reshape(-1, frame) ** 2).mean(axis=1)
 
 
-def _pink(size: int, rng: np.random.Generator) -> np.ndarray:
+def pink(size: int, rng: np.random.Generator) -> np.ndarray:
     spectrum = np.fft.rfft(rng.standard_normal(size))
     spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))  # 1/f power
     return np.fft.irfft(spectrum, size)
@@ -136,7 +136,7 @@ def _pink(size: int, rng: np.random.Generator) -> np.ndarray:
 
 def run(root: Path, files: int | None = None) -> list[str]:
     paths = sorted(CONVERSATIONS.glob("*.flac"))
-    everything = [_load(path) for path in paths]
+    everything = [load(path) for path in paths]
     paths, clips = paths[:files], everything[:files]
     rng = np.random.default_rng(0)
     kinds = ("pink", "babble")
@@ -147,7 +147,7 @@ def run(root: Path, files: int | None = None) -> list[str]:
     levels = {kind: [] for kind in kinds}  # at each cut in speech: that speech's power over the noise's, dB
     clean_total, offsets, lines = 0, [], []
     for k, (path, clip) in enumerate(zip(paths, clips)):
-        clean, speech = _turns(clip), _speech_frames(clip)
+        clean, speech = turns_of(clip), speech_frames(clip)
         power = _frame_power(clip, len(speech))
         reference = _reference(path.with_suffix(".rttm"))
         in_reference = np.zeros(len(speech), bool)
@@ -156,8 +156,8 @@ def run(root: Path, files: int | None = None) -> list[str]:
         heard = speech[in_reference].mean() if in_reference.any() else float("nan")
         lines.append(f"noisy turns, {path.stem}: reference (RTTM, pauses >= {DETECTION.silence_duration_ms} ms) "
                      f"{len(reference)} turns, Silero hears speech in {heard:.0%} of its speech; clean VAD "
-                     f"{len(clean)} turns, {len(_cuts(clean, speech))} cut in speech")
-        cuts["clean"] += len(_cuts(clean, speech))
+                     f"{len(clean)} turns, {len(cuts_in_speech(clean, speech))} cut in speech")
+        cuts["clean"] += len(cuts_in_speech(clean, speech))
         clean_total += len(clean) * SEEDS
         if path.stem in TIMED:
             offsets += [min(abs(turn.start - start) for start, _ in reference) for turn in clean]
@@ -165,18 +165,18 @@ def run(root: Path, files: int | None = None) -> list[str]:
         others = [other for j, other in enumerate(everything) if j != k]
         for seed in range(SEEDS):
             picks = rng.choice(len(others), 3, replace=False)
-            mixes = {"pink": _mixed(clip, _pink(len(clip), rng)),
-                     "babble": _mixed(clip, sum(np.resize(others[j], len(clip)) for j in picks))}
+            mixes = {"pink": mixed(clip, pink(len(clip), rng)),
+                     "babble": mixed(clip, sum(np.resize(others[j], len(clip)) for j in picks))}
             row = []
             for kind, (mix, noise) in mixes.items():
-                noisy = _turns(mix)
+                noisy = turns_of(mix)
                 right[kind, k % 2].append(len(noisy) == len(clean))
                 fewer[kind] += len(noisy) < len(clean)
-                for cut in _cuts(noisy, speech):
+                for cut in cuts_in_speech(noisy, speech):
                     cuts[kind] += 1
                     levels[kind].append(10 * np.log10(power[cut].mean() / noise))
                 matched[kind] += _matched(noisy, clean)
-                row.append(f"{kind} {len(noisy)} ({_matched(noisy, clean)} match, {len(_cuts(noisy, speech))} cut in speech)")
+                row.append(f"{kind} {len(noisy)} ({_matched(noisy, clean)} match, {len(cuts_in_speech(noisy, speech))} cut in speech)")
             lines.append(f"noisy turns, {path.stem} draw {seed}: clean {len(clean)}, " + ", ".join(row))
     for kind in kinds:
         halves = [right[kind, half] for half in (0, 1)]
