@@ -21,8 +21,8 @@ What is scored, and why:
   none. Speech Silero misses on the clean file (the far, quiet voices of ami_4spk_a) is not
   checked.
 - **Timing on clean speech**: speech_started (plus the prefix) and speech_stopped against the
-  nearest RTTM turn start and end, on the recordings whose RTTM is cut at every pause
-  (read_3spk, call_2spk): the share within 0.3 s.
+  nearest start and end of the RTTM's speech (all speakers, split at every pause), on the
+  recordings whose RTTM is cut at every pause (read_3spk, call_2spk): the share within 0.3 s.
 Files are split in two halves (even and odd in name order), reported apart, so that a change
 tuned on one half is seen on the other.
 
@@ -103,12 +103,12 @@ def _matched(noisy: list[Turn], clean: list[Turn]) -> int:
     return sum(any(abs(n.start - c.start) <= MATCH_S and abs(n.stop - c.stop) <= MATCH_S for n in noisy) for c in clean)
 
 
-def _reference(rttm: Path) -> list[tuple[float, float]]:
-    """The RTTM's speech (all speakers) split at pauses >= silence_duration_ms."""
+def _reference(rttm: Path, pause: float) -> list[tuple[float, float]]:
+    """The RTTM's speech (all speakers) split at pauses of `pause` seconds and more."""
     stretches = sorted((float(f[3]), float(f[3]) + float(f[4])) for f in (line.split() for line in rttm.read_text().splitlines()) if f)
     merged: list[list[float]] = []
     for start, end in stretches:
-        if merged and start - merged[-1][1] < DETECTION.silence_duration_ms / 1000:
+        if merged and start - merged[-1][1] < max(pause, 1e-9):
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
@@ -149,9 +149,10 @@ def run(root: Path, files: int | None = None) -> list[str]:
     for k, (path, clip) in enumerate(zip(paths, clips)):
         clean, speech = turns_of(clip), speech_frames(clip)
         power = _frame_power(clip, len(speech))
-        reference = _reference(path.with_suffix(".rttm"))
+        reference = _reference(path.with_suffix(".rttm"), DETECTION.silence_duration_ms / 1000)
+        spoken = _reference(path.with_suffix(".rttm"), 0.0)  # split at every pause
         in_reference = np.zeros(len(speech), bool)
-        for start, end in reference:
+        for start, end in spoken:
             in_reference[int(start / FRAME_S):int(end / FRAME_S)] = True
         heard = speech[in_reference].mean() if in_reference.any() else float("nan")
         lines.append(f"noisy turns, {path.stem}: reference (RTTM, pauses >= {DETECTION.silence_duration_ms} ms) "
@@ -160,8 +161,8 @@ def run(root: Path, files: int | None = None) -> list[str]:
         cuts["clean"] += len(cuts_in_speech(clean, speech))
         clean_total += len(clean) * SEEDS
         if path.stem in TIMED:
-            offsets += [min(abs(turn.start - start) for start, _ in reference) for turn in clean]
-            offsets += [min(abs(turn.stop - end) for _, end in reference) for turn in clean]
+            offsets += [min(abs(turn.start - start) for start, _ in spoken) for turn in clean]
+            offsets += [min(abs(turn.stop - end) for _, end in spoken) for turn in clean]
         others = [other for j, other in enumerate(everything) if j != k]
         for seed in range(SEEDS):
             picks = rng.choice(len(others), 3, replace=False)
