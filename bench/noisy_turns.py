@@ -144,7 +144,7 @@ def run(root: Path, files: int | None = None) -> list[str]:
     cuts = {kind: 0 for kind in ("clean",) + kinds}
     matched = {kind: 0 for kind in kinds}
     fewer = {kind: 0 for kind in kinds}  # wrong counts that are too few turns (merged or missed)
-    levels = {kind: [] for kind in kinds}  # at each cut in speech: that speech's power over the noise's, dB
+    levels = {kind: [] for kind in kinds}  # at each cut in speech: its frames' median power over the noise's, dB
     clean_total, offsets, lines = 0, [], []
     for k, (path, clip) in enumerate(zip(paths, clips)):
         clean, speech = turns_of(clip), speech_frames(clip)
@@ -175,7 +175,7 @@ def run(root: Path, files: int | None = None) -> list[str]:
                 fewer[kind] += len(noisy) < len(clean)
                 for cut in cuts_in_speech(noisy, speech):
                     cuts[kind] += 1
-                    levels[kind].append(10 * np.log10(power[cut].mean() / noise))
+                    levels[kind].append(float(np.median(10 * np.log10(power[cut] / noise))))
                 matched[kind] += _matched(noisy, clean)
                 row.append(f"{kind} {len(noisy)} ({_matched(noisy, clean)} match, {len(cuts_in_speech(noisy, speech))} cut in speech)")
             lines.append(f"noisy turns, {path.stem} draw {seed}: clean {len(clean)}, " + ", ".join(row))
