@@ -23,6 +23,8 @@ What is scored, and why:
 - **Timing on clean speech**: speech_started (plus the prefix) and speech_stopped against the
   nearest start and end of the RTTM's speech (all speakers, split at every pause), on the
   recordings whose RTTM is cut at every pause (read_3spk, call_2spk): the share within 0.3 s.
+  A start whose prefix was cut short by the turn before is left out (the events do not say
+  where its speech began).
 Files are split in two halves (even and odd in name order), reported apart, so that a change
 tuned on one half is seen on the other.
 
@@ -55,6 +57,9 @@ class Turn:
     start: float  # speech_started + prefix: where the VAD heard speech begin (s)
     stop: float  # speech_stopped
     audio: tuple[float, float]  # the committed audio
+    # The prefix reached back to the turn before (or the session's start), so it was cut short
+    # and `start` is that point: where the speech began is not known from the events.
+    clipped: bool = False
 
 
 def load(path: Path) -> np.ndarray:
@@ -66,17 +71,18 @@ def turns_of(samples: np.ndarray) -> list[Turn]:
     turns = Turns(DETECTION, 60_000)
     pcm = to_pcm16(np.concatenate([samples, np.zeros(SESSION_SAMPLE_RATE, np.float32)]))
     piece = SESSION_SAMPLE_RATE // 10 * 2  # 100 ms, as a client sends it
-    found, started, stopped = [], 0.0, 0.0
+    found, started, stopped, clipped = [], 0.0, 0.0, False
     for start in range(0, len(pcm), piece):
         for event in turns.feed(pcm[start:start + piece]):
             if event.kind == "speech_started":
                 # The prefix padding reaches back at most to the end of the turn before.
                 held = event.audio_ms / 1000 - (found[-1].audio[1] if found else 0.0)
-                started = event.audio_ms / 1000 + min(DETECTION.prefix_padding_ms / 1000, held)
+                clipped = held < DETECTION.prefix_padding_ms / 1000
+                started = event.audio_ms / 1000 + (0.0 if clipped else DETECTION.prefix_padding_ms / 1000)
             elif event.kind == "speech_stopped":
                 stopped = event.audio_ms / 1000
             elif event.kind == "committed":
-                found.append(Turn(started, stopped, (event.start_ms / 1000, event.audio_ms / 1000)))
+                found.append(Turn(started, stopped, (event.start_ms / 1000, event.audio_ms / 1000), clipped))
     return found
 
 
@@ -161,7 +167,7 @@ def run(root: Path, files: int | None = None) -> list[str]:
         cuts["clean"] += len(cuts_in_speech(clean, speech))
         clean_total += len(clean) * SEEDS
         if path.stem in TIMED:
-            offsets += [min(abs(turn.start - start) for start, _ in spoken) for turn in clean]
+            offsets += [min(abs(turn.start - start) for start, _ in spoken) for turn in clean if not turn.clipped]
             offsets += [min(abs(turn.stop - end) for _, end in spoken) for turn in clean]
         others = [other for j, other in enumerate(everything) if j != k]
         for seed in range(SEEDS):
