@@ -75,9 +75,9 @@ def turns_of(samples: np.ndarray) -> list[Turn]:
     for start in range(0, len(pcm), piece):
         for event in turns.feed(pcm[start:start + piece]):
             if event.kind == "speech_started":
-                # The prefix padding reaches back at most to the end of the turn before.
-                held = event.audio_ms / 1000 - (found[-1].audio[1] if found else 0.0)
-                clipped = held < DETECTION.prefix_padding_ms / 1000
+                # The prefix padding reaches back at most to the end of the turn before: cut
+                # short, the turn's audio starts right there (to the millisecond's rounding).
+                clipped = event.audio_ms / 1000 - (found[-1].audio[1] if found else 0.0) < 0.005
                 started = event.audio_ms / 1000 + (0.0 if clipped else DETECTION.prefix_padding_ms / 1000)
             elif event.kind == "speech_stopped":
                 stopped = event.audio_ms / 1000
