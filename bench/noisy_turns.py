@@ -7,7 +7,7 @@ What is scored, and why:
 - **Turn count**: a noisy file's count is right where it equals the same file's clean count
   (target: >= 90%). The clean run, not the RTTM, is the truth here. The RTTM turns are speakers'
   stretches, and in the AMI excerpts they hold pauses of 0.5 s and more (Silero hears no speech
-  in a fifth to two fifths of their "speech" on the clean files; the per-file `reference` rows
+  in a quarter to two fifths of their "speech" on the clean files; the per-file `reference` rows
   print it), so turns split at pauses >= silence_duration_ms from them are too few (2 against
   the clean VAD's 10 on ami_2spk_a) and their ends lie seconds from the pauses. Against the
   clean run, what is measured is what noise changes, which is the question; what the VAD gets
