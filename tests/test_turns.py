@@ -1,4 +1,5 @@
-"""Live audio's pure parts: cutting real speech into turns (Silero server VAD, client commits), the\nbounds on what a session holds, and resampling."""
+"""Live audio's pure parts: cutting real speech into turns (Silero server VAD, client commits), in
+noise too, the bounds on what a session holds, and resampling."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import numpy as np
 import pytest
 import soundfile
 
+from bench.noisy_turns import (CONVERSATIONS, MATCH_S, Turn, cuts_in_speech, load, mixed, pink, speech_frames,
+                                turns_of)
 from dalston.contracts import SESSION_SAMPLE_RATE, TurnDetection
 from dalston.pcm import SAMPLE_RATE, from_pcm16, resample, to_pcm16
 from dalston.sdk.turns import FRAME_MS, BufferFull, SpeechProbability, Turns
@@ -15,6 +18,7 @@ SPEAKER1 = AUDIO / "speaker1.wav"  # 24 kHz mono, as a session's audio is
 SPEAKER2 = AUDIO / "speaker2.wav"
 MAX_MS = 60_000
 FRAME_BYTES = SESSION_SAMPLE_RATE * FRAME_MS // 1000 * 2
+FRAME_S = FRAME_MS / 1000
 
 
 def speech(path) -> bytes:
@@ -154,3 +158,28 @@ def test_a_16_khz_session_finds_the_same_turn_where_it_is():
 def test_speech_shorter_than_min_speech_starts_no_turn():
     clip = speech(SPEAKER1)
     assert feed_in_pieces(Turns(TurnDetection(min_speech_ms=2000), MAX_MS), clip + quiet(1000)) == []
+
+
+def test_pink_noise_10_db_down_keeps_the_turns_of_read_speech():
+    """Three people reading a sentence each, with pauses (tests/data/conversations/read_3spk),
+    with pink noise at 10 dB SNR: the clean run's three turns, none cut in speech."""
+    clip = load(CONVERSATIONS / "read_3spk.flac")
+    clean, speech = turns_of(clip), speech_frames(clip)
+    assert len(clean) == 3 and cuts_in_speech(clean, speech) == []
+    for seed in range(2):
+        noisy = turns_of(mixed(clip, pink(len(clip), np.random.default_rng(seed)))[0])
+        assert len(noisy) == 3, [(t.start, t.stop) for t in noisy]
+        assert all(abs(n.start - c.start) <= MATCH_S and abs(n.stop - c.stop) <= MATCH_S for n, c in zip(noisy, clean))
+        # The noise hides a sentence's quiet end, so speech_stopped comes early, but the commit
+        # silence_duration_ms later still holds it: no word is cut.
+        assert cuts_in_speech(noisy, speech) == []
+
+
+def test_a_turn_boundary_in_speech_is_a_cut_and_one_in_a_pause_is_not():
+    clip = load(CONVERSATIONS / "read_3spk.flac")
+    speech = speech_frames(clip)
+    first, second = Turn(1.8, 3.8, (1.5, 4.3)), Turn(6.3, 11.1, (6.0, 11.6))  # the pause between: 3.9-6.2 s
+    assert cuts_in_speech([first, second], speech) == []
+    inside = (np.flatnonzero(speech[int(8 / FRAME_S):])[0] + int(8 / FRAME_S) + 1) * FRAME_S  # in the second sentence
+    split = [Turn(6.3, inside, (6.0, inside)), Turn(inside, 11.1, (inside, 11.6))]
+    assert len(cuts_in_speech([first] + split, speech)) == 1
