@@ -118,8 +118,12 @@ class SessionHost:
 # Committed turns waiting to be transcribed: past it a client's commit is refused and server VAD
 # lets the turn in progress go on, so a flood of tiny commits cannot queue minutes of work.
 MAX_QUEUED_TURNS = 4
-# A turn's text so far is decoded again after this much new audio, and sent as a partial.
+# A turn's text so far is decoded again after this much new audio, and sent as a partial; at
+# least PARTIAL_SHARE of the engine's time stays free for the turn's final decode, so a partial
+# waits for more audio while the last one took longer than that share of the new audio lasts.
 PARTIAL_EVERY_MS = 1000
+PARTIAL_SHARE = 0.5
+WINDOW_MS = 30_000  # Whisper decodes audio in windows this long
 
 
 @dataclass
@@ -129,6 +133,7 @@ class Draft:
     item: str
     covered: int
     task: asyncio.Task
+    final: bool  # decoded as the turn's text (every option), not as a cheap partial
 
 
 class LiveSession:
@@ -136,7 +141,12 @@ class LiveSession:
     transcribed as soon as it ends; while a turn goes on, its text so far as partials.
 
     One decode at a time per session: a partial is only started while nothing waits to be
-    transcribed, and a committed turn reuses the last draft where it covers all its speech."""
+    transcribed, and a committed turn reuses the last draft where it covers all its speech.
+
+    Partials are stable as whisper_streaming's LocalAgreement-2 makes them: the words two
+    successive decodes of a turn begin with alike are kept, and every later decode of the turn
+    (partial or final) continues from them (TranscribeOptions.prefix), so a word shown twice
+    in a row is not changed after."""
 
     def __init__(self, host: SessionHost, request: SessionRequest) -> None:
         self.host, self.request, self.id = host, request, request.id
@@ -150,6 +160,9 @@ class LiveSession:
         self._committed: asyncio.Queue[TurnEvent] = asyncio.Queue(MAX_QUEUED_TURNS)
         self._decoding = asyncio.Lock()
         self._draft: Draft | None = None
+        self._heard: tuple[str, list[str]] = ("", [])  # the last partial's item and words
+        self._agreed: tuple[str, list[str]] = ("", [])  # a turn's words two partials agreed on
+        self._partial_seconds = 0.0  # how long the last partial took to decode
         self._language: str | None = None  # as the last decode heard it
         self._handle = None  # the model, once leased
         self._ended = asyncio.Event()
@@ -274,30 +287,51 @@ class LiveSession:
         if turn is None or self._handle is None or self._decoding.locked() or not self._committed.empty():
             return
         item, length, spoken = turn
-        done = self._draft.covered if self._draft is not None and self._draft.item == item else 0
+        draft = self._draft if self._draft is not None and self._draft.item == item else None
+        done = draft.covered if draft is not None else 0
         pause = self._pause()
-        paused = pause > 0 and length - spoken >= pause and done < spoken + pause
-        if paused or length - done >= self._bytes(PARTIAL_EVERY_MS):
+        # Its speech may have ended: decoded now as its final text, ready when the turn commits.
+        paused = (pause > 0 and length - spoken >= pause
+                  and (draft is None or not draft.final or done < spoken + pause))
+        every = max(self._bytes(PARTIAL_EVERY_MS), self._bytes(int(1000 * self._partial_seconds / PARTIAL_SHARE)))
+        if paused or length - done >= every:
             pcm = self._turns.turn_audio()
-            self._draft = Draft(item, length, asyncio.create_task(self._decode_draft(item, pcm)))
+            self._draft = Draft(item, length, asyncio.create_task(self._decode_draft(item, pcm, paused)), paused)
 
-    async def _decode_draft(self, item: str, pcm: bytes) -> list[Segment] | None:
-        said = await self._decode(pcm)
-        if said:
+    async def _decode_draft(self, item: str, pcm: bytes, final: bool) -> list[Segment] | None:
+        said = await self._decode(pcm, item, draft=not final)
+        if said and not final:
+            words = _text(said).split()
+            heard_item, heard = self._heard
+            if heard_item == item:
+                agreed = _common_start(heard, words)
+                if len(agreed) > len(self._agreed_words(item)):
+                    self._agreed = (item, agreed)
+            self._heard = (item, words)
             await self._say("partial", item_id=item, text=_text(said))
         return said
 
-    async def _decode(self, pcm: bytes) -> list[Segment] | None:
+    def _agreed_words(self, item: str) -> list[str]:
+        return self._agreed[1] if self._agreed[0] == item else []
+
+    async def _decode(self, pcm: bytes, item: str, draft: bool = False) -> list[Segment] | None:
         """A turn's segments that hold words; None (the client told) where decoding failed."""
         # Server VAD has already cut the turn to its speech: the runtime's own VAD would
         # only add to the latency. A committed turn may hold long silences: it keeps it.
-        options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None)
+        # The prefix leads Whisper's first 30 s window only: a longer turn's agreed words may
+        # lie past it, so such a turn is decoded afresh.
+        agreed = self._agreed_words(item) if len(pcm) <= self._bytes(WINDOW_MS) else []
+        options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None,
+                                          draft=draft, prefix=" ".join(agreed) or None)
         async with self._decoding:
             try:
-                with tracing.span("decode", seconds=len(pcm) / (2 * self.rate)):
+                with tracing.span("decode", seconds=len(pcm) / (2 * self.rate), draft=draft):
+                    began = time.monotonic()
                     result = await asyncio.to_thread(self.host.actor.transcribe, self._handle,
                                                      from_pcm16(pcm, self.rate), options,
                                                      self._cancelled, lambda segment: None)
+                    if draft:
+                        self._partial_seconds = time.monotonic() - began
             except Exception as exc:  # noqa: BLE001 - one turn failed; the session goes on
                 if self._cancelled.is_set():
                     return None  # the session ended under it
@@ -316,10 +350,11 @@ class LiveSession:
 
     async def _transcribe_turn(self, turn: TurnEvent) -> None:
         draft, self._draft = self._draft, None
-        if draft is not None and draft.item == turn.item_id and draft.covered >= turn.spoken + self._pause():
+        if (draft is not None and draft.final and draft.item == turn.item_id
+                and draft.covered >= turn.spoken + self._pause()):
             said = await draft.task  # all its speech was decoded already
         else:
-            said = await self._decode(turn.audio)
+            said = await self._decode(turn.audio, turn.item_id)
         self._committed.task_done()
         if said is not None:
             # Word times from the turn's start to the session's clock.
@@ -328,6 +363,14 @@ class LiveSession:
                      for s in said for w in s.words] if self.config.options.word_timestamps else []
             await self._say("completed", item_id=turn.item_id, text=_text(said), words=words,
                             language=self._language, seconds=len(turn.audio) / (2 * self.rate))
+
+
+def _common_start(one: list[str], other: list[str]) -> list[str]:
+    """The words both begin with."""
+    size = 0
+    while size < min(len(one), len(other)) and one[size] == other[size]:
+        size += 1
+    return one[:size]
 
 
 def _text(segments: list[Segment]) -> str:
