@@ -73,8 +73,7 @@ class FasterWhisperActor(ModelActor):
             # the end. Word times come from the alignment all the same.
             decode.update(without_timestamps=True)
         if options.draft:
-            decode.update(temperature=0.0, beam_size=1, without_timestamps=True, word_timestamps=False,
-                          condition_on_previous_text=False)
+            decode.update(temperature=0.0, beam_size=1, without_timestamps=True, condition_on_previous_text=False)
         ctranslate2.set_random_seed(0)
         pieces, info = decoder.transcribe(audio, **({"batch_size": self.batch_size} if batched else {}), **decode)
         if batched:

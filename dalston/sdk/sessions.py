@@ -39,6 +39,7 @@ from dalston.contracts import (
     SessionInput,
     SessionOutput,
     SessionRequest,
+    Word,
     subject_token,
 )
 from dalston.logs import get_logger
@@ -124,6 +125,10 @@ MAX_QUEUED_TURNS = 4
 PARTIAL_EVERY_MS = 1000
 PARTIAL_SHARE = 0.5
 WINDOW_MS = 30_000  # Whisper decodes audio in windows this long
+# A turn's audio past this, after its settled words, is decoded with word times, and the words
+# two partials agreed on are settled there: later decodes of the turn (partials and its final)
+# take only the audio after them, so a decode's cost stays bounded however long the turn goes on.
+TAIL_MS = 10_000
 
 
 @dataclass
@@ -134,6 +139,15 @@ class Draft:
     covered: int
     task: asyncio.Task
     final: bool  # decoded as the turn's text (every option), not as a cheap partial
+
+
+@dataclass
+class Settled:
+    """A long turn's words that are not decoded again: the first `cut` bytes of its audio."""
+
+    item: str
+    cut: int
+    words: list[Word]  # times from the turn's start
 
 
 class LiveSession:
@@ -162,6 +176,7 @@ class LiveSession:
         self._draft: Draft | None = None
         self._heard: tuple[str, list[str]] = ("", [])  # the last partial's item and words
         self._agreed: tuple[str, list[str]] = ("", [])  # a turn's words two partials agreed on
+        self._settled = Settled("", 0, [])
         self._partial_seconds = 0.0  # how long the last partial took to decode
         self._language: str | None = None  # as the last decode heard it
         self._handle = None  # the model, once leased
@@ -308,21 +323,58 @@ class LiveSession:
                 if len(agreed) > len(self._agreed_words(item)):
                     self._agreed = (item, agreed)
             self._heard = (item, words)
+            self._settle(item, said)
             await self._say("partial", item_id=item, text=_text(said))
         return said
+
+    def _settled_for(self, item: str) -> Settled:
+        return self._settled if self._settled.item == item else Settled(item, 0, [])
+
+    def _settle(self, item: str, said: list[Segment]) -> None:
+        """Settle the agreed words of a partial that timed them, all but the last (the audio
+        after a word's end may still belong to it): the turn's audio is cut midway to the next."""
+        timed = [w for s in said for w in s.words]
+        if [w.word.strip() for w in timed] != _text(said).split():
+            return  # a short tail's partial, without word times (or words that do not line up)
+        last = len(self._agreed_words(item)) - 1
+        if last <= len(self._settled_for(item).words):
+            return
+        cut = 2 * int((timed[last - 1].end + timed[last].start) / 2 * self.rate)
+        if cut > self._settled_for(item).cut:
+            self._settled = Settled(item, cut, timed[:last])
+            log.debug("turn words settled", session=self.id, item=item, words=last, seconds=round(cut / (2 * self.rate), 2))
+
+    def _tail_segments(self, said: list[Segment], settled: Settled) -> list[Segment]:
+        """A tail's segments on the turn's clock, after a segment of its settled words."""
+        offset = settled.cut / (2 * self.rate)
+        def later(timed):
+            return msgspec.structs.replace(timed, start=timed.start + offset, end=timed.end + offset)
+        tail = [msgspec.structs.replace(later(s), words=[later(w) for w in s.words]) for s in said]
+        if not settled.words:
+            return tail
+        first = Segment(start=settled.words[0].start, end=settled.words[-1].end,
+                        text=" ".join(w.word.strip() for w in settled.words), words=settled.words)
+        return [first, *tail]
 
     def _agreed_words(self, item: str) -> list[str]:
         return self._agreed[1] if self._agreed[0] == item else []
 
     async def _decode(self, pcm: bytes, item: str, draft: bool = False) -> list[Segment] | None:
         """A turn's segments that hold words; None (the client told) where decoding failed."""
+        # A long turn: only the audio after its settled words, the words before as the prompt.
+        settled = self._settled_for(item)
+        pcm = pcm[settled.cut:]
         # Server VAD has already cut the turn to its speech: the runtime's own VAD would
         # only add to the latency. A committed turn may hold long silences: it keeps it.
-        # The prefix leads Whisper's first 30 s window only: a longer turn's agreed words may
-        # lie past it, so such a turn is decoded afresh.
-        agreed = self._agreed_words(item) if len(pcm) <= self._bytes(WINDOW_MS) else []
-        options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None,
-                                          draft=draft, prefix=" ".join(agreed) or None)
+        # The prefix leads Whisper's first 30 s window only: a longer tail's agreed words may
+        # lie past it, so such a tail is decoded afresh.
+        agreed = self._agreed_words(item)[len(settled.words):] if len(pcm) <= self._bytes(WINDOW_MS) else []
+        # A partial times its words where it may settle some.
+        timed = self.config.options.word_timestamps if not draft else len(pcm) > self._bytes(TAIL_MS)
+        options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None, draft=draft,
+                                          prefix=" ".join(agreed) or None, word_timestamps=timed)
+        if settled.words:
+            options = msgspec.structs.replace(options, prompt=" ".join(w.word.strip() for w in settled.words[-50:]))
         async with self._decoding:
             try:
                 with tracing.span("decode", seconds=len(pcm) / (2 * self.rate), draft=draft):
@@ -339,7 +391,7 @@ class LiveSession:
                 await self._say("error", code="transcription_failed", message=f"{type(exc).__name__}: {exc}"[:1000])
                 return None
         self._language = result.language
-        return [s for s in result.segments if s.text.strip()]
+        return self._tail_segments([s for s in result.segments if s.text.strip()], settled)
 
     async def _transcribe_turns(self) -> None:
         while True:
