@@ -1,4 +1,4 @@
-"""A live turn's later decodes go on from the words its partials agreed on (TranscribeOptions.prefix):
+"""A live turn's later partials go on from the words its partials agreed on (TranscribeOptions.prefix):
 the real faster-whisper actor, tiny.en, on the dialogue's two sentences."""
 
 from __future__ import annotations

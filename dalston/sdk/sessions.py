@@ -158,9 +158,10 @@ class LiveSession:
     transcribed, and a committed turn reuses the last draft where it covers all its speech.
 
     Partials are stable as whisper_streaming's LocalAgreement-2 makes them: the words two
-    successive decodes of a turn begin with alike are kept, and every later decode of the turn
-    (partial or final) continues from them (TranscribeOptions.prefix), so a word shown twice
-    in a row is not changed after."""
+    successive partials of a turn begin with alike are kept, and every later partial of the
+    turn continues from them (TranscribeOptions.prefix). The final decodes the turn afresh
+    with every option: partials are greedy, and two of them can agree on a wrong first word
+    heard in the first second of a turn, which a final that kept it would never correct."""
 
     def __init__(self, host: SessionHost, request: SessionRequest) -> None:
         self.host, self.request, self.id = host, request, request.id
@@ -366,9 +367,11 @@ class LiveSession:
         pcm = pcm[settled.cut:]
         # Server VAD has already cut the turn to its speech: the runtime's own VAD would
         # only add to the latency. A committed turn may hold long silences: it keeps it.
+        # Only partials continue from the agreed words (the final decodes afresh: see the class).
         # The prefix leads Whisper's first 30 s window only: a longer tail's agreed words may
         # lie past it, so such a tail is decoded afresh.
-        agreed = self._agreed_words(item)[len(settled.words):] if len(pcm) <= self._bytes(WINDOW_MS) else []
+        agreed = (self._agreed_words(item)[len(settled.words):]
+                  if draft and len(pcm) <= self._bytes(WINDOW_MS) else [])
         # A partial times its words where it may settle some.
         timed = self.config.options.word_timestamps if not draft else len(pcm) > self._bytes(TAIL_MS)
         options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None, draft=draft,
