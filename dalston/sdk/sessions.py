@@ -39,6 +39,7 @@ from dalston.contracts import (
     SessionInput,
     SessionOutput,
     SessionRequest,
+    Word,
     nats_identity,
     subject_token,
 )
@@ -119,8 +120,16 @@ class SessionHost:
 # Committed turns waiting to be transcribed: past it a client's commit is refused and server VAD
 # lets the turn in progress go on, so a flood of tiny commits cannot queue minutes of work.
 MAX_QUEUED_TURNS = 4
-# A turn's text so far is decoded again after this much new audio, and sent as a partial.
+# A turn's text so far is decoded again after this much new audio, and sent as a partial; at
+# least PARTIAL_SHARE of the engine's time stays free for the turn's final decode, so a partial
+# waits for more audio while the last one took longer than that share of the new audio lasts.
 PARTIAL_EVERY_MS = 1000
+PARTIAL_SHARE = 0.5
+WINDOW_MS = 30_000  # Whisper decodes audio in windows this long
+# A turn's audio past this, after its settled words, is decoded with word times, and the words
+# two partials agreed on are settled there: later decodes of the turn (partials and its final)
+# take only the audio after them, so a decode's cost stays bounded however long the turn goes on.
+TAIL_MS = 10_000
 
 
 @dataclass
@@ -130,6 +139,16 @@ class Draft:
     item: str
     covered: int
     task: asyncio.Task
+    final: bool  # decoded as the turn's text (every option), not as a cheap partial
+
+
+@dataclass
+class Settled:
+    """A long turn's words that are not decoded again: the first `cut` bytes of its audio."""
+
+    item: str
+    cut: int
+    words: list[Word]  # times from the turn's start
 
 
 class LiveSession:
@@ -137,7 +156,13 @@ class LiveSession:
     transcribed as soon as it ends; while a turn goes on, its text so far as partials.
 
     One decode at a time per session: a partial is only started while nothing waits to be
-    transcribed, and a committed turn reuses the last draft where it covers all its speech."""
+    transcribed, and a committed turn reuses the last draft where it covers all its speech.
+
+    Partials are stable as whisper_streaming's LocalAgreement-2 makes them: the words two
+    successive partials of a turn begin with alike are kept, and every later partial of the
+    turn continues from them (TranscribeOptions.prefix). The final decodes the turn afresh
+    with every option: partials are greedy, and two of them can agree on a wrong first word
+    heard in the first second of a turn, which a final that kept it would never correct."""
 
     def __init__(self, host: SessionHost, request: SessionRequest) -> None:
         self.host, self.request, self.id = host, request, request.id
@@ -151,6 +176,10 @@ class LiveSession:
         self._committed: asyncio.Queue[TurnEvent] = asyncio.Queue(MAX_QUEUED_TURNS)
         self._decoding = asyncio.Lock()
         self._draft: Draft | None = None
+        self._heard: tuple[str, list[str]] = ("", [])  # the last partial's item and words
+        self._agreed: tuple[str, list[str]] = ("", [])  # a turn's words two partials agreed on
+        self._settled = Settled("", 0, [])
+        self._partial_seconds = 0.0  # how long the last partial took to decode
         self._language: str | None = None  # as the last decode heard it
         self._handle = None  # the model, once leased
         self._ended = asyncio.Event()
@@ -275,30 +304,90 @@ class LiveSession:
         if turn is None or self._handle is None or self._decoding.locked() or not self._committed.empty():
             return
         item, length, spoken = turn
-        done = self._draft.covered if self._draft is not None and self._draft.item == item else 0
+        draft = self._draft if self._draft is not None and self._draft.item == item else None
+        done = draft.covered if draft is not None else 0
         pause = self._pause()
-        paused = pause > 0 and length - spoken >= pause and done < spoken + pause
-        if paused or length - done >= self._bytes(PARTIAL_EVERY_MS):
+        # Its speech may have ended: decoded now as its final text, ready when the turn commits.
+        paused = (pause > 0 and length - spoken >= pause
+                  and (draft is None or not draft.final or done < spoken + pause))
+        every = max(self._bytes(PARTIAL_EVERY_MS), self._bytes(int(1000 * self._partial_seconds / PARTIAL_SHARE)))
+        if paused or length - done >= every:
             pcm = self._turns.turn_audio()
-            self._draft = Draft(item, length, asyncio.create_task(self._decode_draft(item, pcm)))
+            self._draft = Draft(item, length, asyncio.create_task(self._decode_draft(item, pcm, paused)), paused)
 
-    async def _decode_draft(self, item: str, pcm: bytes) -> list[Segment] | None:
-        said = await self._decode(pcm)
-        if said:
+    async def _decode_draft(self, item: str, pcm: bytes, final: bool) -> list[Segment] | None:
+        said = await self._decode(pcm, item, draft=not final)
+        if said and not final:
+            words = _text(said).split()
+            heard_item, heard = self._heard
+            if heard_item == item:
+                agreed = _common_start(heard, words)
+                if len(agreed) > len(self._agreed_words(item)):
+                    self._agreed = (item, agreed)
+            self._heard = (item, words)
+            self._settle(item, said)
             await self._say("partial", item_id=item, text=_text(said))
         return said
 
-    async def _decode(self, pcm: bytes) -> list[Segment] | None:
+    def _settled_for(self, item: str) -> Settled:
+        return self._settled if self._settled.item == item else Settled(item, 0, [])
+
+    def _settle(self, item: str, said: list[Segment]) -> None:
+        """Settle the agreed words of a partial that timed them, all but the last (the audio
+        after a word's end may still belong to it): the turn's audio is cut midway to the next."""
+        timed = [w for s in said for w in s.words]
+        if [w.word.strip() for w in timed] != _text(said).split():
+            return  # a short tail's partial, without word times (or words that do not line up)
+        last = len(self._agreed_words(item)) - 1
+        if last <= len(self._settled_for(item).words):
+            return
+        cut = 2 * int((timed[last - 1].end + timed[last].start) / 2 * self.rate)
+        if cut > self._settled_for(item).cut:
+            self._settled = Settled(item, cut, timed[:last])
+            log.debug("turn words settled", session=self.id, item=item, words=last, seconds=round(cut / (2 * self.rate), 2))
+
+    def _tail_segments(self, said: list[Segment], settled: Settled) -> list[Segment]:
+        """A tail's segments on the turn's clock, after a segment of its settled words."""
+        offset = settled.cut / (2 * self.rate)
+        def later(timed):
+            return msgspec.structs.replace(timed, start=timed.start + offset, end=timed.end + offset)
+        tail = [msgspec.structs.replace(later(s), words=[later(w) for w in s.words]) for s in said]
+        if not settled.words:
+            return tail
+        first = Segment(start=settled.words[0].start, end=settled.words[-1].end,
+                        text=" ".join(w.word.strip() for w in settled.words), words=settled.words)
+        return [first, *tail]
+
+    def _agreed_words(self, item: str) -> list[str]:
+        return self._agreed[1] if self._agreed[0] == item else []
+
+    async def _decode(self, pcm: bytes, item: str, draft: bool = False) -> list[Segment] | None:
         """A turn's segments that hold words; None (the client told) where decoding failed."""
+        # A long turn: only the audio after its settled words, the words before as the prompt.
+        settled = self._settled_for(item)
+        pcm = pcm[settled.cut:]
         # Server VAD has already cut the turn to its speech: the runtime's own VAD would
         # only add to the latency. A committed turn may hold long silences: it keeps it.
-        options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None)
+        # Only partials continue from the agreed words (the final decodes afresh: see the class).
+        # The prefix leads Whisper's first 30 s window only: a longer tail's agreed words may
+        # lie past it, so such a tail is decoded afresh.
+        agreed = (self._agreed_words(item)[len(settled.words):]
+                  if draft and len(pcm) <= self._bytes(WINDOW_MS) else [])
+        # A partial times its words where it may settle some.
+        timed = self.config.options.word_timestamps if not draft else len(pcm) > self._bytes(TAIL_MS)
+        options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None, draft=draft,
+                                          prefix=" ".join(agreed) or None, word_timestamps=timed)
+        if settled.words:
+            options = msgspec.structs.replace(options, prompt=" ".join(w.word.strip() for w in settled.words[-50:]))
         async with self._decoding:
             try:
-                with tracing.span("decode", seconds=len(pcm) / (2 * self.rate)):
+                with tracing.span("decode", seconds=len(pcm) / (2 * self.rate), draft=draft):
+                    began = time.monotonic()
                     result = await asyncio.to_thread(self.host.actor.transcribe, self._handle,
                                                      from_pcm16(pcm, self.rate), options,
                                                      self._cancelled, lambda segment: None)
+                    if draft:
+                        self._partial_seconds = time.monotonic() - began
             except Exception as exc:  # noqa: BLE001 - one turn failed; the session goes on
                 if self._cancelled.is_set():
                     return None  # the session ended under it
@@ -306,7 +395,7 @@ class LiveSession:
                 await self._say("error", code="transcription_failed", message=f"{type(exc).__name__}: {exc}"[:1000])
                 return None
         self._language = result.language
-        return [s for s in result.segments if s.text.strip()]
+        return self._tail_segments([s for s in result.segments if s.text.strip()], settled)
 
     async def _transcribe_turns(self) -> None:
         while True:
@@ -317,10 +406,11 @@ class LiveSession:
 
     async def _transcribe_turn(self, turn: TurnEvent) -> None:
         draft, self._draft = self._draft, None
-        if draft is not None and draft.item == turn.item_id and draft.covered >= turn.spoken + self._pause():
+        if (draft is not None and draft.final and draft.item == turn.item_id
+                and draft.covered >= turn.spoken + self._pause()):
             said = await draft.task  # all its speech was decoded already
         else:
-            said = await self._decode(turn.audio)
+            said = await self._decode(turn.audio, turn.item_id)
         self._committed.task_done()
         if said is not None:
             # Word times from the turn's start to the session's clock.
@@ -329,6 +419,14 @@ class LiveSession:
                      for s in said for w in s.words] if self.config.options.word_timestamps else []
             await self._say("completed", item_id=turn.item_id, text=_text(said), words=words,
                             language=self._language, seconds=len(turn.audio) / (2 * self.rate))
+
+
+def _common_start(one: list[str], other: list[str]) -> list[str]:
+    """The words both begin with."""
+    size = 0
+    while size < min(len(one), len(other)) and one[size] == other[size]:
+        size += 1
+    return one[:size]
 
 
 def _text(segments: list[Segment]) -> str:
