@@ -24,9 +24,12 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 up: $(VENV)/.installed
 	$(VENV)/bin/dalston up
 
+# Four workers on two cores: most of the suite's time is waiting (services, audio at 1x speed).
+TEST_WORKERS ?= 4
+
 test: $(VENV)/.installed-test
 	scripts/system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # Static, pure and in-process tests: no nats-server, no process started.
 FAST_TESTS := tests/test_layers.py tests/test_delivery.py tests/test_inprocess.py tests/test_dag.py \
