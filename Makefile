@@ -29,7 +29,7 @@ TEST_WORKERS ?= 4
 
 test: $(VENV)/.installed-test
 	scripts/system-deps
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Static, pure and in-process tests: no nats-server, no process started.
 FAST_TESTS := tests/test_layers.py tests/test_delivery.py tests/test_inprocess.py tests/test_dag.py \
