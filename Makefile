@@ -24,8 +24,9 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 up: $(VENV)/.installed
 	$(VENV)/bin/dalston up
 
-# Four workers on two cores: most of the suite's time is waiting (services, audio at 1x speed).
-TEST_WORKERS ?= 4
+# Three workers on two cores: much of the suite's time is waiting (services, audio at 1x speed);
+# more workers only crowd the CPU, which the suite then fills.
+TEST_WORKERS ?= 3
 
 test: $(VENV)/.installed-test
 	scripts/system-deps
