@@ -24,8 +24,8 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 up: $(VENV)/.installed
 	$(VENV)/bin/dalston up
 
-# Three workers on two cores: much of the suite's time is waiting (services, audio at 1x speed);
-# more workers only crowd the CPU, which the suite then fills.
+# Three pytest-xdist workers on two cores: much of the suite's time is waiting (services, audio at
+# 1x speed); more workers only crowd the CPU, which the suite then fills. 0 runs it in one process.
 TEST_WORKERS ?= 3
 
 test: $(VENV)/.installed-test
