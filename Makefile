@@ -24,9 +24,13 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 up: $(VENV)/.installed
 	$(VENV)/bin/dalston up
 
+# Three pytest-xdist workers on two cores: much of the suite's time is waiting (services, audio at
+# 1x speed); more workers only crowd the CPU, which the suite then fills. 0 runs it in one process.
+TEST_WORKERS ?= 3
+
 test: $(VENV)/.installed-test
 	scripts/system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Static, pure and in-process tests: no nats-server, no process started.
 FAST_TESTS := tests/test_layers.py tests/test_delivery.py tests/test_inprocess.py tests/test_dag.py \

@@ -170,9 +170,9 @@ def test_the_cli_sends_its_key(gateway, keys):
 def test_a_job_not_yet_recorded_is_its_owners_alone(gateway, keys):
     """No orchestrator runs here: a job is only its stored audio, and still its owner's alone."""
     with (AUDIO / "dialogue.wav").open("rb") as audio:
-        job_id = httpx.post(f"{gateway.url}/v1/jobs", files={"file": audio},
-                            headers=bearer(keys["user"])).json()["id"]
-    job = f"{gateway.url}/v1/jobs/{job_id}"
+        submitted = httpx.post(f"{gateway.url}/v1/jobs", files={"file": audio}, headers=bearer(keys["user"]))
+    assert submitted.status_code == 202, submitted.text
+    job = f"{gateway.url}/v1/jobs/{submitted.json()['id']}"
     assert httpx.get(job, headers=bearer(keys["other user"])).status_code == 404
     assert httpx.delete(job, headers=bearer(keys["other user"])).status_code == 404
     for key in (keys["user"], keys["admin"]):

@@ -167,8 +167,9 @@ def test_a_cancelled_job_stops_its_running_task(system, tmp_path):
     assert record["tasks"]["transcribe-0"]["status"] == "cancelled"
     assert "merge" not in record["tasks"]
 
-    # The engine stopped the task itself rather than finishing it.
-    deadline = time.monotonic() + 30
+    # The engine stopped the task itself rather than finishing it (it looks between segments,
+    # which come slowly on a 2-core machine that runs other test files beside this one).
+    deadline = time.monotonic() + 90
     while f"task failed task={task_id} code=cancelled" not in system.log_text("fw"):
         assert time.monotonic() < deadline, system.log_text("fw")[-2000:]
         time.sleep(0.2)

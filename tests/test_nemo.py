@@ -4,6 +4,7 @@ archives failing their job alone."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 
@@ -21,15 +22,27 @@ from tests.stack import AUDIO, DIALOGUE_WORDS, TestStack, heartbeat, submit, wai
 
 if os.environ.get("DALSTON_SKIP_NEMO") == "1":
     pytest.importorskip("nemo.collections.asr")
-# Otherwise a missing nemo_toolkit is an error here, not a skip: CI installs it.
-from actors.nemo.actor import CUT_SEARCH_SECONDS, NemoActor, _windows
-from tests import nemo_models
+# Otherwise a missing nemo_toolkit is an error here, not a skip: CI installs it. NeMo is
+# imported by the tests that use it, not at collection: its import costs seconds of CPU, and
+# every pytest-xdist worker collects every file.
+
+
+def nemo_actor():
+    return importlib.import_module("actors.nemo.actor")
+
+
+def nemo_models():
+    return importlib.import_module("tests.nemo_models")
+
 
 # Test model id -> its `.nemo` of `nemo_models.build_set`, served as runtime model `test/<name>`.
 TINY = {"nemo-tiny-a": "tiny-a", "nemo-tiny-b": "tiny-b"}
 BROKEN = {"nemo-corrupt": "corrupt", "nemo-not-asr": "not-asr"}
-# The letters each tiny model can write (its vocabulary): which model made a transcript.
-LETTERS = {"nemo-tiny-a": set(nemo_models.LABELS_A), "nemo-tiny-b": set(nemo_models.LABELS_B)}
+
+
+def letters(model: str) -> set[str]:
+    """The letters the tiny model can write (its vocabulary): which model made a transcript."""
+    return set({"nemo-tiny-a": nemo_models().LABELS_A, "nemo-tiny-b": nemo_models().LABELS_B}[model])
 
 
 def _catalog_with(root, files) -> Catalog:
@@ -49,7 +62,7 @@ def nemo_stack(tmp_path_factory):
     the test models; the working ones imported into the store, the broken ones left for the
     engine to pull from their local source."""
     root = tmp_path_factory.mktemp("nemo")
-    files = nemo_models.build_set(root / "built")
+    files = nemo_models().build_set(root / "built")
     catalog = _catalog_with(root / "catalog", files)
     system = TestStack(root, DALSTON_CATALOG_DIR=str(root / "catalog"))
     store = ModelStore(system.settings.models_path)
@@ -75,7 +88,7 @@ def transcribe(stack, model: str) -> dict:
 
 def assert_well_formed(result: dict, model: str) -> None:
     assert result["words"] and result["segments"]
-    assert set(result["text"]) <= LETTERS[model]
+    assert set(result["text"]) <= letters(model)
     for items in (result["words"], result["segments"]):
         starts = [item["start"] for item in items]
         assert starts == sorted(starts)
@@ -86,10 +99,11 @@ def assert_well_formed(result: dict, model: str) -> None:
 def test_the_catalog_sets_the_window_length(tmp_path):
     """Long audio goes to the model in windows of the runtime's `chunk_seconds`: contiguous,
     none longer; a catalog whose windows are too short to cut in is refused at start."""
-    actor = NemoActor(load_settings({}))
+    nemo = nemo_actor()
+    actor = nemo.NemoActor(load_settings({}))
     assert actor.chunk_seconds == Catalog.load().runtime("nemo").chunk_seconds
     audio = np.random.default_rng(0).standard_normal(SAMPLE_RATE * (2 * actor.chunk_seconds + 10))
-    windows = list(_windows(audio.astype(np.float32), actor.chunk_seconds))
+    windows = list(nemo._windows(audio.astype(np.float32), actor.chunk_seconds))
     assert len(windows) == 3 and windows[0][0] == 0
     assert all(start + len(w) == following for (start, w), (following, _) in zip(windows, windows[1:]))
     assert windows[-1][0] + len(windows[-1][1]) == len(audio)
@@ -98,9 +112,9 @@ def test_the_catalog_sets_the_window_length(tmp_path):
     shutil.copytree(data_dir("catalog"), tmp_path / "catalog")
     runtime = tmp_path / "catalog" / "runtimes" / "nemo.yaml"
     runtime.write_text(runtime.read_text().replace(f"chunk_seconds: {actor.chunk_seconds}",
-                                                   f"chunk_seconds: {CUT_SEARCH_SECONDS}"))
+                                                   f"chunk_seconds: {nemo.CUT_SEARCH_SECONDS}"))
     with pytest.raises(CatalogError, match="chunk_seconds"):
-        NemoActor(load_settings({"DALSTON_CATALOG_DIR": str(tmp_path / "catalog")}))
+        nemo.NemoActor(load_settings({"DALSTON_CATALOG_DIR": str(tmp_path / "catalog")}))
 
 
 def test_a_window_ends_in_the_pause_of_its_last_seconds():
@@ -111,7 +125,7 @@ def test_a_window_ends_in_the_pause_of_its_last_seconds():
     pause = slice(int((chunk - 4) * SAMPLE_RATE), int((chunk - 3.5) * SAMPLE_RATE))
     audio[pause] *= 0.05
     audio[int((chunk - 1.5) * SAMPLE_RATE):][:SAMPLE_RATE // 50] = 0  # a plosive's gap
-    (first, window), _ = list(_windows(audio, chunk))
+    (first, window), _ = list(nemo_actor()._windows(audio, chunk))
     assert first == 0 and pause.start < len(window) < pause.stop
 
 

@@ -160,11 +160,11 @@ def test_jobs_complete_when_the_nats_server_is_killed(tmp_path):
             engines = http.get("/v1/engines").json()["data"]
             return {e["runtime"] for e in engines if e["status"] in ("idle", "busy")}
 
-        def wait_until(probe, ended, timeout: float):
+        def wait_until(probe, ended, timeout: float, interval: float = 0.5):
             """What `probe()` says once `ended` holds for it, or at `timeout`."""
             deadline = time.monotonic() + timeout
             while not ended(current := probe()) and time.monotonic() < deadline:
-                time.sleep(0.5)
+                time.sleep(interval)
             return current
 
         under_way = wait_until(statuses, lambda s: "completed" in s, 120)
@@ -172,8 +172,9 @@ def test_jobs_complete_when_the_nats_server_is_killed(tmp_path):
         killed = nats_server(up)
         killed.send_signal(signal.SIGKILL)
         # Generous: the restart, the reconnects, then most of the work on a loaded 2-core box.
+        # Every 2 s: each look is 50 requests, which would otherwise take CPU from the jobs.
         ended = wait_until(statuses, lambda s: all(status in ("completed", "failed", "cancelled") for status in s),
-                           300)
+                           300, interval=2.0)
         failures = [http.get(f"/v1/jobs/{job_id}").json() for job_id, status in zip(job_ids, ended)
                     if status != "completed"]
         assert not failures, f"{len(failures)} of {jobs} jobs did not complete: {failures[:3]}"
