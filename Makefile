@@ -24,9 +24,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 up: $(VENV)/.installed
 	$(VENV)/bin/dalston up
 
-# Three pytest-xdist workers on two cores: much of the suite's time is waiting (services, audio at
-# 1x speed); more workers only crowd the CPU, which the suite then fills. 0 runs it in one process.
-TEST_WORKERS ?= 3
+# pytest-xdist workers: 0 runs the suite in one process (the default: CI's). On two cores, 3
+# workers took 15-17 min against 20-27 in one process, since much of the suite waits (services,
+# audio at 1x speed), but a few tests that wait on a busy engine then ran out of time.
+TEST_WORKERS ?= 0
 
 test: $(VENV)/.installed-test
 	scripts/system-deps
