@@ -58,7 +58,6 @@ WORK_SPANS = {"transcribe": "decode"}
 
 class Engine:
     def __init__(self, actor: Actor, settings: Settings, catalog: Catalog | None = None) -> None:
-        memory.limit_malloc_arenas()
         self.actor = actor
         self.settings = settings
         self.catalog = catalog or Catalog.from_settings(settings)

@@ -67,9 +67,10 @@ def _mallopt(parameter: int, value: int) -> None:
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Few malloc arenas, set before any worker thread starts: with one arena per thread (the
-    glibc default) each swap leaves freed model memory stranded in some thread's arena, and RSS
-    creeps up swap after swap (measured: 152 -> 248 MB over 12 swaps; with 2 arenas, flat)."""
+    """Few malloc arenas, set before any worker thread starts (the engine runner does, before it
+    builds the actor): with one arena per thread (the glibc default) each swap leaves freed model
+    memory stranded in some thread's arena, and RSS creeps up swap after swap (measured: 152 ->
+    248 MB over 12 swaps; with 2 arenas, flat)."""
     _mallopt(_M_ARENA_MAX, arenas)
 
 

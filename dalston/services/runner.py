@@ -57,8 +57,12 @@ def serve(service: str, settings: Settings, runtime: str | None = None) -> None:
 
         asyncio.run(_until_signalled(WyomingServer(settings, Catalog.from_settings(settings))))
     elif service == "engine":
+        from dalston.sdk import memory
         from dalston.sdk.engine import Engine
 
+        # Before the runtime's libraries start threads of their own: a thread that allocated
+        # before the limit keeps an arena of its own, where freed model memory strands.
+        memory.limit_malloc_arenas()
         catalog = Catalog.from_settings(settings)
         runtime = runtime or settings.runtime
         actor = actor_class(catalog, runtime)(settings)
