@@ -79,9 +79,9 @@ def server_environment(passwords: dict[str, str]) -> dict[str, str]:
 def embedded_config(engines: dict[str, str], queues: dict[str, list[str]], directory: Path) -> str:
     """The config of `dalston up`'s nats-server: the one-machine settings, the permissions of
     nats/accounts.conf, and its users: the services' and one per engine (`engines`: name ->
-    runtime; `queues`: runtime -> its task queues). No monitoring port: it would tell any local account who is connected and the
-    subjects they listen on (job ids among them), without a password. For a config in
-    `directory`: nats-server reads includes relative to it."""
+    runtime; `queues`: runtime -> its task queues). No monitoring port: it would tell any local
+    account who is connected and the subjects they listen on (job ids among them), without a
+    password. For a config in `directory`: nats-server reads includes relative to it."""
     nats = os.path.relpath(data_dir("nats"), directory)
     return f"include {json.dumps(os.path.join(nats, 'server.conf'))}\n" \
         + users_config(engines, queues, os.path.join(nats, "accounts.conf"))

@@ -1,4 +1,4 @@
-"""`dalston engines`: the live engines (dalston/cli/status.py); `dalston engines add NAME
+"""`dalston engines`: the live engines; `dalston engines add NAME
 --runtime R`: a NATS user for an engine that runs elsewhere (another machine, another account),
 with a password made here, and the environment it runs with.
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from dalston.bus.credentials import new_password
 from dalston.bus.permissions import COMPOSE_ENGINES, engine_user, password_variable
 from dalston.catalog import Catalog, UnknownRuntime
-from dalston.cli.client import add_server_option
-from dalston.cli.output import CliError, add_json_option
-from dalston.cli.status import list_engines
+from dalston.cli.client import add_server_option, connect
+from dalston.cli.output import CliError, add_json_option, print_json, table
 from dalston.config import Settings
+from dalston.formatting import ago, size
 from dalston.services.engine_users import ADDED_ENGINES_FILE, add_engine, compose_users_config
 
 # One subject token, short enough for a readable user name.
@@ -30,7 +31,7 @@ def register(commands) -> None:
                                   "`add`: a NATS user for an engine that runs elsewhere")
     add_server_option(engines)
     add_json_option(engines)
-    engines.set_defaults(func=list_engines)
+    engines.set_defaults(func=_list)
     actions = engines.add_subparsers(dest="action", metavar="ACTION")
     add = actions.add_parser("add", help="a new engine user; prints the environment the engine needs")
     add.add_argument("name", metavar="NAME", help="the engine's name: its user is engine-NAME")
@@ -39,6 +40,23 @@ def register(commands) -> None:
     add.add_argument("--compose", type=Path, metavar="DIR",
                      help="for the compose project in DIR (its nats/ and .env), not for `dalston up`")
     add.set_defaults(func=_add)
+
+
+def _list(args, settings: Settings) -> int:
+    beats = connect(args, settings).get("/v1/engines")["data"]
+    if args.json:
+        print_json(beats)
+    else:
+        print(_engine_table(beats))
+    return 0
+
+
+def _engine_table(beats: list[dict[str, Any]]) -> str:
+    return table(["engine", "runtime", "status", "loaded", "device", "memory", "tasks", "last seen"], [
+        (b["engine"], b["runtime"], b["status"],
+         ",".join(m["model"] for m in b.get("loaded_models", [])) or "-", b.get("device", "cpu"),
+         size(b.get("rss_bytes")), b.get("tasks_done", 0), ago(b.get("sent_at")))
+        for b in beats])
 
 
 def _add(args, settings: Settings) -> int:

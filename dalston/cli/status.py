@@ -1,4 +1,4 @@
-"""`dalston engines` and `dalston status`: what runs where."""
+"""`dalston status`: what runs where."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from typing import Any
 import httpx
 
 from dalston.bus.consumers import consumer_state_at
-from dalston.cli.client import Client, add_server_option, connect, server_url
+from dalston.cli.client import Client, add_server_option, server_url
 from dalston.cli.output import add_json_option, print_json, table
 from dalston.config import Settings
 from dalston.contracts import JOBS_STREAM, ORCHESTRATOR_JOBS_CONSUMER
-from dalston.formatting import ago, size
 
 NATS_TIMEOUT = 2.0
 
@@ -22,24 +21,6 @@ def register(commands) -> None:
     add_server_option(status)
     add_json_option(status)
     status.set_defaults(func=_status)
-
-
-def list_engines(args, settings: Settings) -> int:
-    """`dalston engines` (dalston/cli/engines.py)."""
-    beats = connect(args, settings).get("/v1/engines")["data"]
-    if args.json:
-        print_json(beats)
-    else:
-        print(_engine_table(beats))
-    return 0
-
-
-def _engine_table(beats: list[dict[str, Any]]) -> str:
-    return table(["engine", "runtime", "status", "loaded", "device", "memory", "tasks", "last seen"], [
-        (b["engine"], b["runtime"], b["status"],
-         ",".join(m["model"] for m in b.get("loaded_models", [])) or "-", b.get("device", "cpu"),
-         size(b.get("rss_bytes")), b.get("tasks_done", 0), ago(b.get("sent_at")))
-        for b in beats])
 
 
 def _status(args, settings: Settings) -> int:
