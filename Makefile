@@ -35,7 +35,8 @@ test: $(VENV)/.installed-test
 
 # Static, pure and in-process tests: no nats-server, no process started.
 FAST_TESTS := tests/test_layers.py tests/test_delivery.py tests/test_inprocess.py tests/test_dag.py \
-	tests/test_intake.py tests/test_model_manager.py tests/test_loops.py tests/test_tracing.py
+	tests/test_intake.py tests/test_model_manager.py tests/test_loops.py tests/test_tracing.py \
+	tests/test_live_final.py
 
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(FAST_TESTS)
