@@ -1,8 +1,10 @@
 """Why the GE2E diarizer counts what it counts, per real recording (tests/data/conversations):
 how much of the reference speech Silero's regions miss, how many 1.6 s windows each reference
 speaker gets (and how many lie over overlapped speech), the cosine of windows of one speaker
-against windows of two, the count each p-neighbour graph of NME-SC gives, and the Laplacian's
-first eigenvalues at the p the count is taken from. No timing: it reads what the pipeline sees.
+against windows of two and their AUC (how often a same-speaker pair is the more alike: no
+threshold, so encoders compare on it as they are), the count each p-neighbour graph of NME-SC
+gives, and the Laplacian's first eigenvalues at the p the count is taken from. No timing: it
+reads what the pipeline sees.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return merged
 
 
+def pair_auc(same: np.ndarray, other: np.ndarray) -> float:
+    """The chance that a same-speaker pair is more alike than a two-speaker pair (ties count
+    half): 1.0 separates every pair, 0.5 is chance."""
+    other = np.sort(other)
+    below = np.searchsorted(other, same, side="left")
+    above = np.searchsorted(other, same, side="right")
+    return float(np.mean((below + above) / 2) / len(other))
+
+
 def diagnose(diarizer: Ge2eDiarizer, talk: Recording) -> list[str]:
     regions = speech_regions(talk.audio)
     speech = _union([(t.start, t.end) for t in talk.turns])
@@ -70,7 +81,8 @@ def diagnose(diarizer: Ge2eDiarizer, talk: Recording) -> list[str]:
             if owners[i] and owners[j]:
                 (same if owners[i] == owners[j] else other).append(affinity[i, j])
     if same and other:
-        lines.append(f"  window cosine: same speaker {np.mean(same):.3f}, two speakers {np.mean(other):.3f}")
+        lines.append(f"  window cosine: same speaker {np.mean(same):.3f}, two speakers {np.mean(other):.3f}, "
+                     f"AUC {pair_auc(np.array(same), np.array(other)):.3f}")
     if len(windows) >= 3:
         found = eigengap_counts(neighbour_order(vectors))
         lines.append("  count by p: " + " ".join(f"{p}:{count}" for p, count, _, _ in found))
