@@ -290,8 +290,8 @@ class TranscribeOptions(Contract, kw_only=True):
     # Personal data said in the recording (card and phone numbers, e-mail addresses, spoken
     # digit runs) masked as [REDACTED] in the transcript, by the redact stage (None: kept).
     redact: Literal["pii"] | None = None
-    # A live turn's interim decode (a partial): greedy, at one temperature, without timestamps,
-    # as it is decoded again every second or so and only has to be cheap.
+    # A live turn's interim decode (a partial): at one temperature, without timestamps, as it
+    # is decoded again every second or so and has to be cheap.
     draft: bool = False
     # Text the decode continues from: a live turn's words already shown as stable, so the
     # decodes after keep them (whisper_streaming's LocalAgreement).

@@ -125,12 +125,15 @@ MAX_QUEUED_TURNS = 4
 # waits for more audio while the last one took longer than that share of the new audio lasts.
 PARTIAL_EVERY_MS = 1000
 PARTIAL_SHARE = 0.5
+# No partial starts once the speech has paused this long: the turn may be ending, and its final
+# decode, due when the pause reaches min_silence_ms, would wait behind the partial.
+PARTIAL_PAUSE_MS = 64
 WINDOW_MS = 30_000  # Whisper decodes audio in windows this long
 # A turn's audio past this, after its settled words, is decoded with word times, and the words
 # two partials agreed on are settled there: later partials of the turn take only the audio after
 # them, so a partial's cost stays bounded however long the turn goes on. Its final does too once
-# the turn outgrows one window; within one, the final decodes it all (Whisper's encoder costs a
-# whole window however short the audio, and greedy partials' words would lower its quality).
+# the turn outgrows one window; within one, the final decodes all of it after the agreed words
+# as its prefix (Whisper's encoder costs a whole window however short the audio).
 TAIL_MS = 10_000
 
 
@@ -161,10 +164,9 @@ class LiveSession:
     transcribed, and a committed turn reuses the last draft where it covers all its speech.
 
     Partials are stable as whisper_streaming's LocalAgreement-2 makes them: the words two
-    successive partials of a turn begin with alike are kept, and every later partial of the
-    turn continues from them (TranscribeOptions.prefix). The final decodes the turn afresh
-    with every option: partials are greedy, and two of them can agree on a wrong first word
-    heard in the first second of a turn, which a final that kept it would never correct."""
+    successive partials of a turn begin with alike are kept, and every later decode of the
+    turn, its final too, continues from them (TranscribeOptions.prefix). Partials keep the
+    beam, so the words they agree on are as good as the final's own."""
 
     def __init__(self, host: SessionHost, request: SessionRequest) -> None:
         self.host, self.request, self.id = host, request, request.id
@@ -313,7 +315,8 @@ class LiveSession:
         paused = (pause > 0 and length - spoken >= pause
                   and (draft is None or not draft.final or done < spoken + pause))
         every = max(self._bytes(PARTIAL_EVERY_MS), self._bytes(int(1000 * self._partial_seconds / PARTIAL_SHARE)))
-        if paused or length - done >= every:
+        speaking = length - spoken < self._bytes(PARTIAL_PAUSE_MS)
+        if paused or (speaking and length - done >= every):
             pcm = self._turns.turn_audio()
             self._draft = Draft(item, length, asyncio.create_task(self._decode_draft(item, pcm, paused)), paused)
 
@@ -329,6 +332,7 @@ class LiveSession:
             self._heard = (item, words)
             self._settle(item, said)
             await self._say("partial", item_id=item, text=_text(said))
+        self._draft_turn()  # a pause found while this decoded: the turn's final now, not at the next audio
         return said
 
     def _settled_for(self, item: str) -> Settled:
@@ -371,11 +375,9 @@ class LiveSession:
         pcm = pcm[settled.cut:]
         # Server VAD has already cut the turn to its speech: the runtime's own VAD would
         # only add to the latency. A committed turn may hold long silences: it keeps it.
-        # Only partials continue from the agreed words (the final decodes afresh: see the class).
         # The prefix leads Whisper's first 30 s window only: a longer tail's agreed words may
         # lie past it, so such a tail is decoded afresh.
-        agreed = (self._agreed_words(item)[len(settled.words):]
-                  if draft and len(pcm) <= self._bytes(WINDOW_MS) else [])
+        agreed = self._agreed_words(item)[len(settled.words):] if len(pcm) <= self._bytes(WINDOW_MS) else []
         # A partial times its words where it may settle some.
         timed = self.config.options.word_timestamps if not draft else len(pcm) > self._bytes(TAIL_MS)
         options = msgspec.structs.replace(self.config.options, vad=self.config.turn_detection is None, draft=draft,
