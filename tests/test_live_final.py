@@ -1,5 +1,6 @@
-"""How a live turn is decoded: from the words its partials agreed on, after the words it settled,
-and with no partial once its speech pauses. The session's choices, in process."""
+"""A live turn's final decodes all its audio after the words its partials agreed on while the
+turn fits in one Whisper window, and only the audio after the settled words past it: the
+session's choice, in process."""
 
 from __future__ import annotations
 
@@ -41,28 +42,31 @@ def _pcm(ms: int) -> bytes:
 
 
 @pytest.mark.parametrize("draft", [False, True], ids=["final", "partial"])
-async def test_a_long_turn_is_decoded_after_its_settled_words_from_its_agreed_ones(draft):
+async def test_a_turn_within_a_window_is_decoded_whole_by_its_final(draft):
     actor = Recorder()
     session = _session(actor)
     session._agreed = ("turn", ["earlier", "agreed"])
     session._settled = Settled("turn", len(_pcm(6_000)), [Word(start=0.0, end=5.0, word=" earlier")])
     said = await session._decode(_pcm(20_000), "turn", draft=draft)
     (samples, options), = actor.calls
-    # The settled words are the prompt, the other agreed ones the prefix; the tail's times move
-    # onto the turn's clock after them.
-    assert samples == 14 * RATE and options.prompt == "earlier" and options.prefix == "agreed"
-    assert [s.text for s in said] == ["earlier", " later"] and said[1].start == pytest.approx(6.0)
+    if draft:  # a partial takes the tail, after the settled words, which are its prompt
+        assert samples == 14 * RATE and options.prompt == "earlier" and options.prefix == "agreed"
+        assert [s.text for s in said] == ["earlier", " later"]
+    else:  # the final hears it all, from every agreed word on
+        assert samples == 20 * RATE and options.prompt is None and options.prefix == "earlier agreed"
+        assert [s.text for s in said] == [" later"]
 
 
-async def test_a_tail_past_a_window_is_decoded_without_its_agreed_words():
+async def test_a_turn_past_a_window_is_decoded_by_its_final_after_its_settled_words():
     actor = Recorder()
     session = _session(actor)
     session._agreed = ("turn", ["earlier", "agreed"])
     session._settled = Settled("turn", len(_pcm(6_000)), [Word(start=0.0, end=5.0, word=" earlier")])
-    await session._decode(_pcm(WINDOW_MS + 7_000), "turn")
+    said = await session._decode(_pcm(WINDOW_MS + 7_000), "turn")
     (samples, options), = actor.calls
-    # A prefix leads only the first of the tail's windows, and the agreed words may lie past it.
+    # Its tail is still over a window long: the prefix would lead only its first window.
     assert samples == (WINDOW_MS + 1_000) * RATE // 1000 and options.prompt == "earlier" and options.prefix is None
+    assert said[0].text == "earlier" and said[1].start == pytest.approx(6.0)
 
 
 @pytest.mark.parametrize(("silence_ms", "drafted"), [(0, "partial"), (96, None), (192, "final")])

@@ -130,8 +130,10 @@ PARTIAL_SHARE = 0.5
 PARTIAL_PAUSE_MS = 64
 WINDOW_MS = 30_000  # Whisper decodes audio in windows this long
 # A turn's audio past this, after its settled words, is decoded with word times, and the words
-# two partials agreed on are settled there: later decodes of the turn (partials and its final)
-# take only the audio after them, so a decode's cost stays bounded however long the turn goes on.
+# two partials agreed on are settled there: later partials of the turn take only the audio after
+# them, so a partial's cost stays bounded however long the turn goes on. Its final does too once
+# the turn outgrows one window; within one, the final decodes all of it after the agreed words
+# as its prefix (Whisper's encoder costs a whole window however short the audio).
 TAIL_MS = 10_000
 
 
@@ -368,7 +370,8 @@ class LiveSession:
     async def _decode(self, pcm: bytes, item: str, draft: bool = False) -> list[Segment] | None:
         """A turn's segments that hold words; None (the client told) where decoding failed."""
         # A long turn: only the audio after its settled words, the words before as the prompt.
-        settled = self._settled_for(item)
+        settled = (self._settled_for(item) if draft or len(pcm) > self._bytes(WINDOW_MS)
+                   else Settled(item, 0, []))
         pcm = pcm[settled.cut:]
         # Server VAD has already cut the turn to its speech: the runtime's own VAD would
         # only add to the latency. A committed turn may hold long silences: it keeps it.
