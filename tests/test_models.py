@@ -73,13 +73,14 @@ async def _fresh_beat(bus, engine: str, model: str):
 
 
 async def test_two_engines_mixed_traffic_few_loads(system):
-    """20 jobs alternating between two models on two engines: each engine keeps a model and
-    takes its tasks, so at most 4 loads in all."""
+    """8 jobs alternating between two models on two engines: each engine keeps a model and
+    takes its tasks, so at most 4 loads in all (engines taking tasks as they come would load
+    a model for most of them)."""
     system.start_engine("faster-whisper", "mix-a")
     system.start_engine("faster-whisper", "mix-b")
     system.wait_engines("mix-a", "mix-b")
     try:
-        ids = [submit(system, AUDIO / "speaker1.wav", TINY if n % 2 == 0 else BASE) for n in range(20)]
+        ids = [submit(system, AUDIO / "speaker1.wav", TINY if n % 2 == 0 else BASE) for n in range(8)]
         records = [await wait_job(system, job_id, 240) for job_id in ids]
         assert all(r["status"] == "completed" for r in records)
         bus = await system.bus()
@@ -89,7 +90,7 @@ async def test_two_engines_mixed_traffic_few_loads(system):
             await bus.close()
         loads = sum(b.model_loads for b in beats)
         assert loads <= 4, [(b.engine, b.model_loads, b.swaps) for b in beats]
-        assert sum(b.tasks_done for b in beats) == 20
+        assert sum(b.tasks_done for b in beats) == 8
     finally:
         system.stop("mix-a")
         system.stop("mix-b")
