@@ -60,11 +60,12 @@ async def test_one_engine_swaps_between_models_on_demand(system, tmp_path):
     finally:
         await bus.close()
         system.stop("swapper")
-    # Memory right after each unload: no creep. The 10th is not above the 2nd by 10%. (It may
-    # fall, and values in between wander by a few tens of MB on a busy machine: CTranslate2's
-    # per-thread buffers come and go with scheduling.)
+    # Memory right after each unload: no creep. A leak raises every value after it, so the lowest
+    # of the last four is not above the lowest of the first four by 10%. (Single values wander by
+    # tens of MB on a busy machine, 147 -> 195 -> 155 MB: CTranslate2's per-thread buffers come and
+    # go with scheduling, so one high reading is no creep.)
     after = [u.rss_after for u in unloads]
-    assert after[9] < after[1] * 1.10, after
+    assert min(after[-4:]) < min(after[:4]) * 1.10, after
 
 
 async def _fresh_beat(bus, engine: str, model: str):
