@@ -24,9 +24,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 up: $(VENV)/.installed
 	$(VENV)/bin/dalston up
 
-# pytest-xdist workers: 0 runs the suite in one process (the default: CI's). On two cores, 3
-# workers took 15-17 min against 20-27 in one process, since much of the suite waits (services,
-# audio at 1x speed), but a few tests that wait on a busy engine then ran out of time.
+# pytest-xdist workers: 0 runs the suite in one process (the default: CI's). On two cores, 2
+# workers took 14 min against 20-23 in one process, since much of the suite waits (services,
+# audio at 1x speed); in three runs on a loaded machine, two had one test each whose own wait or
+# check was too tight for the load (both widened since, but not yet run twice clean in a row).
 TEST_WORKERS ?= 0
 
 test: $(VENV)/.installed-test

@@ -26,9 +26,11 @@ WAITING_MODEL = "parakeet-ctc-0.6b"
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     """NATS and a gateway that demands keys although it listens on loopback (debug logs, so that
-    a key logged at any level would be found)."""
+    a key logged at any level would be found). No engine runs: the gateway's own start counts as
+    a sighting of one for DALSTON_ENGINE_WAIT, long enough here that a job submitted late in the
+    module (a loaded machine) is still taken, not refused for want of an engine."""
     system = TestStack(tmp_path_factory.mktemp("auth"), DALSTON_REQUIRE_AUTH="true",
-                       DALSTON_LOG_LEVEL="DEBUG")
+                       DALSTON_LOG_LEVEL="DEBUG", DALSTON_ENGINE_WAIT="600")
     system.start_nats()
     system.start("gateway", "gateway")
     system.wait_http()

@@ -3,19 +3,33 @@ orchestrator, engines) on the real tiny.en weights."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from dalston import cli
+from dalston.cli import COMMANDS
 from tests.stack import AUDIO, DIALOGUE_WORDS, words
 from tests.stack import TestStack as Stack
 
 MODEL = "faster-whisper-tiny.en"
+
+
+def test_each_command_is_in_the_table_by_which_it_imports_its_module_alone():
+    modules = {path.stem for path in Path(cli.__file__).parent.glob("*.py") if "def register(" in path.read_text()}
+    assert set(COMMANDS.values()) == modules
+    for module in modules:
+        commands = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"dalston.cli.{module}").register(commands)
+        assert set(commands.choices) == {name for name, owner in COMMANDS.items() if owner == module}
 
 
 @pytest.fixture(scope="module")

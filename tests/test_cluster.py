@@ -3,11 +3,14 @@ TASKS stream is killed while jobs run, and every job still completes, once."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import time
 from collections import Counter
 
 import httpx
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -56,16 +59,23 @@ def system(cluster, tmp_path_factory):
 
 
 async def completed_events(bus, job_ids: list[str]) -> Counter:
-    """`completed` JobEvents per job, as the EVENTS stream holds them."""
+    """`completed` JobEvents per job, as the EVENTS stream holds them. Soon after a node dies, a new
+    consumer may answer 503 until the cluster has placed it (seen under load): asked again."""
     subscription = await bus.js.pull_subscribe(
         "events.job.>", stream=EVENTS_STREAM,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30))
     counts: Counter = Counter()
+    deadline = time.monotonic() + 30
     while True:
         try:
             messages = await subscription.fetch(100, timeout=1)
         except nats.errors.TimeoutError:
             return counts
+        except nats.js.errors.ServiceUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+            continue
         for msg in messages:
             event = decode(msg.data, JobEvent)
             if event.job_id in job_ids and event.status == "completed":

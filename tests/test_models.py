@@ -60,11 +60,12 @@ async def test_one_engine_swaps_between_models_on_demand(system, tmp_path):
     finally:
         await bus.close()
         system.stop("swapper")
-    # Memory right after each unload: no creep. The 10th is not above the 2nd by 10%. (It may
-    # fall, and values in between wander by a few tens of MB on a busy machine: CTranslate2's
-    # per-thread buffers come and go with scheduling.)
+    # Memory right after each unload: no creep. A leak raises every value after it, so the lowest
+    # of the last four is not above the lowest of the first four by 10%. (Single values wander by
+    # tens of MB on a busy machine, 147 -> 195 -> 155 MB: CTranslate2's per-thread buffers come and
+    # go with scheduling, so one high reading is no creep.)
     after = [u.rss_after for u in unloads]
-    assert after[9] < after[1] * 1.10, after
+    assert min(after[-4:]) < min(after[:4]) * 1.10, after
 
 
 async def _fresh_beat(bus, engine: str, model: str):
@@ -73,13 +74,14 @@ async def _fresh_beat(bus, engine: str, model: str):
 
 
 async def test_two_engines_mixed_traffic_few_loads(system):
-    """20 jobs alternating between two models on two engines: each engine keeps a model and
-    takes its tasks, so at most 4 loads in all."""
+    """8 jobs alternating between two models on two engines: each engine keeps a model and
+    takes its tasks, so at most 4 loads in all (engines taking tasks as they come would load
+    a model for most of them)."""
     system.start_engine("faster-whisper", "mix-a")
     system.start_engine("faster-whisper", "mix-b")
     system.wait_engines("mix-a", "mix-b")
     try:
-        ids = [submit(system, AUDIO / "speaker1.wav", TINY if n % 2 == 0 else BASE) for n in range(20)]
+        ids = [submit(system, AUDIO / "speaker1.wav", TINY if n % 2 == 0 else BASE) for n in range(8)]
         records = [await wait_job(system, job_id, 240) for job_id in ids]
         assert all(r["status"] == "completed" for r in records)
         bus = await system.bus()
@@ -89,7 +91,7 @@ async def test_two_engines_mixed_traffic_few_loads(system):
             await bus.close()
         loads = sum(b.model_loads for b in beats)
         assert loads <= 4, [(b.engine, b.model_loads, b.swaps) for b in beats]
-        assert sum(b.tasks_done for b in beats) == 20
+        assert sum(b.tasks_done for b in beats) == 8
     finally:
         system.stop("mix-a")
         system.stop("mix-b")
