@@ -4,6 +4,7 @@ the Wyoming server, an engine of one runtime, or the layout keeper (the admin st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import signal
 
@@ -15,11 +16,30 @@ from dalston.logs import configure, get_logger
 log = get_logger("dalston.service")
 
 
+# A service still running this long after it was told to stop is cancelled: one that cannot
+# reach NATS keeps retrying its connect (minutes) and would not see its stop until then.
+STOP_GRACE_SECONDS = 30.0
+
+
 async def _until_signalled(service) -> None:
     loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+
+    def stop() -> None:
+        service.stop()
+        signalled.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, service.stop)
-    await service.run()
+        loop.add_signal_handler(sig, stop)
+    run = asyncio.ensure_future(service.run())
+    await asyncio.wait([run, asyncio.ensure_future(signalled.wait())], return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait_for(asyncio.shield(run), STOP_GRACE_SECONDS)
+    except TimeoutError:
+        log.warning("service not stopped in time; cancelled", seconds=STOP_GRACE_SECONDS)
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
 
 
 def actor_class(catalog: Catalog, runtime: str):
