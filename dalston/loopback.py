@@ -5,6 +5,7 @@ scripts start what they measure with it."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,9 +41,21 @@ def wait_ok(url: str, failure: str, timeout: float = 30.0,
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, below the kernel's ephemeral range: a port the kernel hands out
+    for port 0 is in that range, and can go to an outgoing connection before the service that
+    was to listen on it binds it (a gateway failed to start so, once in a suite run)."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768  # Linux's default start
+    while True:
+        port = random.randrange(10_000, max(10_001, ephemeral))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken: another
+            return port
 
 
 class LoopbackStack:
