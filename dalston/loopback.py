@@ -4,6 +4,7 @@ scripts start what they measure with it."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import signal
@@ -84,6 +85,8 @@ class LoopbackStack:
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        # A caller whose start failed half-way never closes it: its processes end with ours.
+        atexit.register(self.close)
 
     @classmethod
     def running(cls, root: Path, *engines: str, **env: str) -> LoopbackStack:
